@@ -1,0 +1,148 @@
+"""The life regression step: one bilinear score per patch token, turned into lives in layer units.
+
+Shapes: ``B`` images, ``P`` patch tokens, ``C`` channels, ``S`` pruning stages.
+
+    score_i = LN(x_i)^T W LN(c)                       x_i: patch token, c: class token (after block K)
+    life_i  = a monotone map of score_i into [K, L]    (L = depth; token i runs in block l iff l < life_i)
+
+The map depends on the normalisation mode:
+  * training (paper): standardise scores per image, rescale to the mean/std of the schedule's ideal
+    life distribution (differentiable, so ``W`` learns through soft keep masks);
+  * ``per_image`` inference: thresholds at this image's own order statistics, so every image keeps
+    exactly the schedule's counts (static shapes, the paper's inference);
+  * ``calibrated`` inference: thresholds at quantiles of scores pooled over a calibration set, so an
+    image with much background keeps fewer tokens than a busy one, and the *average* budget over
+    the calibration data equals the schedule.
+Both inference maps are piecewise linear through (threshold_s, stage_start_s), so
+``life_i > stage_start_s  <=>  score_i > threshold_s`` and the heatmap agrees with what was pruned.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .schedule import KeepSchedule
+
+Normalization = Literal["per_image", "calibrated"]
+NUM_QUANTILES = 1025
+
+
+class LifeRegression(nn.Module):
+    """Scores patch tokens against the class token with one bilinear form.
+
+    Args:
+        dim: token width ``C``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        # Start as a scaled dot product between normalised tokens: a sensible "similar to the class
+        # token" prior, which stage 1 then refines.
+        self.weight = nn.Parameter(torch.eye(dim) / dim**0.5)
+        # Quantiles of raw scores over a calibration set (calibrated mode); empty until calibrated.
+        self.register_buffer("score_quantiles", torch.zeros(0), persistent=True)
+
+    def forward(self, patches: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        """``patches [B, P, C]``, ``cls [B, C]`` -> scores ``[B, P]`` (float32)."""
+        x, c = self.norm(patches), self.norm(cls)
+        wc = c @ self.weight.T  # [B, C]: W c once per image, then one dot product per patch
+        return torch.einsum("bpc,bc->bp", x, wc).float()
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.score_quantiles.numel() > 0
+
+    @torch.no_grad()
+    def calibrate(self, scores: torch.Tensor) -> None:
+        """Store the quantiles of raw scores pooled over a calibration set (any shape)."""
+        flat = scores.detach().float().flatten()
+        if flat.numel() < 2:
+            raise ValueError("calibration needs at least two scores")
+        if flat.numel() > 8_000_000:  # torch.quantile's input limit is 16M; subsample evenly
+            flat = flat[:: flat.numel() // 8_000_000 + 1]
+        levels = torch.linspace(0, 1, NUM_QUANTILES, device=flat.device)
+        self.score_quantiles = torch.quantile(flat, levels).to(self.weight.device)
+
+
+def soft_lives(scores: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
+    """Training-time lives (paper): per-image standardised scores rescaled to the ideal lives.
+
+    ``scores [B, P]`` -> ``[B, P]`` in layer units (unclamped, differentiable).
+    """
+    ideal = schedule.ideal_lives().to(scores)
+    z = (scores - scores.mean(dim=1, keepdim=True)) / (scores.std(dim=1, keepdim=True) + 1e-6)
+    return ideal.mean() + ideal.std() * z
+
+
+def soft_keep_weights(lives: torch.Tensor, depth: int, first_block: int, tau: float) -> torch.Tensor:
+    """Log keep weights ``log sigmoid(-tau (l - life))`` for blocks ``K..L-1``: ``[L-K, B, P]``."""
+    blocks = torch.arange(first_block, depth, device=lives.device, dtype=lives.dtype)
+    return F.logsigmoid(-tau * (blocks[:, None, None] - lives[None]))
+
+
+def per_image_thresholds(scores: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
+    """Thresholds that keep exactly ``patch_counts[s]`` patches of each image: ``[B, S]``."""
+    srt = scores.sort(dim=1, descending=True).values
+    below = srt[:, -1:] - 1.0
+    padded = torch.cat([srt, below], dim=1)  # index P = "below everything": keep all
+    idx = torch.tensor(schedule.patch_counts, device=scores.device)
+    return (padded[:, idx - 1] + padded[:, idx]) / 2
+
+
+def calibrated_thresholds(quantiles: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
+    """Dataset-level thresholds: the score quantile at level ``1 - p_s / P``: ``[S]``."""
+    q = quantiles.float()
+    levels = 1.0 - torch.tensor(schedule.patch_counts, dtype=torch.float32) / schedule.num_patches
+    pos = levels.to(q.device) * (q.numel() - 1)
+    lo = pos.floor().long().clamp(max=q.numel() - 1)
+    hi = (lo + 1).clamp(max=q.numel() - 1)
+    frac = pos - lo.float()
+    t = q[lo] + (q[hi] - q[lo]) * frac
+    # keep_rate 1: level 0 must keep even the smallest calibration score
+    return torch.where(levels <= 0, q[0] - 1.0, t)
+
+
+def lives_from_thresholds(scores: torch.Tensor, thresholds: torch.Tensor, top: torch.Tensor,
+                          schedule: KeepSchedule) -> torch.Tensor:
+    """Piecewise-linear lives through the knots (threshold_s, start_s) and (top, L).
+
+    Args:
+        scores: ``[B, P]``; thresholds: ``[B, S]`` or ``[S]``; top: ``[B]`` or scalar, the score
+            mapped to life ``L`` (larger scores are clamped).
+    Returns:
+        ``[B, P]`` lives in ``[K, L]`` with ``life > start_s`` exactly when ``score > threshold_s``.
+    """
+    B = scores.shape[0]
+    t = thresholds.expand(B, -1) if thresholds.dim() == 1 else thresholds
+    top = torch.as_tensor(top, device=scores.device, dtype=scores.dtype).expand(B)
+    knots_x = torch.cat([t, torch.maximum(top, t[:, -1] + 1e-6)[:, None]], dim=1)  # [B, S+1]
+    knots_y = torch.tensor([*schedule.stage_starts, schedule.depth], device=scores.device,
+                           dtype=scores.dtype)
+    lives = torch.full_like(scores, float(schedule.stage_starts[0]))
+    for j in range(knots_x.shape[1] - 1):
+        x0, x1 = knots_x[:, j : j + 1], knots_x[:, j + 1 : j + 2]
+        width = x1 - x0
+        ramp = ((scores - x0) / width.clamp(min=1e-12)).clamp(0, 1)
+        step = (scores > x0).to(scores.dtype)  # zero-width segment (equal counts): a jump
+        frac = torch.where(width > 0, ramp, step)
+        lives = lives + (knots_y[j + 1] - knots_y[j]) * frac
+    return lives
+
+
+def inference_lives(scores: torch.Tensor, schedule: KeepSchedule, mode: Normalization,
+                    quantiles: torch.Tensor | None = None) -> torch.Tensor:
+    """Lives for serving/inference in either normalisation mode: ``[B, P]``."""
+    if mode == "per_image":
+        return lives_from_thresholds(scores, per_image_thresholds(scores, schedule),
+                                     scores.max(dim=1).values, schedule)
+    if mode == "calibrated":
+        if quantiles is None or quantiles.numel() == 0:
+            raise ValueError("calibrated normalisation needs calibration: run LifeViT.calibrate first")
+        return lives_from_thresholds(scores, calibrated_thresholds(quantiles, schedule),
+                                     quantiles[-1], schedule)
+    raise ValueError(f"unknown normalisation {mode!r}: use 'per_image' or 'calibrated'")

@@ -1,0 +1,197 @@
+"""LifeViT: a timm VisionTransformer whose blocks after ``K`` run on shorter, life-sorted sequences.
+
+The backbone's own modules do all the work (patch embedding, blocks with LayerScale, q/k norms and
+fused attention, final norm, pooling and head); this module only decides which tokens each block
+sees. Two halves, so a server can batch them differently:
+
+    state  = model.head(images)            # blocks 0..K-1, life scores, tokens sorted by life
+    logits = model.tail(state, counts)     # blocks K..L-1, stage s sees prefix + counts[s] tokens
+
+Training uses ``forward_soft``: no token removed, keep weights enter every attention from ``K`` on
+as a weighted softmax, i.e. ``softmax(a + log w)``, which timm's blocks accept as an additive mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .life import LifeRegression, Normalization, inference_lives, soft_keep_weights, soft_lives
+from .schedule import KeepSchedule, budgets_from_lives, round_up_budget
+
+
+@dataclass
+class HeadState:
+    """What the head hands to the tail.
+
+    tokens: ``[B, T+P, C]`` prefix tokens first, then patches by descending score (= life).
+    scores: ``[B, P]`` raw life scores in patch-grid order.
+    """
+
+    tokens: torch.Tensor
+    scores: torch.Tensor
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> HeadState:
+        return HeadState(self.tokens[index], self.scores[index])
+
+    @staticmethod
+    def cat(states: Sequence[HeadState]) -> HeadState:
+        return HeadState(torch.cat([s.tokens for s in states]), torch.cat([s.scores for s in states]))
+
+
+class LifeViT(nn.Module):
+    """Life-regression patch slimming around a timm ``VisionTransformer``.
+
+    Args:
+        backbone: a timm ViT/DeiT with a class token.
+        schedule: the default keep schedule (``KeepSchedule.from_keep_rate``).
+        normalization: ``per_image`` (paper: fixed counts) or ``calibrated`` (content-adaptive).
+    """
+
+    def __init__(self, backbone: VisionTransformer, schedule: KeepSchedule,
+                 normalization: Normalization = "per_image") -> None:
+        super().__init__()
+        if not isinstance(backbone, VisionTransformer):
+            raise TypeError(f"LifeViT wraps timm VisionTransformer models, got {type(backbone).__name__}")
+        if not getattr(backbone, "has_class_token", backbone.cls_token is not None):
+            raise ValueError("life regression scores patches against the class token: "
+                             "the backbone has none (class_token=False)")
+        depth, patches = len(backbone.blocks), backbone.patch_embed.num_patches
+        if schedule.depth != depth or schedule.num_patches != patches:
+            raise ValueError(f"schedule is for {schedule.depth} blocks / {schedule.num_patches} patches, "
+                             f"the backbone has {depth} / {patches}")
+        self.backbone = backbone
+        self.life = LifeRegression(backbone.embed_dim)
+        self.schedule = schedule
+        self.normalization: Normalization = normalization
+        self.num_prefix_tokens: int = backbone.num_prefix_tokens
+
+    # -- schedules -------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self.backbone.blocks)
+
+    @property
+    def num_patches(self) -> int:
+        return self.schedule.num_patches
+
+    def schedule_for(self, keep_rate: float | None) -> KeepSchedule:
+        """The default schedule, or the same stages at another keep rate (per-request knob)."""
+        if keep_rate is None:
+            return self.schedule
+        return KeepSchedule.from_keep_rate(keep_rate, self.num_patches, self.depth,
+                                           self.schedule.stage_starts)
+
+    # -- two halves --------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> tokens ``[B, T+P, C]`` exactly as timm's ``forward_features`` starts."""
+        bb = self.backbone
+        x = bb.patch_embed(images)
+        x = bb._pos_embed(x)
+        x = bb.patch_drop(x)
+        return bb.norm_pre(x)
+
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.num_prefix_tokens
+        return self.life(x[:, t:], x[:, 0])
+
+    def head(self, images: torch.Tensor) -> HeadState:
+        """Blocks ``0..K-1`` and the life module; tokens sorted once by life (prefix first)."""
+        x = self._first_blocks(images)
+        scores = self._scores(x)
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        t = self.num_prefix_tokens
+        patches = torch.gather(x[:, t:], 1, order[..., None].expand(-1, -1, x.shape[-1]))
+        return HeadState(torch.cat([x[:, :t], patches], dim=1), scores)
+
+    def tail(self, state: HeadState, patch_counts: Sequence[int]) -> torch.Tensor:
+        """Blocks ``K..L-1`` with stage ``s`` on the first ``prefix + patch_counts[s]`` tokens."""
+        x, t, starts = state.tokens, self.num_prefix_tokens, self.schedule.stage_starts
+        if len(patch_counts) != len(starts):
+            raise ValueError(f"need {len(starts)} stage counts, got {len(patch_counts)}")
+        stage = 0
+        for i in range(starts[0], self.depth):
+            while stage + 1 < len(starts) and i >= starts[stage + 1]:
+                stage += 1
+            x = x[:, : t + int(patch_counts[stage])]  # a slice: no scoring, no gather
+            x = self.backbone.blocks[i](x)
+        return self.backbone.forward_head(self.backbone.norm(x))
+
+    # -- lives and budgets -------------------------------------------------------------------
+    def lives(self, scores: torch.Tensor, schedule: KeepSchedule | None = None) -> torch.Tensor:
+        """Inference lives ``[B, P]`` in layer units, in patch-grid order."""
+        return inference_lives(scores, schedule or self.schedule, self.normalization,
+                               self.life.score_quantiles)
+
+    def budgets(self, scores: torch.Tensor, schedule: KeepSchedule | None = None) -> torch.Tensor:
+        """Per-image patch counts per stage ``[B, S]`` (the schedule's in ``per_image`` mode)."""
+        schedule = schedule or self.schedule
+        if self.normalization == "per_image":
+            return torch.tensor(schedule.patch_counts, device=scores.device).expand(scores.shape[0], -1)
+        return budgets_from_lives(self.lives(scores, schedule), schedule)
+
+    # -- whole forwards ----------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, schedule: KeepSchedule | None = None,
+                bucket_step: int = 1) -> torch.Tensor:
+        """Hard-pruned inference. Images run at their own budget, rounded up to ``bucket_step``."""
+        state = self.head(images)
+        budgets = self.budgets(state.scores, schedule)
+        return self.tail_grouped(state, budgets, bucket_step)
+
+    def tail_grouped(self, state: HeadState, budgets: torch.Tensor, bucket_step: int = 1) -> torch.Tensor:
+        """Run the tail once per distinct (rounded) budget and put logits back in input order."""
+        rounded = [round_up_budget(b, self.schedule, bucket_step) for b in budgets.tolist()]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, key in enumerate(rounded):
+            groups.setdefault(key, []).append(i)
+        out: torch.Tensor | None = None
+        for key, idx in groups.items():
+            logits = self.tail(state.select(idx), key)
+            if out is None:
+                out = logits.new_empty(len(rounded), logits.shape[-1])
+            out[idx] = logits
+        assert out is not None
+        return out
+
+    def forward_dense(self, images: torch.Tensor) -> torch.Tensor:
+        """The unpruned backbone, through timm's own forward."""
+        return self.backbone(images)
+
+    def forward_weighted(self, images: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+        """Masked path: no token removed; block ``K+j`` weights key ``i`` by ``exp(log_weights[j, :, i])``.
+
+        ``log_weights [L-K, B, P]`` in patch-grid order; ``-inf`` removes a key, 0 keeps it.
+        """
+        return self._weighted_tail(self._first_blocks(images), log_weights)
+
+    def forward_soft(self, images: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage-1 training forward: ``(logits, training lives [B, P])``."""
+        x = self._first_blocks(images)
+        lives = soft_lives(self._scores(x), self.schedule)
+        weights = soft_keep_weights(lives, self.depth, self.schedule.first_block, tau)
+        return self._weighted_tail(x, weights), lives
+
+    def _first_blocks(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images)
+        for blk in self.backbone.blocks[: self.schedule.first_block]:
+            x = blk(x)
+        return x
+
+    def _weighted_tail(self, x: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+        prefix = log_weights.new_zeros(x.shape[0], self.num_prefix_tokens)
+        for j, blk in enumerate(self.backbone.blocks[self.schedule.first_block :]):
+            bias = torch.cat([prefix, log_weights[j]], dim=1).to(x.dtype)
+            x = blk(x, attn_mask=bias[:, None, None, :])  # [B, 1, 1, N]: same for every head/query
+        return self.backbone.forward_head(self.backbone.norm(x))
+
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Set dataset-level score statistics from calibration images and switch to ``calibrated``."""
+        batches = [images] if isinstance(images, torch.Tensor) else list(images)
+        scores = torch.cat([self.head(b).scores for b in batches])
+        self.life.calibrate(scores)
+        self.normalization = "calibrated"

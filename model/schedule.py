@@ -1,0 +1,155 @@
+"""Keep schedules, token budgets and budget buckets.
+
+A schedule says, for each pruning *stage*, the block where it starts and how many patch tokens
+stay alive from that block on. Prefix tokens (the class token, register tokens) are never counted
+here and never dropped: "tokens kept" in the paper's tables = patches kept + prefix tokens.
+
+The rule for an arbitrary keep rate ``r`` is EViT's (which the life-regression paper reuses):
+``p_s = min(p_{s-1}, ceil(r * p_{s-1}) + 1)`` with ``p_0`` = number of patches. For DeiT (196
+patches, class token) and r = 0.7 / 0.8 / 0.9 it gives the paper's 140/100/72, 159/129/105 and
+179/163/148 tokens. (EViT fuses the dropped tokens into one extra token; here that slot is one more
+kept patch, so the token counts, and hence the FLOPs, are equal.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+PAPER_KEEP_RATES = (0.7, 0.8, 0.9)
+
+
+def default_stage_starts(depth: int) -> tuple[int, ...]:
+    """Blocks where pruning stages start: 4/7/10 for 12 blocks, scaled for other depths."""
+    if depth < 4:
+        raise ValueError(f"life regression needs at least 4 blocks, the backbone has {depth}")
+    first, step = depth // 3, max(1, depth // 4)
+    starts = sorted({min(first + i * step, depth - 1) for i in range(3)})
+    return tuple(starts)
+
+
+@dataclass(frozen=True)
+class KeepSchedule:
+    """Per-stage patch counts.
+
+    Args:
+        num_patches: patch tokens entering the first pruning stage.
+        depth: number of transformer blocks ``L``.
+        stage_starts: block index where each stage starts, increasing; the first is ``K``.
+        patch_counts: patches kept in each stage, non-increasing, between 1 and ``num_patches``.
+        keep_rate: the rate the counts were made from, if any (for display only).
+    """
+
+    num_patches: int
+    depth: int
+    stage_starts: tuple[int, ...]
+    patch_counts: tuple[int, ...]
+    keep_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        starts, counts = self.stage_starts, self.patch_counts
+        if len(starts) == 0 or len(starts) != len(counts):
+            raise ValueError(f"need one count per stage: starts={starts}, counts={counts}")
+        if list(starts) != sorted(set(starts)) or starts[0] < 1 or starts[-1] >= self.depth:
+            raise ValueError(f"stage starts must increase within [1, {self.depth - 1}], got {starts}")
+        if any(b > a for a, b in zip(counts, counts[1:])) or counts[-1] < 1 or counts[0] > self.num_patches:
+            raise ValueError(
+                f"patch counts must be non-increasing within [1, {self.num_patches}], got {counts}")
+
+    @classmethod
+    def from_keep_rate(cls, keep_rate: float, num_patches: int, depth: int,
+                       stage_starts: Sequence[int] | None = None) -> KeepSchedule:
+        """EViT's rule (see module docstring); keep_rate 1.0 means no pruning."""
+        if not 0.0 < keep_rate <= 1.0:
+            raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
+        starts = tuple(stage_starts) if stage_starts is not None else default_stage_starts(depth)
+        counts, prev = [], num_patches
+        for _ in starts:
+            prev = min(prev, math.ceil(keep_rate * prev - 1e-9) + 1)
+            counts.append(prev)
+        return cls(num_patches, depth, starts, tuple(counts), keep_rate)
+
+    @property
+    def first_block(self) -> int:
+        """``K``: the life module runs after blocks ``0..K-1``."""
+        return self.stage_starts[0]
+
+    def stage_of_block(self, block: int) -> int | None:
+        """Index of the stage that block ``block`` belongs to, None before ``K``."""
+        stage = None
+        for s, start in enumerate(self.stage_starts):
+            if block >= start:
+                stage = s
+        return stage
+
+    def ideal_lives(self) -> torch.Tensor:
+        """Lives implied by the schedule, one per patch, sorted descending: ``[num_patches]``.
+
+        A patch dropped when stage ``s`` starts lives ``stage_starts[s]`` layers; survivors live
+        ``depth``. Their mean and std are the per-image normalisation targets.
+        """
+        counts = self.patch_counts
+        lives = [torch.full((counts[-1],), float(self.depth))]
+        for s in range(len(counts) - 1, -1, -1):
+            before = self.num_patches if s == 0 else counts[s - 1]
+            lives.append(torch.full((before - counts[s],), float(self.stage_starts[s])))
+        return torch.cat(lives)
+
+    def to_dict(self) -> dict:
+        return {"num_patches": self.num_patches, "depth": self.depth,
+                "stage_starts": list(self.stage_starts), "patch_counts": list(self.patch_counts),
+                "keep_rate": self.keep_rate}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KeepSchedule:
+        return cls(d["num_patches"], d["depth"], tuple(d["stage_starts"]), tuple(d["patch_counts"]),
+                   d.get("keep_rate"))
+
+
+def budgets_from_lives(lives: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
+    """Per-image token budget: patches alive at each stage start.
+
+    Args:
+        lives: ``[B, P]`` lives in layer units.
+    Returns:
+        ``[B, S]`` int64 patch counts (at least 1 per stage, non-increasing).
+    """
+    starts = torch.tensor(schedule.stage_starts, device=lives.device, dtype=lives.dtype)
+    counts = (lives.unsqueeze(-1) > starts).sum(dim=1)  # [B, S]
+    return counts.clamp(min=1)
+
+
+def bucket_grid(schedule: KeepSchedule, step: int) -> list[int]:
+    """Allowed patch counts: multiples of ``step``, plus the full count. Used per stage."""
+    if step < 1:
+        raise ValueError(f"bucket step must be >= 1, got {step}")
+    grid = list(range(step, schedule.num_patches, step))
+    return grid + [schedule.num_patches]
+
+
+def round_up_budget(budget: Sequence[int] | torch.Tensor, schedule: KeepSchedule,
+                    step: int) -> tuple[int, ...]:
+    """Round a budget up, per stage, to the bucket grid; never down, always non-increasing.
+
+    Rounding up only keeps a few more tokens alive (the next ones in life order), so a batch of
+    images in the same bucket runs with one static shape and no padding or masks.
+    """
+    values = [int(v) for v in budget]
+    if len(values) != len(schedule.stage_starts):
+        raise ValueError(f"budget has {len(values)} stages, schedule has {len(schedule.stage_starts)}")
+    out = []
+    for v in values:
+        r = min(schedule.num_patches, -(-v // step) * step)
+        out.append(r)
+    # A later stage can round above an earlier one only if the earlier one was the full count;
+    # keep the sequence non-increasing by lifting earlier stages.
+    for s in range(len(out) - 2, -1, -1):
+        out[s] = max(out[s], out[s + 1])
+    return tuple(out)
+
+
+def dense_counts(schedule: KeepSchedule) -> tuple[int, ...]:
+    return tuple(schedule.num_patches for _ in schedule.stage_starts)

@@ -1,0 +1,1 @@
+"""patchlife HTTP service."""
