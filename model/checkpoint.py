@@ -23,6 +23,8 @@ from .schedule import KeepSchedule
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+# The embedded default model (made by `patchlife ensure-default`, shipped in the package).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "default"
 
 
 @dataclass

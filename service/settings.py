@@ -1,0 +1,64 @@
+"""Every knob of the service, one environment variable each (prefix ``PATCHLIFE_``).
+
+The README's settings table is generated from this class's field descriptions; keep them accurate.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PATCHLIFE_", env_file=None, extra="ignore")
+
+    # --- model -------------------------------------------------------------------------------
+    checkpoint: Path | None = Field(
+        None, description="Checkpoint directory (config.json + model.safetensors); empty: the embedded "
+                          "default model.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs; auto picks the GPU when there is one.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Compute precision; half precision only on a GPU.")
+    keep_rate: float | None = Field(
+        None, gt=0, le=1, description="Default keep rate; empty: the checkpoint's own schedule.")
+    warmup_batches: int = Field(2, ge=0, description="Forward passes run before /readyz turns ready.")
+
+    # --- HTTP --------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 in the container).")
+    port: int = Field(8000, ge=1, le=65535, description="Bind port.")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted file/body part.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Decompression-bomb limit (width x height).")
+    max_images_per_request: int = Field(32, ge=1, description="Most images in one request.")
+    max_top_k: int = Field(20, ge=1, description="Largest accepted top_k.")
+
+    # --- batching ----------------------------------------------------------------------------
+    batching: Literal["budget", "fifo", "unbatched"] = Field(
+        "budget", description="budget: group phase B by token-budget bucket; fifo: one batch at the "
+                              "largest budget in it; unbatched: one image at a time.")
+    max_batch_size: int = Field(32, ge=1, description="Most images in one phase-A or phase-B batch.")
+    max_delay_ms: float = Field(10.0, ge=0, description="Longest an image waits for its batch to fill.")
+    max_batch_tokens: int = Field(
+        200_000, ge=1, description="Token limit of one phase-B batch (sum over images of the tokens "
+                                   "every tail block sees), like TGI's max_batch_total_tokens.")
+    bucket_step: int = Field(8, ge=1, description="Budget buckets: patch counts rounded up to multiples of this.")
+    queue_capacity_images: int = Field(256, ge=1, description="Queued images before 503.")
+    queue_capacity_tokens: int = Field(2_000_000, ge=1, description="Queued tail tokens before 503.")
+    deadline_ms: float = Field(30_000, gt=0, description="Default per-request deadline; header "
+                                                          "X-Request-Deadline-Ms overrides it.")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="Time to finish queued work on shutdown.")
+
+    @model_validator(mode="after")
+    def _half_needs_gpu(self) -> Settings:
+        if self.dtype != "float32" and self.device == "cpu":
+            raise ValueError("PATCHLIFE_DTYPE=float16/bfloat16 needs a GPU; use float32 with device=cpu")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
