@@ -122,14 +122,6 @@ def budgets_from_lives(lives: torch.Tensor, schedule: KeepSchedule) -> torch.Ten
     return counts.clamp(min=1)
 
 
-def bucket_grid(schedule: KeepSchedule, step: int) -> list[int]:
-    """Allowed patch counts: multiples of ``step``, plus the full count. Used per stage."""
-    if step < 1:
-        raise ValueError(f"bucket step must be >= 1, got {step}")
-    grid = list(range(step, schedule.num_patches, step))
-    return grid + [schedule.num_patches]
-
-
 def round_up_budget(budget: Sequence[int] | torch.Tensor, schedule: KeepSchedule,
                     step: int) -> tuple[int, ...]:
     """Round a budget up, per stage, to the bucket grid; never down, always non-increasing.
@@ -140,16 +132,6 @@ def round_up_budget(budget: Sequence[int] | torch.Tensor, schedule: KeepSchedule
     values = [int(v) for v in budget]
     if len(values) != len(schedule.stage_starts):
         raise ValueError(f"budget has {len(values)} stages, schedule has {len(schedule.stage_starts)}")
-    out = []
-    for v in values:
-        r = min(schedule.num_patches, -(-v // step) * step)
-        out.append(r)
-    # A later stage can round above an earlier one only if the earlier one was the full count;
-    # keep the sequence non-increasing by lifting earlier stages.
-    for s in range(len(out) - 2, -1, -1):
-        out[s] = max(out[s], out[s + 1])
-    return tuple(out)
+    # Rounding up is monotone, so non-increasing counts stay non-increasing.
+    return tuple(min(schedule.num_patches, -(-v // step) * step) for v in values)
 
-
-def dense_counts(schedule: KeepSchedule) -> tuple[int, ...]:
-    return tuple(schedule.num_patches for _ in schedule.stage_starts)

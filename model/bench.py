@@ -1,0 +1,136 @@
+"""``patchlife bench``: measured throughput of dense vs LifeViT vs oracle truncation vs attention top-k.
+
+All variants share one set of weights and one input batch, and are timed interleaved in one process
+(round-robin, a rotating start so no variant always runs first after another), so the ratios are
+side by side under the same machine load. LifeViT runs with the schedule's fixed counts
+(``per_image``), the same counts the oracle and top-k keep, so the table compares equal FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .baselines import oracle_forward, topk_forward
+from .checkpoint import create_lifevit, load_checkpoint
+from .flops import dense_gflops, slimmed_gflops
+from .lifevit import LifeViT
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Variant:
+    name: str
+    gflops: float
+    images_per_s: float = 0.0
+    ms_per_batch: float = 0.0
+    speedup_vs_dense: float = 0.0
+    speed_vs_oracle: float = 0.0
+
+
+def topk_gflops(model: LifeViT) -> float:
+    """Oracle cost plus the class-token attention row recomputed at each stage start."""
+    bb, sched = model.backbone, model.schedule
+    attn_dim = bb.blocks[0].attn.qkv.out_features // 3
+    prev = [sched.num_patches, *sched.patch_counts[:-1]]
+    extra = sum((p + bb.num_prefix_tokens) * attn_dim for p in prev)
+    return slimmed_gflops(bb, sched, life_module=False) + extra / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int,
+                     device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin."""
+    names = list(fns)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for n in names:
+                fns[n]()
+        _sync(device)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                _sync(device)
+                t0 = time.perf_counter()
+                fns[n]()
+                _sync(device)
+                times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LifeViT:
+    if args.checkpoint:
+        model, _ = load_checkpoint(args.checkpoint)
+        model.schedule = model.schedule_for(args.keep_rate)
+    else:
+        model = create_lifevit(args.backbone, args.keep_rate, pretrained=args.pretrained or False)
+    model.normalization = "per_image"  # fixed counts: equal FLOPs with oracle and top-k
+    return model.to(device, dtype).eval()
+
+
+def run_bench(args: argparse.Namespace) -> list[Variant]:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    model = build_model(args, device, dtype)
+    c, h, w = 3, *model.backbone.patch_embed.img_size
+    x = torch.randn(args.batch_size, c, h, w, device=device, dtype=dtype)
+    counts = model.schedule.patch_counts
+    fns: dict[str, Callable[[], object]] = {
+        "dense": lambda: model.forward_dense(x),
+        "life": lambda: model(x),
+        "oracle": lambda: oracle_forward(model, x, counts),
+        "topk": lambda: topk_forward(model, x, counts),
+    }
+    flops = {"dense": dense_gflops(model.backbone), "life": slimmed_gflops(model.backbone, model.schedule),
+             "oracle": slimmed_gflops(model.backbone, model.schedule, life_module=False),
+             "topk": topk_gflops(model)}
+    times = time_interleaved(fns, args.rounds, args.warmup, device)
+    med = {n: statistics.median(ts) for n, ts in times.items()}
+    return [Variant(n, round(flops[n], 6), round(args.batch_size / med[n], 2), round(1e3 * med[n], 2),
+                    round(med["dense"] / med[n], 3), round(med["oracle"] / med[n], 3)) for n in fns]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="deit_small_patch16_224", help="timm name or small config")
+    p.add_argument("--checkpoint", default=None, help="a patchlife checkpoint instead of --backbone")
+    p.add_argument("--pretrained", default=None, help="local weights file (speed does not depend on it)")
+    p.add_argument("--keep-rate", type=float, default=0.7)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--rounds", type=int, default=7, help="timed calls per variant (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print only a JSON object on stdout")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.keep_rate <= 1 or args.batch_size < 1 or args.rounds < 1:
+        print("patchlife bench: need 0 < --keep-rate <= 1, --batch-size >= 1, --rounds >= 1", file=sys.stderr)
+        return 2
+    variants = run_bench(args)
+    if args.json:
+        print(json.dumps({"variants": [asdict(v) for v in variants],
+                          "config": {k: v for k, v in vars(args).items() if k != "json"},
+                          "torch_threads": torch.get_num_threads()}))
+        return 0
+    print(f"{args.checkpoint or args.backbone}  keep={args.keep_rate}  batch={args.batch_size}  "
+          f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()}")
+    print(f"{'variant':<8} {'GFLOPs':>8} {'img/s':>9} {'ms/batch':>9} {'vs dense':>9} {'vs oracle':>10}")
+    for v in variants:
+        print(f"{v.name:<8} {v.gflops:>8.3f} {v.images_per_s:>9.1f} {v.ms_per_batch:>9.1f} "
+              f"{v.speedup_vs_dense:>8.2f}x {v.speed_vs_oracle:>9.2f}x")
+    return 0

@@ -1,0 +1,74 @@
+import random
+
+import pytest
+import torch
+
+from model.schedule import (
+    KeepSchedule,
+    budgets_from_lives,
+    default_stage_starts,
+    round_up_budget,
+)
+
+PAPER = {0.7: (140, 100, 72), 0.8: (159, 129, 105), 0.9: (179, 163, 148)}
+
+
+@pytest.mark.parametrize("rate", sorted(PAPER))
+def test_paper_schedules_for_deit(rate):
+    s = KeepSchedule.from_keep_rate(rate, num_patches=196, depth=12)
+    assert s.stage_starts == (4, 7, 10)
+    assert tuple(c + 1 for c in s.patch_counts) == PAPER[rate]  # + class token
+
+
+def test_keep_rate_one_keeps_everything_and_rule_is_monotone():
+    assert KeepSchedule.from_keep_rate(1.0, 196, 12).patch_counts == (196, 196, 196)
+    prev = None
+    for r in [0.1, 0.3, 0.5, 0.7, 0.9, 1.0]:
+        counts = KeepSchedule.from_keep_rate(r, 64, 12).patch_counts
+        assert all(b <= a for a, b in zip(counts, counts[1:]))
+        if prev is not None:
+            assert all(c >= p for c, p in zip(counts, prev))
+        prev = counts
+
+
+def test_explicit_counts_and_bad_schedules():
+    s = KeepSchedule(64, 12, (4, 8), (40, 10))
+    assert s.stage_of_block(3) is None and s.stage_of_block(4) == 0 and s.stage_of_block(11) == 1
+    for bad in [dict(stage_starts=(4, 8), patch_counts=(10, 40)),  # increasing counts
+                dict(stage_starts=(8, 4), patch_counts=(40, 10)),  # decreasing starts
+                dict(stage_starts=(4, 12), patch_counts=(40, 10)),  # start past the last block
+                dict(stage_starts=(4,), patch_counts=(65,))]:      # more than all patches
+        with pytest.raises(ValueError):
+            KeepSchedule(64, 12, **bad)
+    with pytest.raises(ValueError):
+        KeepSchedule.from_keep_rate(0.0, 64, 12)
+    assert default_stage_starts(12) == (4, 7, 10)
+
+
+def test_ideal_lives_match_counts():
+    s = KeepSchedule.from_keep_rate(0.7, 196, 12)
+    lives = s.ideal_lives()
+    assert lives.numel() == 196
+    for start, count in zip(s.stage_starts, s.patch_counts):
+        assert int((lives > start).sum()) == count
+
+
+def test_budgets_from_lives_counts_alive_patches():
+    s = KeepSchedule(6, 12, (4, 7, 10), (4, 2, 1))
+    lives = torch.tensor([[12.0, 9.0, 7.5, 5.0, 4.0, 4.0]])
+    assert budgets_from_lives(lives, s).tolist() == [[4, 3, 1]]
+
+
+def test_bucketing_never_rounds_down():
+    rng = random.Random(0)
+    s = KeepSchedule.from_keep_rate(0.7, 196, 12)
+    for _ in range(2000):
+        a = rng.randint(1, 196)
+        b = rng.randint(1, a)
+        c = rng.randint(1, b)
+        step = rng.choice([1, 3, 8, 16, 50])
+        out = round_up_budget((a, b, c), s, step)
+        assert all(o >= v for o, v in zip(out, (a, b, c)))
+        assert all(y <= x for x, y in zip(out, out[1:]))
+        assert all(o == 196 or o % step == 0 for o in out)
+        assert all(o - v < step for o, v in zip(out, (a, b, c)))  # the smallest bucket above
