@@ -139,8 +139,9 @@ class LifeViT(nn.Module):
                 bucket_step: int = 1) -> torch.Tensor:
         """Hard-pruned inference. Images run at their own budget, rounded up to ``bucket_step``."""
         state = self.head(images)
-        budgets = self.budgets(state.scores, schedule)
-        return self.tail_grouped(state, budgets, bucket_step)
+        if self.normalization == "per_image":  # every image has the schedule's counts: one batch
+            return self.tail(state, (schedule or self.schedule).patch_counts)
+        return self.tail_grouped(state, self.budgets(state.scores, schedule), bucket_step)
 
     def tail_grouped(self, state: HeadState, budgets: torch.Tensor, bucket_step: int = 1) -> torch.Tensor:
         """Run the tail once per distinct (rounded) budget and put logits back in input order."""
