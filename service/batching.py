@@ -1,0 +1,171 @@
+"""The batching policy: which images run next, pure and clock-free.
+
+The worker keeps two queues and asks :func:`plan` what to do whenever something changes:
+
+* phase A ("head"): first in, first out, up to ``max_batch_size`` images, or fewer once the oldest
+  has waited ``max_delay``; every image costs the same there.
+* phase B ("tail"): images wait per *bucket* (their budget rounded up to the bucket grid). A bucket
+  is sent when the next image would not fit (``max_batch_size`` images or ``max_batch_tokens``
+  tokens), or when its oldest image has waited ``max_delay``.
+
+Among the batches that are ready, the one holding the image submitted first goes first, so a rare
+bucket that has waited its delay is never overtaken by newer full buckets: the oldest waiting image
+bounds everyone's delay. Nothing here sleeps, locks or touches a model; ``now`` is passed in, so the
+tests drive it with a fake clock.
+
+Modes (``Limits.mode``):
+
+* ``budget``: the above; each phase-B batch runs at its bucket, no image pays for another's budget.
+* ``fifo``: phase B is one first-in-first-out queue, each batch run at the element-wise maximum of
+  the buckets in it (the largest budget); same size, delay and token limits.
+* ``unbatched``: one image per batch, no waiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+Mode = Literal["budget", "fifo", "unbatched"]
+Phase = Literal["head", "tail"]
+Counts = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The knobs of the policy (from :class:`service.settings.Settings`)."""
+
+    max_batch_size: int = 32
+    max_delay_s: float = 0.010
+    max_batch_tokens: int = 200_000
+    mode: Mode = "budget"
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_delay_s < 0:
+            raise ValueError(f"invalid batching limits: {self}")
+        if self.mode not in ("budget", "fifo", "unbatched"):
+            raise ValueError(f"unknown batching mode {self.mode!r}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000.0,
+                   max_batch_tokens=settings.max_batch_tokens, mode=settings.batching)
+
+    @property
+    def size(self) -> int:
+        return 1 if self.mode == "unbatched" else self.max_batch_size
+
+    @property
+    def delay(self) -> float:
+        return 0.0 if self.mode == "unbatched" else self.max_delay_s
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """One queued image as the policy sees it.
+
+    key: the worker's id for the image. submitted: when its request arrived (orders batches).
+    arrived: when it entered this phase's queue (starts its delay). bucket: phase B only, the
+    image's budget rounded up to the bucket grid.
+    """
+
+    key: int
+    submitted: float
+    arrived: float
+    bucket: Counts = ()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A decision: run ``keys`` (queue order) in ``phase``; tail batches run at ``counts``.
+
+    ``tokens`` is the tail-token cost at ``counts`` (0 for head batches); ``reason`` says why it was
+    sent now: ``full`` (size or token limit reached), ``delay`` or ``drain``.
+    """
+
+    phase: Phase
+    keys: tuple[int, ...]
+    counts: Counts | None
+    tokens: int
+    reason: str
+    first_submitted: float
+
+
+def max_counts(buckets: Sequence[Counts]) -> Counts:
+    """Element-wise maximum of budgets: the counts that serve all of them (FIFO batching)."""
+    return tuple(max(col) for col in zip(*buckets, strict=True))
+
+
+def _take_tail(group: Sequence[Waiting], limits: Limits,
+               tail_tokens: Callable[[Counts], int]) -> tuple[int, Counts, int]:
+    """Longest prefix of ``group`` within the size and token limits (at least one image).
+
+    Returns (images taken, counts to run at, tail tokens at those counts).
+    """
+    counts: Counts = group[0].bucket
+    n, tokens = 1, tail_tokens(counts)
+    for w in group[1:limits.size]:
+        c = counts if limits.mode == "budget" else max_counts([counts, w.bucket])
+        t = (n + 1) * tail_tokens(c)
+        if t > limits.max_batch_tokens:
+            break
+        n, counts, tokens = n + 1, c, t
+    return n, counts, tokens
+
+
+def _tail_groups(tail: Sequence[Waiting], mode: Mode) -> list[list[Waiting]]:
+    """Phase-B queues: one per bucket (budget mode), else a single FIFO queue."""
+    if mode != "budget":
+        return [list(tail)] if tail else []
+    groups: dict[Counts, list[Waiting]] = {}
+    for w in tail:
+        groups.setdefault(w.bucket, []).append(w)
+    return list(groups.values())
+
+
+def _candidates(head: Sequence[Waiting], tail: Sequence[Waiting], limits: Limits,
+                tail_tokens: Callable[[Counts], int]) -> list[tuple[Batch, bool, float]]:
+    """Every batch that could be sent: (batch, is it full, when its delay runs out)."""
+    out: list[tuple[Batch, bool, float]] = []
+    if head:
+        taken = head[:limits.size]
+        out.append((Batch("head", tuple(w.key for w in taken), None, 0, "full",
+                          min(w.submitted for w in taken)),
+                    len(head) >= limits.size, head[0].arrived + limits.delay))
+    for group in _tail_groups(tail, limits.mode):
+        n, counts, tokens = _take_tail(group, limits, tail_tokens)
+        taken = group[:n]
+        out.append((Batch("tail", tuple(w.key for w in taken), counts, tokens, "full",
+                          min(w.submitted for w in taken)),
+                    n < len(group) or n >= limits.size, min(w.arrived for w in group) + limits.delay))
+    return out
+
+
+def plan(head: Sequence[Waiting], tail: Sequence[Waiting], now: float, limits: Limits,
+         tail_tokens: Callable[[Counts], int], drain: bool = False) -> Batch | float | None:
+    """The next batch to run, else the time to look again, else None (nothing queued).
+
+    Args:
+        head: images waiting for phase A, in arrival order.
+        tail: images waiting for phase B, in arrival order, each with its ``bucket``.
+        now: the current time on the worker's clock (seconds).
+        tail_tokens: tokens one image costs in phase B at given counts (``Engine.tail_tokens``).
+        drain: shutting down: send whatever is queued without waiting.
+    """
+    ready: list[Batch] = []
+    wake: float | None = None
+    for batch, full, due in _candidates(head, tail, limits, tail_tokens):
+        if full or drain or due <= now:
+            reason = "drain" if drain and not full and due > now else ("full" if full else "delay")
+            ready.append(Batch(batch.phase, batch.keys, batch.counts, batch.tokens, reason,
+                               batch.first_submitted))
+        else:
+            wake = due if wake is None else min(wake, due)
+    if ready:
+        # Oldest request first; on a tie, finish work (tail) before starting more (head).
+        return min(ready, key=lambda b: (b.first_submitted, b.phase == "head"))
+    return wake

@@ -1,0 +1,378 @@
+"""The inference worker: one thread owns the model; request handlers only enqueue and await.
+
+    results = await worker.submit(pixels, keep_rate, deadline)   # list[ImageResult], input order
+
+Each image goes through two queues. Phase A (``Engine.head``) yields its lives and budget; phase B
+(``Engine.tail``) runs it with others of the same budget bucket (see :mod:`service.batching`, which
+decides what runs next). The thread wakes on every enqueue and at the policy's next due time.
+
+Admission: a request is refused at once with :class:`Overloaded` when the queued images or queued
+tail tokens would pass their capacity (an image not yet through phase A is counted at its keep
+rate's schedule counts). A request whose deadline passes before one of its images starts a phase is
+failed with :class:`DeadlineExceeded` and its other queued images are dropped; cancelling the task
+that awaits ``submit`` (the client went away) drops its queued images too. ``stop()`` refuses new
+work with :class:`ShuttingDown`, runs what is queued (without waiting for batches to fill) for up to
+``shutdown_grace_s``, fails the rest and joins the thread.
+
+Metrics go through :class:`WorkerHooks`; its methods may be called from the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from service.batching import Batch, Counts, Limits, Waiting, plan
+from service.engine import Engine, HeadItem
+from service.settings import Settings
+
+log = logging.getLogger("patchlife.worker")
+
+
+@dataclass
+class ImageResult:
+    probs: torch.Tensor          # [num_classes] float32 CPU
+    lives: torch.Tensor          # [rows, cols] float32 CPU, layer units
+    budget: tuple[int, ...]      # the image's own patch counts per stage
+    counts: tuple[int, ...]      # the counts its phase-B batch actually ran at (>= budget)
+    gflops: float                # GFLOPs of the image at `counts`
+    keep_rate: float
+    queue_ms: float              # total time waiting in queues (phase A + phase B)
+    compute_ms: float            # wall time of the phase-A batch + the phase-B batch it ran in
+
+
+class Overloaded(Exception):
+    """The queue is full; try again in ``retry_after_s`` seconds (503 + Retry-After)."""
+
+    def __init__(self, retry_after_s: float, message: str = "") -> None:
+        super().__init__(message or f"server overloaded; retry after {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its work started (504)."""
+
+
+class ShuttingDown(Exception):
+    """The worker is stopping and accepts no new work (503)."""
+
+
+class WorkerHooks:
+    """No-op observer of the worker; ``service/metrics.py`` subclasses it. Keep overrides cheap."""
+
+    def on_queue_depth(self, images: int, tokens: int) -> None: ...
+
+    def on_batch(self, phase: str, size: int, tokens: int, bucket: str | None,
+                 queue_waits_s: list[float], compute_s: float) -> None: ...
+
+    def on_waste(self, needed_tokens: int, computed_tokens: int) -> None: ...
+
+    def on_reject(self, reason: str) -> None: ...
+
+    def on_image_done(self, result: ImageResult) -> None: ...
+
+
+@dataclass(eq=False)
+class _Request:
+    future: asyncio.Future[list[ImageResult]]
+    loop: asyncio.AbstractEventLoop
+    deadline: float
+    results: list[ImageResult | None]
+    keys: list[int] = field(default_factory=list)
+    finished: bool = False       # answered, failed or abandoned: nothing more to do for it
+
+
+@dataclass(eq=False)
+class _Image:
+    request: _Request
+    index: int                   # position in the request
+    keep_rate: float | None
+    pixels: torch.Tensor | None  # [3, H, W] until phase A
+    tokens: int                  # tail tokens it holds in the queue (estimate before phase A)
+    wait: Waiting
+    item: HeadItem | None = None
+    queue_s: float = 0.0         # both phases so far
+    phase_wait_s: float = 0.0    # the last phase only (for the per-phase histogram)
+    compute_s: float = 0.0
+
+
+def _head_tokens_per_image(engine: Engine) -> int:
+    """Tokens one image costs in phase A: (prefix + patches) x the first K blocks."""
+    try:
+        m = engine.model
+        return int(m.schedule.first_block * (m.num_prefix_tokens + m.num_patches))
+    except AttributeError:  # a stub engine in tests
+        return 0
+
+
+class Worker:
+    """Runs :class:`Engine` head/tail batches in one thread, fed by ``submit`` from the event loop."""
+
+    def __init__(self, engine: Engine, settings: Settings, hooks: WorkerHooks | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.hooks = hooks or WorkerHooks()
+        self.clock = clock
+        self.limits = Limits.from_settings(settings)
+        self._cond = threading.Condition()
+        self._head: dict[int, _Image] = {}   # insertion order = arrival order
+        self._tail: dict[int, _Image] = {}
+        self._queued_tokens = 0
+        self._busy = False
+        self._accepting = False
+        self._draining = False
+        self._exit = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._estimates: dict[float | None, int] = {}
+        self._rate_tokens_per_s = 0.0        # smoothed tail throughput, for Retry-After
+        self._head_tokens = _head_tokens_per_image(engine)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._accepting = True
+        self._thread = threading.Thread(target=self._loop, name="patchlife-worker", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Refuse new work, finish what is queued within ``shutdown_grace_s``, then join the thread."""
+        self._accepting = False
+        if self._thread is None:
+            return
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+        end = time.monotonic() + self.settings.shutdown_grace_s
+        while time.monotonic() < end and self._pending():
+            await asyncio.sleep(0.005)
+        with self._cond:
+            self._exit = True
+            self._cond.notify_all()
+        await asyncio.to_thread(self._thread.join)  # a running batch cannot be interrupted
+        self._thread = None
+
+    def _pending(self) -> bool:
+        with self._cond:
+            return bool(self._head or self._tail or self._busy)
+
+    # -- the event-loop side -----------------------------------------------------------------
+    async def submit(self, pixels: Sequence[torch.Tensor], keep_rate: float | None,
+                     deadline: float) -> list[ImageResult]:
+        """Classify ``pixels`` (each ``[3, H, W]``) at ``keep_rate``; results in input order.
+
+        Raises Overloaded, DeadlineExceeded or ShuttingDown; ``deadline`` is on the worker clock.
+        """
+        if not self._accepting:
+            self.hooks.on_reject("shutdown")
+            raise ShuttingDown("server is shutting down")
+        if not pixels:
+            return []
+        estimate = self._estimate(keep_rate)
+        loop = asyncio.get_running_loop()
+        request = _Request(loop.create_future(), loop, deadline, [None] * len(pixels))
+        with self._cond:
+            now = self.clock()
+            if deadline <= now:
+                self.hooks.on_reject("deadline")
+                raise DeadlineExceeded("the request's deadline passed before it was queued")
+            self._admit(len(pixels), estimate * len(pixels))
+            for i, px in enumerate(pixels):
+                key = next(self._ids)
+                request.keys.append(key)
+                self._head[key] = _Image(request, i, keep_rate, px, estimate, Waiting(key, now, now))
+            self._queued_tokens += estimate * len(pixels)
+            self._depth_changed()
+            self._cond.notify_all()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            with self._cond:
+                if not request.finished:
+                    self._fail_locked(request, None, "disconnected")
+            raise
+
+    def _estimate(self, keep_rate: float | None) -> int:
+        """Tail tokens of an image not yet through phase A: its keep rate's schedule counts."""
+        if keep_rate not in self._estimates:
+            counts = tuple(self.engine.schedule(keep_rate).patch_counts)
+            self._estimates[keep_rate] = self.engine.tail_tokens(counts)
+        return self._estimates[keep_rate]
+
+    def _admit(self, images: int, tokens: int) -> None:
+        """Raise Overloaded (under the lock) if ``images``/``tokens`` more would pass capacity."""
+        s = self.settings
+        queued = len(self._head) + len(self._tail)
+        if queued + images <= s.queue_capacity_images and self._queued_tokens + tokens <= s.queue_capacity_tokens:
+            return
+        self.hooks.on_reject("overloaded")
+        rate = self._rate_tokens_per_s
+        retry = self._queued_tokens / rate if rate > 0 else 1.0
+        raise Overloaded(min(max(retry, 0.1), 60.0),
+                         f"queue full ({queued} images, {self._queued_tokens} tokens queued); retry later")
+
+    # -- bookkeeping (all *_locked methods run under self._cond) --------------------------------
+    def _depth_changed(self) -> None:
+        self.hooks.on_queue_depth(len(self._head) + len(self._tail), self._queued_tokens)
+
+    def _remove_locked(self, key: int) -> _Image | None:
+        image = self._head.pop(key, None) or self._tail.pop(key, None)
+        if image is not None:
+            self._queued_tokens -= image.tokens
+        return image
+
+    def _fail_locked(self, request: _Request, error: Exception | None, reason: str | None) -> None:
+        """Drop the request's queued images and answer it with ``error`` (None: nobody listens)."""
+        if request.finished:
+            return
+        request.finished = True
+        for key in request.keys:
+            self._remove_locked(key)
+        self._depth_changed()
+        if reason:
+            self.hooks.on_reject(reason)
+        if error is not None:
+            _resolve(request, error)
+
+    def _expire_locked(self, now: float) -> float | None:
+        """Fail queued requests past their deadline; returns the next queued deadline."""
+        soonest: float | None = None
+        for image in [*self._head.values(), *self._tail.values()]:
+            req = image.request
+            if req.finished:
+                continue
+            if req.deadline <= now:
+                self._fail_locked(req, DeadlineExceeded("the deadline passed while the request was queued"),
+                                  "deadline")
+            else:
+                soonest = req.deadline if soonest is None else min(soonest, req.deadline)
+        return soonest
+
+    # -- the worker thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                batch, images = self._next_locked()
+                if batch is None:
+                    break
+                self._busy = True
+            try:
+                if batch.phase == "head":
+                    self._run_head(images)
+                else:
+                    assert batch.counts is not None
+                    self._run_tail(images, batch.counts)
+            except Exception as exc:  # a model error fails its batch, never the worker
+                log.exception("%s batch of %d images failed", batch.phase, len(images))
+                with self._cond:
+                    for image in images:
+                        self._fail_locked(image.request, exc, None)
+            finally:
+                with self._cond:
+                    self._busy = False
+        with self._cond:  # exit: whatever is still queued will not run
+            for image in [*self._head.values(), *self._tail.values()]:
+                self._fail_locked(image.request, ShuttingDown("server shut down before the request ran"),
+                                  "shutdown")
+
+    def _next_locked(self) -> tuple[Batch | None, list[_Image]]:
+        """Wait (releasing the lock) until a batch is due; take its images out of the queues."""
+        while not self._exit:
+            now = self.clock()
+            next_deadline = self._expire_locked(now)
+            decision = plan([i.wait for i in self._head.values()], [i.wait for i in self._tail.values()],
+                            now, self.limits, self.engine.tail_tokens, drain=self._draining)
+            if isinstance(decision, Batch):
+                queue = self._head if decision.phase == "head" else self._tail
+                images = [queue[k] for k in decision.keys]
+                for image in images:
+                    self._remove_locked(image.wait.key)
+                    image.phase_wait_s = now - image.wait.arrived
+                    image.queue_s += image.phase_wait_s
+                self._depth_changed()
+                return decision, images
+            wake = [t for t in (decision, next_deadline) if t is not None]
+            self._cond.wait(max(0.0, min(wake) - now) if wake else None)
+        return None, []
+
+    def _run_head(self, images: list[_Image]) -> None:
+        pixels = torch.stack([im.pixels for im in images])  # type: ignore[misc]
+        t0 = self.clock()
+        items = self.engine.head(pixels, [im.keep_rate for im in images])
+        compute = self.clock() - t0
+        self.hooks.on_batch("head", len(images), len(images) * self._head_tokens, None,
+                            [im.phase_wait_s for im in images], compute)
+        now = self.clock()
+        with self._cond:
+            for image, item in zip(images, items, strict=True):
+                if image.request.finished:
+                    continue
+                bucket = tuple(self.engine.bucket(item.budget))
+                image.pixels, image.item = None, item
+                image.compute_s += compute
+                image.tokens = self.engine.tail_tokens(bucket)
+                image.wait = Waiting(image.wait.key, image.wait.submitted, now, bucket)
+                self._tail[image.wait.key] = image
+                self._queued_tokens += image.tokens
+            self._depth_changed()
+
+    def _run_tail(self, images: list[_Image], counts: Counts) -> None:
+        items = [im.item for im in images]
+        t0 = self.clock()
+        probs = self.engine.tail(items, counts)  # type: ignore[arg-type]
+        compute = self.clock() - t0
+        per_image = self.engine.tail_tokens(counts)
+        needed = sum(self.engine.tail_tokens(tuple(it.budget)) for it in items)  # type: ignore[union-attr]
+        self.hooks.on_batch("tail", len(images), per_image * len(images), "-".join(map(str, counts)),
+                            [im.phase_wait_s for im in images], compute)
+        self.hooks.on_waste(needed, per_image * len(images))
+        if compute > 0:
+            rate = per_image * len(images) / compute
+            self._rate_tokens_per_s = rate if self._rate_tokens_per_s == 0 else (
+                0.8 * self._rate_tokens_per_s + 0.2 * rate)
+        gflops = self.engine.gflops(tuple(counts))
+        for image, p in zip(images, probs, strict=True):
+            item = image.item
+            assert item is not None
+            result = ImageResult(p.clone(), item.lives, tuple(item.budget), tuple(counts), gflops,
+                                 item.keep_rate, image.queue_s * 1000.0, (image.compute_s + compute) * 1000.0)
+            self._deliver(image, result)
+
+    def _deliver(self, image: _Image, result: ImageResult) -> None:
+        request = image.request
+        with self._cond:
+            if request.finished:
+                return
+            request.results[image.index] = result
+            if any(r is None for r in request.results):
+                return
+            request.finished = True
+        for r in request.results:
+            self.hooks.on_image_done(r)  # type: ignore[arg-type]
+        _resolve(request, list(request.results))  # type: ignore[arg-type]
+
+
+def _resolve(request: _Request, outcome: list[ImageResult] | Exception) -> None:
+    """Answer a request's future from any thread (the event loop may be gone at shutdown)."""
+
+    def settle() -> None:
+        if request.future.done():  # cancelled meanwhile
+            return
+        if isinstance(outcome, Exception):
+            request.future.set_exception(outcome)
+        else:
+            request.future.set_result(outcome)
+
+    try:
+        request.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # loop closed
+        pass
