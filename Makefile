@@ -18,8 +18,24 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/patchlife bench --backbone vit_micro_patch8_64 --batch-size 32
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q
+
+# Prometheus + promtool (Debian's `prometheus` package) for tests/ops. Best effort: without root or
+# apt-get the tests that need them skip and say why. While installing, a policy-rc.d (unless one
+# exists) keeps the package from starting its own Prometheus service.
+.PHONY: prometheus
+prometheus:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make prometheus: not root or no apt-get: the Prometheus tests will be SKIPPED"; exit 0; fi; \
+	echo "make prometheus: installing Debian's prometheus package (prometheus + promtool)"; \
+	policy=/usr/sbin/policy-rc.d; made=; \
+	if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy && made=1; fi; \
+	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	  || echo "make prometheus: could not install it: the Prometheus tests will be SKIPPED"; \
+	if [ -n "$$made" ]; then rm -f $$policy; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check model service tests
