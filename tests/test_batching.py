@@ -1,0 +1,213 @@
+"""The batching policy with a fake clock and a simulated runner: no threads, no model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from service.batching import Batch, Limits, Waiting, max_counts, plan
+
+A, B, C = (48, 40, 32), (24, 16, 8), (48, 48, 40)
+
+
+def cost(counts: tuple[int, ...]) -> int:
+    """Stand-in for Engine.tail_tokens: one token per kept patch per stage, plus the class token."""
+    return sum(counts) + len(counts)
+
+
+def head_q(*arrivals: float) -> list[Waiting]:
+    return [Waiting(i, t, t) for i, t in enumerate(arrivals)]
+
+
+def tail_q(*items: tuple[float, tuple[int, ...]], first_key: int = 100) -> list[Waiting]:
+    return [Waiting(first_key + i, t, t, b) for i, (t, b) in enumerate(items)]
+
+
+def test_nothing_queued_means_nothing_to_do() -> None:
+    assert plan([], [], 5.0, Limits(), cost) is None
+
+
+def test_head_waits_for_its_delay_then_flushes() -> None:
+    lim = Limits(max_batch_size=4, max_delay_s=0.010)
+    q = head_q(1.000, 1.004)
+    assert plan(q, [], 1.005, lim, cost) == pytest.approx(1.010)  # wake when the oldest is due
+    batch = plan(q, [], 1.010, lim, cost)
+    assert isinstance(batch, Batch)
+    assert (batch.phase, batch.keys, batch.reason) == ("head", (0, 1), "delay")
+
+
+def test_head_flushes_at_once_when_full_and_takes_fifo_prefix() -> None:
+    lim = Limits(max_batch_size=3, max_delay_s=1.0)
+    batch = plan(head_q(1.0, 1.1, 1.2, 1.3, 1.4), [], 1.4, lim, cost)
+    assert isinstance(batch, Batch)
+    assert (batch.keys, batch.reason) == ((0, 1, 2), "full")
+
+
+def test_tail_groups_by_bucket_and_runs_at_the_bucket() -> None:
+    lim = Limits(max_batch_size=8, max_delay_s=0.010)
+    q = tail_q((1.000, A), (1.001, B), (1.002, A), (1.003, B))
+    assert plan([], q, 1.005, lim, cost) == pytest.approx(1.010)
+    batch = plan([], q, 1.010, lim, cost)
+    assert isinstance(batch, Batch)
+    assert (batch.phase, batch.keys, batch.counts, batch.reason) == ("tail", (100, 102), A, "delay")
+    assert batch.tokens == 2 * cost(A)
+    rest = plan([], q[1::2], 1.012, lim, cost)  # the B bucket is due too (arrived 1.001)
+    assert isinstance(rest, Batch) and rest.keys == (101, 103) and rest.counts == B
+
+
+def test_full_bucket_flushes_before_its_delay() -> None:
+    lim = Limits(max_batch_size=2, max_delay_s=10.0)
+    q = tail_q((1.0, A), (1.1, B), (1.2, A))
+    batch = plan([], q, 1.2, lim, cost)
+    assert isinstance(batch, Batch)
+    assert (batch.keys, batch.counts, batch.reason) == ((100, 102), A, "full")
+
+
+def test_token_limit_caps_the_batch_and_flushes_it() -> None:
+    # Two A images fit in the limit, a third would not: send two now, keep the third.
+    lim = Limits(max_batch_size=32, max_delay_s=10.0, max_batch_tokens=2 * cost(A) + 1)
+    q = tail_q((1.0, A), (1.1, A), (1.2, A))
+    batch = plan([], q, 1.2, lim, cost)
+    assert isinstance(batch, Batch)
+    assert (batch.keys, batch.reason, batch.tokens) == ((100, 101), "full", 2 * cost(A))
+    # An image whose cost alone passes the limit still runs (alone), never blocks the queue forever.
+    solo = plan([], tail_q((1.0, A)), 11.0, Limits(max_batch_tokens=1), cost)
+    assert isinstance(solo, Batch) and solo.keys == (100,)
+
+
+def test_oldest_due_bucket_goes_before_newer_full_buckets() -> None:
+    """No starvation: a rare bucket past its delay runs before full buckets of newer images."""
+    lim = Limits(max_batch_size=2, max_delay_s=0.010)
+    q = tail_q((1.000, B), (1.005, A), (1.006, A), (1.007, C), (1.008, C))
+    batch = plan([], q, 1.010, lim, cost)
+    assert isinstance(batch, Batch) and batch.counts == B and batch.reason == "delay"
+    # Before B is due, full buckets run, oldest first.
+    early = plan([], q, 1.008, lim, cost)
+    assert isinstance(early, Batch) and early.counts == A and early.reason == "full"
+
+
+def test_ready_batches_run_oldest_request_first_tail_before_head_on_ties() -> None:
+    lim = Limits(max_batch_size=2, max_delay_s=0.0)
+    head = [Waiting(1, 2.0, 2.0)]
+    tail = [Waiting(2, 1.0, 2.5, A)]  # submitted before the head image, entered phase B later
+    batch = plan(head, tail, 3.0, lim, cost)
+    assert isinstance(batch, Batch) and batch.phase == "tail"
+    tie = plan([Waiting(1, 1.0, 1.0)], [Waiting(2, 1.0, 1.5, A)], 3.0, lim, cost)
+    assert isinstance(tie, Batch) and tie.phase == "tail"
+
+
+def test_fifo_runs_one_queue_at_the_largest_budget() -> None:
+    lim = Limits(max_batch_size=8, max_delay_s=0.010, mode="fifo")
+    q = tail_q((1.000, A), (1.001, B), (1.002, C))
+    batch = plan([], q, 1.010, lim, cost)
+    assert isinstance(batch, Batch)
+    assert batch.keys == (100, 101, 102)
+    assert batch.counts == max_counts([A, B, C]) == (48, 48, 40)
+    assert batch.tokens == 3 * cost((48, 48, 40))
+
+
+def test_fifo_token_limit_counts_every_image_at_the_largest_budget() -> None:
+    # B alone is cheap; B then C costs 2 x cost(C) which passes the limit, so B goes alone.
+    lim = Limits(max_batch_size=8, max_delay_s=10.0, max_batch_tokens=2 * cost(C) - 1, mode="fifo")
+    batch = plan([], tail_q((1.0, B), (1.1, C)), 1.1, lim, cost)
+    assert isinstance(batch, Batch) and batch.keys == (100,) and batch.counts == B and batch.reason == "full"
+
+
+def test_unbatched_runs_one_image_at_once() -> None:
+    lim = Limits(max_batch_size=32, max_delay_s=1.0, mode="unbatched")
+    batch = plan(head_q(1.0, 1.0), [], 1.0, lim, cost)
+    assert isinstance(batch, Batch) and batch.keys == (0,)
+    batch = plan([], tail_q((1.0, A), (1.0, A)), 1.0, lim, cost)
+    assert isinstance(batch, Batch) and batch.keys == (100,)
+
+
+def test_drain_sends_everything_without_waiting() -> None:
+    lim = Limits(max_batch_size=8, max_delay_s=10.0)
+    batch = plan(head_q(1.0), tail_q((0.5, A)), 1.0, lim, cost, drain=True)
+    assert isinstance(batch, Batch) and batch.phase == "tail" and batch.reason == "drain"
+
+
+def test_limits_from_settings_and_validation() -> None:
+    from service.settings import Settings
+    lim = Limits.from_settings(Settings(max_batch_size=5, max_delay_ms=7, max_batch_tokens=99, batching="fifo"))
+    assert (lim.max_batch_size, lim.max_delay_s, lim.max_batch_tokens, lim.mode) == (5, 0.007, 99, "fifo")
+    with pytest.raises(ValueError):
+        Limits(max_batch_size=0)
+
+
+# -- a simulated worker: fake clock, stub runner --------------------------------------------------
+def simulate(mode: str, arrivals: list[tuple[float, tuple[int, ...]]], limits: Limits,
+             batch_s: float) -> tuple[list[Batch], dict[int, float]]:
+    """Drive ``plan`` like the worker does; every batch takes ``batch_s``. Returns batches, waits."""
+    lim = Limits(limits.max_batch_size, limits.max_delay_s, limits.max_batch_tokens, mode)  # type: ignore[arg-type]
+    pending = sorted(enumerate(arrivals), key=lambda kv: kv[1][0])
+    head: list[Waiting] = []
+    tail: list[Waiting] = []
+    buckets, waits, batches, now = {}, {}, [], 0.0
+    while pending or head or tail:
+        while pending and pending[0][1][0] <= now:
+            key, (t, bucket) = pending.pop(0)
+            head.append(Waiting(key, t, t))
+            buckets[key] = bucket
+        decision = plan(head, tail, now, lim, cost)
+        if not isinstance(decision, Batch):
+            nxt = [pending[0][1][0]] if pending else []
+            now = min([*nxt, *([decision] if decision is not None else [])])
+            continue
+        batches.append(decision)
+        queue = head if decision.phase == "head" else tail
+        taken = [w for w in queue if w.key in decision.keys]
+        queue[:] = [w for w in queue if w.key not in decision.keys]
+        for w in taken:
+            waits[w.key] = max(waits.get(w.key, 0.0), now - w.arrived)
+        now += batch_s
+        if decision.phase == "head":
+            tail.extend(Waiting(w.key, w.submitted, now, buckets[w.key]) for w in taken)
+    return batches, waits
+
+
+def random_arrivals(n: int, seed: int) -> list[tuple[float, tuple[int, ...]]]:
+    rng = random.Random(seed)
+    common, rare = [A, B], [C]
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(2000.0)
+        out.append((t, rng.choice(rare) if rng.random() < 0.03 else rng.choice(common)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["budget", "fifo", "unbatched"])
+def test_simulation_runs_every_image_once_at_counts_that_cover_it(mode: str) -> None:
+    arrivals = random_arrivals(400, seed=1)
+    limits = Limits(max_batch_size=16, max_delay_s=0.005, max_batch_tokens=16 * cost(A))
+    batches, _ = simulate(mode, arrivals, limits, batch_s=0.002)
+    for phase in ("head", "tail"):
+        keys = [k for b in batches if b.phase == phase for k in b.keys]
+        assert sorted(keys) == list(range(len(arrivals))), f"{phase}: every image exactly once"
+    for b in batches:
+        assert len(b.keys) <= (1 if mode == "unbatched" else 16)
+        if b.phase == "tail":
+            assert b.counts is not None and b.tokens <= max(limits.max_batch_tokens, cost(b.counts))
+            own = [arrivals[k][1] for k in b.keys]
+            if mode == "budget":
+                assert set(own) == {b.counts}, "budget batches hold one bucket, run at that bucket"
+            else:
+                assert b.counts == max_counts(own), "fifo batches run at the largest budget in them"
+    if mode != "unbatched":
+        assert max(len(b.keys) for b in batches) > 1, "the load is high enough to form batches"
+
+
+def test_simulation_rare_bucket_is_not_starved_under_steady_full_batches() -> None:
+    """A rare image waits at most its delay plus the batches that were older than it."""
+    limits = Limits(max_batch_size=4, max_delay_s=0.010)
+    # 4 A images every 4 ms: a full head batch then a full tail batch, 2 ms each, keep the worker
+    # busy all the time with full batches (a full-first policy would never run the C image).
+    arrivals = [(0.004 * (i // 4), A) for i in range(400)] + [(0.0301, C)]
+    batches, waits = simulate("budget", arrivals, limits, batch_s=0.002)
+    rare_key = len(arrivals) - 1
+    rare_batch = next(b for b in batches if b.phase == "tail" and rare_key in b.keys)
+    assert rare_batch.counts == C and rare_batch.reason == "delay"
+    # After its delay it waits for at most the batch already running and one older ready batch.
+    assert waits[rare_key] <= limits.max_delay_s + 2 * 0.002 + 1e-9
+    assert max(waits.values()) <= limits.max_delay_s + 2 * 0.002 + 1e-9
