@@ -1,0 +1,68 @@
+"""Fixtures of the ops checks: the dashboard, a tiny checkpoint, and a running service.
+
+The service runs as a real ``patchlife serve`` process on a free loopback port with a tiny
+checkpoint made here, so the static check (which metric names exist) and the Prometheus
+integration test both see exactly what a deployment exports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ops_support import DASHBOARD, REPO, Query, dashboard_queries, free_port, stop_process, wait_http_ok  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+@pytest.fixture(scope="session")
+def queries(dashboard: dict[str, Any]) -> list[Query]:
+    found = dashboard_queries(dashboard)
+    assert found, f"{DASHBOARD} has no PromQL targets"
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-block 32x32 LifeViT with 5 classes, calibrated on random images (content-adaptive budgets)."""
+    import torch
+
+    from model import create_lifevit, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_lifevit("vit_nano_patch8_32", keep_rate=0.7, num_classes=5).eval()
+    model.calibrate(torch.rand(32, 3, 32, 32))
+    names = ["cat", "dog", "ship", "tree", "cup"]
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", class_names=names,
+                           metadata={"name": "ops-tiny"})
+
+
+@pytest.fixture(scope="session")
+def service_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``patchlife serve`` on a free loopback port; yields its base URL once /readyz answers 200."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("service") / "serve.log"
+    env = {**os.environ, "PATCHLIFE_HOST": "127.0.0.1", "PATCHLIFE_PORT": str(port),
+           "PATCHLIFE_CHECKPOINT": str(tiny_checkpoint), "PATCHLIFE_DEVICE": "cpu",
+           "PATCHLIFE_DTYPE": "float32", "PATCHLIFE_WARMUP_BATCHES": "1", "OMP_NUM_THREADS": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve"], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ok(f"{url}/readyz", proc, log, timeout_s=90)
+        yield url
+    finally:
+        stop_process(proc)
