@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/patchlife bench --backbone vit_micro_patch8_64 --batch-size 32
+	$(BIN)/patchlife ensure-default
+	$(BIN)/patchlife serve
 
 test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q
