@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("model.evaluate", "accuracy/GFLOPs/speed table against random and top-k token choice"),
     "ensure-default": ("model.default_model", "train the embedded default model if it is missing"),
     "loadtest": ("service.loadtest", "closed-loop load test: budget vs FIFO vs unbatched"),
+    "bench-overhead": ("service.overhead", "single-request overhead of the service vs batch-1 compute"),
 }
 
 

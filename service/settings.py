@@ -31,7 +31,12 @@ class Settings(BaseSettings):
     # --- HTTP --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 in the container).")
     port: int = Field(8000, ge=1, le=65535, description="Bind port.")
-    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted file/body part.")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted image file "
+                                  "(one multipart part, one decoded base64 image, or a raw image body); "
+                                  "checked while streaming, 413 past it.")
+    max_request_bytes: int = Field(
+        50 * 1024 * 1024, ge=1, description="Largest request body, all images together; checked against "
+                                            "Content-Length before reading and again while streaming.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Decompression-bomb limit (width x height).")
     max_images_per_request: int = Field(32, ge=1, description="Most images in one request.")
     max_top_k: int = Field(20, ge=1, description="Largest accepted top_k.")

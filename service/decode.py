@@ -1,0 +1,126 @@
+"""Image bytes -> an RGB PIL image the engine can preprocess, or a typed error.
+
+Rules (documented in docs/api.md):
+  * A declared content type (of the body, of a multipart part, or of a base64 data URL) must be
+    ``image/*`` or ``application/octet-stream`` or absent; anything else is 415. Which image format
+    it is comes from the bytes, never from the declaration.
+  * Bytes that are not a decodable JPEG/PNG/GIF/BMP/TIFF/WebP (unknown format, truncated, corrupt)
+    are 400. Only these Pillow plugins are tried, to keep the attack surface small.
+  * The pixel count is checked from the header, before any pixel is decoded: over the limit is 413.
+  * EXIF orientation is applied; the first frame of animations and multi-page files is used; CMYK,
+    palette, 1-bit, 16/32-bit integer and float images become 8-bit RGB (high bit depths scaled,
+    not clipped); transparency is composited over white.
+  * Extreme aspect ratios are centre-cropped to at most ``MAX_ASPECT``:1 before preprocessing. The
+    backbone's centre-crop preprocessing only looks at the central square anyway, so this changes
+    nothing the model sees and keeps a 1 x 40M-pixel strip from being resized to gigapixels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+
+from .errors import BadImage, TooManyPixels, UnsupportedMediaType
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")  # JPEG includes multi-picture (MPO) files
+ACCEPTED_NON_IMAGE_TYPES = ("application/octet-stream",)
+MAX_ASPECT = 4.0
+# Our own pixel limit (settings.max_image_pixels) is checked right after the header is read; Pillow's
+# global warning at 89M pixels would only add noise to the log.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+Image.init()  # register every plugin now: ``Image.open(formats=...)`` looks them up by name
+
+
+def check_media_type(declared: str | None, source: str) -> None:
+    """415 unless ``declared`` (a Content-Type value or None) could be an image."""
+    if declared is None or not declared.strip():
+        return
+    main = declared.split(";", 1)[0].strip().lower()
+    if main.startswith("image/") or main in ACCEPTED_NON_IMAGE_TYPES:
+        return
+    raise UnsupportedMediaType(f"{source}: content type {main!r} is not an image; send image/* "
+                               "(JPEG, PNG, GIF, BMP, TIFF or WebP) or application/octet-stream")
+
+
+def decode_image(data: bytes, max_pixels: int, *, min_side: int | None = None,
+                 source: str = "image") -> Image.Image:
+    """Decode ``data`` into an 8-bit RGB image, upright, aspect ratio at most ``MAX_ASPECT``.
+
+    Args:
+        max_pixels: width x height limit checked from the header (decompression bombs).
+        min_side: the shorter side the caller will resize to; JPEGs are then decoded at the
+            smallest DCT scale that still covers it (``Image.draft``), which is much faster for
+            photos and changes nothing visible after the resize.
+        source: how the caller names this image in error messages (``files[1]``).
+    Raises:
+        BadImage (400), TooManyPixels (413).
+    """
+    if not data:
+        raise BadImage(f"{source}: empty file")
+    try:
+        im = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(f"{source}: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadImage(f"{source}: not a supported image (JPEG, PNG, GIF, BMP, TIFF or WebP)") from None
+    except Exception as exc:  # Pillow raises many types on crafted headers
+        raise BadImage(f"{source}: unreadable image header ({type(exc).__name__}: {exc})") from None
+    width, height = im.size
+    if width * height > max_pixels:
+        raise TooManyPixels(f"{source}: {width}x{height} = {width * height} pixels, over the limit of "
+                            f"{max_pixels} (PATCHLIFE_MAX_IMAGE_PIXELS)")
+    if width < 1 or height < 1:
+        raise BadImage(f"{source}: image has no pixels ({width}x{height})")
+    try:
+        if min_side and isinstance(im, JpegImagePlugin.JpegImageFile):
+            im.draft(im.mode, (min_side, min_side))
+        im.load()
+        ImageOps.exif_transpose(im, in_place=True)  # honours the EXIF orientation tag
+        rgb = to_rgb(im)
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(f"{source}: {exc}") from None
+    except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, ...
+        raise BadImage(f"{source}: could not decode the image ({type(exc).__name__}: {exc})") from None
+    return limit_aspect(rgb)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; see the module docstring for the rules."""
+    if im.mode in ("RGB",):
+        return im
+    if im.mode.startswith(("I", "F")):
+        return Image.fromarray(_to_uint8(np.asarray(im)), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted handled by Pillow), YCbCr, LAB, HSV, RGBX
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """High-bit-depth grey ``[H, W]`` -> uint8, scaling by the type's range instead of clipping."""
+    if arr.dtype.kind == "f":
+        a = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if float(a.max(initial=0.0)) <= 1.0 else 1.0  # [0, 1] floats or [0, 255] floats
+        return np.clip(a * scale, 0, 255).astype(np.uint8)
+    a = arr.astype(np.int64)
+    if arr.dtype.itemsize >= 2 and int(a.max(initial=0)) > 255:  # 16-bit data (also in 32-bit "I")
+        return (np.clip(a, 0, 65535) // 256).astype(np.uint8)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def limit_aspect(im: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """Centre-crop the long side so that long / short <= ``max_aspect``."""
+    w, h = im.size
+    if w > h * max_aspect:
+        keep = max(1, round(h * max_aspect))
+        left = (w - keep) // 2
+        return im.crop((left, 0, left + keep, h))
+    if h > w * max_aspect:
+        keep = max(1, round(w * max_aspect))
+        top = (h - keep) // 2
+        return im.crop((0, top, w, top + keep))
+    return im

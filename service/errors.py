@@ -1,0 +1,145 @@
+"""Every error the service answers, as one JSON shape:
+
+    {"error": {"code": "bad_image", "message": "files[1]: ...", "details": [...]}}
+
+``code`` is stable and machine-readable; ``message`` says what was wrong in words; ``details`` is
+present only for request validation errors (one entry per offending field). Errors that reject a
+request for a reason listed in the ``patchlife_rejected_requests_total`` metric carry that reason
+and are counted by the handler; the worker counts its own rejections (overload, deadline,
+disconnect, shutdown) through its hooks, so those are not counted twice here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("patchlife.errors")
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, a stable code and (optionally) a rejection reason for metrics."""
+
+    status: int = 400
+    code: str = "bad_request"
+    reason: str | None = None  # label of patchlife_rejected_requests_total, None: not counted here
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+
+class BadImage(ApiError):
+    """The bytes claim to be an image (or are sent as one) but do not decode: 400."""
+    status, code, reason = 400, "bad_image", "bad_image"
+
+
+class UnsupportedMediaType(ApiError):
+    """The declared content type (of the body or of a part) is not one we accept: 415."""
+    status, code, reason = 415, "unsupported_media_type", "unsupported_media_type"
+
+
+class InvalidRequest(ApiError):
+    """A missing/unknown/duplicate field or an out-of-range parameter (422), or a malformed body (400)."""
+    status, code, reason = 422, "invalid_request", "invalid_request"
+
+
+class TooLarge(ApiError):
+    """A file or the whole body is over its byte limit: 413."""
+    status, code, reason = 413, "too_large", "too_large"
+
+
+class TooManyImages(ApiError):
+    status, code, reason = 413, "too_many_images", "too_many_images"
+
+
+class TooManyPixels(ApiError):
+    """Decompression-bomb guard: width x height over the limit, found from the header alone."""
+    status, code, reason = 413, "image_too_many_pixels", "image_too_many_pixels"
+
+
+class NotReady(ApiError):
+    """The model is still loading or warming up."""
+    status, code = 503, "not_ready"
+
+
+class Overloaded(ApiError):
+    status, code = 503, "overloaded"
+
+
+class ShuttingDown(ApiError):
+    status, code = 503, "shutting_down"
+
+
+class DeadlineExceeded(ApiError):
+    status, code = 504, "deadline_exceeded"
+
+
+class ClientDisconnected(ApiError):
+    """Nobody reads this answer; 499 (nginx's "client closed request") keeps the access log honest."""
+    status, code = 499, "client_disconnected"
+
+
+def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        err["details"] = details
+    return {"error": err}
+
+
+def _status_code_name(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "header", "body", "path")]
+        out.append({"field": ".".join(loc) or "request", "message": str(err.get("msg", "invalid"))})
+    return out
+
+
+def install_error_handlers(app: FastAPI, on_reject: Callable[[str], None]) -> None:
+    """Route every exception to the JSON error shape; ``on_reject(reason)`` feeds the metrics."""
+
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        if exc.reason:
+            on_reject(exc.reason)
+        return JSONResponse(error_body(exc.code, exc.message), exc.status, headers=exc.headers)
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        on_reject("invalid_request")
+        details = _validation_details(exc)
+        message = "; ".join(f"{d['field']}: {d['message']}" for d in details) or "invalid request"
+        return JSONResponse(error_body("invalid_request", message, details), 422)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return JSONResponse(error_body(_status_code_name(exc.status_code), str(exc.detail)),
+                            exc.status_code, headers=dict(exc.headers or {}))
+
+    async def server_bug(request: Request, exc: Exception) -> JSONResponse:
+        # Only genuine bugs reach here: every bad input maps to an ApiError above.
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body("internal_error", "internal server error; see the server log"), 500)
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, server_bug)

@@ -1,0 +1,215 @@
+"""Every Prometheus metric of the service, in its own registry (names fixed by the shared contract).
+
+Conventions: prefix ``patchlife_``, base units (seconds, bytes), ``_total`` on counters, histograms
+and no summaries, bounded labels (HTTP routes by template, unknown ones as ``unmatched``; methods
+outside the standard set as ``other``), labelled series created at 0 where the label values are
+known in advance. Device memory is read when Prometheus scrapes, by a custom collector.
+
+Feeding: the HTTP middleware here (latency, in flight), the routes (decode time, rejections of bad
+input, through the error handlers), and ``PrometheusHooks`` for everything the batching worker sees.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import prometheus_client
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .worker import ImageResult, WorkerHooks
+
+# Text exposition format 0.0.4: understood by every Prometheus (the client's default now says 1.0.0).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+REJECT_REASONS = ("bad_image", "unsupported_media_type", "invalid_request", "too_large", "too_many_images",
+                  "image_too_many_pixels", "overloaded", "deadline", "disconnected", "shutdown")
+PHASES = ("head", "tail")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                   30.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+TOKEN_BUCKETS = tuple(float(2**i) for i in range(6, 25))  # 64 .. 16M tokens per batch
+KEPT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 196, 256, 384, 576, 1024, 2048)
+FRACTION_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+GFLOPS_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 35.0, 50.0,
+                  100.0)
+
+# `_created` series double the output and confuse dashboards; this client-wide switch is the only one.
+prometheus_client.disable_created_metrics()
+
+
+class DeviceMemoryCollector(Collector):
+    """``patchlife_device_memory_{allocated,reserved}_bytes{device}`` read at scrape time (0 on the CPU)."""
+
+    def __init__(self) -> None:
+        self.device: torch.device | None = None  # set once the engine is loaded
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        allocated, reserved = self._families()
+        dev = self.device
+        if dev is not None:
+            if dev.type == "cuda":
+                allocated.add_metric([str(dev)], float(torch.cuda.memory_allocated(dev)))
+                reserved.add_metric([str(dev)], float(torch.cuda.memory_reserved(dev)))
+            else:
+                allocated.add_metric([str(dev)], 0.0)
+                reserved.add_metric([str(dev)], 0.0)
+        yield allocated
+        yield reserved
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (GaugeMetricFamily("patchlife_device_memory_allocated_bytes",
+                                  "Device memory held by tensors (torch allocator), bytes.", labels=["device"]),
+                GaugeMetricFamily("patchlife_device_memory_reserved_bytes",
+                                  "Device memory reserved by the torch caching allocator, bytes.",
+                                  labels=["device"]))
+
+
+class Metrics:
+    """The registry and every metric in it."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.http_duration = Histogram(
+            "patchlife_http_request_duration_seconds", "HTTP request latency by route template, method, status.",
+            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
+        self.http_in_flight = Gauge("patchlife_http_requests_in_flight", "HTTP requests being served.",
+                                    registry=r)
+        self.decode_seconds = Histogram("patchlife_image_decode_seconds",
+                                        "Image decode + preprocess time per image.", buckets=LATENCY_BUCKETS,
+                                        registry=r)
+        self.compute_seconds = Histogram("patchlife_model_compute_seconds",
+                                         "Model time per batch (synchronised on a GPU).", ["phase"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("patchlife_rejected_requests_total", "Requests rejected, by reason.",
+                                ["reason"], registry=r)
+        self.kept_tokens = Histogram("patchlife_image_kept_tokens",
+                                     "Patch tokens alive in the last stage, at the counts run, per image.",
+                                     buckets=KEPT_BUCKETS, registry=r)
+        self.budget_fraction = Histogram("patchlife_image_budget_fraction",
+                                         "Image GFLOPs over the dense backbone's GFLOPs.",
+                                         buckets=FRACTION_BUCKETS, registry=r)
+        self.image_gflops = Histogram("patchlife_image_gflops", "GFLOPs per image at the counts run.",
+                                      buckets=GFLOPS_BUCKETS, registry=r)
+        self.build_info = Gauge("patchlife_build_info", "Always 1; labels describe the running build.",
+                                ["version", "model", "device", "dtype"], registry=r)
+        self.queue_wait = Histogram("patchlife_queue_wait_seconds", "Time an image waited for its batch.",
+                                    ["phase"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("patchlife_batch_size", "Images per batch.", ["phase"],
+                                    buckets=SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("patchlife_batch_tokens", "Tokens per batch (block sequence lengths "
+                                      "summed over the batch's blocks and images).", ["phase"],
+                                      buckets=TOKEN_BUCKETS, registry=r)
+        self.needed_tokens = Counter("patchlife_needed_tokens_total",
+                                     "Tail tokens the images' own budgets needed.", registry=r)
+        self.computed_tokens = Counter("patchlife_computed_tokens_total",
+                                       "Tail tokens computed (budgets rounded up to their batch's bucket).",
+                                       registry=r)
+        self.batches = Counter("patchlife_batches_total", "Batches run, by phase and budget bucket.",
+                               ["phase", "bucket"], registry=r)
+        self.queue_depth = Gauge("patchlife_queue_depth", "Queued work, in images and in tail tokens.", ["unit"],
+                                 registry=r)
+        self.device_memory = DeviceMemoryCollector()
+        r.register(self.device_memory)
+        self._init_series()
+
+    def _init_series(self) -> None:
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for phase in PHASES:
+            for metric in (self.compute_seconds, self.queue_wait, self.batch_size, self.batch_tokens):
+                metric.labels(phase)
+        self.batches.labels("head", "none")
+        for unit in ("images", "tokens"):
+            self.queue_depth.labels(unit)
+
+    def set_model(self, version: str, model: str, device: torch.device, dtype: str) -> None:
+        """Called once the engine is loaded: build info and the device whose memory is reported."""
+        self.build_info.clear()
+        self.build_info.labels(version, model, str(device), dtype).set(1)
+        self.device_memory.device = device
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class PrometheusHooks(WorkerHooks):
+    """Batching-worker hooks -> metrics. Called from the worker thread; prometheus_client is thread-safe."""
+
+    def __init__(self, metrics: Metrics, dense_gflops: float) -> None:
+        self.m = metrics
+        self.dense_gflops = dense_gflops
+
+    def on_queue_depth(self, images: int, tokens: int) -> None:
+        self.m.queue_depth.labels("images").set(images)
+        self.m.queue_depth.labels("tokens").set(tokens)
+
+    def on_batch(self, phase: str, size: int, tokens: int, bucket: str | None,
+                 queue_waits_s: list[float], compute_s: float) -> None:
+        self.m.compute_seconds.labels(phase).observe(compute_s)
+        self.m.batch_size.labels(phase).observe(size)
+        self.m.batch_tokens.labels(phase).observe(tokens)
+        wait = self.m.queue_wait.labels(phase)
+        for w in queue_waits_s:
+            wait.observe(w)
+        self.m.batches.labels(phase, bucket or "none").inc()
+
+    def on_waste(self, needed_tokens: int, computed_tokens: int) -> None:
+        self.m.needed_tokens.inc(needed_tokens)
+        self.m.computed_tokens.inc(computed_tokens)
+
+    def on_reject(self, reason: str) -> None:
+        self.m.reject(reason)
+
+    def on_image_done(self, result: ImageResult) -> None:
+        self.m.kept_tokens.observe(result.counts[-1])
+        self.m.image_gflops.observe(result.gflops)
+        if self.dense_gflops > 0:
+            self.m.budget_fraction.observe(result.gflops / self.dense_gflops)
+
+
+class HttpMetricsMiddleware:
+    """Pure ASGI middleware: latency by route template/method/status, and requests in flight.
+
+    The router stores the matched route in ``scope["route"]`` (the same dict we passed down), so the
+    template (``/classify``) is read after the call; nothing that did not match a route gets its
+    raw path as a label.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.http_in_flight.inc()
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.http_in_flight.dec()
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope.get("method", "GET") if scope.get("method") in HTTP_METHODS else "other"
+            self.metrics.http_duration.labels(route, method, str(status)).observe(time.perf_counter() - t0)

@@ -1,0 +1,1 @@
+"""One router per resource: classify, explain, health (healthz/readyz), models, metrics."""

@@ -1,0 +1,35 @@
+"""POST /classify: top-k labels, patch lifespans, token budget and timings for each image."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..schemas import IMAGE_ERRORS, IMAGES_REQUEST_BODY, ClassifyResponse
+from ..upload import read_payload
+from .common import (
+    DeadlineDep,
+    KeepRateQuery,
+    RuntimeDep,
+    TopKQuery,
+    classification,
+    prepare_images,
+    resolve_options,
+    run_model,
+)
+
+router = APIRouter(tags=["inference"])
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=IMAGE_ERRORS,
+             openapi_extra=IMAGES_REQUEST_BODY, summary="Classify one or several images")
+async def classify(request: Request, rt: RuntimeDep, deadline: DeadlineDep, top_k: TopKQuery = None,
+                   keep_rate: KeepRateQuery = None) -> ClassifyResponse:
+    """Send images as multipart (`file`, or `files` repeated), as JSON (`{"images": [base64, ...]}`)
+    or as a raw `image/*` body. Results come back in input order."""
+    engine, worker = rt.serving()
+    payload = await read_payload(request, rt.limits())
+    options = resolve_options(top_k, keep_rate, payload.options, rt.settings)
+    prepared = await prepare_images(payload.images, engine, rt)
+    results = await run_model(request, worker, prepared.pixels, options.keep_rate, deadline)
+    return ClassifyResponse(model=engine.name, results=[
+        classification(r, ms, engine, options.top_k) for r, ms in zip(results, prepared.decode_ms, strict=True)])

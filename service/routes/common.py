@@ -1,0 +1,210 @@
+"""What /classify and /explain share: the runtime, request options, decoding, and the worker call.
+
+Routes stay thin: ``serving()`` -> ``read_payload`` -> ``resolve_options`` -> ``prepare_images``
+-> ``run_model`` -> encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import anyio
+import torch
+from fastapi import Depends, Header, Query, Request
+from PIL import Image
+
+from .. import worker as worker_mod
+from ..decode import check_media_type, decode_image
+from ..engine import Engine
+from ..errors import ClientDisconnected, DeadlineExceeded, InvalidRequest, NotReady, Overloaded, ShuttingDown
+from ..metrics import Metrics
+from ..schemas import Budget, Classification, Label, Lifespans, Timings
+from ..settings import Settings
+from ..upload import Limits, RawImage
+from ..worker import ImageResult, Worker
+
+DEADLINE_HEADER = "X-Request-Deadline-Ms"
+
+
+@dataclass
+class Runtime:
+    """Everything the routes need, held in ``app.state.runtime``; filled in by the app's lifespan."""
+
+    settings: Settings
+    metrics: Metrics
+    engine: Engine | None = None
+    worker: Worker | None = None
+    ready: bool = False        # model loaded and warmed up, worker running
+    draining: bool = False     # shutdown began: refuse new work, /readyz answers 503
+    startup_error: str | None = None
+
+    def serving(self) -> tuple[Engine, Worker]:
+        if self.draining:
+            raise ShuttingDown("server is shutting down; retry on another instance")
+        if not self.ready or self.engine is None or self.worker is None:
+            msg = f"model failed to start: {self.startup_error}" if self.startup_error else \
+                "model is loading or warming up; retry shortly"
+            raise NotReady(msg, headers={"Retry-After": "1"})
+        return self.engine, self.worker
+
+    def clock(self) -> Callable[[], float]:
+        return self.worker.clock if self.worker is not None else time.monotonic
+
+    def limits(self, max_images: int | None = None) -> Limits:
+        s = self.settings
+        return Limits(s.max_upload_bytes, s.max_request_bytes, max_images or s.max_images_per_request)
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def request_deadline(rt: RuntimeDep, x_request_deadline_ms: Annotated[float | None, Header(
+        gt=0, le=3_600_000, description="Per-request deadline in ms (default PATCHLIFE_DEADLINE_MS); "
+                                        "a request not started by then is answered 504.")] = None) -> float:
+    """The request's deadline on the worker clock, counted from its arrival."""
+    ms = rt.settings.deadline_ms if x_request_deadline_ms is None else x_request_deadline_ms
+    return rt.clock()() + ms / 1000.0
+
+
+DeadlineDep = Annotated[float, Depends(request_deadline)]
+TopKQuery = Annotated[int | None, Query(description="Labels per image, 1..PATCHLIFE_MAX_TOP_K (default 5); "
+                                                    "also accepted as a form/JSON field.")]
+KeepRateQuery = Annotated[float | None, Query(description="Keep rate for this request, 0 < r <= 1 "
+                                                          "(default: the model's); also a form/JSON field.")]
+
+
+@dataclass(frozen=True)
+class Options:
+    top_k: int
+    keep_rate: float | None
+
+
+def _pick(name: str, query: Any, body: dict[str, Any]) -> Any:
+    if query is not None and name in body and str(body[name]) != str(query):
+        raise InvalidRequest(f"{name} given twice with different values (query and body)")
+    return query if query is not None else body.get(name)
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) < 12:
+        return int(value)
+    return None
+
+
+def _as_rate(value: Any) -> float | None:
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        return None
+    return r if 0.0 < r <= 1.0 else None  # NaN fails the comparison too
+
+
+def resolve_options(top_k: int | None, keep_rate: float | None, body: dict[str, Any],
+                    settings: Settings) -> Options:
+    """Merge query and body options and check their ranges (422 saying the allowed range)."""
+    raw_k, raw_r = _pick("top_k", top_k, body), _pick("keep_rate", keep_rate, body)
+    k = min(5, settings.max_top_k) if raw_k is None else _as_int(raw_k)
+    if k is None or not 1 <= k <= settings.max_top_k:
+        raise InvalidRequest(f"top_k must be an integer from 1 to {settings.max_top_k}, got {raw_k!r}")
+    r = None if raw_r is None else _as_rate(raw_r)
+    if raw_r is not None and r is None:
+        raise InvalidRequest(f"keep_rate must be a number with 0 < keep_rate <= 1, got {raw_r!r}")
+    return Options(k, r)
+
+
+# -- decoding ------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    pixels: list[torch.Tensor]          # [3, H, W] each, preprocessed for the engine
+    decode_ms: list[float]
+    images: list[Image.Image]           # decoded RGB images (kept for /explain)
+
+
+def _resize_side(engine: Engine) -> int | None:
+    """Shorter side the preprocessing resizes to (JPEG draft decoding may stop there)."""
+    pre = engine.config.preprocess
+    size, pct = pre.get("input_size"), pre.get("crop_pct") or 0.875
+    return math.floor(min(size[-2:]) / pct) if size else None
+
+
+def _decode_one(raw: RawImage, engine: Engine, max_pixels: int) -> tuple[Image.Image, torch.Tensor]:
+    image = decode_image(raw.data, max_pixels, min_side=_resize_side(engine), source=raw.source)
+    return image, engine.preprocess(image)
+
+
+async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime) -> Prepared:
+    """Decode + preprocess each image in a worker thread (the event loop never decodes)."""
+    out = Prepared([], [], [])
+    for raw in raws:
+        check_media_type(raw.content_type, raw.source)
+        t0 = time.perf_counter()
+        image, pixels = await anyio.to_thread.run_sync(_decode_one, raw, engine, rt.settings.max_image_pixels)
+        seconds = time.perf_counter() - t0
+        rt.metrics.decode_seconds.observe(seconds)
+        out.pixels.append(pixels)
+        out.decode_ms.append(seconds * 1000.0)
+        out.images.append(image)
+    return out
+
+
+# -- the worker call -----------------------------------------------------------------------------
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away. The body is already read, so the next ASGI message the
+    server can send us is ``http.disconnect``: awaiting it costs nothing and reacts at once."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_model(request: Request, worker: Worker, pixels: list[torch.Tensor], keep_rate: float | None,
+                    deadline: float) -> list[ImageResult]:
+    """``worker.submit`` raced against the client's disconnect; worker errors -> API errors."""
+    submit = asyncio.ensure_future(worker.submit(pixels, keep_rate, deadline))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({submit, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not submit.done():  # client gone (or we were cancelled): the worker drops the queued work
+            submit.cancel()
+            await asyncio.gather(submit, return_exceptions=True)
+    if submit.cancelled():
+        raise ClientDisconnected("client disconnected before the answer was ready")
+    try:
+        return submit.result()
+    except worker_mod.Overloaded as exc:
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        raise Overloaded(str(exc), headers={"Retry-After": retry}) from None
+    except worker_mod.DeadlineExceeded as exc:
+        raise DeadlineExceeded(f"{exc} ({DEADLINE_HEADER} or PATCHLIFE_DEADLINE_MS)") from None
+    except worker_mod.ShuttingDown as exc:
+        raise ShuttingDown(str(exc)) from None
+
+
+# -- encoding ------------------------------------------------------------------------------------
+def classification(result: ImageResult, decode_ms: float, engine: Engine, top_k: int) -> Classification:
+    probs = result.probs
+    values, indices = torch.topk(probs, k=min(top_k, probs.numel()))
+    names = engine.class_names
+    labels = [Label(label=names[i] if i < len(names) else str(i), index=i, probability=round(p, 6))
+              for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+    rows, cols = result.lives.shape
+    lives = result.lives.double().mul(1e4).round().div(1e4).tolist()
+    dense = float(engine.dense_gflops)
+    budget = Budget(patch_counts=list(result.budget), counts_run=list(result.counts), gflops=result.gflops,
+                    dense_gflops=dense, fraction_of_dense=result.gflops / dense if dense > 0 else 1.0,
+                    keep_rate=result.keep_rate)
+    timings = Timings(decode=round(decode_ms, 3), queue=round(result.queue_ms, 3),
+                      compute=round(result.compute_ms, 3))
+    return Classification(labels=labels, lifespans=Lifespans(rows=rows, cols=cols, values=lives),
+                          budget=budget, timings_ms=timings)

@@ -1,0 +1,240 @@
+"""Request body -> raw images and option fields, streamed under byte limits (never read whole first).
+
+Accepted bodies (by Content-Type):
+  * ``multipart/form-data``: image parts named ``file`` or ``files`` (any number up to the limit),
+    optional text fields ``top_k`` and ``keep_rate``. Parsed chunk by chunk as the body arrives with
+    python-multipart's push parser into memory: a part stops being read as soon as it passes
+    ``max_upload_bytes`` and the body as soon as it passes ``max_request_bytes`` (413), and an image
+    part past ``max_images`` stops the read too (413). Nothing is spooled to disk.
+  * ``application/json``: ``{"images": ["<base64 or data URL>", ...], "top_k": 5, "keep_rate": 0.7}``;
+    the body is read up to ``max_request_bytes``, each image's decoded size is checked before decoding.
+  * ``image/*`` or ``application/octet-stream``: the body is one image (``curl --data-binary``).
+A Content-Length over the body limit is refused before a byte is read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from pydantic import ValidationError
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from .decode import check_media_type
+from .errors import BadImage, InvalidRequest, TooLarge, TooManyImages, UnsupportedMediaType
+from .schemas import ImagesJson
+
+IMAGE_FIELDS = ("file", "files")
+OPTION_FIELDS = ("top_k", "keep_rate")
+MAX_FIELD_BYTES = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_file_bytes: int
+    max_body_bytes: int
+    max_images: int
+
+
+@dataclass
+class RawImage:
+    data: bytes
+    content_type: str | None  # as declared by the client; None when not declared
+    source: str  # how error messages name it: "files[1]", "images[0]", "body"
+
+
+@dataclass
+class Payload:
+    images: list[RawImage]
+    options: dict[str, Any] = field(default_factory=dict)  # top_k / keep_rate as sent (str or JSON value)
+
+
+async def read_payload(request: Request, limits: Limits) -> Payload:
+    """Dispatch on the Content-Type; raise ``ApiError`` subclasses on anything wrong."""
+    declared = request.headers.get("content-type")
+    if not declared:
+        raise UnsupportedMediaType("missing Content-Type: send multipart/form-data, application/json "
+                                   "or an image/* body")
+    media = parse_options_header(declared)[0].decode("latin-1").lower()
+    _check_content_length(request, limits.max_body_bytes)
+    if media == "multipart/form-data":
+        return await _read_multipart(request, declared, limits)
+    if media == "application/json" or media.endswith("+json"):
+        return await _read_json(request, limits)
+    if media.startswith("image/") or media == "application/octet-stream":
+        body = await _read_body(request, limits.max_file_bytes, "image body")
+        return Payload([RawImage(body, media, "body")])
+    raise UnsupportedMediaType(f"Content-Type {media!r} is not accepted: send multipart/form-data "
+                               "(fields file/files), application/json ({\"images\": [base64...]}) or an "
+                               "image/* body")
+
+
+def _check_content_length(request: Request, limit: int) -> None:
+    value = request.headers.get("content-length")
+    if value and value.isdigit() and int(value) > limit:
+        raise TooLarge(f"request body is {int(value)} bytes, over the limit of {limit} bytes "
+                       "(PATCHLIFE_MAX_REQUEST_BYTES)")
+
+
+async def _stream(request: Request, limit: int, what: str) -> AsyncIterator[bytes]:
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(f"{what} is over the limit of {limit} bytes")
+        yield chunk
+
+
+async def _read_body(request: Request, limit: int, what: str) -> bytes:
+    body = bytearray()
+    async for chunk in _stream(request, limit, what):
+        body += chunk
+    return bytes(body)
+
+
+# -- multipart -----------------------------------------------------------------------------------
+class _Parts:
+    """python-multipart callbacks collecting image parts and option fields under the limits."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.images: list[RawImage] = []
+        self.options: dict[str, str] = {}
+        self.finished = False
+        self._header = [b"", b""]
+        self._headers: dict[bytes, bytes] = {}
+        self._name = ""
+        self._buf = bytearray()
+        self._counts: dict[str, int] = {}
+
+    def callbacks(self) -> dict[str, Any]:
+        return {"on_part_begin": self.part_begin, "on_header_field": self.header_field,
+                "on_header_value": self.header_value, "on_header_end": self.header_end,
+                "on_headers_finished": self.headers_finished, "on_part_data": self.part_data,
+                "on_part_end": self.part_end, "on_end": self.end}
+
+    def part_begin(self) -> None:
+        self._headers, self._buf, self._header = {}, bytearray(), [b"", b""]
+
+    def header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header[0] += data[start:end]
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header[1] += data[start:end]
+
+    def header_end(self) -> None:
+        self._headers[self._header[0].strip().lower()] = self._header[1].strip()
+        self._header = [b"", b""]
+
+    def headers_finished(self) -> None:
+        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if b"name" not in params:
+            raise InvalidRequest("a multipart part has no name in its Content-Disposition", status=400)
+        name = self._name = params[b"name"].decode("utf-8", "replace")
+        if name in IMAGE_FIELDS:
+            if len(self.images) >= self.limits.max_images:
+                raise TooManyImages(f"more than {self.limits.max_images} images in one request "
+                                    "(PATCHLIFE_MAX_IMAGES_PER_REQUEST)")
+            ctype = self._headers.get(b"content-type")
+            check_media_type(ctype.decode("latin-1") if ctype else None, self._source())
+        elif name in OPTION_FIELDS:
+            if name in self.options:
+                raise InvalidRequest(f"form field {name!r} given twice")
+        else:
+            raise InvalidRequest(f"unknown form field {name!r}: expected file or files (images), "
+                                 "top_k, keep_rate")
+
+    def _source(self) -> str:
+        return f"{self._name}[{self._counts.get(self._name, 0)}]"
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._name in IMAGE_FIELDS:
+            if len(self._buf) + end - start > self.limits.max_file_bytes:
+                raise TooLarge(f"{self._source()} is over the limit of {self.limits.max_file_bytes} bytes "
+                               "(PATCHLIFE_MAX_UPLOAD_BYTES)")
+        elif len(self._buf) + end - start > MAX_FIELD_BYTES:
+            raise InvalidRequest(f"form field {self._name!r} is longer than {MAX_FIELD_BYTES} bytes")
+        self._buf += data[start:end]
+
+    def part_end(self) -> None:
+        if self._name in IMAGE_FIELDS:
+            ctype = self._headers.get(b"content-type")
+            self.images.append(RawImage(bytes(self._buf), ctype.decode("latin-1") if ctype else None,
+                                        self._source()))
+            self._counts[self._name] = self._counts.get(self._name, 0) + 1
+        else:
+            self.options[self._name] = self._buf.decode("utf-8", "replace").strip()
+
+    def end(self) -> None:
+        self.finished = True
+
+
+async def _read_multipart(request: Request, declared: str, limits: Limits) -> Payload:
+    _, params = parse_options_header(declared)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InvalidRequest("multipart/form-data without a boundary parameter", status=400)
+    parts = _Parts(limits)
+    try:
+        parser = MultipartParser(boundary, parts.callbacks())  # type: ignore[arg-type]
+        async for chunk in _stream(request, limits.max_body_bytes,
+                                   "request body (PATCHLIFE_MAX_REQUEST_BYTES)"):
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise InvalidRequest(f"malformed multipart body: {exc}", status=400) from None
+    if not parts.finished:
+        raise InvalidRequest("multipart body ended before its closing boundary", status=400)
+    if not parts.images:
+        raise InvalidRequest("no image: send the image in a multipart part named 'file' (or several "
+                             "named 'files')")
+    return Payload(parts.images, dict(parts.options))
+
+
+# -- JSON ----------------------------------------------------------------------------------------
+async def _read_json(request: Request, limits: Limits) -> Payload:
+    body = await _read_body(request, limits.max_body_bytes, "request body (PATCHLIFE_MAX_REQUEST_BYTES)")
+    # validating and base64-decoding up to max_request_bytes takes a while: off the event loop
+    return await anyio.to_thread.run_sync(parse_json_body, body, limits)
+
+
+def parse_json_body(body: bytes, limits: Limits) -> Payload:
+    try:
+        parsed = ImagesJson.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise InvalidRequest(f"body is not valid JSON: {errors[0]['msg']}", status=400) from None
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
+        raise InvalidRequest(f"invalid JSON body: {where}") from None
+    if len(parsed.images) > limits.max_images:
+        raise TooManyImages(f"{len(parsed.images)} images in one request, the limit is {limits.max_images} "
+                            "(PATCHLIFE_MAX_IMAGES_PER_REQUEST)")
+    images = [_from_base64(text, f"images[{i}]", limits.max_file_bytes) for i, text in enumerate(parsed.images)]
+    options = {k: v for k, v in (("top_k", parsed.top_k), ("keep_rate", parsed.keep_rate)) if v is not None}
+    return Payload(images, options)
+
+
+def _from_base64(text: str, source: str, limit: int) -> RawImage:
+    """Plain base64 or a ``data:image/...;base64,`` URL; whitespace (MIME line breaks) is ignored."""
+    declared = None
+    if text.startswith("data:"):
+        header, sep, text = text.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise BadImage(f"{source}: a data URL must look like data:image/png;base64,<data>")
+        declared = header[5:-7] or None
+        check_media_type(declared, source)
+    compact = "".join(text.split())
+    if len(compact) // 4 * 3 > limit:
+        raise TooLarge(f"{source} is over the limit of {limit} bytes (PATCHLIFE_MAX_UPLOAD_BYTES)")
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadImage(f"{source}: not valid base64") from None
+    return RawImage(data, declared, source)

@@ -1,0 +1,68 @@
+"""Fixtures of the service tests: a tiny real checkpoint and apps under TestClient (with lifespan)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from model import create_lifevit, save_checkpoint
+from service.app import create_app
+from service.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from service_support import CLASSES, wait_ready  # noqa: E402
+
+# Small limits so that the limit tests need small bodies; the batching delay short so tests are fast.
+BASE = dict(device="cpu", warmup_batches=1, max_delay_ms=1.0, max_upload_bytes=200_000,
+            max_request_bytes=1_000_000, max_images_per_request=4, max_top_k=5)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vit_nano_patch8_32 (4x4 patches, 6 blocks), 5 classes, calibrated: budgets vary per image."""
+    torch.manual_seed(0)
+    model = create_lifevit("vit_nano_patch8_32", num_classes=5).eval()
+    model.calibrate(torch.randn(64, 3, 32, 32))
+    return save_checkpoint(model, tmp_path_factory.mktemp("checkpoint"), class_names=CLASSES,
+                           metadata={"name": "nano-test"})
+
+
+@pytest.fixture(scope="session")
+def make_client(checkpoint_dir: Path) -> Iterator[Callable[..., TestClient]]:
+    """``make_client(**settings)``: a ready TestClient for an app with those settings (closed at the end)."""
+    opened: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        settings = Settings(checkpoint=checkpoint_dir, **{**BASE, **overrides})
+        client = TestClient(create_app(settings))
+        client.__enter__()
+        opened.append(client)
+        wait_ready(client)
+        return client
+
+    yield make
+    for client in opened:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    """The shared app (default test settings). Server exceptions are raised, so a 500 fails loudly."""
+    return make_client()
+
+
+@pytest.fixture
+def metric() -> Callable[..., float]:
+    """``metric(client, name, labels)``: a sample's current value in that app's registry (0 if absent)."""
+
+    def read(client: TestClient, name: str, labels: dict[str, str] | None = None) -> float:
+        registry = client.app.state.runtime.metrics.registry  # type: ignore[attr-defined]
+        return registry.get_sample_value(name, labels or {}) or 0.0
+
+    return read

@@ -1,0 +1,102 @@
+"""`patchlife serve` as a real process (start, answer, SIGTERM), a missing checkpoint, and a client
+that disconnects while its images wait in the worker's queue."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from service_support import encode, photo
+from starlette.requests import Request
+
+from model.cli import main
+from service.engine import Engine
+from service.errors import ClientDisconnected
+from service.metrics import Metrics, PrometheusHooks
+from service.routes.common import run_model
+from service.settings import Settings
+from service.worker import Worker
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_serve_without_a_checkpoint_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing"), "--port", "1"]) == 1
+    assert "no patchlife checkpoint at" in capsys.readouterr().err
+
+
+def test_serve_process_answers_and_stops_on_sigterm(checkpoint_dir: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_WARMUP_BATCHES": "1", "PATCHLIFE_PORT": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--checkpoint",
+                             str(checkpoint_dir), "--log-level", "warning"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            end = time.monotonic() + 180
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < end, "not ready in 180 s"
+                time.sleep(0.1)
+            r = client.post("/classify", files={"file": ("a.png", encode(photo(), "PNG"), "image/png")})
+            assert r.status_code == 200 and len(r.json()["results"]) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+class DisconnectAfter:
+    """ASGI ``receive`` of a request whose body was read: the client leaves after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    async def __call__(self) -> dict[str, Any]:
+        await asyncio.sleep(self.delay)
+        return {"type": "http.disconnect"}
+
+
+def test_disconnect_drops_queued_work_and_is_counted(checkpoint_dir: Path) -> None:
+    engine = Engine(checkpoint_dir, device="cpu")
+    # a long batching delay keeps the image queued until the client has gone
+    settings = Settings(checkpoint=checkpoint_dir, device="cpu", max_delay_ms=10_000, max_batch_size=8)
+    metrics = Metrics()
+    request = Request({"type": "http", "method": "POST", "path": "/classify", "headers": []}, DisconnectAfter(0.1))
+
+    async def scenario() -> None:
+        worker = Worker(engine, settings, PrometheusHooks(metrics, engine.dense_gflops))
+        await worker.start()
+        try:
+            pixels = [torch.zeros(3, 32, 32)]
+            t0 = time.monotonic()
+            with pytest.raises(ClientDisconnected):
+                await run_model(request, worker, pixels, None, worker.clock() + 60)
+            assert time.monotonic() - t0 < 5.0  # noticed at once, not after the 10 s batching delay
+        finally:
+            await worker.stop()
+
+    asyncio.run(scenario())
+    v = metrics.registry.get_sample_value
+    assert v("patchlife_rejected_requests_total", {"reason": "disconnected"}) == 1
+    assert v("patchlife_queue_depth", {"unit": "images"}) == 0
+    assert v("patchlife_model_compute_seconds_count", {"phase": "head"}) == 0  # the work never ran

@@ -1,0 +1,137 @@
+"""Prometheus metrics: every contract name, conventions (promtool), zero-initialised series, the
+worker hooks, HTTP latency by route template, and device memory read at scrape time."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from service_support import encode, photo
+
+from service.metrics import REJECT_REASONS, Metrics, PrometheusHooks
+from service.worker import ImageResult
+
+CONTRACT = {
+    "patchlife_http_request_duration_seconds": "histogram", "patchlife_http_requests_in_flight": "gauge",
+    "patchlife_image_decode_seconds": "histogram", "patchlife_model_compute_seconds": "histogram",
+    "patchlife_rejected_requests": "counter", "patchlife_image_kept_tokens": "histogram",
+    "patchlife_image_budget_fraction": "histogram", "patchlife_image_gflops": "histogram",
+    "patchlife_build_info": "gauge", "patchlife_device_memory_allocated_bytes": "gauge",
+    "patchlife_device_memory_reserved_bytes": "gauge", "patchlife_queue_wait_seconds": "histogram",
+    "patchlife_batch_size": "histogram", "patchlife_batch_tokens": "histogram",
+    "patchlife_needed_tokens": "counter", "patchlife_computed_tokens": "counter",
+    "patchlife_batches": "counter", "patchlife_queue_depth": "gauge",
+}
+
+
+def scrape(client: TestClient) -> str:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return r.text
+
+
+def test_every_contract_metric_with_its_type(client: TestClient) -> None:
+    client.post("/classify", files={"file": ("a.png", encode(photo(), "PNG"), "image/png")})
+    families = {f.name: f.type for f in text_string_to_metric_families(scrape(client))}
+    for name, kind in CONTRACT.items():
+        assert families.get(name) == kind, name
+    assert not [n for n, t in families.items() if t == "summary"]
+
+
+def test_labelled_series_start_at_zero() -> None:
+    m = Metrics()
+    text = m.exposition().decode()
+    for reason in REJECT_REASONS:
+        assert f'patchlife_rejected_requests_total{{reason="{reason}"}} 0.0' in text
+    for phase in ("head", "tail"):
+        assert f'patchlife_model_compute_seconds_count{{phase="{phase}"}} 0.0' in text
+        assert f'patchlife_batch_size_count{{phase="{phase}"}} 0.0' in text
+    assert 'patchlife_queue_depth{unit="images"} 0.0' in text and 'patchlife_queue_depth{unit="tokens"} 0.0' in text
+    assert "_created" not in text
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)")
+def test_promtool_check_metrics_passes(client: TestClient) -> None:
+    client.post("/classify", files={"file": ("a.png", encode(photo(), "PNG"), "image/png")})
+    client.get("/nowhere")
+    proc = subprocess.run(["promtool", "check", "metrics"], input=scrape(client).encode(), capture_output=True,
+                          timeout=30)
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc.stdout + proc.stderr
+
+
+def test_request_feeds_decode_batches_budget_and_http(client: TestClient, metric: Callable[..., float]) -> None:
+    def batches_tail() -> float:
+        text = scrape(client)
+        return sum(float(v) for v in re.findall(r'patchlife_batches_total\{bucket="\d+(?:-\d+)*",phase="tail"\} (\S+)',
+                                                text))
+
+    before = {n: metric(client, n) for n in ("patchlife_image_decode_seconds_count",
+                                             "patchlife_image_kept_tokens_count",
+                                             "patchlife_image_budget_fraction_count")}
+    head = metric(client, "patchlife_model_compute_seconds_count", {"phase": "head"})
+    tails = batches_tail()
+    http = {"route": "/classify", "method": "POST", "status": "200"}
+    http_before = metric(client, "patchlife_http_request_duration_seconds_count", http)
+    images = [encode(photo(seed=s), "PNG") for s in range(3)]
+    r = client.post("/classify", files=[("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(images)])
+    assert r.status_code == 200
+    for name, value in before.items():
+        assert metric(client, name) == value + 3, name
+    assert metric(client, "patchlife_model_compute_seconds_count", {"phase": "head"}) > head
+    assert batches_tail() > tails
+    assert metric(client, "patchlife_http_request_duration_seconds_count", http) == http_before + 1
+    assert metric(client, "patchlife_http_requests_in_flight") == 0
+    assert metric(client, "patchlife_computed_tokens_total") >= metric(client, "patchlife_needed_tokens_total") > 0
+    assert metric(client, "patchlife_queue_depth", {"unit": "images"}) == 0
+
+
+def test_unmatched_paths_do_not_become_labels(client: TestClient) -> None:
+    client.get("/secret/path/12345")
+    text = scrape(client)
+    assert "/secret/path" not in text
+    assert 'route="unmatched"' in text and 'status="404"' in text
+
+
+def test_build_info_and_device_memory(client: TestClient, metric: Callable[..., float]) -> None:
+    text = scrape(client)
+    assert re.search(r'patchlife_build_info\{device="cpu",dtype="float32",model="nano-test",version="[^"]+"\} 1\.0',
+                     text)
+    assert metric(client, "patchlife_device_memory_allocated_bytes", {"device": "cpu"}) == 0
+    assert 'patchlife_device_memory_reserved_bytes{device="cpu"} 0.0' in text
+
+
+def test_device_memory_collector_reads_at_scrape_time() -> None:
+    m = Metrics()
+    assert "patchlife_device_memory_allocated_bytes{" not in m.exposition().decode()  # no engine yet
+    m.set_model("1.0", "x", torch.device("cpu"), "float32")
+    assert 'patchlife_device_memory_allocated_bytes{device="cpu"} 0.0' in m.exposition().decode()
+
+
+def test_prometheus_hooks() -> None:
+    m = Metrics()
+    hooks = PrometheusHooks(m, dense_gflops=4.0)
+    hooks.on_queue_depth(7, 1200)
+    hooks.on_batch("tail", 3, 900, "48-40-32", [0.001, 0.002, 0.003], 0.05)
+    hooks.on_batch("head", 2, 400, None, [0.0, 0.01], 0.02)
+    hooks.on_waste(800, 900)
+    hooks.on_reject("overloaded")
+    hooks.on_image_done(ImageResult(torch.zeros(5), torch.zeros(2, 2), (3, 2, 1), (8, 8, 8), 2.0, 0.7, 1.0, 2.0))
+    v = m.registry.get_sample_value
+    assert v("patchlife_queue_depth", {"unit": "images"}) == 7
+    assert v("patchlife_queue_depth", {"unit": "tokens"}) == 1200
+    assert v("patchlife_batches_total", {"phase": "tail", "bucket": "48-40-32"}) == 1
+    assert v("patchlife_batches_total", {"phase": "head", "bucket": "none"}) == 1
+    assert v("patchlife_queue_wait_seconds_count", {"phase": "tail"}) == 3
+    assert v("patchlife_batch_tokens_sum", {"phase": "tail"}) == 900
+    assert v("patchlife_batch_size_sum", {"phase": "head"}) == 2
+    assert v("patchlife_model_compute_seconds_sum", {"phase": "tail"}) == pytest.approx(0.05)
+    assert v("patchlife_needed_tokens_total") == 800 and v("patchlife_computed_tokens_total") == 900
+    assert v("patchlife_rejected_requests_total", {"reason": "overloaded"}) == 1
+    assert v("patchlife_image_kept_tokens_sum") == 8 and v("patchlife_image_gflops_sum") == 2.0
+    assert v("patchlife_image_budget_fraction_sum") == pytest.approx(0.5)

@@ -1,0 +1,28 @@
+"""GET /v1/models: the served model as Engine.info() describes it."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from service_support import CLASSES
+
+
+def test_models_describes_the_checkpoint(client: TestClient) -> None:
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    info = r.json()
+    assert info["name"] == "nano-test" and info["backbone"] == "vit_nano_patch8_32"
+    assert info["classes"] == CLASSES and info["num_classes"] == 5
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["normalization"] == "calibrated"
+    assert info["grid"] == [4, 4] and info["input_size"] == [3, 32, 32]
+    assert info["schedule"]["stage_starts"] == [2, 3, 4] and info["schedule"]["depth"] == 6
+    assert info["schedule"]["keep_rate"] == 0.7 and info["dense_gflops"] > 0
+    assert info == client.app.state.runtime.engine.info()  # type: ignore[attr-defined]
+
+
+def test_openapi_documents_the_endpoints(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    for path in ("/classify", "/explain", "/healthz", "/readyz", "/v1/models", "/metrics"):
+        assert path in spec["paths"]
+    body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    assert spec["components"]["schemas"]["ClassifyResponse"]["examples"]
