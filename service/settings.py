@@ -51,6 +51,10 @@ class Settings(BaseSettings):
         200_000, ge=1, description="Token limit of one phase-B batch (sum over images of the tokens "
                                    "every tail block sees), like TGI's max_batch_total_tokens.")
     bucket_step: int = Field(8, ge=1, description="Budget buckets: patch counts rounded up to multiples of this.")
+    max_batch_waste: float = Field(
+        0.10, ge=0, description="budget mode: a phase-B batch with room also takes images of smaller buckets "
+                                "while its tokens computed beyond the images' own budgets stay within this "
+                                "fraction of those budgets (0: never mix buckets).")
     queue_capacity_images: int = Field(256, ge=1, description="Queued images before 503.")
     queue_capacity_tokens: int = Field(2_000_000, ge=1, description="Queued tail tokens before 503.")
     deadline_ms: float = Field(30_000, gt=0, description="Default per-request deadline; header "

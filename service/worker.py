@@ -320,7 +320,8 @@ class Worker:
                 image.pixels, image.item = None, item
                 image.compute_s += compute
                 image.tokens = self.engine.tail_tokens(bucket)
-                image.wait = Waiting(image.wait.key, image.wait.submitted, now, bucket)
+                image.wait = Waiting(image.wait.key, image.wait.submitted, now, bucket,
+                                     self.engine.tail_tokens(tuple(item.budget)))
                 self._tail[image.wait.key] = image
                 self._queued_tokens += image.tokens
             self._depth_changed()

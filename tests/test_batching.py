@@ -45,7 +45,7 @@ def test_head_flushes_at_once_when_full_and_takes_fifo_prefix() -> None:
 
 
 def test_tail_groups_by_bucket_and_runs_at_the_bucket() -> None:
-    lim = Limits(max_batch_size=8, max_delay_s=0.010)
+    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0)
     q = tail_q((1.000, A), (1.001, B), (1.002, A), (1.003, B))
     assert plan([], q, 1.005, lim, cost) == pytest.approx(1.010)
     batch = plan([], q, 1.010, lim, cost)
@@ -57,7 +57,7 @@ def test_tail_groups_by_bucket_and_runs_at_the_bucket() -> None:
 
 
 def test_full_bucket_flushes_before_its_delay() -> None:
-    lim = Limits(max_batch_size=2, max_delay_s=10.0)
+    lim = Limits(max_batch_size=2, max_delay_s=10.0, max_waste=1.0)  # full: no room to merge B
     q = tail_q((1.0, A), (1.1, B), (1.2, A))
     batch = plan([], q, 1.2, lim, cost)
     assert isinstance(batch, Batch)
@@ -95,6 +95,25 @@ def test_ready_batches_run_oldest_request_first_tail_before_head_on_ties() -> No
     assert isinstance(batch, Batch) and batch.phase == "tail"
     tie = plan([Waiting(1, 1.0, 1.0)], [Waiting(2, 1.0, 1.5, A)], 3.0, lim, cost)
     assert isinstance(tie, Batch) and tie.phase == "tail"
+
+
+def test_budget_batch_with_room_takes_covered_smaller_buckets_within_the_waste_cap() -> None:
+    near, far, wider = (48, 40, 24), (24, 16, 8), (56, 16, 8)  # near and far are covered by A; wider is not
+    q = [Waiting(100, 1.000, 1.000, A, need=cost(A)), Waiting(101, 1.001, 1.001, far, need=cost(far)),
+         Waiting(102, 1.002, 1.002, near, need=cost(near)), Waiting(103, 1.003, 1.003, wider, need=cost(wider))]
+    extra_near = cost(A) - cost(near)
+    # A cap that admits `near` (waste extra_near / (cost(A) + cost(near))) but not `far` as well.
+    cap = (extra_near + 1) / (cost(A) + cost(near))
+    batch = plan([], q, 1.010, Limits(max_batch_size=8, max_delay_s=0.010, max_waste=cap), cost)
+    assert isinstance(batch, Batch) and batch.counts == A
+    assert batch.keys == (100, 102) and batch.tokens == 2 * cost(A)
+    # A generous cap takes `far` too; `wider` never (one of its stages is above A's).
+    batch = plan([], q, 1.010, Limits(max_batch_size=8, max_delay_s=0.010, max_waste=5.0), cost)
+    assert isinstance(batch, Batch) and batch.keys == (100, 102, 101)
+    # No merging at 0, or when the batch is already full.
+    for lim in (Limits(max_delay_s=0.010, max_waste=0.0), Limits(max_batch_size=1, max_delay_s=0.010, max_waste=5.0)):
+        batch = plan([], q, 1.010, lim, cost)
+        assert isinstance(batch, Batch) and batch.keys == (100,)
 
 
 def test_fifo_runs_one_queue_at_the_largest_budget() -> None:
@@ -140,7 +159,8 @@ def test_limits_from_settings_and_validation() -> None:
 def simulate(mode: str, arrivals: list[tuple[float, tuple[int, ...]]], limits: Limits,
              batch_s: float) -> tuple[list[Batch], dict[int, float]]:
     """Drive ``plan`` like the worker does; every batch takes ``batch_s``. Returns batches, waits."""
-    lim = Limits(limits.max_batch_size, limits.max_delay_s, limits.max_batch_tokens, mode)  # type: ignore[arg-type]
+    lim = Limits(limits.max_batch_size, limits.max_delay_s, limits.max_batch_tokens, mode,  # type: ignore[arg-type]
+                 limits.max_waste)
     pending = sorted(enumerate(arrivals), key=lambda kv: kv[1][0])
     head: list[Waiting] = []
     tail: list[Waiting] = []
@@ -177,10 +197,10 @@ def random_arrivals(n: int, seed: int) -> list[tuple[float, tuple[int, ...]]]:
     return out
 
 
-@pytest.mark.parametrize("mode", ["budget", "fifo", "unbatched"])
-def test_simulation_runs_every_image_once_at_counts_that_cover_it(mode: str) -> None:
+@pytest.mark.parametrize("mode,max_waste", [("budget", 0.0), ("budget", 0.3), ("fifo", 0.0), ("unbatched", 0.0)])
+def test_simulation_runs_every_image_once_at_counts_that_cover_it(mode: str, max_waste: float) -> None:
     arrivals = random_arrivals(400, seed=1)
-    limits = Limits(max_batch_size=16, max_delay_s=0.005, max_batch_tokens=16 * cost(A))
+    limits = Limits(max_batch_size=16, max_delay_s=0.005, max_batch_tokens=16 * cost(A), max_waste=max_waste)
     batches, _ = simulate(mode, arrivals, limits, batch_s=0.002)
     for phase in ("head", "tail"):
         keys = [k for b in batches if b.phase == phase for k in b.keys]
@@ -190,12 +210,18 @@ def test_simulation_runs_every_image_once_at_counts_that_cover_it(mode: str) -> 
         if b.phase == "tail":
             assert b.counts is not None and b.tokens <= max(limits.max_batch_tokens, cost(b.counts))
             own = [arrivals[k][1] for k in b.keys]
-            if mode == "budget":
+            needed = sum(cost(o) for o in own)
+            if mode == "budget" and max_waste == 0:
                 assert set(own) == {b.counts}, "budget batches hold one bucket, run at that bucket"
+            elif mode == "budget":
+                assert b.counts == own[0] and b.counts == max_counts(own), "run at the first image's bucket"
+                assert len(set(own)) == 1 or b.tokens - needed <= max_waste * needed, "merging keeps the cap"
             else:
                 assert b.counts == max_counts(own), "fifo batches run at the largest budget in them"
     if mode != "unbatched":
         assert max(len(b.keys) for b in batches) > 1, "the load is high enough to form batches"
+    if mode == "budget" and max_waste > 0:
+        assert any(len({arrivals[k][1] for k in b.keys}) > 1 for b in batches if b.phase == "tail")
 
 
 def test_simulation_rare_bucket_is_not_starved_under_steady_full_batches() -> None:

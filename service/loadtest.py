@@ -1,0 +1,332 @@
+"""``patchlife loadtest``: budget-grouped vs FIFO vs unbatched serving, under the same load.
+
+For each batching mode it starts ``patchlife serve`` on a free loopback port (``PATCHLIFE_BATCHING``
+set to the mode, every other ``PATCHLIFE_*`` variable of the caller passed on), waits for
+``/readyz``, warms it up, then drives it closed-loop: ``--clients`` clients, each POSTing one
+image to ``/classify`` and sending the next as soon as the answer is back, until ``--requests``
+requests or ``--duration`` seconds. The image mix is fixed (the synthetic shapes task's images, with
+varied clutter, at a cycle of keep rates), so every mode sees the same requests in the same order.
+
+Waste comes from the server's ``/metrics`` counters (needed vs computed tail tokens) read before and
+after the measured window. With ``--rate-fraction F`` a second, open-loop pass sends Poisson
+arrivals at F x the closed-loop throughput and reports its latency percentiles (measured from the
+scheduled send time, so a slow server cannot hide its queueing). ``--url`` targets a server that
+is already running (one mode, whatever it is configured with) instead of starting one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+MODES = ("budget", "fifo", "unbatched")
+Mix = list[tuple[bytes, float | None]]
+
+
+# -- the request mix ---------------------------------------------------------------------------
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _synthetic_images(n: int, seed: int) -> list[Image.Image]:
+    """The synthetic shapes task's images (varied clutter), or a stand-in if it is not there."""
+    try:
+        from model.data import SyntheticShapes
+    except ImportError:
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(n):  # a plain background plus 0..12 random boxes: budgets vary with clutter
+            img = np.full((64, 64, 3), rng.integers(60, 180, 3), dtype=np.uint8)
+            for _ in range(rng.integers(0, 13)):
+                y, x, h, w = rng.integers(0, 56, 4)
+                img[y:y + 4 + h // 4, x:x + 4 + w // 4] = rng.integers(0, 256, 3)
+            out.append(Image.fromarray(img))
+        return out
+    data = SyntheticShapes(n, seed=seed)
+    return [data.image(i)[0] for i in range(n)]
+
+
+def make_mix(n: int, keep_rates: list[float | None], seed: int = 7) -> Mix:
+    """``n`` (PNG bytes, keep rate) pairs; keep rates cycle so each meets every kind of image."""
+    images = _synthetic_images(n, seed)
+    return [(_png(img), keep_rates[i % len(keep_rates)]) for i, img in enumerate(images)]
+
+
+# -- one pass of load ---------------------------------------------------------------------------
+@dataclass
+class Pass:
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    images: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def errors(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s != "200")
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies_s or [float("nan")]) * 1000.0
+        p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
+        return {"images_per_s": round(self.images / self.elapsed_s, 2) if self.elapsed_s else 0.0,
+                "p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2),
+                "errors": self.errors, "requests": sum(self.statuses.values()),
+                "error_statuses": {s: n for s, n in self.statuses.items() if s != "200"}}
+
+
+async def _post(client: httpx.AsyncClient, item: tuple[bytes, float | None], out: Pass, t0: float) -> None:
+    png, rate = item
+    try:
+        r = await client.post("/classify", files={"file": ("image.png", png, "image/png")},
+                              params={} if rate is None else {"keep_rate": rate})
+        status = str(r.status_code)
+    except httpx.HTTPError as exc:
+        status = type(exc).__name__
+    out.statuses[status] += 1
+    if status == "200":
+        out.latencies_s.append(time.perf_counter() - t0)
+        out.images += 1
+
+
+async def closed_loop(client: httpx.AsyncClient, mix: Mix, clients: int, requests: int, duration_s: float,
+                      start: int = 0) -> Pass:
+    """``clients`` concurrent clients, each sending its next request when the last is answered."""
+    out, sent = Pass(), 0
+    t_start = time.perf_counter()
+    end = t_start + duration_s
+
+    async def client_loop() -> None:
+        nonlocal sent
+        while sent < requests and time.perf_counter() < end:
+            item = mix[(start + sent) % len(mix)]
+            sent += 1
+            await _post(client, item, out, time.perf_counter())
+
+    await asyncio.gather(*(client_loop() for _ in range(clients)))
+    out.elapsed_s = time.perf_counter() - t_start
+    return out
+
+
+async def open_loop(client: httpx.AsyncClient, mix: Mix, rate_per_s: float, requests: int,
+                    duration_s: float, seed: int = 0) -> Pass:
+    """Poisson arrivals at ``rate_per_s``; latency counts from each request's scheduled time."""
+    out, rng, tasks = Pass(), random.Random(seed), []
+    t_start = time.perf_counter()
+    due = t_start
+    for i in range(requests):
+        due += rng.expovariate(rate_per_s)
+        if due - t_start > duration_s:
+            break
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        tasks.append(asyncio.create_task(_post(client, mix[i % len(mix)], out, due)))
+    await asyncio.gather(*tasks)
+    out.elapsed_s = time.perf_counter() - t_start
+    return out
+
+
+# -- the server ---------------------------------------------------------------------------------
+async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
+    """The counters this test reads from ``/metrics`` (absent ones are missing from the dict)."""
+    wanted = {"patchlife_needed_tokens_total": "needed", "patchlife_computed_tokens_total": "computed",
+              'patchlife_batch_size_sum{phase="tail"}': "tail_images",
+              'patchlife_batch_size_count{phase="tail"}': "tail_batches"}
+    try:
+        text = (await client.get("/metrics")).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in wanted:
+            out[wanted[name]] = float(value)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server(mode: str, checkpoint: str | None, startup_s: float) -> Iterator[str]:
+    """``patchlife serve`` in a subprocess for ``mode``; yields its URL once /readyz answers 200."""
+    port = free_port()
+    env = dict(os.environ, PATCHLIFE_PORT=str(port), PATCHLIFE_HOST="127.0.0.1", PATCHLIFE_BATCHING=mode)
+    if checkpoint:
+        env["PATCHLIFE_CHECKPOINT"] = checkpoint
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--log-level", "warning"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None or time.monotonic() > end:
+                log.seek(0)
+                raise RuntimeError(f"server for mode {mode} did not become ready:\n{log.read()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.25)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+async def measure(url: str, mix: Mix, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm-up, closed-loop pass (with /metrics before/after), optional open-loop pass."""
+    limits = httpx.Limits(max_connections=max(args.clients, 1) * 4)
+    async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as client:
+        await closed_loop(client, mix, args.clients, args.warmup, 1e9)
+        before = await scrape(client)
+        closed = await closed_loop(client, mix, args.clients, args.requests, args.duration, start=args.warmup)
+        after = await scrape(client)
+        result = closed.summary()
+        delta = {k: after[k] - before.get(k, 0.0) for k in after}
+        needed, computed = delta.get("needed", 0.0), delta.get("computed", 0.0)
+        result["waste_ratio"] = round((computed - needed) / needed, 4) if needed > 0 else None
+        batches = delta.get("tail_batches", 0.0)
+        result["tail_batch_mean"] = round(delta.get("tail_images", 0.0) / batches, 2) if batches else None
+        if args.rate_fraction > 0 and closed.images:
+            rate = args.rate_fraction * closed.images / closed.elapsed_s
+            opened = (await open_loop(client, mix, rate, args.requests, args.duration)).summary()
+            result["open_loop"] = {"rate_per_s": round(rate, 2), **{k: opened[k] for k in (
+                "images_per_s", "p50_ms", "p95_ms", "p99_ms", "errors")},
+                "p99_over_p50": round(opened["p99_ms"] / opened["p50_ms"], 2) if opened["p50_ms"] else None}
+        return result
+
+
+# -- the offline reference ----------------------------------------------------------------------
+def offline_images_per_s(mix: Mix, checkpoint: str | None, batch_size: int, seconds: float = 5.0) -> float:
+    """The same model and mix without HTTP: head in batches, tail grouped by bucket, in-process."""
+    import torch
+
+    from service.engine import Engine
+    from service.settings import Settings
+
+    s = Settings()
+    engine = Engine(checkpoint or s.checkpoint, s.device, s.dtype, s.bucket_step, s.keep_rate)
+    pixels = [engine.preprocess(Image.open(io.BytesIO(png))) for png, _ in mix]
+    rates = [r for _, r in mix]
+
+    def one_pass() -> int:
+        for i in range(0, len(pixels), batch_size):
+            items = engine.head(torch.stack(pixels[i:i + batch_size]), rates[i:i + batch_size])
+            groups: dict[tuple[int, ...], list[Any]] = {}
+            for it in items:
+                groups.setdefault(engine.bucket(it.budget), []).append(it)
+            for counts, group in groups.items():
+                engine.tail(group, counts)
+        return len(pixels)
+
+    one_pass()  # warm-up
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        done += one_pass()
+    return done / (time.perf_counter() - t0)
+
+
+# -- command line -------------------------------------------------------------------------------
+def _rates(text: str) -> list[float | None]:
+    return [None if v.strip() in ("default", "none", "") else float(v) for v in text.split(",")]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None, help="load a running server instead of starting one per mode")
+    p.add_argument("--modes", default=",".join(MODES), help="batching modes to compare (comma-separated)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint the servers load (default: PATCHLIFE_CHECKPOINT "
+                                                      "or the embedded model)")
+    p.add_argument("--clients", type=int, default=32, help="concurrent closed-loop clients")
+    p.add_argument("--requests", type=int, default=2000, help="most requests per pass")
+    p.add_argument("--duration", type=float, default=30.0, help="most seconds per pass")
+    p.add_argument("--warmup", type=int, default=64, help="requests sent before measuring")
+    p.add_argument("--mix-size", type=int, default=256, help="distinct images in the mix")
+    p.add_argument("--keep-rates", type=_rates, default=_rates("default,0.5,0.7,0.9"),
+                   help="keep rates the requests cycle through ('default': the model's)")
+    p.add_argument("--rate-fraction", type=float, default=0.0,
+                   help="also run open-loop at this fraction of the closed-loop throughput (e.g. 0.7)")
+    p.add_argument("--offline", action="store_true", help="also time the same mix in-process, without HTTP")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /readyz")
+    p.add_argument("--json", action="store_true", help='print only {"modes": {...}} as JSON')
+
+
+def _table(modes: dict[str, dict[str, Any]], offline: float | None) -> str:
+    head = f"{'mode':<10} {'images/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} " \
+           f"{'waste':>7} {'tail batch':>10}"
+    lines = [head, "-" * len(head)]
+    for mode, r in modes.items():
+        waste = "n/a" if r.get("waste_ratio") is None else f"{100 * r['waste_ratio']:.1f}%"
+        batch = "n/a" if r.get("tail_batch_mean") is None else f"{r['tail_batch_mean']:.1f}"
+        lines.append(f"{mode:<10} {r['images_per_s']:>9.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
+                     f"{r['p99_ms']:>8.1f} {r['errors']:>6} {waste:>7} {batch:>10}")
+    for mode, r in modes.items():
+        if r.get("error_statuses"):
+            lines.append(f"errors {mode}: {r['error_statuses']}")
+        if "open_loop" in r:
+            o = r["open_loop"]
+            lines.append(f"open loop {mode}: {o['rate_per_s']:.1f} req/s offered, p50 {o['p50_ms']:.1f} ms, "
+                         f"p99 {o['p99_ms']:.1f} ms (p99/p50 {o['p99_over_p50']}), errors {o['errors']}")
+    if offline is not None:
+        lines.append(f"offline (same model and mix, no HTTP): {offline:.1f} images/s")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := sorted(set(modes) - set(MODES)):
+        print(f"patchlife loadtest: unknown modes {unknown}; choose from {list(MODES)}", file=sys.stderr)
+        return 2
+    mix = make_mix(args.mix_size, args.keep_rates)
+    results: dict[str, dict[str, Any]] = {}
+    if args.url:
+        results["server"] = asyncio.run(measure(args.url.rstrip("/"), mix, args))
+    for mode in [] if args.url else modes:
+        if not args.json:
+            print(f"[{mode}] starting server ...", file=sys.stderr)
+        try:
+            with server(mode, args.checkpoint, args.startup_timeout) as url:
+                results[mode] = asyncio.run(measure(url, mix, args))
+        except RuntimeError as exc:
+            print(f"patchlife loadtest: {exc}", file=sys.stderr)
+            return 1
+    offline = None
+    if args.offline:
+        from service.settings import Settings
+        offline = round(offline_images_per_s(mix, args.checkpoint, Settings().max_batch_size), 2)
+    if args.json:
+        body: dict[str, Any] = {"modes": results}
+        if offline is not None:
+            body["offline_images_per_s"] = offline
+        print(json.dumps(body, indent=2))
+    else:
+        print(_table(results, offline))
+    return 0 if all(r["errors"] == 0 for r in results.values()) else 1
