@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,7 @@ def _wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], timeout: fl
 
 
 def _time_compute(engine: Engine, pixels: torch.Tensor, n: int) -> list[float]:
+    """Run in the bench's model thread (see ``measure``), as the worker runs the model in its own."""
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -126,7 +128,10 @@ def measure(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     jpeg = _photo_jpeg(width, height)
     engine = Engine(checkpoint, device=args.device)
-    engine.warmup(2)
+    # The model runs in one dedicated thread, as in the worker; on CPU the main thread's OpenMP team
+    # can time very differently from a worker thread's, which would skew the comparison.
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
+    model_thread.submit(engine.warmup, 2).result()
     pixels = engine.preprocess(Image.open(io.BytesIO(jpeg)))[None]
     port = _free_port()
     proc = _start_server(checkpoint, port, args)
@@ -134,15 +139,18 @@ def measure(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0) as client:
             _wait_ready(client, proc)
             _time_requests(client, jpeg, 5)  # warm the connection and the server's caches
-            _time_compute(engine, pixels, 5)
+            model_thread.submit(_time_compute, engine, pixels, 5).result()
             per_round = max(1, args.requests // args.rounds)
             compute, walls, timings = [], [], []
             for _ in range(args.rounds):
-                compute += _time_compute(engine, pixels, per_round)
+                time.sleep(0.5)  # let the server's idle OpenMP threads stop spinning on the shared cores
+                compute += model_thread.submit(_time_compute, engine, pixels, per_round).result()
+                time.sleep(0.5)
                 w, t = _time_requests(client, jpeg, per_round)
                 walls += w
                 timings += t
     finally:
+        model_thread.shutdown()
         proc.terminate()
         proc.wait(timeout=30)
     parts = {k: _summary([t[k] for t in timings]) for k in ("decode", "queue", "compute")}

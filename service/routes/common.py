@@ -44,7 +44,8 @@ class Runtime:
     startup_error: str | None = None
 
     def serving(self) -> tuple[Engine, Worker]:
-        if self.draining:
+        if self.draining:  # the worker never sees this request: count it here
+            self.metrics.reject("shutdown")
             raise ShuttingDown("server is shutting down; retry on another instance")
         if not self.ready or self.engine is None or self.worker is None:
             msg = f"model failed to start: {self.startup_error}" if self.startup_error else \

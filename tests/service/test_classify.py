@@ -127,8 +127,9 @@ def test_overload_is_503_with_retry_after(make_client: Callable[..., TestClient]
     assert post_files(small, [png(1)]).status_code == 200
 
 
-def test_shutting_down_is_503(make_client: Callable[..., TestClient]) -> None:
+def test_shutting_down_is_503(make_client: Callable[..., TestClient], metric: Callable[..., float]) -> None:
     c = make_client()
     c.app.state.runtime.draining = True  # type: ignore[attr-defined]
     r = post_files(c, [png(1)])
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    assert metric(c, "patchlife_rejected_requests_total", {"reason": "shutdown"}) == 1
