@@ -1,0 +1,267 @@
+"""``patchlife eval``: held-out accuracy, GFLOPs and speed of life regression against other token choices.
+
+At each keep rate, three ways of choosing the surviving patches run at the *same* per-stage counts
+(equal FLOPs): life regression (the model's own order, per-image normalisation), random drop, and
+EViT-style attention top-k (``model/baselines.py``). With a calibrated checkpoint, the
+content-adaptive mode is evaluated too, with the distribution of per-image budgets: there each image
+runs at its own budget rounded up to the bucket grid, as the service runs it.
+
+Without arguments it evaluates the embedded default model on the held-out split it was trained for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .baselines import random_forward, topk_forward
+from .bench import topk_gflops
+from .checkpoint import CONFIG_FILE, DEFAULT_CHECKPOINT, LifeViTConfig, load_checkpoint
+from .data import DataConfigError, DataSplit, folder_splits, synthetic_splits
+from .flops import dense_gflops, slimmed_gflops
+from .lifevit import LifeViT
+from .schedule import round_up_budget
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Row:
+    """One line of the table. ``gflops`` is the mean per image; ``keep_rate`` 1.0 for dense."""
+
+    method: str            # dense | life | random | topk
+    keep_rate: float
+    top1: float            # 0-1
+    gflops: float
+    images_per_s: float
+    mode: str              # dense | fixed (the schedule's counts for every image) | calibrated
+    counts: list[int]      # per-stage patch counts (calibrated: the mean of the images' own budgets)
+    budget: dict[str, Any] | None = None  # calibrated rows: distribution of per-image budgets
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["budget"] is None:
+            del d["budget"]
+        return d
+
+
+def materialise(split: DataSplit, batch_size: int, limit: int | None = None,
+                device: torch.device | str = "cpu") -> Batches:
+    """Every batch of the split in memory (so timing measures the model, not data loading)."""
+    out: Batches = []
+    seen = 0
+    for images, labels in split.batches(batch_size):
+        if limit is not None and seen >= limit:
+            break
+        if limit is not None:
+            images, labels = images[: limit - seen], labels[: limit - seen]
+        out.append((images.to(device), labels.to(device)))
+        seen += len(labels)
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def top1(forward: Forward, batches: Batches) -> tuple[float, float]:
+    """``(top-1 accuracy, images/s of the forward calls alone)`` over the batches."""
+    correct = total = 0
+    seconds = 0.0
+    for images, labels in batches:
+        _sync(images.device)
+        t0 = time.perf_counter()
+        logits = forward(images)
+        _sync(images.device)
+        seconds += time.perf_counter() - t0
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+        total += len(labels)
+    if total == 0:
+        raise ValueError("no images to evaluate")
+    return correct / total, total / max(seconds, 1e-9)
+
+
+@contextmanager
+def at_keep_rate(model: LifeViT, keep_rate: float, normalization: str) -> Iterator[LifeViT]:
+    """Temporarily give the model another schedule (same stages) and normalisation."""
+    saved = model.schedule, model.normalization
+    model.schedule, model.normalization = model.schedule_for(keep_rate), normalization  # type: ignore[assignment]
+    try:
+        yield model
+    finally:
+        model.schedule, model.normalization = saved
+
+
+def _quantiles(values: torch.Tensor) -> dict[str, float]:
+    v = values.float()
+    q = torch.quantile(v, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))
+    return {"mean": round(float(v.mean()), 4), "std": round(float(v.std()) if v.numel() > 1 else 0.0, 4),
+            "min": round(float(q[0]), 4), "p10": round(float(q[1]), 4), "p50": round(float(q[2]), 4),
+            "p90": round(float(q[3]), 4), "max": round(float(q[4]), 4)}
+
+
+@torch.inference_mode()
+def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, bucket_step: int) -> Row:
+    """Life regression with content-adaptive budgets, each image at its budget rounded to the grid."""
+    bb = model.backbone
+    with at_keep_rate(model, keep_rate, "calibrated") as m:
+        budgets: list[torch.Tensor] = []
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            state = m.head(images)
+            b = m.budgets(state.scores)
+            budgets.append(b.cpu())
+            return m.tail_grouped(state, b, bucket_step)
+
+        acc, ips = top1(forward, batches)
+        own = torch.cat(budgets)  # [N, S]
+        run = [round_up_budget(b, m.schedule, bucket_step) for b in own.tolist()]
+        flops = torch.tensor([slimmed_gflops(bb, m.schedule, c) for c in run])
+        own_flops = torch.tensor([slimmed_gflops(bb, m.schedule, b) for b in own.tolist()])
+        dense = dense_gflops(bb)
+        budget = {"fraction_of_dense": _quantiles(own_flops / dense),
+                  "patches_last_stage": _quantiles(own[:, -1]),
+                  "patches_per_stage_mean": [round(float(v), 2) for v in own.float().mean(dim=0)],
+                  "buckets": len(set(run)), "bucket_step": bucket_step}
+        counts = [round(float(v), 1) for v in own.float().mean(dim=0)]
+        return Row("life", keep_rate, acc, float(flops.mean()), ips, "calibrated", counts, budget)  # type: ignore[arg-type]
+
+
+def evaluate_model(model: LifeViT, batches: Batches, keep_rates: Sequence[float] = (0.5, 0.7, 0.9),
+                   bucket_step: int = 8, seed: int = 0) -> list[Row]:
+    """The whole table for one model on in-memory batches."""
+    model.eval()
+    bb = model.backbone
+    full = [model.num_patches] * len(model.schedule.stage_starts)
+    acc, ips = top1(model.forward_dense, batches)
+    rows = [Row("dense", 1.0, acc, dense_gflops(bb), ips, "dense", full)]
+    calibrated = model.life.is_calibrated
+    for rate in keep_rates:
+        with at_keep_rate(model, rate, "per_image") as m:
+            counts = list(m.schedule.patch_counts)
+            gen = torch.Generator().manual_seed(seed)
+            methods: dict[str, tuple[Forward, float]] = {
+                "life": (m, slimmed_gflops(bb, m.schedule)),
+                "random": (partial(random_forward, m, patch_counts=counts, generator=gen),
+                           slimmed_gflops(bb, m.schedule, life_module=False)),
+                "topk": (partial(topk_forward, m, patch_counts=counts), topk_gflops(m)),
+            }
+            for name, (fn, flops) in methods.items():
+                acc, ips = top1(fn, batches)
+                rows.append(Row(name, rate, acc, flops, ips, "fixed", counts))
+        if calibrated:
+            rows.append(calibrated_row(model, batches, rate, bucket_step))
+    return rows
+
+
+# --- command line -----------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: embedded model)")
+    p.add_argument("--data", type=Path, default=None, help="ImageFolder root: evaluates its val/ split")
+    p.add_argument("--synthetic", action="store_true", help="the synthetic task's held-out split")
+    p.add_argument("--val-size", type=int, default=None, help="synthetic: held-out images")
+    p.add_argument("--seed", type=int, default=None, help="synthetic: data seed (default: the training one)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
+    p.add_argument("--keep-rates", default="0.5,0.7,0.9", help="comma-separated keep rates")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--bucket-step", type=int, default=8, help="calibrated mode: budget bucket grid")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true", help='print only {"rows": [...]} on stdout')
+
+
+def held_out_split(args: argparse.Namespace, cfg: LifeViTConfig) -> tuple[DataSplit, str]:
+    """The split to evaluate and a one-line description of it."""
+    spec = dict(cfg.metadata.get("data", {}))
+    pre = cfg.preprocess
+    if args.data is not None:
+        _, val = folder_splits(args.data, pre, workers=2)
+        return val, f"{args.data}/val ({len(val)} images)"
+    if args.synthetic or spec.get("kind", "synthetic") == "synthetic":
+        seed = args.seed if args.seed is not None else int(spec.get("seed", 0))
+        size = args.val_size or int(spec.get("val_size", 2400))
+        _, val = synthetic_splits(1, size, seed, int(pre["input_size"][-1]), pre["mean"], pre["std"])
+        return val, f"synthetic held-out split (seed {seed}, {size} images)"
+    root = spec.get("root")
+    if not root:
+        raise DataConfigError("the checkpoint does not say which data it was trained on: pass --data ROOT")
+    _, val = folder_splits(root, pre, workers=2)
+    return val, f"{root}/val ({len(val)} images)"
+
+
+def markdown(rows: list[Row], title: str) -> str:
+    lines = [title, "", "| method | keep rate | mode | patches per stage | top-1 | GFLOPs | images/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        counts = "/".join(f"{c:g}" for c in r.counts)
+        lines.append(f"| {r.method} | {r.keep_rate:g} | {r.mode} | {counts} | {100 * r.top1:.2f}% | "
+                     f"{r.gflops:.4f} | {r.images_per_s:.0f} |")
+    cal = [r for r in rows if r.budget]
+    if cal:
+        lines += ["", "Calibrated (content-adaptive) per-image budgets:", "",
+                  "| keep rate | top-1 | budget / dense GFLOPs: min / p10 / p50 / p90 / max (mean) "
+                  "| last-stage patches: min / p10 / p50 / p90 / max | buckets run |", "|---|---|---|---|---|"]
+        for r in cal:
+            b = r.budget or {}
+            f, p = b["fraction_of_dense"], b["patches_last_stage"]
+            lines.append(f"| {r.keep_rate:g} | {100 * r.top1:.2f}% | {f['min']:.2f} / {f['p10']:.2f} / "
+                         f"{f['p50']:.2f} / {f['p90']:.2f} / {f['max']:.2f} ({f['mean']:.3f}) | "
+                         f"{p['min']:g} / {p['p10']:g} / {p['p50']:g} / {p['p90']:g} / {p['max']:g} | "
+                         f"{b['buckets']} |")
+    return "\n".join(lines)
+
+
+def _parse(args: argparse.Namespace) -> tuple[list[float], torch.device]:
+    try:
+        rates = [float(v) for v in args.keep_rates.split(",") if v.strip()]
+    except ValueError as exc:
+        raise DataConfigError(f"--keep-rates must be comma-separated numbers: {exc}") from exc
+    if not rates or any(not 0 < r <= 1 for r in rates):
+        raise DataConfigError(f"--keep-rates must lie in (0, 1], got {args.keep_rates}")
+    if args.batch_size < 1 or args.bucket_step < 1 or (args.limit is not None and args.limit < 1):
+        raise DataConfigError("--batch-size, --bucket-step and --limit must be >= 1")
+    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise DataConfigError("--device cuda but torch sees no GPU")
+    return rates, torch.device(dev)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = args.checkpoint or DEFAULT_CHECKPOINT
+    try:
+        rates, device = _parse(args)
+        if not (Path(path) / CONFIG_FILE).is_file():
+            hint = "run `patchlife ensure-default`" if args.checkpoint is None else "pass a `patchlife train` output"
+            raise DataConfigError(f"no patchlife checkpoint at {path}: {hint}")
+        model, cfg = load_checkpoint(path, device=device)
+        split, where = held_out_split(args, cfg)
+        if split.class_names != cfg.class_names:
+            raise DataConfigError(f"the data's classes ({len(split.class_names)}) are not the checkpoint's "
+                                  f"({len(cfg.class_names)}): evaluate on data with the training classes")
+        batches = materialise(split, args.batch_size, args.limit, device)
+    except (DataConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"patchlife eval: error: {exc}", file=sys.stderr)
+        return 2
+    rows = evaluate_model(model, batches, rates, args.bucket_step)
+    if args.json:
+        print(json.dumps({"rows": [r.to_dict() for r in rows]}))
+        return 0
+    n = sum(len(b[1]) for b in batches)
+    title = (f"**{cfg.metadata.get('name', Path(path).name)}** ({cfg.backbone}, {len(cfg.class_names)} classes, "
+             f"{model.normalization}) on {where}, {n} images evaluated; device {device}, "
+             f"{torch.get_num_threads()} threads, batch {args.batch_size}")
+    print(markdown(rows, title))
+    return 0

@@ -1,0 +1,393 @@
+"""``patchlife train``: turn a timm ViT into a life-regression model.
+
+Stages (``../shared/docs/method.md``), each a number of optimiser steps with its own learning rate:
+
+    0 dense  every backbone parameter, unpruned forward   (skipped by default with --pretrained)
+    1 life   only the life module (W and its LayerNorm), soft keep masks at temperature tau
+    2 tail   only what runs after block K (blocks K.., final norm, head), hard pruning
+
+AdamW, linear warm-up then cosine decay per stage, gradient clipping, label smoothing, optional
+distillation from the dense model, AMP on a GPU. Every ``--save-every`` steps and at each stage end
+the full state goes to ``OUT/resume.pt``; ``--resume`` continues from it at the saved step with the
+same data order, so an interrupted run ends where an uninterrupted one would. The result is a
+checkpoint (``config.json`` + ``model.safetensors``) and ``metrics.json`` in ``OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import save_checkpoint
+from .data import DataSplit
+from .lifevit import LifeViT
+from .train_setup import (
+    ConfigError,
+    accuracy,
+    build_data,
+    build_model,
+    check_args,
+    data_spec,
+    quick_eval,
+    write_metrics,
+)
+
+STAGES = ("dense", "life", "tail")
+RESUME_FILE = "resume.pt"
+# options that may differ between an interrupted run and its --resume
+_NOT_COMPARED = ("resume", "stop_after", "argv", "save_every", "workers")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("data (one of)")
+    d.add_argument("--synthetic", action="store_true", help="the built-in synthetic shapes task (default)")
+    d.add_argument("--data", type=Path, help="ImageFolder root with train/ and val/ (one folder per class)")
+    d.add_argument("--train-size", type=int, default=60_000, help="synthetic: training images")
+    d.add_argument("--val-size", type=int, default=2_400, help="synthetic: held-out images")
+    d.add_argument("--workers", type=int, default=2, help="ImageFolder: DataLoader workers")
+    m = p.add_argument_group("model")
+    m.add_argument("--backbone", default="vit_micro_patch8_64", help="timm ViT/DeiT name or a small config")
+    m.add_argument("--pretrained", default=None, metavar="hub|FILE",
+                   help="start from pretrained weights: 'hub' or a local weights file (skips stage 0)")
+    m.add_argument("--keep-rate", type=float, default=0.7, help="the model's default keep schedule")
+    m.add_argument("--stage-starts", type=_ints, default=None, help="blocks where pruning stages start")
+    m.add_argument("--patch-counts", type=_ints, default=None, help="explicit patches kept per stage")
+    t = p.add_argument_group("schedule")
+    for s, name, lr in ((0, "dense", 2e-3), (1, "life", 3e-3), (2, "tail", 5e-4)):
+        t.add_argument(f"--stage{s}-steps", type=int, default=None, help=f"optimiser steps of stage {s} ({name})")
+        t.add_argument(f"--stage{s}-epochs", type=float, default=None, help="or its length in epochs")
+        t.add_argument(f"--stage{s}-lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of each stage")
+    t.add_argument("--weight-decay", type=float, default=0.05)
+    t.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
+    t.add_argument("--tau", type=float, default=4.0, help="stage 1 soft-mask temperature")
+    t.add_argument("--label-smoothing", type=float, default=0.1)
+    t.add_argument("--distill", type=float, default=0.0,
+                   help="weight of distillation from the dense model in stages 1-2 (0: off)")
+    t.add_argument("--stage2-keep-rates", type=_floats, default=None,
+                   help="keep rates drawn per step in stage 2 (default: --keep-rate only)")
+    t.add_argument("--calibrate", type=int, default=2048,
+                   help="training images for calibrated (content-adaptive) budgets; 0 keeps per-image")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", type=Path, default=Path("runs/patchlife"), help="output checkpoint folder")
+    r.add_argument("--seed", type=int, default=0, help="seeds the model, the data and its order")
+    r.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    r.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                   help="mixed precision (GPU only): auto picks bf16 where supported")
+    r.add_argument("--resume", action="store_true", help=f"continue from OUT/{RESUME_FILE}")
+    r.add_argument("--save-every", type=int, default=200, help="steps between resumable saves")
+    r.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this many steps")
+    r.add_argument("--name", default=None, help="model name recorded in the checkpoint")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+# --- one stage ----------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    index: int
+    name: str
+    steps: int
+    lr: float
+
+
+@dataclass
+class RunState:
+    """Everything a resumed run needs besides the model weights."""
+
+    stage: int = 0
+    step: int = 0                  # steps done in the current stage
+    total_steps: int = 0           # steps done in this process (for --stop-after)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0           # time in training steps, over all processes
+    wall_seconds: float = 0.0      # whole-run wall time, over all processes
+
+
+def trainable_parameters(model: LifeViT, stage: str) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze what ``stage`` trains; returns those parameters."""
+    bb = model.backbone
+    if stage == "dense":
+        modules: list[nn.Module] = [bb]
+    elif stage == "life":
+        modules = [model.life]  # W *and* the module's LayerNorm (the authors' code left it untrained)
+    elif stage == "tail":
+        modules = [*bb.blocks[model.schedule.first_block:], bb.norm, bb.fc_norm, bb.head_drop, bb.head]
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    model.requires_grad_(False)
+    for mod in modules:
+        mod.requires_grad_(True)
+    return [p for mod in modules for p in mod.parameters()]
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # no decay on norms, biases, position embeddings and the class token (1-D or token tensors)
+    decay = [p for p in params if p.ndim >= 2 and p.shape[0] != 1]
+    rest = [p for p in params if not (p.ndim >= 2 and p.shape[0] != 1)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: float) -> float:
+    """Linear warm-up over ``warmup * steps`` steps, then cosine decay to zero."""
+    w = max(1, round(warmup * steps))
+    if step < w:
+        return peak * (step + 1) / w
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w)))
+
+
+def _distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(student.float().log_softmax(-1), teacher.float().log_softmax(-1),
+                    reduction="batchmean", log_target=True)
+
+
+class StageRunner:
+    """The per-step forward and loss of a stage."""
+
+    def __init__(self, model: LifeViT, stage: Stage, args: argparse.Namespace,
+                 teacher: LifeViT | None) -> None:
+        self.model, self.stage, self.args, self.teacher = model, stage, args, teacher
+        self.rates = args.stage2_keep_rates or [model.schedule.keep_rate or args.keep_rate]
+
+    def forward(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, float | None]:
+        """``(logits [B, classes], mean life or None)``."""
+        m = self.model
+        if self.stage.name == "dense":
+            return m.forward_dense(images), None
+        if self.stage.name == "life":
+            logits, lives = m.forward_soft(images, self.args.tau)
+            return logits, float(lives.detach().mean())
+        # tail: the inference path (per-image counts, so one static shape per step)
+        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
+        rate = self.rates[int(torch.randint(len(self.rates), (1,), generator=g))]
+        schedule = m.schedule_for(rate)
+        state = m.head(images)
+        lives = m.lives(state.scores.float(), schedule)
+        return m.tail(state, schedule.patch_counts), float(lives.mean())
+
+    def loss(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
+        alpha = self.args.distill if self.stage.name != "dense" else 0.0
+        if alpha <= 0:
+            return ce
+        with torch.no_grad():
+            teacher = (self.teacher or self.model).forward_dense(images)
+        return (1 - alpha) * ce + alpha * _distill_loss(logits, teacher)
+
+
+def run_stage(model: LifeViT, stage: Stage, train: DataSplit, state: RunState, args: argparse.Namespace,
+              ctx: TrainContext) -> bool:
+    """Train one stage from ``state.step``; False when ``--stop-after`` interrupted it."""
+    params = trainable_parameters(model, stage.name)
+    opt = make_optimizer(params, stage.lr, args.weight_decay)
+    if ctx.optimizer_state is not None:
+        opt.load_state_dict(ctx.optimizer_state)
+        ctx.optimizer_state = None
+    runner = StageRunner(model, stage, args, ctx.teacher if stage.name == "tail" else None)
+    per_epoch = math.ceil(len(train) / args.batch_size)
+    model.train()
+    bar = tqdm(total=stage.steps, initial=state.step, desc=f"stage {stage.index} {stage.name}",
+               unit="step", mininterval=2.0, dynamic_ncols=True, file=sys.stderr)
+    window: list[tuple[float, float, int]] = []
+    t_last = time.perf_counter()
+    while state.step < stage.steps:
+        epoch, start = divmod(state.step, per_epoch)
+        order_seed = args.seed * 1000 + stage.index * 100 + epoch
+        for images, labels in train.batches(args.batch_size, shuffle=True, seed=order_seed, start=start):
+            if state.step >= stage.steps:
+                break
+            images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(state.step, stage.steps, stage.lr, args.warmup)
+            with ctx.autocast():
+                logits, life = runner.forward(images, state.step)
+                loss = runner.loss(images, logits, labels)
+            opt.zero_grad(set_to_none=True)
+            ctx.scaler.scale(loss).backward()
+            if args.clip_grad > 0:
+                ctx.scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(params, args.clip_grad)
+            ctx.scaler.step(opt)
+            ctx.scaler.update()
+            state.step += 1
+            state.total_steps += 1
+            now = time.perf_counter()
+            state.seconds += now - t_last
+            window = (window + [(loss.item(), accuracy(logits, labels), len(labels))])[-20:]
+            bar.set_postfix(loss=f"{sum(w[0] for w in window) / len(window):.3f}",
+                            acc=f"{sum(w[1] * w[2] for w in window) / sum(w[2] for w in window):.3f}",
+                            life="-" if life is None else f"{life:.2f}",
+                            img_s=f"{len(labels) / max(now - t_last, 1e-9):.0f}", refresh=False)
+            bar.update(1)
+            t_last = now
+            done = state.step >= stage.steps
+            stop = args.stop_after is not None and state.total_steps >= args.stop_after
+            if done or stop or state.step % args.save_every == 0:
+                ctx.save_resume(model, opt, state)
+            if stop and not done:
+                bar.close()
+                return False
+    bar.close()
+    state.history.append({"stage": stage.index, "name": stage.name, "steps": stage.steps, "lr": stage.lr,
+                          "final_loss": sum(w[0] for w in window) / max(1, len(window)),
+                          "final_train_acc": sum(w[1] * w[2] for w in window) / max(1, sum(w[2] for w in window))})
+    return True
+
+
+# --- the run --------------------------------------------------------------------------------------
+class TrainContext:
+    """Device, mixed precision and resume-file handling for one run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        dev = args.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda but torch sees no GPU: use --device cpu")
+        self.device = torch.device(dev)
+        amp = args.amp
+        if amp == "auto":
+            amp = "off" if self.device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        if amp != "off" and self.device.type != "cuda":
+            raise ConfigError(f"--amp {amp} needs a GPU; on the CPU use --amp off")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.path = Path(args.out) / RESUME_FILE
+        self.args = args
+        self.optimizer_state: dict[str, Any] | None = None
+        self.teacher: LifeViT | None = None
+        self.t_start, self.prior_wall = time.perf_counter(), 0.0
+
+    def tick(self, state: RunState) -> None:
+        state.wall_seconds = self.prior_wall + time.perf_counter() - self.t_start
+
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return torch.autocast("cpu", enabled=False)
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def save_resume(self, model: LifeViT, opt: torch.optim.Optimizer, state: RunState) -> None:
+        self.tick(state)
+        body = {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": vars(state).copy(),
+                "teacher": None if self.teacher is None else self.teacher.state_dict(),
+                "args": {k: v for k, v in vars(self.args).items() if k not in _NOT_COMPARED}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(body, tmp)
+        tmp.replace(self.path)  # atomic: an interrupted save never corrupts the previous one
+
+    def load_resume(self, model: LifeViT) -> RunState:
+        if not self.path.is_file():
+            raise ConfigError(f"--resume: no {self.path}; start without --resume")
+        body = torch.load(self.path, map_location="cpu", weights_only=False)
+        saved = body["args"]
+        now = {k: v for k, v in vars(self.args).items() if k not in _NOT_COMPARED}
+        changed = sorted(k for k in now if k in saved and saved[k] != now[k])
+        if changed:
+            raise ConfigError(f"--resume with different options than the saved run: {', '.join(changed)}; "
+                              "use the original command line plus --resume")
+        model.load_state_dict(body["model"])
+        self.optimizer_state = body["optimizer"]
+        if body["teacher"] is not None:
+            self.teacher = copy.deepcopy(model)
+            self.teacher.load_state_dict(body["teacher"])
+        st = RunState(**body["state"])
+        st.total_steps = 0
+        self.prior_wall = st.wall_seconds
+        return st
+
+
+def plan_stages(args: argparse.Namespace, train_len: int) -> list[Stage]:
+    per_epoch = math.ceil(train_len / args.batch_size)
+    defaults = {0: 0 if args.pretrained else 4 * per_epoch, 1: per_epoch // 2, 2: per_epoch}
+    stages = []
+    for s, name in enumerate(STAGES):
+        steps, epochs = getattr(args, f"stage{s}_steps"), getattr(args, f"stage{s}_epochs")
+        n = steps if steps is not None else (math.ceil(epochs * per_epoch) if epochs is not None else defaults[s])
+        stages.append(Stage(s, name, int(n), getattr(args, f"stage{s}_lr")))
+    return stages
+
+
+def train(args: argparse.Namespace) -> int:
+    check_args(args)
+    torch.manual_seed(args.seed)
+    ctx = TrainContext(args)
+    model = build_model(args)
+    train_split, val_split = build_data(args, model)
+    model.to(ctx.device)
+    stages = plan_stages(args, len(train_split))
+    state = ctx.load_resume(model) if args.resume else RunState()
+    model.to(ctx.device)
+    for stage in stages[state.stage:]:
+        if stage.name == "tail" and args.distill > 0 and ctx.teacher is None:
+            ctx.teacher = copy.deepcopy(model).eval().requires_grad_(False)  # dense model before the tail moves
+        if stage.steps > 0 and not run_stage(model, stage, train_split, state, args, ctx):
+            print(f"stopped after {args.stop_after} steps (stage {stage.index}, step {state.step}); "
+                  f"continue with the same command plus --resume", file=sys.stderr)
+            return 0
+        state.history.append(quick_eval(model, val_split, stage.name, ctx.device, args.batch_size))
+        state.stage, state.step = stage.index + 1, 0
+    return _finish(model, args, ctx, state, train_split, val_split)
+
+
+def _finish(model: LifeViT, args: argparse.Namespace, ctx: TrainContext, state: RunState,
+            train_split: DataSplit, val_split: DataSplit) -> int:
+    t0 = time.perf_counter()
+    model.eval().normalization = "per_image"
+    if args.calibrate > 0:
+        batches = []
+        for images, _ in train_split.batches(args.batch_size, shuffle=True, seed=args.seed * 1000 + 999):
+            batches.append(images.to(ctx.device))
+            if sum(len(b) for b in batches) >= args.calibrate:
+                break
+        model.calibrate(batches)
+        state.history.append(quick_eval(model, val_split, "calibrated", ctx.device, args.batch_size))
+    state.seconds += time.perf_counter() - t0
+    out = Path(args.out)
+    name = args.name or out.name
+    argv = getattr(args, "argv", None)
+    argv = list(argv) if argv is not None else (sys.argv[2:] if sys.argv[1:2] == ["train"] else [])
+    meta = {"name": name, "data": data_spec(args, train_split, val_split),
+            "command": shlex.join(["patchlife", "train", *argv])}
+    save_checkpoint(model.cpu(), out, class_names=train_split.class_names, metadata=meta)
+    ctx.tick(state)
+    write_metrics(out, args, state, meta)
+    ctx.path.unlink(missing_ok=True)
+    print(f"saved {out} (train wall time {state.seconds:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``patchlife train ARGV`` from Python (records the exact command in the checkpoint)."""
+    parser = argparse.ArgumentParser(prog="patchlife train")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = list(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return train(args)
+    except ConfigError as exc:
+        print(f"patchlife train: error: {exc}", file=sys.stderr)
+        return 2

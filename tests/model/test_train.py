@@ -1,0 +1,109 @@
+"""Short training runs on the nano config: what each stage trains, resume, and bad configurations."""
+
+import argparse
+import copy
+import json
+
+import pytest
+import torch
+
+from model import load_checkpoint
+from model.data import synthetic_splits
+from model.train import RunState, Stage, TrainContext, add_arguments, lr_at, main, run_stage
+from model.train_setup import build_model
+
+TINY = ["--synthetic", "--backbone", "vit_nano_patch8_32", "--train-size", "96", "--val-size", "24",
+        "--batch-size", "16", "--calibrate", "32"]
+
+
+def _args(*extra: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args([*TINY, *extra])
+
+
+def _changed(before: dict, model: torch.nn.Module) -> set[str]:
+    after = model.state_dict()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.mark.parametrize("stage", ["dense", "life", "tail"])
+def test_each_stage_trains_exactly_its_parameters(stage, tmp_path):
+    args = _args("--out", str(tmp_path), "--distill", "0.5")
+    torch.manual_seed(0)
+    model = build_model(args)
+    train, _ = synthetic_splits(96, 24, 0, 32)
+    ctx = TrainContext(args)
+    ctx.teacher = copy.deepcopy(model).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_stage(model, Stage(["dense", "life", "tail"].index(stage), stage, 2, 1e-2), train, RunState(), args, ctx)
+    changed = _changed(before, model)
+    params = {k for k, _ in model.named_parameters()}
+    k = model.schedule.first_block
+    expected = {
+        "dense": {p for p in params if p.startswith("backbone.")},
+        "life": {"life.weight", "life.norm.weight", "life.norm.bias"},  # the LayerNorm trains too
+        "tail": {p for p in params if p.startswith(("backbone.norm.", "backbone.head."))
+                 or any(p.startswith(f"backbone.blocks.{i}.") for i in range(k, model.depth))},
+    }[stage]
+    assert changed == expected
+    assert all(p.requires_grad == (n in expected) for n, p in model.named_parameters())
+
+
+def test_lr_warms_up_then_decays():
+    lrs = [lr_at(s, 100, 1.0, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+
+
+def test_resume_continues_from_the_saved_step(tmp_path, capsys):
+    common = [*TINY, "--stage0-steps", "3", "--stage1-steps", "3", "--stage2-steps", "3", "--seed", "1"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--out", str(tmp_path / "b"), "--stop-after", "4"]) == 0
+    saved = torch.load(tmp_path / "b" / "resume.pt", weights_only=False)["state"]
+    assert (saved["stage"], saved["step"]) == (1, 1)  # 3 dense steps + 1 life step
+    assert not (tmp_path / "b" / "config.json").exists()
+    assert main([*common, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert not (tmp_path / "b" / "resume.pt").exists()
+    a, cfg = load_checkpoint(tmp_path / "a")
+    b, _ = load_checkpoint(tmp_path / "b")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert cfg.normalization == "calibrated" and cfg.class_names[0] == "red circle"
+    assert cfg.metadata["data"] == {"kind": "synthetic", "seed": 1, "train_size": 96, "val_size": 24}
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["command"].startswith("patchlife train --synthetic --backbone vit_nano_patch8_32")
+    assert [h["after"] for h in metrics["history"] if "after" in h] == ["dense", "life", "tail", "calibrated"]
+    assert "fraction_of_dense" in metrics["history"][-1]["budget"]
+
+
+def test_resume_with_other_options_is_refused(tmp_path, capsys):
+    common = [*TINY, "--stage0-steps", "2", "--stage1-steps", "1", "--stage2-steps", "1"]
+    assert main([*common, "--out", str(tmp_path), "--stop-after", "1"]) == 0
+    assert main([*common, "--out", str(tmp_path), "--resume", "--stage2-lr", "0.1"]) == 2
+    assert "stage2_lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--backbone", "vit_nope"], "unknown backbone"),
+    (["--stage-starts", "2,9"], "stage starts must increase"),
+    (["--patch-counts", "20,10,5"], "patch counts must be non-increasing"),
+    (["--keep-rate", "1.5"], "--keep-rate must be in"),
+    (["--stage1-steps", "2", "--stage1-epochs", "1"], "not both"),
+    (["--resume"], "nothing to resume"),
+    (["--amp", "bf16", "--device", "cpu"], "needs a GPU"),
+])
+def test_bad_configuration_stops_with_a_message(extra, message, tmp_path, capsys):
+    assert main([*TINY, "--out", str(tmp_path / "o"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_folders_stop_with_a_message(tmp_path, capsys):
+    assert main(["--data", str(tmp_path / "missing"), "--backbone", "vit_nano_patch8_32"]) == 2
+    assert "train" in capsys.readouterr().err
+    for split, classes in (("train", ["a", "b"]), ("val", ["a", "c"])):
+        for c in classes:
+            (tmp_path / "tree" / split / c).mkdir(parents=True)
+    assert main(["--data", str(tmp_path / "tree"), "--backbone", "vit_nano_patch8_32"]) == 2
+    err = capsys.readouterr().err
+    assert "only in train/: ['b']" in err and "only in val/: ['c']" in err
