@@ -18,9 +18,11 @@ Modes (``Limits.mode``):
 * ``budget``: the above; each phase-B batch runs at its bucket. A batch with room left also takes
   waiting images of *smaller* buckets (their counts are covered: running them at the larger counts
   only keeps a few more tokens alive, in life order), closest first, as long as the batch's waste
-  (tokens computed beyond the images' own budgets, over those budgets) stays within ``max_waste``.
+  (tokens computed beyond the images' own budgets, over those budgets) stays within ``max_waste``;
+  it may move up to a larger queued bucket when that lets more images run together within the cap.
   Many sparse buckets would otherwise each run as a batch of one or two, which a CPU or GPU runs at
-  a fraction of its batched speed.
+  a fraction of its batched speed. ``max_waste=0`` never mixes buckets: then an image's answer
+  does not depend on what else is queued.
 * ``fifo``: phase B is one first-in-first-out queue, each batch run at the element-wise maximum of
   the buckets in it (the largest budget); same size, delay and token limits.
 * ``unbatched``: one image per batch, no waiting.
@@ -113,27 +115,53 @@ def covers(counts: Counts, bucket: Counts) -> bool:
     return all(c >= b for c, b in zip(counts, bucket, strict=True))
 
 
+def _fill_at(counts: Counts, base: Sequence[Waiting], tail: Sequence[Waiting], need: dict[int, int],
+             limits: Limits, tail_tokens: Callable[[Counts], int], strict: bool) -> list[Waiting] | None:
+    """``base`` plus covered waiting images, least waste first, run at ``counts``; None if it cannot be.
+
+    Takes the longest run of candidates after which the batch's waste (tokens beyond the images' own
+    budgets, over those budgets) is within the cap. ``strict``: ``base`` alone may not exceed it
+    either (False for the base's own bucket: its rounding is a given).
+    """
+    per_image = tail_tokens(counts)
+    room = min(limits.size, max(1, limits.max_batch_tokens // per_image)) - len(base)
+    if room < 0:
+        return None
+    taken = {w.key for w in base}
+    others = sorted((w for w in tail if w.key not in taken and covers(counts, w.bucket)),
+                    key=lambda w: (-need[w.key], w.submitted))[:room]
+    needed = sum(need[w.key] for w in base)
+    extra = len(base) * per_image - needed
+    best = None if strict and extra > limits.max_waste * needed else 0
+    for k, w in enumerate(others, start=1):
+        needed, extra = needed + need[w.key], extra + per_image - need[w.key]
+        if extra <= limits.max_waste * needed:
+            best = k
+    return None if best is None else [*base, *others[:best]]
+
+
 def _fill(batch: Batch, tail: Sequence[Waiting], limits: Limits,
-          tail_tokens: Callable[[Counts], int]) -> Batch:
-    """Top a budget batch up with waiting images of covered buckets while its waste allows."""
+          tail_tokens: Callable[[Counts], int], max_options: int = 16) -> Batch:
+    """Top a budget batch up with images of covered buckets while its waste stays within the cap.
+
+    The batch may also move up to a larger bucket present in the queue (one that covers its own)
+    when that lets more images run together within the cap; fewer tokens break ties.
+    """
     assert batch.counts is not None
-    per_image = tail_tokens(batch.counts)
-    room = min(limits.size - len(batch.keys), limits.max_batch_tokens // per_image - len(batch.keys))
-    if room <= 0:
-        return batch
-    taken = set(batch.keys)
     need = {w.key: w.need or tail_tokens(w.bucket) for w in tail}
-    needed = sum(need[k] for k in batch.keys)
-    extra = len(batch.keys) * per_image - needed
-    others = sorted((w for w in tail if w.key not in taken and w.bucket != batch.counts
-                     and covers(batch.counts, w.bucket)), key=lambda w: (-need[w.key], w.submitted))
-    keys, first = list(batch.keys), batch.first_submitted
-    for w in others[:room]:  # closest budgets first: least waste per image added
-        if extra + per_image - need[w.key] > limits.max_waste * (needed + need[w.key]):
-            break
-        keys.append(w.key)
-        needed, extra, first = needed + need[w.key], extra + per_image - need[w.key], min(first, w.submitted)
-    return Batch("tail", tuple(keys), batch.counts, len(keys) * per_image, batch.reason, first)
+    base = [w for w in tail if w.key in set(batch.keys)]
+    larger = sorted({w.bucket for w in tail if w.bucket != batch.counts and covers(w.bucket, batch.counts)},
+                    key=tail_tokens)[:max_options]
+    best_counts, best = batch.counts, _fill_at(batch.counts, base, tail, need, limits, tail_tokens, False)
+    assert best is not None
+    for counts in larger:
+        chosen = _fill_at(counts, base, tail, need, limits, tail_tokens, True)
+        if chosen is not None and len(chosen) > len(best):
+            best_counts, best = counts, chosen
+    if len(best) == len(batch.keys):
+        return batch
+    return Batch("tail", tuple(w.key for w in best), best_counts, len(best) * tail_tokens(best_counts),
+                 batch.reason, min(w.submitted for w in best))
 
 
 def _take_tail(group: Sequence[Waiting], limits: Limits,

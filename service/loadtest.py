@@ -169,12 +169,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(mode: str, checkpoint: str | None, startup_s: float) -> Iterator[str]:
+def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | None = None) -> Iterator[str]:
     """``patchlife serve`` in a subprocess for ``mode``; yields its URL once /readyz answers 200."""
     port = free_port()
     env = dict(os.environ, PATCHLIFE_PORT=str(port), PATCHLIFE_HOST="127.0.0.1", PATCHLIFE_BATCHING=mode)
     if checkpoint:
         env["PATCHLIFE_CHECKPOINT"] = checkpoint
+    if threads:  # torch's intra-op threads (OMP): on a shared machine fewer threads stall less
+        env["OMP_NUM_THREADS"] = str(threads)
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--log-level", "warning"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -274,6 +276,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate-fraction", type=float, default=0.0,
                    help="also run open-loop at this fraction of the closed-loop throughput (e.g. 0.7)")
     p.add_argument("--offline", action="store_true", help="also time the same mix in-process, without HTTP")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for the servers started here (default: inherited)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /readyz")
     p.add_argument("--json", action="store_true", help='print only {"modes": {...}} as JSON')
@@ -313,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"[{mode}] starting server ...", file=sys.stderr)
         try:
-            with server(mode, args.checkpoint, args.startup_timeout) as url:
+            with server(mode, args.checkpoint, args.startup_timeout, args.torch_threads) as url:
                 results[mode] = asyncio.run(measure(url, mix, args))
         except RuntimeError as exc:
             print(f"patchlife loadtest: {exc}", file=sys.stderr)
