@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PATCHLIFE_", env_file=None, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PATCHLIFE_", env_file=None, extra="ignore", env_ignore_empty=True)
 
     # --- model -------------------------------------------------------------------------------
     checkpoint: Path | None = Field(
