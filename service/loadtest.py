@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -203,10 +204,11 @@ def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | N
         log.close()
 
 
-async def measure(url: str, mix: Mix, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(url: str, mix: Mix, args: argparse.Namespace,
+                  transport: httpx.AsyncBaseTransport | None = None) -> dict[str, Any]:
     """Warm-up, closed-loop pass (with /metrics before/after), optional open-loop pass."""
     limits = httpx.Limits(max_connections=max(args.clients, 1) * 4)
-    async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits, transport=transport) as client:
         await closed_loop(client, mix, args.clients, args.warmup, 1e9)
         before = await scrape(client)
         closed = await closed_loop(client, mix, args.clients, args.requests, args.duration, start=args.warmup)
@@ -235,7 +237,7 @@ def offline_images_per_s(mix: Mix, checkpoint: str | None, batch_size: int, seco
     from service.settings import Settings
 
     s = Settings()
-    engine = Engine(checkpoint or s.checkpoint, s.device, s.dtype, s.bucket_step, s.keep_rate)
+    engine = Engine(Path(checkpoint) if checkpoint else s.checkpoint, s.device, s.dtype, s.bucket_step, s.keep_rate)
     pixels = [engine.preprocess(Image.open(io.BytesIO(png))) for png, _ in mix]
     rates = [r for _, r in mix]
 

@@ -327,12 +327,13 @@ class Worker:
             self._depth_changed()
 
     def _run_tail(self, images: list[_Image], counts: Counts) -> None:
-        items = [im.item for im in images]
+        items = [im.item for im in images if im.item is not None]
+        assert len(items) == len(images), "every image in phase B went through phase A"
         t0 = self.clock()
-        probs = self.engine.tail(items, counts)  # type: ignore[arg-type]
+        probs = self.engine.tail(items, counts)
         compute = self.clock() - t0
         per_image = self.engine.tail_tokens(counts)
-        needed = sum(self.engine.tail_tokens(tuple(it.budget)) for it in items)  # type: ignore[union-attr]
+        needed = sum(self.engine.tail_tokens(tuple(it.budget)) for it in items)
         self.hooks.on_batch("tail", len(images), per_image * len(images), "-".join(map(str, counts)),
                             [im.phase_wait_s for im in images], compute)
         self.hooks.on_waste(needed, per_image * len(images))
@@ -341,9 +342,7 @@ class Worker:
             self._rate_tokens_per_s = rate if self._rate_tokens_per_s == 0 else (
                 0.8 * self._rate_tokens_per_s + 0.2 * rate)
         gflops = self.engine.gflops(tuple(counts))
-        for image, p in zip(images, probs, strict=True):
-            item = image.item
-            assert item is not None
+        for image, item, p in zip(images, items, probs, strict=True):
             result = ImageResult(p.clone(), item.lives, tuple(item.budget), tuple(counts), gflops,
                                  item.keep_rate, image.queue_s * 1000.0, (image.compute_s + compute) * 1000.0)
             self._deliver(image, result)
