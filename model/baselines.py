@@ -11,7 +11,8 @@ All run the LifeViT's own backbone blocks; they differ only in *which* patches s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -47,14 +48,14 @@ class _ClsAttention:
     block itself runs unchanged (fused attention included) and the class-token row is recomputed
     cheaply: one query against all keys."""
 
-    def __init__(self, attn: torch.nn.Module) -> None:
+    def __init__(self, attn: Any) -> None:  # a timm Attention
         self.q: torch.Tensor | None = None
         self.k: torch.Tensor | None = None
         self.scale = attn.scale
         self._handles = [attn.q_norm.register_forward_hook(self._grab("q")),
                          attn.k_norm.register_forward_hook(self._grab("k"))]
 
-    def _grab(self, name: str):
+    def _grab(self, name: str) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, _inp: object, out: torch.Tensor) -> None:
             setattr(self, name, out[:, :, :1] if name == "q" else out)  # q: class-token row only
         return hook
@@ -74,7 +75,7 @@ def topk_forward(model: LifeViT, images: torch.Tensor, patch_counts: Sequence[in
     """EViT-style token choice by class-token attention at every stage start."""
     starts, t = model.schedule.stage_starts, model.num_prefix_tokens
     blocks = model.backbone.blocks
-    probes = {s - 1: _ClsAttention(blocks[s - 1].attn) for s in starts}
+    probes = {s - 1: _ClsAttention(blocks[s - 1].attn) for s in starts}  # type: ignore[union-attr]
     try:
         x = model.embed(images)
         for i, blk in enumerate(blocks):

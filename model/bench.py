@@ -39,7 +39,7 @@ class Variant:
 def topk_gflops(model: LifeViT) -> float:
     """Oracle cost plus the class-token attention row recomputed at each stage start."""
     bb, sched = model.backbone, model.schedule
-    attn_dim = bb.blocks[0].attn.qkv.out_features // 3
+    attn_dim = int(bb.blocks[0].attn.qkv.out_features) // 3  # type: ignore[union-attr,arg-type]
     prev = [sched.num_patches, *sched.patch_counts[:-1]]
     extra = sum((p + bb.num_prefix_tokens) * attn_dim for p in prev)
     return slimmed_gflops(bb, sched, life_module=False) + extra / 1e9
@@ -86,8 +86,8 @@ def run_bench(args: argparse.Namespace) -> list[Variant]:
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     model = build_model(args, device, dtype)
-    c, h, w = 3, *model.backbone.patch_embed.img_size
-    x = torch.randn(args.batch_size, c, h, w, device=device, dtype=dtype)
+    h, w = (int(v) for v in model.backbone.patch_embed.img_size)
+    x = torch.randn(args.batch_size, 3, h, w, device=device, dtype=dtype)
     counts = model.schedule.patch_counts
     fns: dict[str, Callable[[], object]] = {
         "dense": lambda: model.forward_dense(x),

@@ -8,6 +8,7 @@ counts 2 per MAC; the tests compare against it with that factor.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -19,10 +20,10 @@ def _linear_macs_per_token(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def block_macs(block: nn.Module, tokens: int) -> int:
+def block_macs(block: Any, tokens: int) -> int:  # a timm Block (attributes are dynamic)
     """One transformer block on ``tokens`` tokens: every Linear per token + QK^T and AV."""
     attn = block.attn
-    attn_dim = attn.qkv.out_features // 3
+    attn_dim = int(attn.qkv.out_features) // 3
     return tokens * _linear_macs_per_token(block) + 2 * tokens * tokens * attn_dim
 
 

@@ -82,10 +82,10 @@ class Engine:
         self.default_schedule = self.model.schedule_for(keep_rate)
         self.class_names: list[str] = list(cfg.class_names)
         self.grid: tuple[int, int] = tuple(self.model.backbone.patch_embed.grid_size)  # type: ignore[assignment]
-        self.transform = create_transform(**{k: tuple(v) if isinstance(v, list) else v
-                                             for k, v in cfg.preprocess.items()
-                                             if k in ("input_size", "interpolation", "mean", "std", "crop_pct",
-                                                      "crop_mode")})
+        keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+        pre: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                               for k, v in cfg.preprocess.items() if k in keys}
+        self.transform = create_transform(**pre)
         self.dense_gflops = dense_gflops(self.model.backbone)
 
     # -- description -------------------------------------------------------------------------
