@@ -41,6 +41,11 @@ def test_pretrained_from_local_file_and_clear_error_without_hub(tmp_path, monkey
             assert torch.equal(v, got.state_dict()[k]), k
     with pytest.raises(PretrainedUnavailable, match="does not exist"):
         create_backbone("vit_tiny_patch16_224", pretrained=tmp_path / "missing.pth", **kw)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network in tests: the hub path must fail clearly
+    # No network in tests: the hub path must fail clearly. huggingface_hub reads HF_HUB_OFFLINE at
+    # import, so set its constant too.
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PretrainedUnavailable, match="local file"):
         create_backbone("deit_tiny_patch16_224", pretrained=True)
