@@ -4,10 +4,14 @@ Both give the trainer the same thing, a :class:`DataSplit`: class names, a lengt
 normalised images ``[B, 3, H, W]`` float32 with labels ``[B]`` int64, in an order fixed by a seed.
 
 The synthetic task is built so that *which* patches a model keeps matters. Each image holds one
-small target (a filled shape in a class colour: the class is "<colour> <shape>", e.g. "red circle")
-covering ~4-8% of the patches, anywhere on a textured background with distractors that share either
-its colour (rings, bars, dots) or its shape (the same shapes in non-class colours). Clutter varies
-per image, from a plain background to a busy one, so content-adaptive budgets really vary.
+small target, a filled shape in a class colour (the class is "<colour> <shape>", e.g. "red circle"),
+on a textured background with distractors: achromatic copies of the shapes, *hollow* copies in the
+class colours (look-alikes of other classes: a model that loses the target's patches falls back on
+them and answers wrong), and rings, bars and dots in accent colours. The target touches 4 of the 64
+patches (6%) at any of the 49 corners of the patch grid; the distractors are anywhere. Aligning
+the target with the grid is what lets a ViT trained from scratch learn the task in minutes on a CPU
+(unaligned outlines plateaued at ~40% after 40k images). Clutter varies per image, from a plain
+background to eight distractors on strong texture, so content-adaptive budgets really vary.
 Images are rendered on the fly from per-item parameters, vectorised over the batch: item ``i`` of a
 seed is the same image whatever the batch, the split size or the machine's thread count.
 """
@@ -32,10 +36,10 @@ CLASS_COLOURS = {"red": (0.86, 0.14, 0.12), "green": (0.13, 0.66, 0.22), "blue":
 # all far from the class colours so "red circle" is never ambiguous.
 DECOY_COLOURS = ((0.95, 0.95, 0.95), (0.08, 0.08, 0.08), (0.50, 0.50, 0.50))
 ACCENT_COLOURS = ((0.95, 0.85, 0.15), (0.80, 0.25, 0.85), (0.15, 0.85, 0.90), (0.98, 0.55, 0.10))
-CLASS_COLOURED_ACCENTS = 0.0  # fraction of rings/bars/dots drawn in a class colour (harder task)
 CHUNK = 1024          # parameters are drawn per chunk of items, so a prefix never depends on the size
 MAX_DISTRACTORS = 8
 NOISE_BANK = 64
+GRID = 8          # the backbone's patch size: targets are aligned to its grid
 BAR_LENGTH = 1.8  # half-length of a bar distractor, in units of its radius
 
 
@@ -69,9 +73,10 @@ def _chunk_params(seed: int, chunk: int, size: int) -> dict[str, np.ndarray]:
     n, d = CHUNK, MAX_DISTRACTORS
     num_classes = len(CLASS_COLOURS) * len(SHAPES)
     label = (np.arange(chunk * n, (chunk + 1) * n) % num_classes).astype(np.int64)  # balanced
-    radius = size * rng.uniform(0.075, 0.095, n)
-    margin = radius * 1.6 + 1
-    center = rng.uniform(margin[:, None], size - margin[:, None], (n, 2))
+    radius = size * rng.uniform(0.085, 0.10, n)
+    # the target sits on a corner of the patch grid (+-0.5 px), so it spans one 2x2 block of patches
+    cells = size // GRID
+    center = rng.integers(1, cells, (n, 2)) * GRID + rng.uniform(-0.5, 0.5, (n, 2))
     clutter = rng.uniform(0.0, 1.0, n)
     p: dict[str, np.ndarray] = {"label": label, "clutter": clutter, "center": center, "radius": radius}
     p["bg_base"] = rng.uniform(0.25, 0.70, n)[:, None] + rng.uniform(-0.04, 0.04, (n, 3))
@@ -80,15 +85,16 @@ def _chunk_params(seed: int, chunk: int, size: int) -> dict[str, np.ndarray]:
     p["bg_noise"] = rng.normal(0.0, 1.0, (n, 1, 8, 8)) + rng.normal(0.0, 0.3, (n, 3, 8, 8))
     p["noise_offset"] = rng.integers(0, [NOISE_BANK, size], (n, 2))  # pixel noise: bank entry, row roll
 
-    # distractors: decoys (class shapes, achromatic) or rings/bars/dots (accent colours)
-    decoy = rng.uniform(size=(n, d)) < 0.5
-    kind = np.where(decoy, SHAPE, rng.integers(RING, DOT + 1, (n, d)))
-    accent = np.asarray(ACCENT_COLOURS)[rng.integers(0, len(ACCENT_COLOURS), (n, d))]
-    classy = rng.uniform(size=(n, d)) < CLASS_COLOURED_ACCENTS
-    accent = np.where(classy[..., None], np.asarray(list(CLASS_COLOURS.values()))[rng.integers(0, 3, (n, d))],
-                      accent)
-    rgb = np.where(decoy[..., None], np.asarray(DECOY_COLOURS)[rng.integers(0, len(DECOY_COLOURS), (n, d))],
-                   accent)
+    # distractors: class shapes in achromatic colours (25%); class shapes in class colours but hollow,
+    # look-alikes of other classes (45%); rings, bars and dots in accent colours (30%)
+    role = rng.choice(3, size=(n, d), p=[0.25, 0.45, 0.30])
+    kind = np.where(role < 2, SHAPE, rng.integers(RING, DOT + 1, (n, d)))
+    class_rgb = np.asarray(list(CLASS_COLOURS.values()))
+    rgb = np.select([role[..., None] == 0, role[..., None] == 1],
+                    [np.asarray(DECOY_COLOURS)[rng.integers(0, len(DECOY_COLOURS), (n, d))],
+                     class_rgb[rng.integers(0, len(class_rgb), (n, d))]],
+                    np.asarray(ACCENT_COLOURS)[rng.integers(0, len(ACCENT_COLOURS), (n, d))])
+    hollow = role == 1
     count = np.floor(clutter * (d + 1)).clip(max=d)
     # distractors keep clear of the target: the first of 12 candidate spots that is far enough
     cand = rng.uniform(2, size - 2, (n, d, 12, 2))
@@ -99,8 +105,10 @@ def _chunk_params(seed: int, chunk: int, size: int) -> dict[str, np.ndarray]:
     target_rgb = np.asarray(list(CLASS_COLOURS.values()))[label // len(SHAPES)] + rng.uniform(-0.08, 0.08, (n, 3))
     p["l_kind"] = np.concatenate([kind, np.full((n, 1), SHAPE)], axis=1)
     p["l_shape"] = np.concatenate([rng.integers(0, len(SHAPES), (n, d)), (label % len(SHAPES))[:, None]], axis=1)
+    p["l_hollow"] = np.concatenate([hollow, np.zeros((n, 1), dtype=bool)], axis=1)
     p["l_center"] = np.concatenate([spot, center[:, None]], axis=1)
-    p["l_radius"] = np.concatenate([size * rng.uniform(0.05, 0.09, (n, d)), radius[:, None]], axis=1)
+    d_radius = size * np.where(hollow, rng.uniform(0.075, 0.10, (n, d)), rng.uniform(0.05, 0.09, (n, d)))
+    p["l_radius"] = np.concatenate([d_radius, radius[:, None]], axis=1)
     p["l_width"] = np.concatenate([rng.uniform(0.8, 1.4, (n, d)), np.ones((n, 1))], axis=1)
     p["l_angle"] = np.concatenate([rng.uniform(0, math.pi, (n, d)), np.zeros((n, 1))], axis=1)
     p["l_rgb"] = np.concatenate([rgb, target_rgb[:, None]], axis=1)
@@ -137,8 +145,9 @@ def _shape_sdf(shape: int, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) 
     ax, ay = dx.abs(), dy.abs()
     if shape == 1:  # square
         return torch.maximum(ax, ay) - 0.886 * r
-    if shape == 2:  # triangle, apex up (y grows downward); 0.778 r = inradius of the equal-area one
-        ri = 0.778 * r
+    if shape == 2:  # triangle, apex up (y grows downward), its box centred; ri = inradius
+        ri = 0.7 * r
+        dy = dy - 0.5 * ri
         return torch.maximum(dy - ri, torch.maximum(0.866 * dx - 0.5 * dy - ri, -0.866 * dx - 0.5 * dy - ri))
     arm, half = 1.15 * r, 0.42 * r  # cross
     return torch.minimum(torch.maximum(ax - arm, ay - half), torch.maximum(ax - half, ay - arm))
@@ -154,6 +163,13 @@ def _layer_sdf(kind: int, shape: int, dx: torch.Tensor, dy: torch.Tensor, r: tor
         return torch.maximum((dx * cos + dy * sin).abs() - BAR_LENGTH * r, (dy * cos - dx * sin).abs() - width)
     dist = torch.sqrt(dx * dx + dy * dy)
     return (dist - r).abs() - width if kind == RING else dist - 0.45 * r
+
+
+def _coverage(sdf: torch.Tensor, hollow: np.ndarray, width: torch.Tensor) -> torch.Tensor:
+    """Anti-aliased coverage ``[M, w, w]`` of each layer: the whole shape, or a rim ``width`` wide."""
+    fill = 0.5 - sdf
+    rim = 0.5 - (sdf + width / 2).abs() + width / 2
+    return torch.where(torch.from_numpy(hollow)[:, None, None], rim, fill).clamp(0.0, 1.0)
 
 
 def _t(a: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -197,7 +213,7 @@ def _paint_layers(p: dict[str, np.ndarray], img: torch.Tensor) -> torch.Tensor:
         sel = torch.from_numpy(np.nonzero(group == g)[0])
         sdf[sel] = _layer_sdf(int(g) // len(SHAPES), int(g) % len(SHAPES), dx[sel], dy[sel], r[sel],
                               width[sel], angle[sel])
-    alpha = (0.5 - sdf).clamp(0.0, 1.0).flatten(1)  # anti-aliased coverage [M, 4m^2]
+    alpha = _coverage(sdf, p["l_hollow"][item, slot], width).flatten(1)  # [M, 4m^2]
     rgb = _t(p["l_rgb"][item, slot])  # [M, 3]
     # flat index of every window pixel, per channel, in the canvas padded by m (window at `corner`)
     pos = torch.arange(2 * m)
@@ -306,8 +322,8 @@ class FolderSplit:
         from timm.data import create_transform
         from torchvision.datasets import ImageFolder
 
-        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()
-               if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
+        cfg: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()
+                               if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
         self.dataset = ImageFolder(str(root), transform=create_transform(**cfg, is_training=training))
         self.class_names = list(self.dataset.classes)
         self.workers = workers

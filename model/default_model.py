@@ -20,8 +20,8 @@ from .checkpoint import CONFIG_FILE, DEFAULT_CHECKPOINT, WEIGHTS_FILE
 RECIPE: list[str] = [
     "--synthetic", "--backbone", "vit_micro_patch8_64", "--keep-rate", "0.7", "--seed", "0",
     "--train-size", "60000", "--val-size", "2400", "--batch-size", "64",
-    "--stage0-steps", "900", "--stage0-lr", "1.5e-3",
-    "--stage1-steps", "150", "--stage1-lr", "3e-3", "--tau", "4",
+    "--stage0-steps", "600", "--stage0-lr", "1e-3",
+    "--stage1-steps", "150", "--stage1-lr", "3e-3", "--tau", "4", "--stage1-norm", "batch",
     "--stage2-steps", "300", "--stage2-lr", "5e-4", "--stage2-keep-rates", "0.5,0.7,0.9",
     "--calibrate", "2048", "--name", "patchlife-default",
 ]

@@ -186,6 +186,7 @@ def held_out_split(args: argparse.Namespace, cfg: LifeViTConfig) -> tuple[DataSp
     """The split to evaluate and a one-line description of it."""
     spec = dict(cfg.metadata.get("data", {}))
     pre = cfg.preprocess
+    val: DataSplit
     if args.data is not None:
         _, val = folder_splits(args.data, pre, workers=2)
         return val, f"{args.data}/val ({len(val)} images)"

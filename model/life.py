@@ -69,13 +69,16 @@ class LifeRegression(nn.Module):
         self.score_quantiles = torch.quantile(flat, levels).to(self.weight.device)
 
 
-def soft_lives(scores: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
+def soft_lives(scores: torch.Tensor, schedule: KeepSchedule, per_image: bool = True) -> torch.Tensor:
     """Training-time lives (paper): per-image standardised scores rescaled to the ideal lives.
 
-    ``scores [B, P]`` -> ``[B, P]`` in layer units (unclamped, differentiable).
+    ``scores [B, P]`` -> ``[B, P]`` in layer units (unclamped, differentiable). With
+    ``per_image=False`` the scores are standardised over the whole batch instead, the training
+    counterpart of ``calibrated`` inference: raw scores then mean the same in every image.
     """
     ideal = schedule.ideal_lives().to(scores)
-    z = (scores - scores.mean(dim=1, keepdim=True)) / (scores.std(dim=1, keepdim=True) + 1e-6)
+    dim = 1 if per_image else None
+    z = (scores - scores.mean(dim=dim, keepdim=True)) / (scores.std(dim=dim, keepdim=True) + 1e-6)
     return ideal.mean() + ideal.std() * z
 
 

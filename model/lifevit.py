@@ -169,10 +169,11 @@ class LifeViT(nn.Module):
         """
         return self._weighted_tail(self._first_blocks(images), log_weights)
 
-    def forward_soft(self, images: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage-1 training forward: ``(logits, training lives [B, P])``."""
+    def forward_soft(self, images: torch.Tensor, tau: float,
+                     per_image: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage-1 training forward: ``(logits, training lives [B, P])``; see ``soft_lives``."""
         x = self._first_blocks(images)
-        lives = soft_lives(self._scores(x), self.schedule)
+        lives = soft_lives(self._scores(x), self.schedule, per_image)
         weights = soft_keep_weights(lives, self.depth, self.schedule.first_block, tau)
         return self._weighted_tail(x, weights), lives
 

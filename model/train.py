@@ -61,19 +61,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--backbone", default="vit_micro_patch8_64", help="timm ViT/DeiT name or a small config")
     m.add_argument("--pretrained", default=None, metavar="hub|FILE",
                    help="start from pretrained weights: 'hub' or a local weights file (skips stage 0)")
+    m.add_argument("--init", choices=("mimetic", "timm"), default="mimetic",
+                   help="initialisation without --pretrained: mimetic attention (learns much faster) or timm's")
     m.add_argument("--keep-rate", type=float, default=0.7, help="the model's default keep schedule")
     m.add_argument("--stage-starts", type=_ints, default=None, help="blocks where pruning stages start")
     m.add_argument("--patch-counts", type=_ints, default=None, help="explicit patches kept per stage")
     t = p.add_argument_group("schedule")
-    for s, name, lr in ((0, "dense", 2e-3), (1, "life", 3e-3), (2, "tail", 5e-4)):
+    for s, name, lr in ((0, "dense", 1e-3), (1, "life", 3e-3), (2, "tail", 5e-4)):
         t.add_argument(f"--stage{s}-steps", type=int, default=None, help=f"optimiser steps of stage {s} ({name})")
         t.add_argument(f"--stage{s}-epochs", type=float, default=None, help="or its length in epochs")
         t.add_argument(f"--stage{s}-lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of each stage")
     t.add_argument("--weight-decay", type=float, default=0.05)
     t.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     t.add_argument("--tau", type=float, default=4.0, help="stage 1 soft-mask temperature")
+    t.add_argument("--stage1-norm", choices=("per_image", "batch"), default="per_image",
+                   help="stage 1 score standardisation: per image (paper) or over the batch (scores "
+                        "comparable across images: better content-adaptive budgets)")
     t.add_argument("--label-smoothing", type=float, default=0.1)
     t.add_argument("--distill", type=float, default=0.0,
                    help="weight of distillation from the dense model in stages 1-2 (0: off)")
@@ -174,7 +179,7 @@ class StageRunner:
         if self.stage.name == "dense":
             return m.forward_dense(images), None
         if self.stage.name == "life":
-            logits, lives = m.forward_soft(images, self.args.tau)
+            logits, lives = m.forward_soft(images, self.args.tau, self.args.stage1_norm == "per_image")
             return logits, float(lives.detach().mean())
         # tail: the inference path (per-image counts, so one static shape per step)
         g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
@@ -194,20 +199,43 @@ class StageRunner:
         return (1 - alpha) * ce + alpha * _distill_loss(logits, teacher)
 
 
+class _Meter:
+    """Running loss, accuracy and images/s over the last ``size`` steps (for the progress bar)."""
+
+    def __init__(self, size: int = 20) -> None:
+        self.size = size
+        self.steps: list[tuple[float, float, int, float]] = []
+
+    def add(self, loss: float, acc: float, n: int, seconds: float) -> None:
+        self.steps = [*self.steps, (loss, acc, n, seconds)][-self.size:]
+
+    @property
+    def loss(self) -> float:
+        return sum(s[0] for s in self.steps) / max(1, len(self.steps))
+
+    @property
+    def acc(self) -> float:
+        return sum(s[1] * s[2] for s in self.steps) / max(1, sum(s[2] for s in self.steps))
+
+    @property
+    def rate(self) -> float:
+        return sum(s[2] for s in self.steps) / max(1e-9, sum(s[3] for s in self.steps))
+
+
 def run_stage(model: LifeViT, stage: Stage, train: DataSplit, state: RunState, args: argparse.Namespace,
               ctx: TrainContext) -> bool:
     """Train one stage from ``state.step``; False when ``--stop-after`` interrupted it."""
     params = trainable_parameters(model, stage.name)
     opt = make_optimizer(params, stage.lr, args.weight_decay)
-    if ctx.optimizer_state is not None:
+    if ctx.optimizer_state is not None:  # resumed in the middle of this stage
         opt.load_state_dict(ctx.optimizer_state)
-        ctx.optimizer_state = None
+    ctx.optimizer_state = None
     runner = StageRunner(model, stage, args, ctx.teacher if stage.name == "tail" else None)
     per_epoch = math.ceil(len(train) / args.batch_size)
     model.train()
     bar = tqdm(total=stage.steps, initial=state.step, desc=f"stage {stage.index} {stage.name}",
                unit="step", mininterval=2.0, dynamic_ncols=True, file=sys.stderr)
-    window: list[tuple[float, float, int]] = []
+    meter = _Meter()
     t_last = time.perf_counter()
     while state.step < stage.steps:
         epoch, start = divmod(state.step, per_epoch)
@@ -232,24 +260,21 @@ def run_stage(model: LifeViT, stage: Stage, train: DataSplit, state: RunState, a
             state.total_steps += 1
             now = time.perf_counter()
             state.seconds += now - t_last
-            window = (window + [(loss.item(), accuracy(logits, labels), len(labels))])[-20:]
-            bar.set_postfix(loss=f"{sum(w[0] for w in window) / len(window):.3f}",
-                            acc=f"{sum(w[1] * w[2] for w in window) / sum(w[2] for w in window):.3f}",
-                            life="-" if life is None else f"{life:.2f}",
-                            img_s=f"{len(labels) / max(now - t_last, 1e-9):.0f}", refresh=False)
+            meter.add(loss.item(), accuracy(logits, labels), len(labels), now - t_last)
+            bar.set_postfix(loss=f"{meter.loss:.3f}", acc=f"{meter.acc:.3f}",
+                            life="-" if life is None else f"{life:.2f}", img_s=f"{meter.rate:.0f}", refresh=False)
             bar.update(1)
             t_last = now
             done = state.step >= stage.steps
-            stop = args.stop_after is not None and state.total_steps >= args.stop_after
-            if done or stop or state.step % args.save_every == 0:
+            if ctx.stopping(state) and not done:
                 ctx.save_resume(model, opt, state)
-            if stop and not done:
                 bar.close()
                 return False
+            if not done and state.step % args.save_every == 0:
+                ctx.save_resume(model, opt, state)
     bar.close()
     state.history.append({"stage": stage.index, "name": stage.name, "steps": stage.steps, "lr": stage.lr,
-                          "final_loss": sum(w[0] for w in window) / max(1, len(window)),
-                          "final_train_acc": sum(w[1] * w[2] for w in window) / max(1, sum(w[2] for w in window))})
+                          "final_loss": meter.loss, "final_train_acc": meter.acc, "images_per_s": meter.rate})
     return True
 
 
@@ -285,9 +310,14 @@ class TrainContext:
             return torch.autocast("cpu", enabled=False)
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def save_resume(self, model: LifeViT, opt: torch.optim.Optimizer, state: RunState) -> None:
+    def stopping(self, state: RunState) -> bool:
+        return self.args.stop_after is not None and state.total_steps >= self.args.stop_after
+
+    def save_resume(self, model: LifeViT, opt: torch.optim.Optimizer | None, state: RunState) -> None:
+        """Everything to continue later; ``opt`` None at a stage boundary (the next stage starts fresh)."""
         self.tick(state)
-        body = {"model": model.state_dict(), "optimizer": opt.state_dict(), "state": vars(state).copy(),
+        body = {"model": model.state_dict(), "optimizer": None if opt is None else opt.state_dict(),
+                "state": vars(state).copy(),
                 "teacher": None if self.teacher is None else self.teacher.state_dict(),
                 "args": {k: v for k, v in vars(self.args).items() if k not in _NOT_COMPARED}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +348,8 @@ class TrainContext:
 
 def plan_stages(args: argparse.Namespace, train_len: int) -> list[Stage]:
     per_epoch = math.ceil(train_len / args.batch_size)
-    defaults = {0: 0 if args.pretrained else 4 * per_epoch, 1: per_epoch // 2, 2: per_epoch}
+    # without lengths: one epoch of dense training from scratch, a quarter for lives, half for the tail
+    defaults = {0: 0 if args.pretrained else per_epoch, 1: max(1, per_epoch // 4), 2: max(1, per_epoch // 2)}
     stages = []
     for s, name in enumerate(STAGES):
         steps, epochs = getattr(args, f"stage{s}_steps"), getattr(args, f"stage{s}_epochs")
@@ -340,13 +371,21 @@ def train(args: argparse.Namespace) -> int:
     for stage in stages[state.stage:]:
         if stage.name == "tail" and args.distill > 0 and ctx.teacher is None:
             ctx.teacher = copy.deepcopy(model).eval().requires_grad_(False)  # dense model before the tail moves
-        if stage.steps > 0 and not run_stage(model, stage, train_split, state, args, ctx):
-            print(f"stopped after {args.stop_after} steps (stage {stage.index}, step {state.step}); "
-                  f"continue with the same command plus --resume", file=sys.stderr)
-            return 0
+        if state.step < stage.steps and not run_stage(model, stage, train_split, state, args, ctx):
+            return _stopped(args, state)
         state.history.append(quick_eval(model, val_split, stage.name, ctx.device, args.batch_size))
         state.stage, state.step = stage.index + 1, 0
+        if stage.index + 1 < len(stages):
+            ctx.save_resume(model, None, state)  # a stage boundary: --resume starts the next stage
+            if ctx.stopping(state):
+                return _stopped(args, state)
     return _finish(model, args, ctx, state, train_split, val_split)
+
+
+def _stopped(args: argparse.Namespace, state: RunState) -> int:
+    print(f"stopped after {args.stop_after} steps (now at stage {state.stage}, step {state.step}); "
+          "continue with the same command plus --resume", file=sys.stderr)
+    return 0
 
 
 def _finish(model: LifeViT, args: argparse.Namespace, ctx: TrainContext, state: RunState,

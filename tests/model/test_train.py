@@ -56,12 +56,14 @@ def test_lr_warms_up_then_decays():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
 
 
-def test_resume_continues_from_the_saved_step(tmp_path, capsys):
+@pytest.mark.parametrize("stop,where", [(4, (1, 1)), (3, (1, 0))])  # mid-stage, at a stage boundary
+def test_resume_continues_from_the_saved_step(stop, where, tmp_path):
     common = [*TINY, "--stage0-steps", "3", "--stage1-steps", "3", "--stage2-steps", "3", "--seed", "1"]
     assert main([*common, "--out", str(tmp_path / "a")]) == 0
-    assert main([*common, "--out", str(tmp_path / "b"), "--stop-after", "4"]) == 0
-    saved = torch.load(tmp_path / "b" / "resume.pt", weights_only=False)["state"]
-    assert (saved["stage"], saved["step"]) == (1, 1)  # 3 dense steps + 1 life step
+    assert main([*common, "--out", str(tmp_path / "b"), "--stop-after", str(stop)]) == 0
+    saved = torch.load(tmp_path / "b" / "resume.pt", weights_only=False)
+    assert (saved["state"]["stage"], saved["state"]["step"]) == where  # 3 dense steps (+ 1 life step)
+    assert (saved["optimizer"] is None) == (where[1] == 0)
     assert not (tmp_path / "b" / "config.json").exists()
     assert main([*common, "--out", str(tmp_path / "b"), "--resume"]) == 0
     assert not (tmp_path / "b" / "resume.pt").exists()
@@ -107,3 +109,52 @@ def test_bad_data_folders_stop_with_a_message(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "tree"), "--backbone", "vit_nano_patch8_32"]) == 2
     err = capsys.readouterr().err
     assert "only in train/: ['b']" in err and "only in val/: ['c']" in err
+
+
+def test_batch_normalised_stage1_lets_lives_differ_between_images():
+    torch.manual_seed(0)
+    model = build_model(_args())
+    x = torch.randn(4, 3, 32, 32) * torch.tensor([0.1, 1.0, 2.0, 4.0])[:, None, None, None]
+    ideal = model.schedule.ideal_lives().mean()
+    with torch.no_grad():
+        _, per_image = model.forward_soft(x, 4.0)
+        _, batch = model.forward_soft(x, 4.0, per_image=False)
+    assert torch.allclose(per_image.mean(dim=1), ideal.expand(4), atol=1e-4)  # paper: same mean per image
+    assert batch.mean() == pytest.approx(float(ideal), abs=1e-4) and batch.mean(dim=1).std() > 0.01
+
+
+def test_mimetic_init_makes_attention_start_near_identity():
+    torch.manual_seed(0)
+    timm_init = build_model(_args("--init", "timm")).backbone.blocks[0].attn
+    torch.manual_seed(0)
+    attn = build_model(_args("--init", "mimetic")).backbone.blocks[0].attn
+    d, dh = attn.qkv.in_features, attn.qkv.in_features // attn.num_heads
+    w = attn.qkv.weight.detach()
+    qk = w[:dh].T @ w[d:d + dh]  # head 0: x Wq^T Wk x^T
+    vp = w[2 * d:].T @ attn.proj.weight.detach().T
+    assert qk.diag().mean() > 3 * qk.fill_diagonal_(0).abs().mean()  # rank d/heads of a Z + b I
+    assert vp.diag().mean() < -0.2
+    assert not torch.equal(w, timm_init.qkv.weight)
+
+
+def test_default_recipe_parses_and_matches_the_shipped_model(capsys):
+    from model.checkpoint import DEFAULT_CHECKPOINT
+    from model.default_model import RECIPE
+
+    args = _args(*RECIPE)  # no typo in the recipe
+    assert args.backbone == "vit_micro_patch8_64" and args.data is None
+    metrics = DEFAULT_CHECKPOINT / "metrics.json"
+    if metrics.is_file():  # the shipped checkpoint was made by exactly this command
+        command = json.loads(metrics.read_text())["command"]
+        assert command.split(" --out ")[0] == "patchlife train " + " ".join(RECIPE)
+
+
+def test_ensure_default_leaves_an_existing_model_alone(tmp_path, capsys):
+    from model import default_model
+
+    assert main([*TINY, "--stage0-steps", "1", "--stage1-steps", "1", "--stage2-steps", "1",
+                 "--out", str(tmp_path)]) == 0
+    before = (tmp_path / "model.safetensors").stat().st_mtime_ns
+    assert default_model.run(argparse.Namespace(out=tmp_path, force=False)) == 0
+    assert "exists" in capsys.readouterr().out
+    assert (tmp_path / "model.safetensors").stat().st_mtime_ns == before
