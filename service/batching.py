@@ -8,6 +8,13 @@ The worker keeps two queues and asks :func:`plan` what to do whenever something 
   is sent when the next image would not fit (``max_batch_size`` images or ``max_batch_tokens``
   tokens), or when its oldest image has waited ``max_delay``.
 
+Idle flush: waiting only pays while something else can happen meanwhile. A phase-A batch is also
+due at once when phase B holds nothing (the worker would sit idle, and the images would wait a
+second delay in phase B anyway); a phase-B batch is due at once when no image waits for phase A
+(nothing queued could still join it). So one request on an idle server runs through both phases
+without waiting, while under load, with both queues holding work, batches still fill for up to
+``max_delay``.
+
 Among the batches that are ready, the one holding the image submitted first goes first, so a rare
 bucket that has waited its delay is never overtaken by newer full buckets: the oldest waiting image
 bounds everyone's delay. Nothing here sleeps, locks or touches a model; ``now`` is passed in, so the
@@ -95,7 +102,8 @@ class Batch:
     """A decision: run ``keys`` (queue order) in ``phase``; tail batches run at ``counts``.
 
     ``tokens`` is the tail-token cost at ``counts`` (0 for head batches); ``reason`` says why it was
-    sent now: ``full`` (size or token limit reached), ``delay`` or ``drain``.
+    sent now: ``full`` (size or token limit reached), ``delay``, ``idle`` (the other phase's queue is
+    empty, see the module docstring) or ``drain``.
     """
 
     phase: Phase
@@ -192,21 +200,33 @@ def _tail_groups(tail: Sequence[Waiting], mode: Mode) -> list[list[Waiting]]:
 
 
 def _candidates(head: Sequence[Waiting], tail: Sequence[Waiting], limits: Limits,
-                tail_tokens: Callable[[Counts], int]) -> list[tuple[Batch, bool, float]]:
-    """Every batch that could be sent: (batch, is it full, when its delay runs out)."""
-    out: list[tuple[Batch, bool, float]] = []
+                tail_tokens: Callable[[Counts], int]) -> list[tuple[Batch, bool, float, bool]]:
+    """Every batch that could be sent: (batch, is it full, when its delay runs out, is the other
+    phase's queue empty)."""
+    out: list[tuple[Batch, bool, float, bool]] = []
     if head:
         taken = head[:limits.size]
         out.append((Batch("head", tuple(w.key for w in taken), None, 0, "full",
                           min(w.submitted for w in taken)),
-                    len(head) >= limits.size, head[0].arrived + limits.delay))
+                    len(head) >= limits.size, head[0].arrived + limits.delay, not tail))
     for group in _tail_groups(tail, limits.mode):
         n, counts, tokens = _take_tail(group, limits, tail_tokens)
         taken = group[:n]
         out.append((Batch("tail", tuple(w.key for w in taken), counts, tokens, "full",
                           min(w.submitted for w in taken)),
-                    n < len(group) or n >= limits.size, min(w.arrived for w in group) + limits.delay))
+                    n < len(group) or n >= limits.size, min(w.arrived for w in group) + limits.delay, not head))
     return out
+
+
+def _reason(full: bool, due: float, idle: bool, drain: bool, now: float) -> str | None:
+    """Why a candidate batch goes now, or None if it should keep waiting."""
+    if full:
+        return "full"
+    if due <= now:
+        return "delay"
+    if idle:
+        return "idle"
+    return "drain" if drain else None
 
 
 def plan(head: Sequence[Waiting], tail: Sequence[Waiting], now: float, limits: Limits,
@@ -222,9 +242,9 @@ def plan(head: Sequence[Waiting], tail: Sequence[Waiting], now: float, limits: L
     """
     ready: list[Batch] = []
     wake: float | None = None
-    for batch, full, due in _candidates(head, tail, limits, tail_tokens):
-        if full or drain or due <= now:
-            reason = "drain" if drain and not full and due > now else ("full" if full else "delay")
+    for batch, full, due, idle in _candidates(head, tail, limits, tail_tokens):
+        reason = _reason(full, due, idle, drain, now)
+        if reason is not None:
             ready.append(Batch(batch.phase, batch.keys, batch.counts, batch.tokens, reason,
                                batch.first_submitted))
         else:

@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         200_000, ge=1, description="Token limit of one phase-B batch (sum over images of the tokens "
                                    "every tail block sees), like TGI's max_batch_total_tokens.")
-    bucket_step: int = Field(8, ge=1, description="Budget buckets: patch counts rounded up to multiples of this.")
+    bucket_step: int = Field(4, ge=1, description="Budget buckets: patch counts rounded up to multiples of this "
+                                                  "(smaller: less waste, more distinct buckets to batch).")
     max_batch_waste: float = Field(
         0.10, ge=0, description="budget mode: a phase-B batch with room also takes images of smaller buckets "
                                 "while its tokens computed beyond the images' own budgets stay within this "
@@ -60,6 +61,13 @@ class Settings(BaseSettings):
     deadline_ms: float = Field(30_000, gt=0, description="Default per-request deadline; header "
                                                           "X-Request-Deadline-Ms overrides it.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time to finish queued work on shutdown.")
+    torch_threads: int = Field(
+        0, ge=0, description="Intra-op CPU threads of the model (torch.set_num_threads, applied in the worker "
+                             "thread at start-up); 0: torch's default, one per core. More threads speed up one "
+                             "batch on idle cores, but each batch then waits for all of them: when the cores are "
+                             "shared (the HTTP side decoding images, a load generator, other processes) a busy "
+                             "core stalls the whole team, so fewer threads can be several times faster (on a "
+                             "shared 2-core machine 1 thread beat 2 by 3-10x). Leave 0 on a dedicated machine.")
 
     @model_validator(mode="after")
     def _half_needs_gpu(self) -> Settings:

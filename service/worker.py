@@ -4,7 +4,8 @@
 
 Each image goes through two queues. Phase A (``Engine.head``) yields its lives and budget; phase B
 (``Engine.tail``) runs it with others of the same budget bucket (see :mod:`service.batching`, which
-decides what runs next). The thread wakes on every enqueue and at the policy's next due time.
+decides what runs next). The thread wakes on every enqueue and at the policy's next due time. It
+sizes torch's CPU thread team (``Settings.torch_threads``) before its first batch.
 
 Admission: a request is refused at once with :class:`Overloaded` when the queued images or queued
 tail tokens would pass their capacity (an image not yet through phase A is counted at its keep
@@ -101,6 +102,19 @@ class _Image:
     queue_s: float = 0.0         # both phases so far
     phase_wait_s: float = 0.0    # the last phase only (for the per-phase histogram)
     compute_s: float = 0.0
+
+
+def set_torch_threads(threads: int) -> None:
+    """Apply ``PATCHLIFE_TORCH_THREADS`` to the calling thread (0: keep torch's default).
+
+    It must run in the thread that runs the model. ``torch.set_num_threads`` is process-wide in
+    name, but the OpenMP team behind MKL's matrix products is sized per thread: a call made in the
+    main thread (say, before the model loads) left a worker thread's products on the default team
+    (torch 2.14, measured per-thread CPU time), while the call in the worker thread itself gave one
+    busy thread.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def _head_tokens_per_image(engine: Engine) -> int:
@@ -259,6 +273,7 @@ class Worker:
 
     # -- the worker thread -------------------------------------------------------------------
     def _loop(self) -> None:
+        set_torch_threads(self.settings.torch_threads)
         while True:
             with self._cond:
                 batch, images = self._next_locked()

@@ -8,7 +8,10 @@ import pytest
 
 from service.batching import Batch, Limits, Waiting, max_counts, plan
 
-A, B, C = (48, 40, 32), (24, 16, 8), (48, 48, 40)
+Counts = tuple[int, ...]
+A: Counts = (48, 40, 32)
+B: Counts = (24, 16, 8)
+C: Counts = (48, 48, 40)
 
 
 def cost(counts: tuple[int, ...]) -> int:
@@ -31,8 +34,9 @@ def test_nothing_queued_means_nothing_to_do() -> None:
 def test_head_waits_for_its_delay_then_flushes() -> None:
     lim = Limits(max_batch_size=4, max_delay_s=0.010)
     q = head_q(1.000, 1.004)
-    assert plan(q, [], 1.005, lim, cost) == pytest.approx(1.010)  # wake when the oldest is due
-    batch = plan(q, [], 1.010, lim, cost)
+    busy = tail_q((1.003, A))  # phase B holds work (not yet due): the head batch may wait to fill
+    assert plan(q, busy, 1.005, lim, cost) == pytest.approx(1.010)  # wake when the oldest is due
+    batch = plan(q, busy, 1.010, lim, cost)
     assert isinstance(batch, Batch)
     assert (batch.phase, batch.keys, batch.reason) == ("head", (0, 1), "delay")
 
@@ -47,12 +51,13 @@ def test_head_flushes_at_once_when_full_and_takes_fifo_prefix() -> None:
 def test_tail_groups_by_bucket_and_runs_at_the_bucket() -> None:
     lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0)
     q = tail_q((1.000, A), (1.001, B), (1.002, A), (1.003, B))
-    assert plan([], q, 1.005, lim, cost) == pytest.approx(1.010)
-    batch = plan([], q, 1.010, lim, cost)
+    head = head_q(1.004)  # an image still to go through phase A could join a bucket: buckets wait
+    assert plan(head, q, 1.005, lim, cost) == pytest.approx(1.010)
+    batch = plan(head, q, 1.010, lim, cost)
     assert isinstance(batch, Batch)
     assert (batch.phase, batch.keys, batch.counts, batch.reason) == ("tail", (100, 102), A, "delay")
     assert batch.tokens == 2 * cost(A)
-    rest = plan([], q[1::2], 1.012, lim, cost)  # the B bucket is due too (arrived 1.001)
+    rest = plan(head, q[1::2], 1.012, lim, cost)  # the B bucket is due too (arrived 1.001)
     assert isinstance(rest, Batch) and rest.keys == (101, 103) and rest.counts == B
 
 
@@ -80,10 +85,11 @@ def test_oldest_due_bucket_goes_before_newer_full_buckets() -> None:
     """No starvation: a rare bucket past its delay runs before full buckets of newer images."""
     lim = Limits(max_batch_size=2, max_delay_s=0.010)
     q = tail_q((1.000, B), (1.005, A), (1.006, A), (1.007, C), (1.008, C))
-    batch = plan([], q, 1.010, lim, cost)
+    head = head_q(1.008)
+    batch = plan(head, q, 1.010, lim, cost)
     assert isinstance(batch, Batch) and batch.counts == B and batch.reason == "delay"
     # Before B is due, full buckets run, oldest first.
-    early = plan([], q, 1.008, lim, cost)
+    early = plan(head, q, 1.008, lim, cost)
     assert isinstance(early, Batch) and early.counts == A and early.reason == "full"
 
 
@@ -95,6 +101,49 @@ def test_ready_batches_run_oldest_request_first_tail_before_head_on_ties() -> No
     assert isinstance(batch, Batch) and batch.phase == "tail"
     tie = plan([Waiting(1, 1.0, 1.0)], [Waiting(2, 1.0, 1.5, A)], 3.0, lim, cost)
     assert isinstance(tie, Batch) and tie.phase == "tail"
+
+
+def test_idle_head_batch_goes_at_once_when_phase_b_is_empty() -> None:
+    lim = Limits(max_batch_size=8, max_delay_s=0.010)
+    batch = plan(head_q(1.000, 1.001), [], 1.001, lim, cost)
+    assert isinstance(batch, Batch)
+    assert (batch.phase, batch.keys, batch.reason) == ("head", (0, 1), "idle")
+    # With phase-B work queued (not yet due) the head batch waits to fill, as before.
+    assert plan(head_q(1.000, 1.001), tail_q((1.0005, A)), 1.001, lim, cost) == pytest.approx(1.010)
+
+
+def test_idle_buckets_go_at_once_when_nothing_waits_for_phase_a_oldest_first() -> None:
+    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0)
+    q = tail_q((1.001, B), (1.000, A), (1.002, B))
+    batch = plan([], q, 1.003, lim, cost)
+    assert isinstance(batch, Batch)
+    assert (batch.phase, batch.keys, batch.counts, batch.reason) == ("tail", (101,), A, "idle")
+    rest = plan([], [q[0], q[2]], 1.004, lim, cost)
+    assert isinstance(rest, Batch) and (rest.keys, rest.counts, rest.reason) == ((100, 102), B, "idle")
+
+
+def test_under_load_buckets_still_wait_for_images_in_phase_a() -> None:
+    """Both queues hold work: nothing is due before the delay, whatever its phase."""
+    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0)
+    head, tail = head_q(1.004), tail_q((1.002, A), (1.003, B))
+    assert plan(head, tail, 1.005, lim, cost) == pytest.approx(1.012)  # A's delay runs out first
+    batch = plan(head, tail, 1.012, lim, cost)
+    assert isinstance(batch, Batch) and (batch.counts, batch.reason) == (A, "delay")
+    # Once the phase-A image has gone through, the buckets have nothing left to wait for.
+    later_tail = [*tail_q((1.003, B)), Waiting(0, 1.004, 1.0125, B)]
+    batch = plan([], later_tail, 1.0125, lim, cost)  # B's delay would run out at 1.013
+    assert isinstance(batch, Batch) and (batch.keys, batch.reason) == ((100, 0), "idle")
+
+
+def test_single_image_flows_through_both_phases_without_waiting() -> None:
+    limits = Limits(max_batch_size=8, max_delay_s=0.010)
+    for mode in ("budget", "fifo"):
+        batches, waits = simulate(mode, [(1.0, A)], limits, batch_s=0.002)
+        assert [(b.phase, b.reason) for b in batches] == [("head", "idle"), ("tail", "idle")]
+        assert waits[0] == [0.0, 0.0]
+    # Spaced-out requests (an idle server each time) never wait either.
+    batches, waits = simulate("budget", [(0.1 * i, (A, B, C)[i % 3]) for i in range(10)], limits, batch_s=0.002)
+    assert all(w == [0.0, 0.0] for w in waits.values()) and len(batches) == 20
 
 
 def test_budget_batch_with_room_takes_covered_smaller_buckets_within_the_waste_cap() -> None:
@@ -170,14 +219,20 @@ def test_limits_from_settings_and_validation() -> None:
 
 # -- a simulated worker: fake clock, stub runner --------------------------------------------------
 def simulate(mode: str, arrivals: list[tuple[float, tuple[int, ...]]], limits: Limits,
-             batch_s: float) -> tuple[list[Batch], dict[int, float]]:
-    """Drive ``plan`` like the worker does; every batch takes ``batch_s``. Returns batches, waits."""
+             batch_s: float) -> tuple[list[Batch], dict[int, list[float]]]:
+    """Drive ``plan`` like the worker does; every batch takes ``batch_s``.
+
+    Returns the batches in order and, per image, its waits ``[phase A, phase B]``.
+    """
     lim = Limits(limits.max_batch_size, limits.max_delay_s, limits.max_batch_tokens, mode,  # type: ignore[arg-type]
                  limits.max_waste)
     pending = sorted(enumerate(arrivals), key=lambda kv: kv[1][0])
     head: list[Waiting] = []
     tail: list[Waiting] = []
-    buckets, waits, batches, now = {}, {}, [], 0.0
+    buckets: dict[int, tuple[int, ...]] = {}
+    waits: dict[int, list[float]] = {}
+    batches: list[Batch] = []
+    now = 0.0
     while pending or head or tail:
         while pending and pending[0][1][0] <= now:
             key, (t, bucket) = pending.pop(0)
@@ -193,7 +248,7 @@ def simulate(mode: str, arrivals: list[tuple[float, tuple[int, ...]]], limits: L
         taken = [w for w in queue if w.key in decision.keys]
         queue[:] = [w for w in queue if w.key not in decision.keys]
         for w in taken:
-            waits[w.key] = max(waits.get(w.key, 0.0), now - w.arrived)
+            waits.setdefault(w.key, []).append(now - w.arrived)
         now += batch_s
         if decision.phase == "head":
             tail.extend(Waiting(w.key, w.submitted, now, buckets[w.key]) for w in taken)
@@ -203,7 +258,7 @@ def simulate(mode: str, arrivals: list[tuple[float, tuple[int, ...]]], limits: L
 def random_arrivals(n: int, seed: int) -> list[tuple[float, tuple[int, ...]]]:
     rng = random.Random(seed)
     common, rare = [A, B], [C]
-    t, out = 0.0, []
+    t, out = 0.0, []  # type: tuple[float, list[tuple[float, Counts]]]
     for _ in range(n):
         t += rng.expovariate(2000.0)
         out.append((t, rng.choice(rare) if rng.random() < 0.03 else rng.choice(common)))
@@ -248,5 +303,5 @@ def test_simulation_rare_bucket_is_not_starved_under_steady_full_batches() -> No
     rare_batch = next(b for b in batches if b.phase == "tail" and rare_key in b.keys)
     assert rare_batch.counts == C and rare_batch.reason == "delay"
     # After its delay it waits for at most the batch already running and one older ready batch.
-    assert waits[rare_key] <= limits.max_delay_s + 2 * 0.002 + 1e-9
-    assert max(waits.values()) <= limits.max_delay_s + 2 * 0.002 + 1e-9
+    assert max(waits[rare_key]) <= limits.max_delay_s + 2 * 0.002 + 1e-9
+    assert max(max(w) for w in waits.values()) <= limits.max_delay_s + 2 * 0.002 + 1e-9

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ class StubEngine:
         self.headed: list[int] = []         # identities seen by head, in order
         self.tails: list[tuple[tuple[int, ...], list[int]]] = []
         self.fail_on: int | None = None
+        self.threads: list[int] = []        # torch.get_num_threads() in the thread that runs head
 
     def schedule(self, keep_rate: float | None) -> SimpleNamespace:
         r = 0.5 if keep_rate is None else keep_rate
@@ -54,6 +56,7 @@ class StubEngine:
 
     def head(self, pixels: torch.Tensor, keep_rates: Sequence[float | None]) -> list[HeadItem]:
         self.entered.set()
+        self.threads.append(torch.get_num_threads())
         assert self.gate.wait(10), "test gate never opened"
         time.sleep(self.head_s)
         out = []
@@ -106,8 +109,8 @@ def images(*idents: int) -> list[torch.Tensor]:
     return [torch.full((3, 2, 2), float(i)) for i in idents]
 
 
-def settings(**kw: object) -> Settings:
-    base: dict[str, object] = dict(max_batch_size=8, max_delay_ms=5.0, shutdown_grace_s=5.0)
+def settings(**kw: Any) -> Settings:
+    base: dict[str, Any] = dict(max_batch_size=8, max_delay_ms=5.0, shutdown_grace_s=5.0)
     return Settings(**(base | kw))
 
 
@@ -165,6 +168,23 @@ def test_concurrent_requests_get_their_own_results_in_order(mode: str, waste: fl
                 assert computed - needed <= waste * needed
     assert all(needed <= computed for needed, computed in hooks.waste)
     assert hooks.depths[-1] == (0, 0) and hooks.rejects == []
+
+
+def test_one_request_on_an_idle_worker_does_not_wait_for_the_batching_delay() -> None:
+    engine, hooks = StubEngine(), Recorder()
+
+    async def main() -> None:
+        worker = Worker(engine, settings(max_delay_ms=60_000), hooks)  # type: ignore[arg-type]
+        await worker.start()
+        for ident in (1, 2):  # twice: the idle worker goes back to flushing at once
+            t0 = time.monotonic()
+            [result] = await worker.submit(images(ident), None, later(120))
+            assert time.monotonic() - t0 < 30, "the request waited for the batching delay"
+            assert int(result.probs[0]) == ident and result.queue_ms < 30_000
+        await worker.stop()
+
+    asyncio.run(main())
+    assert [(phase, size) for phase, size, _, _ in hooks.batches] == [("head", 1), ("tail", 1)] * 2
 
 
 def test_deadline_passed_while_queued_answers_deadline_and_never_runs() -> None:
@@ -227,12 +247,14 @@ def test_overload_counts_tokens_at_the_keep_rates_schedule() -> None:
                         hooks)
         await worker.start()
         engine.gate.clear()
+        running = asyncio.create_task(worker.submit(images(9), 1.0, later()))
+        await wait_until(engine.entered.is_set)  # the model is busy: what comes next stays queued
         task = asyncio.create_task(worker.submit(images(1, 2), 1.0, later()))
-        await asyncio.sleep(0.005)  # both queued (waiting for the 50 ms delay) or in phase A
+        await asyncio.sleep(0.005)
         with pytest.raises(Overloaded):
             await worker.submit(images(3), 1.0, later())
         engine.gate.set()
-        assert len(await task) == 2
+        assert len(await task) == 2 and len(await running) == 1
         await worker.stop()
 
     asyncio.run(main())
@@ -271,15 +293,21 @@ def test_stop_drains_queued_work_and_refuses_new_work() -> None:
 
     async def main() -> None:
         # A long delay: draining must send the partial batches without waiting for it.
+        # Request 0 holds the model while the others queue; once it leaves phase A both queues hold
+        # work, so without draining nothing would be due for a minute.
         worker = Worker(engine, settings(max_delay_ms=60_000), hooks)  # type: ignore[arg-type]
         await worker.start()
-        tasks = [asyncio.create_task(worker.submit(images(10 * i, 10 * i + 1), 0.75, later(60)))
-                 for i in range(5)]
+        engine.gate.clear()
+        tasks = [asyncio.create_task(worker.submit(images(0, 1), 0.75, later(60)))]
+        await wait_until(engine.entered.is_set)
+        tasks += [asyncio.create_task(worker.submit(images(10 * i, 10 * i + 1), 0.75, later(60)))
+                  for i in range(1, 5)]
         await asyncio.sleep(0.01)
         stopping = asyncio.create_task(worker.stop())
         await asyncio.sleep(0)
         with pytest.raises(ShuttingDown):
             await worker.submit(images(99), None, later())
+        engine.gate.set()
         t0 = time.monotonic()
         results = await asyncio.gather(*tasks)
         await stopping
@@ -336,3 +364,22 @@ def test_submit_before_start_and_empty_requests() -> None:
         await worker.stop()
 
     asyncio.run(main())
+
+
+def test_worker_thread_runs_the_model_with_the_configured_torch_threads() -> None:
+    async def one_image(worker: Worker) -> None:
+        await worker.start()
+        await worker.submit(images(1), None, later())
+        await worker.stop()
+
+    before = torch.get_num_threads()
+    wanted = before + 1  # differs from the default whatever the machine
+    engine = StubEngine()
+    try:
+        asyncio.run(one_image(Worker(engine, settings(torch_threads=wanted))))  # type: ignore[arg-type]
+    finally:
+        torch.set_num_threads(before)  # the count new threads start from is process-wide
+    assert engine.threads == [wanted]
+    engine = StubEngine()  # 0 leaves torch's default alone
+    asyncio.run(one_image(Worker(engine, settings(torch_threads=0))))  # type: ignore[arg-type]
+    assert engine.threads == [before]

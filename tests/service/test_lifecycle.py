@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,16 @@ class DisconnectAfter:
 
 def test_disconnect_drops_queued_work_and_is_counted(checkpoint_dir: Path) -> None:
     engine = Engine(checkpoint_dir, device="cpu")
-    # a long batching delay keeps the image queued until the client has gone
+    # Another request holds the model (its phase A waits on `gate`), so the image stays queued until
+    # the client has gone (an idle worker would run it at once).
+    gate, entered, head = threading.Event(), threading.Event(), engine.head
+
+    def gated_head(pixels: torch.Tensor, keep_rates: list[float | None]) -> Any:
+        entered.set()
+        gate.wait(30)
+        return head(pixels, keep_rates)
+
+    engine.head = gated_head  # type: ignore[method-assign,assignment]
     settings = Settings(checkpoint=checkpoint_dir, device="cpu", max_delay_ms=10_000, max_batch_size=8)
     metrics = Metrics()
     request = Request({"type": "http", "method": "POST", "path": "/classify", "headers": []}, DisconnectAfter(0.1))
@@ -88,15 +98,21 @@ def test_disconnect_drops_queued_work_and_is_counted(checkpoint_dir: Path) -> No
         await worker.start()
         try:
             pixels = [torch.zeros(3, 32, 32)]
+            blocker = asyncio.create_task(worker.submit(pixels, None, worker.clock() + 60))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
             t0 = time.monotonic()
             with pytest.raises(ClientDisconnected):
                 await run_model(request, worker, pixels, None, worker.clock() + 60)
-            assert time.monotonic() - t0 < 5.0  # noticed at once, not after the 10 s batching delay
+            assert time.monotonic() - t0 < 5.0  # noticed at once, not when the model frees up
+            gate.set()
+            assert len(await blocker) == 1
         finally:
+            gate.set()
             await worker.stop()
 
     asyncio.run(scenario())
     v = metrics.registry.get_sample_value
     assert v("patchlife_rejected_requests_total", {"reason": "disconnected"}) == 1
     assert v("patchlife_queue_depth", {"unit": "images"}) == 0
-    assert v("patchlife_model_compute_seconds_count", {"phase": "head"}) == 0  # the work never ran
+    assert v("patchlife_batch_size_sum", {"phase": "head"}) == 1  # only the blocker's image ever ran
