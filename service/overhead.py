@@ -35,6 +35,8 @@ import torch
 from PIL import Image
 
 from .engine import Engine
+from .settings import Settings
+from .worker import set_torch_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +98,13 @@ def _wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], timeout: fl
     raise TimeoutError("server not ready in time")
 
 
+def _model_thread_setup(engine: Engine, threads: int) -> int:
+    """Size the thread's torch team as the worker does, warm up; returns the threads it runs with."""
+    set_torch_threads(threads)
+    engine.warmup(2)
+    return torch.get_num_threads()
+
+
 def _time_compute(engine: Engine, pixels: torch.Tensor, n: int) -> list[float]:
     """Run in the bench's model thread (see ``measure``), as the worker runs the model in its own."""
     out = []
@@ -127,11 +136,12 @@ def _summary(values: list[float]) -> dict[str, float]:
 def measure(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     jpeg = _photo_jpeg(width, height)
-    engine = Engine(checkpoint, device=args.device)
-    # The model runs in one dedicated thread, as in the worker; on CPU the main thread's OpenMP team
-    # can time very differently from a worker thread's, which would skew the comparison.
+    settings = Settings()  # the server child reads the same PATCHLIFE_* variables
+    engine = Engine(checkpoint, device=args.device, bucket_step=settings.bucket_step)
+    # The model runs in one dedicated thread sized like the worker's (PATCHLIFE_TORCH_THREADS); on
+    # CPU the main thread's OpenMP team can time very differently from a worker thread's.
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
-    model_thread.submit(engine.warmup, 2).result()
+    threads = model_thread.submit(_model_thread_setup, engine, settings.torch_threads).result()
     pixels = engine.preprocess(Image.open(io.BytesIO(jpeg)))[None]
     port = _free_port()
     proc = _start_server(checkpoint, port, args)
@@ -157,7 +167,7 @@ def measure(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
     rest = [w - t["decode"] - t["queue"] - t["compute"] for w, t in zip(walls, timings, strict=True)]
     c, e = _summary(compute), _summary(walls)
     return {"model": engine.name, "backbone": engine.config.backbone, "device": str(engine.device),
-            "torch_threads": torch.get_num_threads(), "image": f"{width}x{height} JPEG ({len(jpeg)} bytes)",
+            "torch_threads": threads, "image": f"{width}x{height} JPEG ({len(jpeg)} bytes)",
             "requests": len(walls), "compute_ms": c, "end_to_end_ms": e,
             "server_ms": {**parts, "http_json_client": _summary(rest)},
             "overhead": round(e["median"] / c["median"] - 1.0, 4), "target": 0.15}
