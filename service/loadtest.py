@@ -2,10 +2,17 @@
 
 For each batching mode it starts ``patchlife serve`` on a free loopback port (``PATCHLIFE_BATCHING``
 set to the mode, every other ``PATCHLIFE_*`` variable of the caller passed on), waits for
-``/readyz``, warms it up, then drives it closed-loop: ``--clients`` clients, each POSTing one
-image to ``/classify`` and sending the next as soon as the answer is back, until ``--requests``
-requests or ``--duration`` seconds. The image mix is fixed (the synthetic shapes task's images, with
-varied clutter, at a cycle of keep rates), so every mode sees the same requests in the same order.
+``/readyz``, warms it up, then drives it closed-loop: ``--clients`` clients, each POSTing
+``--images-per-request`` images to ``/classify`` and sending the next request as soon as the answer
+is back, until ``--requests`` requests or ``--duration`` seconds. The image mix is fixed (the
+synthetic shapes task's images, with varied clutter, at a cycle of keep rates), so every mode sees
+the same requests in the same order.
+
+The client is kept cheap so that the server, not the client, is measured (they share the CPU on one
+machine): every request body is multipart-encoded once up front, each mode uses one keep-alive
+client, and an answer is checked by counting its results in the raw bytes (no JSON decoding).
+Several images per request spread the HTTP cost over them, which matters for tiny models; the
+client's own CPU time per request is reported.
 
 Waste comes from the server's ``/metrics`` counters (needed vs computed tail tokens) read before and
 after the measured window. With ``--rate-fraction F`` a second, open-loop pass sends Poisson
@@ -31,6 +38,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +48,7 @@ import numpy as np
 from PIL import Image
 
 MODES = ("budget", "fifo", "unbatched")
-Mix = list[tuple[bytes, float | None]]
+Mix = list[tuple[bytes, float | None]]  # (PNG, keep rate), one per image
 
 
 # -- the request mix ---------------------------------------------------------------------------
@@ -74,6 +82,37 @@ def make_mix(n: int, keep_rates: list[float | None], seed: int = 7) -> Mix:
     return [(_png(img), keep_rates[i % len(keep_rates)]) for i, img in enumerate(images)]
 
 
+@dataclass(frozen=True)
+class Payload:
+    """One request, encoded once: POST ``path`` with ``body`` (multipart, ``images`` files)."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    images: int
+    mix: Mix  # the (PNG, keep rate) of each image it carries
+
+
+def make_payloads(mix: Mix, per_request: int) -> list[Payload]:
+    """``len(mix)`` requests of ``per_request`` images each.
+
+    Request ``k`` carries images ``k*n .. k*n+n-1`` of the mix (cyclically) at the keep rate of mix
+    entry ``k``: with one image per request that is the mix itself, and with more the keep rates
+    still cycle from request to request.
+    """
+    out = []
+    for k in range(len(mix)):
+        rate = mix[k][1]
+        pngs = [mix[(k * per_request + j) % len(mix)][0] for j in range(per_request)]
+        files = [("files", (f"{j}.png", png, "image/png")) for j, png in enumerate(pngs)]
+        params = {} if rate is None else {"keep_rate": str(rate)}
+        request = httpx.Request("POST", "http://loadtest/classify", params=params, files=files)
+        path = request.url.raw_path.decode()
+        out.append(Payload(path, request.read(), {"content-type": request.headers["content-type"]},
+                           len(pngs), [(png, rate) for png in pngs]))
+    return out
+
+
 # -- one pass of load ---------------------------------------------------------------------------
 @dataclass
 class Pass:
@@ -81,6 +120,7 @@ class Pass:
     statuses: Counter[str] = field(default_factory=Counter)
     images: int = 0
     elapsed_s: float = 0.0
+    client_cpu_s: float = 0.0    # this process's CPU time during the pass (the load generator's cost)
 
     @property
     def errors(self) -> int:
@@ -89,59 +129,64 @@ class Pass:
     def summary(self) -> dict[str, Any]:
         lat = np.array(self.latencies_s or [float("nan")]) * 1000.0
         p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
-        return {"images_per_s": round(self.images / self.elapsed_s, 2) if self.elapsed_s else 0.0,
+        requests, secs = sum(self.statuses.values()), self.elapsed_s or float("inf")
+        return {"images_per_s": round(self.images / secs, 2), "requests_per_s": round(len(self.latencies_s) / secs, 2),
                 "p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2),
-                "errors": self.errors, "requests": sum(self.statuses.values()),
-                "error_statuses": {s: n for s, n in self.statuses.items() if s != "200"}}
+                "errors": self.errors, "requests": requests, "images": self.images,
+                "error_statuses": {s: n for s, n in self.statuses.items() if s != "200"},
+                "client_cpu_ms_per_request": round(1000.0 * self.client_cpu_s / requests, 3) if requests else None}
 
 
-async def _post(client: httpx.AsyncClient, item: tuple[bytes, float | None], out: Pass, t0: float) -> None:
-    png, rate = item
+async def _post(client: httpx.AsyncClient, payload: Payload, out: Pass, t0: float) -> None:
     try:
-        r = await client.post("/classify", files={"file": ("image.png", png, "image/png")},
-                              params={} if rate is None else {"keep_rate": rate})
+        r = await client.post(payload.path, content=payload.body, headers=payload.headers)
         status = str(r.status_code)
+        # One result per image, in raw bytes (each result has exactly one "timings_ms" key).
+        if status == "200" and r.content.count(b'"timings_ms"') != payload.images:
+            status = "wrong_result_count"
     except httpx.HTTPError as exc:
         status = type(exc).__name__
     out.statuses[status] += 1
     if status == "200":
         out.latencies_s.append(time.perf_counter() - t0)
-        out.images += 1
+        out.images += payload.images
 
 
-async def closed_loop(client: httpx.AsyncClient, mix: Mix, clients: int, requests: int, duration_s: float,
-                      start: int = 0) -> Pass:
+async def closed_loop(client: httpx.AsyncClient, payloads: list[Payload], clients: int, requests: int,
+                      duration_s: float, start: int = 0) -> Pass:
     """``clients`` concurrent clients, each sending its next request when the last is answered."""
     out, sent = Pass(), 0
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     end = t_start + duration_s
 
     async def client_loop() -> None:
         nonlocal sent
         while sent < requests and time.perf_counter() < end:
-            item = mix[(start + sent) % len(mix)]
+            payload = payloads[(start + sent) % len(payloads)]
             sent += 1
-            await _post(client, item, out, time.perf_counter())
+            await _post(client, payload, out, time.perf_counter())
 
     await asyncio.gather(*(client_loop() for _ in range(clients)))
     out.elapsed_s = time.perf_counter() - t_start
+    out.client_cpu_s = time.process_time() - cpu_start
     return out
 
 
-async def open_loop(client: httpx.AsyncClient, mix: Mix, rate_per_s: float, requests: int,
+async def open_loop(client: httpx.AsyncClient, payloads: list[Payload], rate_per_s: float, requests: int,
                     duration_s: float, seed: int = 0) -> Pass:
-    """Poisson arrivals at ``rate_per_s``; latency counts from each request's scheduled time."""
+    """Poisson arrivals at ``rate_per_s`` requests/s; latency counts from each request's scheduled time."""
     out, rng, tasks = Pass(), random.Random(seed), []
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     due = t_start
     for i in range(requests):
         due += rng.expovariate(rate_per_s)
         if due - t_start > duration_s:
             break
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        tasks.append(asyncio.create_task(_post(client, mix[i % len(mix)], out, due)))
+        tasks.append(asyncio.create_task(_post(client, payloads[i % len(payloads)], out, due)))
     await asyncio.gather(*tasks)
     out.elapsed_s = time.perf_counter() - t_start
+    out.client_cpu_s = time.process_time() - cpu_start
     return out
 
 
@@ -171,13 +216,16 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | None = None) -> Iterator[str]:
-    """``patchlife serve`` in a subprocess for ``mode``; yields its URL once /readyz answers 200."""
+    """``patchlife serve`` in a subprocess for ``mode``; yields its URL once /readyz answers 200.
+
+    ``threads``: PATCHLIFE_TORCH_THREADS of the server (None: inherited from this environment).
+    """
     port = free_port()
     env = dict(os.environ, PATCHLIFE_PORT=str(port), PATCHLIFE_HOST="127.0.0.1", PATCHLIFE_BATCHING=mode)
     if checkpoint:
         env["PATCHLIFE_CHECKPOINT"] = checkpoint
-    if threads:  # torch's intra-op threads (OMP): on a shared machine fewer threads stall less
-        env["OMP_NUM_THREADS"] = str(threads)
+    if threads is not None:
+        env["PATCHLIFE_TORCH_THREADS"] = str(threads)
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--log-level", "warning"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -204,14 +252,17 @@ def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | N
         log.close()
 
 
-async def measure(url: str, mix: Mix, args: argparse.Namespace,
+async def measure(url: str, payloads: list[Payload], args: argparse.Namespace,
                   transport: httpx.AsyncBaseTransport | None = None) -> dict[str, Any]:
-    """Warm-up, closed-loop pass (with /metrics before/after), optional open-loop pass."""
-    limits = httpx.Limits(max_connections=max(args.clients, 1) * 4)
+    """Warm-up, closed-loop pass (with /metrics before/after), optional open-loop pass.
+
+    One keep-alive client for all of it: connections are opened during the warm-up and reused.
+    """
+    limits = httpx.Limits(max_connections=max(args.clients, 1) * 4, max_keepalive_connections=max(args.clients, 1) * 4)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits, transport=transport) as client:
-        await closed_loop(client, mix, args.clients, args.warmup, 1e9)
+        await closed_loop(client, payloads, args.clients, args.warmup, 1e9)
         before = await scrape(client)
-        closed = await closed_loop(client, mix, args.clients, args.requests, args.duration, start=args.warmup)
+        closed = await closed_loop(client, payloads, args.clients, args.requests, args.duration, start=args.warmup)
         after = await scrape(client)
         result = closed.summary()
         delta = {k: after[k] - before.get(k, 0.0) for k in after}
@@ -219,9 +270,9 @@ async def measure(url: str, mix: Mix, args: argparse.Namespace,
         result["waste_ratio"] = round((computed - needed) / needed, 4) if needed > 0 else None
         batches = delta.get("tail_batches", 0.0)
         result["tail_batch_mean"] = round(delta.get("tail_images", 0.0) / batches, 2) if batches else None
-        if args.rate_fraction > 0 and closed.images:
-            rate = args.rate_fraction * closed.images / closed.elapsed_s
-            opened = (await open_loop(client, mix, rate, args.requests, args.duration)).summary()
+        if args.rate_fraction > 0 and closed.latencies_s:
+            rate = args.rate_fraction * len(closed.latencies_s) / closed.elapsed_s  # requests/s
+            opened = (await open_loop(client, payloads, rate, args.requests, args.duration)).summary()
             result["open_loop"] = {"rate_per_s": round(rate, 2), **{k: opened[k] for k in (
                 "images_per_s", "p50_ms", "p95_ms", "p99_ms", "errors")},
                 "p99_over_p50": round(opened["p99_ms"] / opened["p50_ms"], 2) if opened["p50_ms"] else None}
@@ -229,13 +280,25 @@ async def measure(url: str, mix: Mix, args: argparse.Namespace,
 
 
 # -- the offline reference ----------------------------------------------------------------------
-def offline_images_per_s(mix: Mix, checkpoint: str | None, batch_size: int, seconds: float = 5.0) -> float:
-    """The same model and mix without HTTP: head in batches, tail grouped by bucket, in-process."""
+def offline_images_per_s(mix: Mix, checkpoint: str | None, batch_size: int, seconds: float = 5.0,
+                         threads: int = 0) -> float:
+    """The same model and mix without HTTP: head in batches, tail grouped by bucket, in-process.
+
+    The model runs in a thread of its own with ``threads`` torch threads (0: torch's default), as
+    the server's worker does.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="offline-model") as pool:
+        return pool.submit(_offline, mix, checkpoint, batch_size, seconds, threads).result()
+
+
+def _offline(mix: Mix, checkpoint: str | None, batch_size: int, seconds: float, threads: int) -> float:
     import torch
 
     from service.engine import Engine
     from service.settings import Settings
+    from service.worker import set_torch_threads
 
+    set_torch_threads(threads)
     s = Settings()
     engine = Engine(Path(checkpoint) if checkpoint else s.checkpoint, s.device, s.dtype, s.bucket_step, s.keep_rate)
     pixels = [engine.preprocess(Image.open(io.BytesIO(png))) for png, _ in mix]
@@ -272,14 +335,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=2000, help="most requests per pass")
     p.add_argument("--duration", type=float, default=30.0, help="most seconds per pass")
     p.add_argument("--warmup", type=int, default=64, help="requests sent before measuring")
-    p.add_argument("--mix-size", type=int, default=256, help="distinct images in the mix")
+    p.add_argument("--mix-size", type=int, default=256, help="distinct images in the mix (and distinct requests)")
+    p.add_argument("--images-per-request", type=int, default=1,
+                   help="images in one multipart request (spreads the HTTP cost; the throughput is in images/s)")
     p.add_argument("--keep-rates", type=_rates, default=_rates("default,0.5,0.7,0.9"),
                    help="keep rates the requests cycle through ('default': the model's)")
     p.add_argument("--rate-fraction", type=float, default=0.0,
                    help="also run open-loop at this fraction of the closed-loop throughput (e.g. 0.7)")
     p.add_argument("--offline", action="store_true", help="also time the same mix in-process, without HTTP")
+    p.add_argument("--offline-seconds", type=float, default=10.0, help="how long the offline reference runs")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="OMP_NUM_THREADS for the servers started here (default: inherited)")
+                   help="PATCHLIFE_TORCH_THREADS of the servers started here and of the offline reference "
+                        "(default: inherited from the environment)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /readyz")
     p.add_argument("--json", action="store_true", help='print only {"modes": {...}} as JSON')
@@ -287,13 +354,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _table(modes: dict[str, dict[str, Any]], offline: float | None) -> str:
     head = f"{'mode':<10} {'images/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} " \
-           f"{'waste':>7} {'tail batch':>10}"
+           f"{'waste':>7} {'tail batch':>10} {'client ms/req':>13}"
     lines = [head, "-" * len(head)]
     for mode, r in modes.items():
         waste = "n/a" if r.get("waste_ratio") is None else f"{100 * r['waste_ratio']:.1f}%"
         batch = "n/a" if r.get("tail_batch_mean") is None else f"{r['tail_batch_mean']:.1f}"
+        cpu = "n/a" if r.get("client_cpu_ms_per_request") is None else f"{r['client_cpu_ms_per_request']:.2f}"
         lines.append(f"{mode:<10} {r['images_per_s']:>9.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
-                     f"{r['p99_ms']:>8.1f} {r['errors']:>6} {waste:>7} {batch:>10}")
+                     f"{r['p99_ms']:>8.1f} {r['errors']:>6} {waste:>7} {batch:>10} {cpu:>13}")
     for mode, r in modes.items():
         if r.get("error_statuses"):
             lines.append(f"errors {mode}: {r['error_statuses']}")
@@ -311,23 +379,30 @@ def run(args: argparse.Namespace) -> int:
     if unknown := sorted(set(modes) - set(MODES)):
         print(f"patchlife loadtest: unknown modes {unknown}; choose from {list(MODES)}", file=sys.stderr)
         return 2
-    mix = make_mix(args.mix_size, args.keep_rates)
+    if args.images_per_request < 1 or args.clients < 1 or args.mix_size < 1:
+        print("patchlife loadtest: --images-per-request, --clients and --mix-size must be >= 1", file=sys.stderr)
+        return 2
+    payloads = make_payloads(make_mix(args.mix_size, args.keep_rates), args.images_per_request)
     results: dict[str, dict[str, Any]] = {}
     if args.url:
-        results["server"] = asyncio.run(measure(args.url.rstrip("/"), mix, args))
+        results["server"] = asyncio.run(measure(args.url.rstrip("/"), payloads, args))
     for mode in [] if args.url else modes:
         if not args.json:
             print(f"[{mode}] starting server ...", file=sys.stderr)
         try:
             with server(mode, args.checkpoint, args.startup_timeout, args.torch_threads) as url:
-                results[mode] = asyncio.run(measure(url, mix, args))
+                results[mode] = asyncio.run(measure(url, payloads, args))
         except RuntimeError as exc:
             print(f"patchlife loadtest: {exc}", file=sys.stderr)
             return 1
     offline = None
     if args.offline:
         from service.settings import Settings
-        offline = round(offline_images_per_s(mix, args.checkpoint, Settings().max_batch_size), 2)
+        s = Settings()
+        threads = s.torch_threads if args.torch_threads is None else args.torch_threads
+        sent = [image for p in payloads for image in p.mix]  # the images and keep rates the servers got
+        offline = round(offline_images_per_s(sent, args.checkpoint, s.max_batch_size, args.offline_seconds,
+                                             threads), 2)
     if args.json:
         body: dict[str, Any] = {"modes": results}
         if offline is not None:
