@@ -195,7 +195,10 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
     """The counters this test reads from ``/metrics`` (absent ones are missing from the dict)."""
     wanted = {"patchlife_needed_tokens_total": "needed", "patchlife_computed_tokens_total": "computed",
               'patchlife_batch_size_sum{phase="tail"}': "tail_images",
-              'patchlife_batch_size_count{phase="tail"}': "tail_batches"}
+              'patchlife_batch_size_count{phase="tail"}': "tail_batches",
+              'patchlife_batch_size_count{phase="head"}': "head_batches",
+              'patchlife_model_compute_seconds_sum{phase="head"}': "head_s",
+              'patchlife_model_compute_seconds_sum{phase="tail"}': "tail_s"}
     try:
         text = (await client.get("/metrics")).text
     except httpx.HTTPError:
@@ -268,8 +271,12 @@ async def measure(url: str, payloads: list[Payload], args: argparse.Namespace,
         delta = {k: after[k] - before.get(k, 0.0) for k in after}
         needed, computed = delta.get("needed", 0.0), delta.get("computed", 0.0)
         result["waste_ratio"] = round((computed - needed) / needed, 4) if needed > 0 else None
-        batches = delta.get("tail_batches", 0.0)
-        result["tail_batch_mean"] = round(delta.get("tail_images", 0.0) / batches, 2) if batches else None
+        images, batches = delta.get("tail_images", 0.0), delta.get("tail_batches", 0.0)
+        result["tail_batch_mean"] = round(images / batches, 2) if batches else None
+        result["head_batch_mean"] = round(images / delta["head_batches"], 2) if delta.get("head_batches") else None
+        # Share of the wall time the model thread spent computing: near 1, the model is the bottleneck.
+        busy = delta.get("head_s", 0.0) + delta.get("tail_s", 0.0)
+        result["model_busy"] = round(busy / closed.elapsed_s, 3) if "head_s" in delta and closed.elapsed_s else None
         if args.rate_fraction > 0 and closed.latencies_s:
             rate = args.rate_fraction * len(closed.latencies_s) / closed.elapsed_s  # requests/s
             opened = (await open_loop(client, payloads, rate, args.requests, args.duration)).summary()
@@ -354,14 +361,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _table(modes: dict[str, dict[str, Any]], offline: float | None) -> str:
     head = f"{'mode':<10} {'images/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} " \
-           f"{'waste':>7} {'tail batch':>10} {'client ms/req':>13}"
+           f"{'waste':>7} {'tail batch':>10} {'model busy':>10} {'client ms/req':>13}"
     lines = [head, "-" * len(head)]
     for mode, r in modes.items():
         waste = "n/a" if r.get("waste_ratio") is None else f"{100 * r['waste_ratio']:.1f}%"
         batch = "n/a" if r.get("tail_batch_mean") is None else f"{r['tail_batch_mean']:.1f}"
         cpu = "n/a" if r.get("client_cpu_ms_per_request") is None else f"{r['client_cpu_ms_per_request']:.2f}"
+        busy = "n/a" if r.get("model_busy") is None else f"{100 * r['model_busy']:.0f}%"
         lines.append(f"{mode:<10} {r['images_per_s']:>9.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
-                     f"{r['p99_ms']:>8.1f} {r['errors']:>6} {waste:>7} {batch:>10} {cpu:>13}")
+                     f"{r['p99_ms']:>8.1f} {r['errors']:>6} {waste:>7} {batch:>10} {busy:>10} {cpu:>13}")
     for mode, r in modes.items():
         if r.get("error_statuses"):
             lines.append(f"errors {mode}: {r['error_statuses']}")

@@ -29,7 +29,10 @@ class FakeServer:
             text = (f"patchlife_needed_tokens_total {100.0 * n}\n"
                     f"patchlife_computed_tokens_total {110.0 * n}\n"
                     f'patchlife_batch_size_sum{{phase="tail"}} {float(n)}\n'
-                    f'patchlife_batch_size_count{{phase="tail"}} {n / 4}\n')
+                    f'patchlife_batch_size_count{{phase="tail"}} {n / 4}\n'
+                    f'patchlife_batch_size_count{{phase="head"}} {n / 8}\n'
+                    f'patchlife_model_compute_seconds_sum{{phase="head"}} {0.001 * n}\n'
+                    f'patchlife_model_compute_seconds_sum{{phase="tail"}} {0.002 * n}\n')
             return httpx.Response(200, text=text)
         assert request.url.path == "/classify" and request.method == "POST"
         assert request.headers["content-type"].startswith("multipart/form-data; boundary=")
@@ -88,9 +91,11 @@ def test_closed_loop_pass_counts_requests_images_errors_and_waste(per_request: i
     assert result["images"] == 30 * per_request
     assert result["images_per_s"] == pytest.approx(per_request * result["requests_per_s"], rel=0.02)
     assert result["waste_ratio"] == pytest.approx(0.10)  # (110 - 100) / 100 from the counters' deltas
-    assert result["tail_batch_mean"] == pytest.approx(4.0)
+    assert result["tail_batch_mean"] == pytest.approx(4.0) and result["head_batch_mean"] == pytest.approx(8.0)
     assert result["images_per_s"] > 0 and 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
     assert result["client_cpu_ms_per_request"] > 0
+    # 3 ms of (fake) model time per answered request, over the pass's wall time
+    assert result["model_busy"] == pytest.approx(0.003 * result["requests_per_s"], rel=0.05)
     assert "open_loop" not in result
 
 
