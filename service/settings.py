@@ -46,7 +46,9 @@ class Settings(BaseSettings):
         "budget", description="budget: group phase B by token-budget bucket; fifo: one batch at the "
                               "largest budget in it; unbatched: one image at a time.")
     max_batch_size: int = Field(32, ge=1, description="Most images in one phase-A or phase-B batch.")
-    max_delay_ms: float = Field(10.0, ge=0, description="Longest an image waits for its batch to fill.")
+    max_delay_ms: float = Field(
+        10.0, ge=0, description="Longest an image waits for its batch to fill; only while the other phase has "
+                                "work queued (an otherwise idle worker runs a batch at once).")
     max_batch_tokens: int = Field(
         200_000, ge=1, description="Token limit of one phase-B batch (sum over images of the tokens "
                                    "every tail block sees), like TGI's max_batch_total_tokens.")
@@ -66,8 +68,9 @@ class Settings(BaseSettings):
                              "thread at start-up); 0: torch's default, one per core. More threads speed up one "
                              "batch on idle cores, but each batch then waits for all of them: when the cores are "
                              "shared (the HTTP side decoding images, a load generator, other processes) a busy "
-                             "core stalls the whole team, so fewer threads can be several times faster (on a "
-                             "shared 2-core machine 1 thread beat 2 by 3-10x). Leave 0 on a dedicated machine.")
+                             "core stalls the whole team, so fewer threads can be several times faster (2-core "
+                             "machine: with another process busy on both cores, 1 thread ran 3-5x faster than 2; "
+                             "under the load test alone, 5-10% faster). Leave 0 on a dedicated machine.")
 
     @model_validator(mode="after")
     def _half_needs_gpu(self) -> Settings:
