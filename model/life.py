@@ -29,6 +29,7 @@ from .schedule import KeepSchedule
 
 Normalization = Literal["per_image", "calibrated"]
 NUM_QUANTILES = 1025
+NUM_SAMPLE_IMAGES = 512  # per-image score vectors kept from calibration (the budget distribution)
 
 
 class LifeRegression(nn.Module):
@@ -46,6 +47,9 @@ class LifeRegression(nn.Module):
         self.weight = nn.Parameter(torch.eye(dim) / dim**0.5)
         # Quantiles of raw scores over a calibration set (calibrated mode); empty until calibrated.
         self.register_buffer("score_quantiles", torch.zeros(0), persistent=True)
+        # A sample of calibration images' scores ``[N, P]``, each row sorted descending: what a
+        # server needs to know how budgets spread over images (its bucket grid); empty if unknown.
+        self.register_buffer("score_samples", torch.zeros(0), persistent=True)
 
     def forward(self, patches: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
         """``patches [B, P, C]``, ``cls [B, C]`` -> scores ``[B, P]`` (float32)."""
@@ -59,7 +63,14 @@ class LifeRegression(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, scores: torch.Tensor) -> None:
-        """Store the quantiles of raw scores pooled over a calibration set (any shape)."""
+        """Store the quantiles of raw scores pooled over a calibration set.
+
+        ``scores [N, P]`` (one row per image) also keeps up to ``NUM_SAMPLE_IMAGES`` rows, evenly
+        spaced, as the per-image sample; any other shape only sets the pooled quantiles.
+        """
+        if scores.dim() == 2 and scores.shape[0] > 0:
+            rows = scores.detach().float()[:: max(1, scores.shape[0] // NUM_SAMPLE_IMAGES)][:NUM_SAMPLE_IMAGES]
+            self.score_samples = rows.sort(dim=1, descending=True).values.to(self.weight.device)
         flat = scores.detach().float().flatten()
         if flat.numel() < 2:
             raise ValueError("calibration needs at least two scores")
@@ -100,8 +111,9 @@ def per_image_thresholds(scores: torch.Tensor, schedule: KeepSchedule) -> torch.
 def calibrated_thresholds(quantiles: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
     """Dataset-level thresholds: the score quantile at level ``1 - p_s / P``: ``[S]``."""
     q = quantiles.float()
-    levels = 1.0 - torch.tensor(schedule.patch_counts, dtype=torch.float32) / schedule.num_patches
-    pos = levels.to(q.device) * (q.numel() - 1)
+    counts = torch.tensor(schedule.patch_counts, dtype=torch.float32, device=q.device)
+    levels = 1.0 - counts / schedule.num_patches
+    pos = levels * (q.numel() - 1)
     lo = pos.floor().long().clamp(max=q.numel() - 1)
     hi = (lo + 1).clamp(max=q.numel() - 1)
     frac = pos - lo.float()

@@ -20,8 +20,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .life import LifeRegression, Normalization, inference_lives, soft_keep_weights, soft_lives
-from .schedule import KeepSchedule, budgets_from_lives, round_up_budget
+from .life import LifeRegression, Normalization, calibrated_thresholds, inference_lives, soft_keep_weights, soft_lives
+from .schedule import BucketGrid, KeepSchedule, budgets_from_lives
 
 
 @dataclass
@@ -127,25 +127,46 @@ class LifeViT(nn.Module):
         return inference_lives(scores, schedule or self.schedule, self.normalization,
                                self.life.score_quantiles)
 
-    def budgets(self, scores: torch.Tensor, schedule: KeepSchedule | None = None) -> torch.Tensor:
-        """Per-image patch counts per stage ``[B, S]`` (the schedule's in ``per_image`` mode)."""
+    def budgets(self, scores: torch.Tensor, schedule: KeepSchedule | None = None,
+                lives: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-image patch counts per stage ``[B, S]`` (the schedule's in ``per_image`` mode).
+
+        ``lives``: ``self.lives(scores, schedule)`` if the caller has it already.
+        """
         schedule = schedule or self.schedule
         if self.normalization == "per_image":
             return torch.tensor(schedule.patch_counts, device=scores.device).expand(scores.shape[0], -1)
-        return budgets_from_lives(self.lives(scores, schedule), schedule)
+        return budgets_from_lives(self.lives(scores, schedule) if lives is None else lives, schedule)
+
+    def budget_sample(self, schedule: KeepSchedule | None = None) -> torch.Tensor:
+        """Budgets ``[N, S]`` the calibration images would get at ``schedule`` (empty if unknown).
+
+        ``per_image``: the schedule's counts (one row). ``calibrated``: from the stored per-image
+        score sample, since ``life > start_s`` exactly when ``score > threshold_s``.
+        """
+        schedule = schedule or self.schedule
+        if self.normalization == "per_image":
+            return torch.tensor([schedule.patch_counts])
+        samples = self.life.score_samples
+        if samples.numel() == 0:
+            return torch.zeros(0, len(schedule.patch_counts), dtype=torch.long)
+        t = calibrated_thresholds(self.life.score_quantiles, schedule)
+        return (samples[:, :, None] > t).sum(dim=1).clamp(min=1).cpu()
 
     # -- whole forwards ----------------------------------------------------------------------
     def forward(self, images: torch.Tensor, schedule: KeepSchedule | None = None,
-                bucket_step: int = 1) -> torch.Tensor:
-        """Hard-pruned inference. Images run at their own budget, rounded up to ``bucket_step``."""
+                buckets: BucketGrid | int = 1) -> torch.Tensor:
+        """Hard-pruned inference. Images run at their own budget, rounded up to ``buckets`` (a grid,
+        or a per-stage step)."""
         state = self.head(images)
         if self.normalization == "per_image":  # every image has the schedule's counts: one batch
             return self.tail(state, (schedule or self.schedule).patch_counts)
-        return self.tail_grouped(state, self.budgets(state.scores, schedule), bucket_step)
+        return self.tail_grouped(state, self.budgets(state.scores, schedule), buckets)
 
-    def tail_grouped(self, state: HeadState, budgets: torch.Tensor, bucket_step: int = 1) -> torch.Tensor:
+    def tail_grouped(self, state: HeadState, budgets: torch.Tensor, buckets: BucketGrid | int = 1) -> torch.Tensor:
         """Run the tail once per distinct (rounded) budget and put logits back in input order."""
-        rounded = [round_up_budget(b, self.schedule, bucket_step) for b in budgets.tolist()]
+        grid = buckets if isinstance(buckets, BucketGrid) else BucketGrid.stepped(self.schedule, buckets)
+        rounded = [grid.round_up(b) for b in budgets.tolist()]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, key in enumerate(rounded):
             groups.setdefault(key, []).append(i)

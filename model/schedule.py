@@ -135,3 +135,67 @@ def round_up_budget(budget: Sequence[int] | torch.Tensor, schedule: KeepSchedule
     # Rounding up is monotone, so non-increasing counts stay non-increasing.
     return tuple(min(schedule.num_patches, -(-v // step) * step) for v in values)
 
+
+
+Counts = tuple[int, ...]
+
+
+def stage_blocks(schedule: KeepSchedule) -> tuple[int, ...]:
+    """Blocks in each stage (stage ``s`` runs from ``stage_starts[s]`` to the next start or the end)."""
+    ends = (*schedule.stage_starts[1:], schedule.depth)
+    return tuple(e - s for s, e in zip(schedule.stage_starts, ends, strict=True))
+
+
+@dataclass(frozen=True)
+class BucketGrid:
+    """The budgets a server runs the tail at: a budget runs at the cheapest grid point covering it.
+
+    Either ``points`` (a few budgets fitted to where the model's budgets fall, see ``fitted``; the
+    last one keeps every patch, so every budget has a point) or, without a sample of budgets to fit
+    to, per-stage rounding up to multiples of ``step``. Points are what a GPU captures graphs for.
+    """
+
+    num_patches: int
+    weights: tuple[int, ...]            # blocks per stage: the tail cost of one patch in each stage
+    points: tuple[Counts, ...] = ()
+    step: int = 1
+
+    def cost(self, counts: Sequence[int]) -> int:
+        """Patch-block products of ``counts``: proportional to the tail's token work."""
+        return sum(int(c) * w for c, w in zip(counts, self.weights, strict=True))
+
+    def round_up(self, budget: Sequence[int] | torch.Tensor) -> Counts:
+        values = tuple(int(v) for v in budget)
+        if len(values) != len(self.weights):
+            raise ValueError(f"budget has {len(values)} stages, the grid has {len(self.weights)}")
+        if not self.points:  # rounding up is monotone: non-increasing counts stay non-increasing
+            return tuple(min(self.num_patches, -(-v // self.step) * self.step) for v in values)
+        covering = [p for p in self.points if all(c >= v for c, v in zip(p, values, strict=True))]
+        return min(covering, key=self.cost)
+
+    @classmethod
+    def stepped(cls, schedule: KeepSchedule, step: int) -> BucketGrid:
+        if step < 1:
+            raise ValueError(f"bucket step must be >= 1, got {step}")
+        return cls(schedule.num_patches, stage_blocks(schedule), (), step)
+
+    @classmethod
+    def fitted(cls, budgets: torch.Tensor, schedule: KeepSchedule, size: int) -> BucketGrid:
+        """At most ``size`` points placed at quantiles of ``budgets [N, S]`` (plus the full budget).
+
+        The budgets are sorted by tail cost and cut into ``size`` equal-count bins; each bin's point
+        is the element-wise maximum of its budgets, so every sampled budget is covered by its bin's
+        point and wastes only what separates it from the bin's largest members.
+        """
+        if size < 1:
+            raise ValueError(f"need at least one bucket, got {size}")
+        grid = cls(schedule.num_patches, stage_blocks(schedule))
+        rows = sorted((tuple(int(v) for v in b) for b in budgets.tolist()), key=grid.cost)
+        points: list[Counts] = []
+        for i in range(min(size, len(rows))):
+            lo, hi = i * len(rows) // size, (i + 1) * len(rows) // size
+            if hi > lo:
+                points.append(tuple(max(col) for col in zip(*rows[lo:hi], strict=True)))
+        points.append((schedule.num_patches,) * len(schedule.patch_counts))
+        unique = sorted(set(points), key=grid.cost)
+        return cls(grid.num_patches, grid.weights, tuple(unique), 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 
@@ -36,22 +37,28 @@ def package_version() -> str:
 
 
 def load_engine(settings: Settings) -> Engine:
-    return Engine(settings.checkpoint, settings.device, settings.dtype, settings.bucket_step, settings.keep_rate)
+    return Engine.from_settings(settings)
 
 
 async def _warm_up_and_start(rt: Runtime) -> None:
     engine = rt.engine
     assert engine is not None
     try:
-        seconds = await anyio.to_thread.run_sync(engine.warmup, rt.settings.warmup_batches)
-        worker = Worker(engine, rt.settings, PrometheusHooks(rt.metrics, engine.dense_gflops))
+        t0 = time.perf_counter()
+        timings = await anyio.to_thread.run_sync(engine.warmup, rt.settings.warmup_batches)
+        seconds = time.perf_counter() - t0
+        rt.metrics.set_graphs(engine.runner.describe)
+        worker = Worker(engine, rt.settings, PrometheusHooks(rt.metrics, engine.dense_gflops), timings=timings)
         await worker.start()
     except Exception as exc:  # stay alive (healthz) but never ready; the reason shows in /readyz
         log.exception("warm-up failed")
         rt.startup_error = f"{type(exc).__name__}: {exc}"
         return
     rt.worker, rt.ready = worker, True
-    log.info("model %s ready on %s (warm-up %.2f s)", engine.name, engine.device, seconds)
+    graphs = engine.runner.describe()
+    log.info("model %s ready on %s %s (warm-up %.2f s; %d CUDA graphs captured in %.2f s, %.1f MiB; cost model %s)",
+             engine.name, engine.device, engine.dtype, seconds, graphs["captured"], graphs["capture_seconds"],
+             graphs["capture_bytes"] / 2**20, worker.cost.describe())
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:

@@ -30,6 +30,12 @@ Modes (``Limits.mode``):
   Many sparse buckets would otherwise each run as a batch of one or two, which a CPU or GPU runs at
   a fraction of its batched speed. ``max_waste=0`` never mixes buckets: then an image's answer
   does not depend on what else is queued.
+  With a cost model (``plan(..., cost=...)``, the worker's measured :mod:`service.costmodel`),
+  merges are priced by the device's time instead: a covered bucket joins the batch when running its
+  images at the batch's counts costs less than running them as a batch of their own would (the
+  fixed cost per call against the extra tokens), and the batch's counts are chosen, among its own
+  bucket and the larger queued ones, to save the most device time. A fixed-cost-bound device thus
+  merges up to FIFO-like batches, a FLOP-bound one keeps buckets apart; ``max_waste`` still caps it.
 * ``fifo``: phase B is one first-in-first-out queue, each batch run at the element-wise maximum of
   the buckets in it (the largest budget); same size, delay and token limits.
 * ``unbatched``: one image per batch, no waiting.
@@ -38,7 +44,7 @@ Modes (``Limits.mode``):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -47,6 +53,9 @@ if TYPE_CHECKING:
 Mode = Literal["budget", "fifo", "unbatched"]
 Phase = Literal["head", "tail"]
 Counts = tuple[int, ...]
+# Predicted device seconds of a batch: (phase, images, counts or None for phase A). Padding to a
+# captured batch-size class is the caller's business (see Worker.batch_seconds).
+BatchCost = Callable[[Phase, int, "Counts | None"], float]
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class Limits:
     max_batch_tokens: int = 200_000
     mode: Mode = "budget"
     max_waste: float = 0.10
+    work_conserving: bool = False  # run the oldest batch rather than leave the device idle
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_delay_s < 0 or self.max_waste < 0:
@@ -69,7 +79,7 @@ class Limits:
     def from_settings(cls, settings: Settings) -> Limits:
         return cls(max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000.0,
                    max_batch_tokens=settings.max_batch_tokens, mode=settings.batching,
-                   max_waste=settings.max_batch_waste)
+                   max_waste=settings.max_batch_waste, work_conserving=settings.work_conserving)
 
     @property
     def size(self) -> int:
@@ -172,6 +182,62 @@ def _fill(batch: Batch, tail: Sequence[Waiting], limits: Limits,
                  batch.reason, min(w.submitted for w in best))
 
 
+def _merge_at(counts: Counts, base: Sequence[Waiting], groups: dict[Counts, list[Waiting]], limits: Limits,
+              tail_tokens: Callable[[Counts], int], cost: BatchCost) -> tuple[list[Waiting], float] | None:
+    """``base`` (cut to the room at ``counts``) plus every covered group that is cheaper to run here
+    than on its own, nearest buckets first, within the waste cap; returns (images, device seconds
+    saved against running them apart), or None when ``base`` itself would pass the cap there."""
+    per_image = tail_tokens(counts)
+    room = min(limits.size, max(1, limits.max_batch_tokens // per_image))
+    chosen = list(base[:room])
+    needed = sum(w.need or tail_tokens(w.bucket) for w in chosen)
+    if counts != chosen[0].bucket and len(chosen) * per_image - needed > limits.max_waste * needed:
+        return None
+    apart = cost("tail", len(chosen), chosen[0].bucket)
+    keys = {w.key for w in chosen}
+    near_first = sorted((b for b in groups if covers(counts, b)), key=tail_tokens, reverse=True)
+    for bucket in near_first:
+        group = [w for w in groups[bucket] if w.key not in keys][:room - len(chosen)]
+        if not group:
+            continue
+        joined = cost("tail", len(chosen) + len(group), counts) - cost("tail", len(chosen), counts)
+        alone = cost("tail", len(group), bucket)
+        need = needed + sum(w.need or tail_tokens(w.bucket) for w in group)
+        if joined <= alone and (len(chosen) + len(group)) * per_image - need <= limits.max_waste * need:
+            chosen += group
+            keys.update(w.key for w in group)
+            apart, needed = apart + alone, need
+    return chosen, apart - cost("tail", len(chosen), counts)
+
+
+def _merge_by_cost(batch: Batch, tail: Sequence[Waiting], limits: Limits,
+                   tail_tokens: Callable[[Counts], int], cost: BatchCost, max_options: int = 16) -> Batch:
+    """The budget batch re-planned by device time: its counts (own bucket or a larger queued one)
+    and the covered buckets that join it, whichever saves the most seconds (see module docstring)."""
+    assert batch.counts is not None
+    groups: dict[Counts, list[Waiting]] = {}
+    for w in tail:
+        groups.setdefault(w.bucket, []).append(w)
+    base = [w for w in tail if w.key in set(batch.keys)]
+    options = [batch.counts] + sorted((b for b in groups if b != batch.counts and covers(b, batch.counts)),
+                                      key=tail_tokens)[:max_options]
+    best: tuple[float, int, int] | None = None
+    chosen: tuple[Counts, list[Waiting]] = (batch.counts, base)
+    for counts in options:
+        merged = _merge_at(counts, base, groups, limits, tail_tokens, cost)
+        if merged is None:
+            continue
+        images, saved = merged
+        score = (saved, len(images), -tail_tokens(counts))
+        if best is None or score > best:
+            best, chosen = score, (counts, images)
+    counts, images = chosen
+    if counts == batch.counts and len(images) == len(batch.keys):
+        return batch
+    return Batch("tail", tuple(w.key for w in images), counts, len(images) * tail_tokens(counts),
+                 batch.reason, min(w.submitted for w in images))
+
+
 def _take_tail(group: Sequence[Waiting], limits: Limits,
                tail_tokens: Callable[[Counts], int]) -> tuple[int, Counts, int]:
     """Longest prefix of ``group`` within the size and token limits (at least one image).
@@ -230,7 +296,8 @@ def _reason(full: bool, due: float, idle: bool, drain: bool, now: float) -> str 
 
 
 def plan(head: Sequence[Waiting], tail: Sequence[Waiting], now: float, limits: Limits,
-         tail_tokens: Callable[[Counts], int], drain: bool = False) -> Batch | float | None:
+         tail_tokens: Callable[[Counts], int], drain: bool = False,
+         cost: BatchCost | None = None) -> Batch | float | None:
     """The next batch to run, else the time to look again, else None (nothing queued).
 
     Args:
@@ -239,20 +306,25 @@ def plan(head: Sequence[Waiting], tail: Sequence[Waiting], now: float, limits: L
         now: the current time on the worker's clock (seconds).
         tail_tokens: tokens one image costs in phase B at given counts (``Engine.tail_tokens``).
         drain: shutting down: send whatever is queued without waiting.
+        cost: the device's predicted seconds per batch; budget mode then merges buckets by it.
     """
     ready: list[Batch] = []
+    waiting: list[Batch] = []
     wake: float | None = None
     for batch, full, due, idle in _candidates(head, tail, limits, tail_tokens):
         reason = _reason(full, due, idle, drain, now)
         if reason is not None:
-            ready.append(Batch(batch.phase, batch.keys, batch.counts, batch.tokens, reason,
-                               batch.first_submitted))
+            ready.append(replace(batch, reason=reason))
         else:
+            waiting.append(replace(batch, reason="idle"))
             wake = due if wake is None else min(wake, due)
-    if ready:
-        # Oldest request first; on a tie, finish work (tail) before starting more (head).
-        best = min(ready, key=lambda b: (b.first_submitted, b.phase == "head"))
-        if best.phase == "tail" and limits.mode == "budget" and limits.max_waste > 0:
-            best = _fill(best, tail, limits, tail_tokens)
-        return best
-    return wake
+    if not ready and limits.work_conserving:
+        ready = waiting  # the worker only asks when the device is free: never leave it idle
+    if not ready:
+        return wake
+    # Oldest request first; on a tie, finish work (tail) before starting more (head).
+    best = min(ready, key=lambda b: (b.first_submitted, b.phase == "head"))
+    if best.phase == "tail" and limits.mode == "budget" and limits.max_waste > 0:
+        best = _fill(best, tail, limits, tail_tokens) if cost is None else \
+            _merge_by_cost(best, tail, limits, tail_tokens, cost)
+    return best

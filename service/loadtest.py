@@ -307,7 +307,7 @@ def _offline(mix: Mix, checkpoint: str | None, batch_size: int, seconds: float, 
 
     set_torch_threads(threads)
     s = Settings()
-    engine = Engine(Path(checkpoint) if checkpoint else s.checkpoint, s.device, s.dtype, s.bucket_step, s.keep_rate)
+    engine = Engine.from_settings(s.model_copy(update={"checkpoint": Path(checkpoint)}) if checkpoint else s)
     pixels = [engine.preprocess(Image.open(io.BytesIO(png))) for png, _ in mix]
     rates = [r for _, r in mix]
 

@@ -12,7 +12,8 @@ input, through the error handlers), and ``PrometheusHooks`` for everything the b
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import prometheus_client
 import torch
@@ -21,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .costmodel import CostModel
 from .worker import ImageResult, WorkerHooks
 
 # Text exposition format 0.0.4: understood by every Prometheus (the client's default now says 1.0.0).
@@ -118,6 +120,23 @@ class Metrics:
                                ["phase", "bucket"], registry=r)
         self.queue_depth = Gauge("patchlife_queue_depth", "Queued work, in images and in tail tokens.", ["unit"],
                                  registry=r)
+        self.merged_images = Counter("patchlife_merged_images_total",
+                                     "Images whose phase-B batch ran above their own bucket (merged by the "
+                                     "planner).", registry=r)
+        self.padded_rows = Counter("patchlife_padded_rows_total", "Padding rows added to reach a captured "
+                                   "batch-size class (CUDA graphs).", ["phase"], registry=r)
+        self.cost_fixed = Gauge("patchlife_cost_model_fixed_seconds", "The batch cost model's fixed part per "
+                                "call, by phase.", ["phase"], registry=r)
+        self.cost_slope = Gauge("patchlife_cost_model_unit_seconds", "The batch cost model's part per unit of "
+                                "work: per image (head), per tail token (tail).", ["phase"], registry=r)
+        self.graphs_captured = Gauge("patchlife_cuda_graphs_captured", "CUDA graphs captured at warm-up.",
+                                     registry=r)
+        self.graph_capture_seconds = Gauge("patchlife_cuda_graph_capture_seconds",
+                                           "Time spent capturing CUDA graphs at warm-up.", registry=r)
+        self.graph_memory = Gauge("patchlife_cuda_graph_memory_bytes",
+                                  "Device memory reserved while capturing CUDA graphs.", registry=r)
+        self.eager_fallbacks = Gauge("patchlife_eager_fallbacks", "Batches whose shape had no captured graph "
+                                     "and ran eagerly (since start).", registry=r)
         self.device_memory = DeviceMemoryCollector()
         r.register(self.device_memory)
         self._init_series()
@@ -131,6 +150,15 @@ class Metrics:
         self.batches.labels("head", "none")
         for unit in ("images", "tokens"):
             self.queue_depth.labels(unit)
+        for phase in PHASES:
+            for metric in (self.padded_rows, self.cost_fixed, self.cost_slope):  # type: ignore[assignment]
+                metric.labels(phase)
+
+    def set_graphs(self, describe: Callable[[], dict[str, Any]]) -> None:
+        """After warm-up: the engine's ``ShapeRunner.describe``, read at each scrape."""
+        for gauge, key in ((self.graphs_captured, "captured"), (self.graph_capture_seconds, "capture_seconds"),
+                           (self.graph_memory, "capture_bytes"), (self.eager_fallbacks, "eager_fallbacks")):
+            gauge.set_function(lambda key=key: float(describe()[key]))  # type: ignore[misc]
 
     def set_model(self, version: str, model: str, device: torch.device, dtype: str) -> None:
         """Called once the engine is loaded: build info and the device whose memory is reported."""
@@ -172,6 +200,17 @@ class PrometheusHooks(WorkerHooks):
 
     def on_reject(self, reason: str) -> None:
         self.m.reject(reason)
+
+    def on_shape(self, phase: str, merged_images: int, padded_rows: int) -> None:
+        if merged_images:
+            self.m.merged_images.inc(merged_images)
+        if padded_rows:
+            self.m.padded_rows.labels(phase).inc(padded_rows)
+
+    def on_cost_model(self, model: CostModel) -> None:
+        for phase, fit in model.fits.items():
+            self.m.cost_fixed.labels(phase).set(fit.fixed)
+            self.m.cost_slope.labels(phase).set(fit.slope)
 
     def on_image_done(self, result: ImageResult) -> None:
         self.m.kept_tokens.observe(result.counts[-1])

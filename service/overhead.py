@@ -136,8 +136,9 @@ def _summary(values: list[float]) -> dict[str, float]:
 def measure(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     jpeg = _photo_jpeg(width, height)
-    settings = Settings()  # the server child reads the same PATCHLIFE_* variables
-    engine = Engine(checkpoint, device=args.device, bucket_step=settings.bucket_step)
+    # The server child reads the same PATCHLIFE_* variables; --device and the checkpoint override them.
+    settings = Settings(checkpoint=checkpoint, device=args.device)
+    engine = Engine.from_settings(settings)
     # The model runs in one dedicated thread sized like the worker's (PATCHLIFE_TORCH_THREADS); on
     # CPU the main thread's OpenMP team can time very differently from a worker thread's.
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")

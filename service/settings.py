@@ -22,8 +22,13 @@ class Settings(BaseSettings):
                           "default model.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model runs; auto picks the GPU when there is one.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Compute precision; half precision only on a GPU.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Compute precision; auto: bfloat16 on a GPU that supports it, else float32 (TF32 "
+                            "matrix products allowed on a GPU). Half precision only on a GPU.")
+    cuda_graphs: Literal["auto", "off"] = Field(
+        "auto", description="auto: on a GPU, capture a CUDA graph at warm-up for the head at each batch-size class "
+                            "(1, 2, 4, ... max_batch_size) and for the tail at each (bucket, class); batches are "
+                            "padded up to their class and other shapes run eagerly. off: always eager.")
     keep_rate: float | None = Field(
         None, gt=0, le=1, description="Default keep rate; empty: the checkpoint's own schedule.")
     warmup_batches: int = Field(2, ge=0, description="Forward passes run before /readyz turns ready.")
@@ -52,12 +57,23 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         200_000, ge=1, description="Token limit of one phase-B batch (sum over images of the tokens "
                                    "every tail block sees), like TGI's max_batch_total_tokens.")
-    bucket_step: int = Field(4, ge=1, description="Budget buckets: patch counts rounded up to multiples of this "
-                                                  "(smaller: less waste, more distinct buckets to batch).")
+    buckets: int = Field(
+        8, ge=1, description="Budget buckets fitted to the model's budgets: this many points at quantiles of the "
+                             "budgets its calibration images get at the model's keep rate and at "
+                             "bucket_keep_rates (plus the full budget); a budget runs at the cheapest point "
+                             "covering it.")
+    bucket_keep_rates: str = Field(
+        "0.5,0.7,0.9", description="Keep rates (comma-separated) whose budgets the bucket grid is fitted to, besides "
+                                   "the model's own.")
+    bucket_step: int = Field(4, ge=1, description="Fallback grid for checkpoints without a calibration sample: patch "
+                                                  "counts rounded up to multiples of this.")
     max_batch_waste: float = Field(
         0.10, ge=0, description="budget mode: a phase-B batch with room also takes images of smaller buckets "
                                 "while its tokens computed beyond the images' own budgets stay within this "
                                 "fraction of those budgets (0: never mix buckets).")
+    work_conserving: bool = Field(
+        True, description="Run the oldest queued batch whenever the model thread is free instead of waiting "
+                          "max_delay_ms for it to fill (false: batches wait while the other phase has work).")
     queue_capacity_images: int = Field(256, ge=1, description="Queued images before 503.")
     queue_capacity_tokens: int = Field(2_000_000, ge=1, description="Queued tail tokens before 503.")
     deadline_ms: float = Field(30_000, gt=0, description="Default per-request deadline; header "
@@ -73,10 +89,21 @@ class Settings(BaseSettings):
                              "under the load test alone, 5-10% faster). Leave 0 on a dedicated machine.")
 
     @model_validator(mode="after")
-    def _half_needs_gpu(self) -> Settings:
-        if self.dtype != "float32" and self.device == "cpu":
-            raise ValueError("PATCHLIFE_DTYPE=float16/bfloat16 needs a GPU; use float32 with device=cpu")
+    def _check(self) -> Settings:
+        if self.dtype in ("float16", "bfloat16") and self.device == "cpu":
+            raise ValueError("PATCHLIFE_DTYPE=float16/bfloat16 needs a GPU; use float32 or auto with device=cpu")
+        self.grid_keep_rates()  # raises on a malformed list
         return self
+
+    def grid_keep_rates(self) -> tuple[float, ...]:
+        try:
+            rates = tuple(float(v) for v in self.bucket_keep_rates.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"PATCHLIFE_BUCKET_KEEP_RATES must be comma-separated numbers, "
+                             f"got {self.bucket_keep_rates!r}") from None
+        if any(not 0 < r <= 1 for r in rates):
+            raise ValueError(f"PATCHLIFE_BUCKET_KEEP_RATES must lie in (0, 1], got {self.bucket_keep_rates!r}")
+        return rates
 
 
 @lru_cache

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.batching import Batch, Counts, Limits, Waiting, plan
-from service.engine import Engine, HeadItem
+from service.batching import Batch, Counts, Limits, Phase, Waiting, plan
+from service.costmodel import CostModel
+from service.engine import Engine, HeadItem, Timing
 from service.settings import Settings
 
 log = logging.getLogger("patchlife.worker")
@@ -74,6 +75,12 @@ class WorkerHooks:
                  queue_waits_s: list[float], compute_s: float) -> None: ...
 
     def on_waste(self, needed_tokens: int, computed_tokens: int) -> None: ...
+
+    def on_shape(self, phase: str, merged_images: int, padded_rows: int) -> None:
+        """A batch ran ``merged_images`` images above their own bucket and ``padded_rows`` padding rows."""
+
+    def on_cost_model(self, model: CostModel) -> None:
+        """The cost model was refitted (after warm-up timings, then every batch)."""
 
     def on_reject(self, reason: str) -> None: ...
 
@@ -130,7 +137,7 @@ class Worker:
     """Runs :class:`Engine` head/tail batches in one thread, fed by ``submit`` from the event loop."""
 
     def __init__(self, engine: Engine, settings: Settings, hooks: WorkerHooks | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, timings: Sequence[Timing] = ()) -> None:
         self.engine = engine
         self.settings = settings
         self.hooks = hooks or WorkerHooks()
@@ -149,6 +156,15 @@ class Worker:
         self._estimates: dict[float | None, int] = {}
         self._rate_tokens_per_s = 0.0        # smoothed tail throughput, for Retry-After
         self._head_tokens = _head_tokens_per_image(engine)
+        self.cost = CostModel()  # what a batch costs on this device, learnt from the batches run
+        for t in timings:
+            self.cost.observe(t.phase, t.rows, t.tokens_per_row, t.seconds)
+        self.hooks.on_cost_model(self.cost)
+
+    def batch_seconds(self, phase: Phase, images: int, counts: Counts | None) -> float:
+        """Predicted device time of a batch, padding included (the planner's price)."""
+        tokens = self.engine.tail_tokens(counts) if counts is not None else 0
+        return self.cost.seconds(phase, self.engine.padded_rows(images), tokens)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -305,7 +321,8 @@ class Worker:
             now = self.clock()
             next_deadline = self._expire_locked(now)
             decision = plan([i.wait for i in self._head.values()], [i.wait for i in self._tail.values()],
-                            now, self.limits, self.engine.tail_tokens, drain=self._draining)
+                            now, self.limits, self.engine.tail_tokens, drain=self._draining,
+                            cost=self.batch_seconds if self.cost.ready else None)
             if isinstance(decision, Batch):
                 queue = self._head if decision.phase == "head" else self._tail
                 images = [queue[k] for k in decision.keys]
@@ -324,6 +341,7 @@ class Worker:
         t0 = self.clock()
         items = self.engine.head(pixels, [im.keep_rate for im in images])
         compute = self.clock() - t0
+        self._learn("head", len(images), 0, compute)
         self.hooks.on_batch("head", len(images), len(images) * self._head_tokens, None,
                             [im.phase_wait_s for im in images], compute)
         now = self.clock()
@@ -349,9 +367,11 @@ class Worker:
         compute = self.clock() - t0
         per_image = self.engine.tail_tokens(counts)
         needed = sum(self.engine.tail_tokens(tuple(it.budget)) for it in items)
+        merged = sum(1 for im in images if im.wait.bucket != tuple(counts))
+        rows = self._learn("tail", len(images), per_image, compute, merged)
         self.hooks.on_batch("tail", len(images), per_image * len(images), "-".join(map(str, counts)),
                             [im.phase_wait_s for im in images], compute)
-        self.hooks.on_waste(needed, per_image * len(images))
+        self.hooks.on_waste(needed, per_image * rows)  # padding rows are computed tokens too
         if compute > 0:
             rate = per_image * len(images) / compute
             self._rate_tokens_per_s = rate if self._rate_tokens_per_s == 0 else (
@@ -361,6 +381,14 @@ class Worker:
             result = ImageResult(p.clone(), item.lives, tuple(item.budget), tuple(counts), gflops,
                                  item.keep_rate, image.queue_s * 1000.0, (image.compute_s + compute) * 1000.0)
             self._deliver(image, result)
+
+    def _learn(self, phase: Phase, images: int, tokens_per_row: int, seconds: float, merged: int = 0) -> int:
+        """Feed the cost model one batch and report its shape; returns the rows it ran as (padding included)."""
+        rows = self.engine.padded_rows(images)
+        self.cost.observe(phase, rows, tokens_per_row, seconds)
+        self.hooks.on_cost_model(self.cost)
+        self.hooks.on_shape(phase, merged, rows - images)
+        return rows
 
     def _deliver(self, image: _Image, result: ImageResult) -> None:
         request = image.request

@@ -46,6 +46,9 @@ class StubEngine:
     def tail_tokens(self, counts: tuple[int, ...]) -> int:
         return sum(counts) + len(counts)
 
+    def padded_rows(self, n: int) -> int:
+        return n
+
     def gflops(self, counts: tuple[int, ...]) -> float:
         return float(sum(counts))
 

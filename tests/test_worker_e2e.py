@@ -33,13 +33,14 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     model.calibrate(torch.randn(64, 3, 64, 64))  # dataset-level normalisation: budgets vary by image
     path: Path = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(model, path, class_names=[f"c{i}" for i in range(7)])
-    return Engine(path, device="cpu", bucket_step=4)
+    return Engine(path, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def pixels() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(3, 64, 64, generator=g) * (0.2 + 0.1 * (i % 8)) for i in range(24)]
+    noise = [torch.randn(3, 64, 64, generator=g) * (0.2 + 0.1 * (i % 8)) for i in range(24)]
+    return [(128 + 64 * x).clamp(0, 255).to(torch.uint8) for x in noise]  # what Engine.preprocess gives
 
 
 def requests_of(pixels: list[torch.Tensor]) -> list[tuple[list[torch.Tensor], float | None]]:
@@ -108,7 +109,7 @@ def test_concurrent_budget_batching_gives_the_single_request_answers(engine: Eng
     for (px, rate), a_list in zip(reqs, single, strict=True):
         sched = engine.schedule(rate)
         with torch.inference_mode():
-            ref = engine.model(torch.stack(px), sched, bucket_step=engine.bucket_step).softmax(-1)
+            ref = engine.model(engine.normalize(torch.stack(px)), sched, engine.buckets).softmax(-1)
         torch.testing.assert_close(torch.stack([a.probs for a in a_list]), ref, rtol=0, atol=1e-6)
 
 
