@@ -6,7 +6,9 @@ import random
 
 import pytest
 
-from service.batching import Batch, Limits, Waiting, max_counts, plan
+from dataclasses import replace
+
+from service.batching import Batch, BatchCost, Limits, Waiting, max_counts, plan
 
 Counts = tuple[int, ...]
 A: Counts = (48, 40, 32)
@@ -219,13 +221,12 @@ def test_limits_from_settings_and_validation() -> None:
 
 # -- a simulated worker: fake clock, stub runner --------------------------------------------------
 def simulate(mode: str, arrivals: list[tuple[float, tuple[int, ...]]], limits: Limits,
-             batch_s: float) -> tuple[list[Batch], dict[int, list[float]]]:
+             batch_s: float, price: BatchCost | None = None) -> tuple[list[Batch], dict[int, list[float]]]:
     """Drive ``plan`` like the worker does; every batch takes ``batch_s``.
 
     Returns the batches in order and, per image, its waits ``[phase A, phase B]``.
     """
-    lim = Limits(limits.max_batch_size, limits.max_delay_s, limits.max_batch_tokens, mode,  # type: ignore[arg-type]
-                 limits.max_waste)
+    lim = replace(limits, mode=mode)
     pending = sorted(enumerate(arrivals), key=lambda kv: kv[1][0])
     head: list[Waiting] = []
     tail: list[Waiting] = []
@@ -238,7 +239,7 @@ def simulate(mode: str, arrivals: list[tuple[float, tuple[int, ...]]], limits: L
             key, (t, bucket) = pending.pop(0)
             head.append(Waiting(key, t, t))
             buckets[key] = bucket
-        decision = plan(head, tail, now, lim, cost)
+        decision = plan(head, tail, now, lim, cost, cost=price)
         if not isinstance(decision, Batch):
             nxt = [pending[0][1][0]] if pending else []
             now = min([*nxt, *([decision] if decision is not None else [])])
@@ -305,3 +306,80 @@ def test_simulation_rare_bucket_is_not_starved_under_steady_full_batches() -> No
     # After its delay it waits for at most the batch already running and one older ready batch.
     assert max(waits[rare_key]) <= limits.max_delay_s + 2 * 0.002 + 1e-9
     assert max(max(w) for w in waits.values()) <= limits.max_delay_s + 2 * 0.002 + 1e-9
+
+
+# -- the cost model prices merges ------------------------------------------------------------------
+def linear_price(fixed: float, per_token: float) -> BatchCost:
+    """A device where a tail batch costs ``fixed + per_token * images * tokens`` (head: per image)."""
+    def seconds(phase: str, images: int, counts: Counts | None) -> float:
+        return fixed + per_token * images * (cost(counts) if counts is not None else 100)
+    return seconds
+
+
+SMALL, MID = (24, 16, 8), (40, 32, 16)  # both covered by A
+
+
+def mixed_tail() -> list[Waiting]:
+    return [Waiting(100, 1.000, 1.000, SMALL, need=cost(SMALL)), Waiting(101, 1.001, 1.001, A, need=cost(A)),
+            Waiting(102, 1.002, 1.002, MID, need=cost(MID)), Waiting(103, 1.003, 1.003, SMALL, need=cost(SMALL)),
+            Waiting(104, 1.004, 1.004, C, need=cost(C))]
+
+
+def test_fixed_cost_dominated_device_merges_buckets_like_fifo() -> None:
+    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=10.0)
+    batch = plan([], mixed_tail(), 1.010, lim, cost, cost=linear_price(fixed=0.010, per_token=1e-7))
+    # One call at C (it covers every queued bucket) beats four calls: everything goes at once.
+    assert isinstance(batch, Batch) and batch.counts == C and set(batch.keys) == {100, 101, 102, 103, 104}
+
+
+def test_token_dominated_device_keeps_buckets_apart() -> None:
+    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=10.0)
+    batch = plan([], mixed_tail(), 1.010, lim, cost, cost=linear_price(fixed=0.0, per_token=1e-4))
+    # Running SMALL images at a larger bucket only adds tokens: the oldest bucket runs on its own.
+    assert isinstance(batch, Batch) and batch.counts == SMALL and batch.keys == (100, 103)
+
+
+def test_in_between_device_merges_only_near_buckets() -> None:
+    # Fixed cost worth ~60 tokens: MID images at A (+24 tokens each) pay, SMALL at A (+72) does not.
+    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=10.0)
+    q = [w for w in mixed_tail() if w.bucket != C]
+    batch = plan([], q[1:], 1.010, lim, cost, cost=linear_price(fixed=60e-6, per_token=1e-6))
+    assert isinstance(batch, Batch) and batch.counts == A and set(batch.keys) == {101, 102}
+
+
+def test_cost_merges_still_respect_the_waste_cap_and_size() -> None:
+    price = linear_price(fixed=0.010, per_token=1e-7)
+    batch = plan([], mixed_tail(), 1.010, Limits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0), cost,
+                 cost=price)
+    assert isinstance(batch, Batch) and batch.counts == SMALL and batch.keys == (100, 103)
+    batch = plan([], mixed_tail(), 1.010, Limits(max_batch_size=2, max_delay_s=0.010, max_waste=10.0), cost,
+                 cost=price)
+    assert isinstance(batch, Batch) and len(batch.keys) <= 2 and 100 in batch.keys
+
+
+def test_work_conserving_runs_the_oldest_batch_instead_of_waiting() -> None:
+    q, busy = head_q(1.000, 1.004), tail_q((1.003, A))
+    lazy = Limits(max_batch_size=4, max_delay_s=0.010)
+    assert plan(q, busy, 1.005, lazy, cost) == pytest.approx(1.010)
+    batch = plan(q, busy, 1.005, replace(lazy, work_conserving=True), cost)
+    assert isinstance(batch, Batch) and (batch.phase, batch.keys, batch.reason) == ("head", (0, 1), "idle")
+
+
+@pytest.mark.parametrize("fixed,per_token", [(0.010, 1e-7), (0.0, 1e-4), (60e-6, 1e-6)])
+@pytest.mark.parametrize("work_conserving", [False, True])
+def test_simulation_with_costs_runs_every_image_once_and_never_starves(fixed: float, per_token: float,
+                                                                       work_conserving: bool) -> None:
+    arrivals = random_arrivals(400, seed=2)
+    limits = Limits(max_batch_size=16, max_delay_s=0.005, max_batch_tokens=16 * cost(A), max_waste=10.0,
+                    work_conserving=work_conserving)
+    batches, waits = simulate("budget", arrivals, limits, batch_s=0.002, price=linear_price(fixed, per_token))
+    for phase in ("head", "tail"):
+        keys = [k for b in batches if b.phase == phase for k in b.keys]
+        assert sorted(keys) == list(range(len(arrivals))), f"{phase}: every image exactly once"
+    for b in batches:
+        if b.phase == "tail":
+            own = [arrivals[k][1] for k in b.keys]
+            assert b.counts is not None and all(all(c >= o for c, o in zip(b.counts, bk, strict=True))
+                                                for bk in own), "the counts run cover every image"
+    # Every wait is bounded by the delay plus the batches older than it (here a few 2 ms batches).
+    assert max(max(w) for w in waits.values()) <= limits.max_delay_s + 4 * 0.002 + 1e-9
