@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
-
-from dataclasses import replace
 
 from service.batching import Batch, BatchCost, Limits, Waiting, max_counts, plan
 
