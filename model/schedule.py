@@ -124,18 +124,12 @@ def budgets_from_lives(lives: torch.Tensor, schedule: KeepSchedule) -> torch.Ten
 
 def round_up_budget(budget: Sequence[int] | torch.Tensor, schedule: KeepSchedule,
                     step: int) -> tuple[int, ...]:
-    """Round a budget up, per stage, to the bucket grid; never down, always non-increasing.
+    """Round a budget up, per stage, to multiples of ``step``; never down, always non-increasing.
 
     Rounding up only keeps a few more tokens alive (the next ones in life order), so a batch of
     images in the same bucket runs with one static shape and no padding or masks.
     """
-    values = [int(v) for v in budget]
-    if len(values) != len(schedule.stage_starts):
-        raise ValueError(f"budget has {len(values)} stages, schedule has {len(schedule.stage_starts)}")
-    # Rounding up is monotone, so non-increasing counts stay non-increasing.
-    return tuple(min(schedule.num_patches, -(-v // step) * step) for v in values)
-
-
+    return BucketGrid.stepped(schedule, step).round_up(budget)
 
 Counts = tuple[int, ...]
 
@@ -192,10 +186,10 @@ class BucketGrid:
         grid = cls(schedule.num_patches, stage_blocks(schedule))
         rows = sorted((tuple(int(v) for v in b) for b in budgets.tolist()), key=grid.cost)
         points: list[Counts] = []
-        for i in range(min(size, len(rows))):
-            lo, hi = i * len(rows) // size, (i + 1) * len(rows) // size
-            if hi > lo:
-                points.append(tuple(max(col) for col in zip(*rows[lo:hi], strict=True)))
+        bins = min(size, len(rows))
+        for i in range(bins):
+            lo, hi = i * len(rows) // bins, (i + 1) * len(rows) // bins
+            points.append(tuple(max(col) for col in zip(*rows[lo:hi], strict=True)))
         points.append((schedule.num_patches,) * len(schedule.patch_counts))
         unique = sorted(set(points), key=grid.cost)
         return cls(grid.num_patches, grid.weights, tuple(unique), 1)

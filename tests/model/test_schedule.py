@@ -72,3 +72,43 @@ def test_bucketing_never_rounds_down():
         assert all(y <= x for x, y in zip(out, out[1:]))
         assert all(o == 196 or o % step == 0 for o in out)
         assert all(o - v < step for o, v in zip(out, (a, b, c)))  # the smallest bucket above
+
+
+def test_fitted_grid_covers_every_sampled_budget_with_few_points():
+    import torch
+
+    from model.schedule import BucketGrid, stage_blocks
+    rng = random.Random(1)
+    s = KeepSchedule.from_keep_rate(0.7, 196, 12)
+    rows = []
+    for _ in range(600):
+        a = rng.randint(20, 196)
+        b = rng.randint(10, a)
+        rows.append((a, b, rng.randint(1, b)))
+    grid = BucketGrid.fitted(torch.tensor(rows), s, size=8)
+    assert stage_blocks(s) == (3, 3, 2) and len(grid.points) <= 9
+    assert grid.points[-1] == (196, 196, 196)
+    waste = []
+    for r in rows:
+        p = grid.round_up(r)
+        assert p in grid.points and all(c >= v for c, v in zip(p, r))
+        waste.append(grid.cost(p) / grid.cost(r) - 1)
+    # Quantile bins: a budget wastes only what separates it from its bin's largest members.
+    assert sum(waste) / len(waste) < 0.5
+    # Budgets never sampled still get a covering point, at worst the full budget.
+    assert grid.round_up((196, 1, 1)) == (196, 196, 196) or grid.round_up((196, 1, 1))[0] == 196
+    fewer = BucketGrid.fitted(torch.tensor(rows), s, size=2)
+    assert len(fewer.points) <= 3
+    assert sum(fewer.cost(fewer.round_up(r)) for r in rows) > sum(grid.cost(grid.round_up(r)) for r in rows)
+
+
+def test_per_image_model_grid_is_its_schedules():
+    import torch
+
+    from model import create_lifevit
+    from model.schedule import BucketGrid
+    m = create_lifevit("vit_nano_patch8_32", num_classes=3)
+    sample = torch.cat([m.budget_sample(m.schedule_for(r)) for r in (0.5, 0.7, 0.9)])
+    grid = BucketGrid.fitted(sample, m.schedule, size=8)
+    assert set(grid.points) == {m.schedule_for(r).patch_counts for r in (0.5, 0.7, 0.9)} | {(16, 16, 16)}
+    assert grid.round_up(m.schedule_for(0.5).patch_counts) == m.schedule_for(0.5).patch_counts
