@@ -26,6 +26,14 @@ from .lifevit import LifeViT
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU that supports it, else float32 (the service's rule)."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return DTYPES[name]
+
+
 @dataclass
 class Variant:
     name: str
@@ -83,7 +91,7 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 def run_bench(args: argparse.Namespace) -> list[Variant]:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    dtype = DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(0)
     model = build_model(args, device, dtype)
     h, w = (int(v) for v in model.backbone.patch_embed.img_size)
@@ -111,7 +119,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-rate", type=float, default=0.7)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bfloat16 on a GPU that supports it, else float32")
+    p.add_argument("--served", action="store_true",
+                   help="time the service's engine as the server runs it (uint8 input, bucket grid, padding, "
+                        "CUDA graphs on a GPU) beside dense run the same way (graphed)")
+    p.add_argument("--no-graphs", action="store_true", help="--served: run both eagerly (PATCHLIFE_CUDA_GRAPHS=off)")
     p.add_argument("--rounds", type=int, default=7, help="timed calls per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print only a JSON object on stdout")
@@ -121,14 +134,24 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.keep_rate <= 1 or args.batch_size < 1 or args.rounds < 1:
         print("patchlife bench: need 0 < --keep-rate <= 1, --batch-size >= 1, --rounds >= 1", file=sys.stderr)
         return 2
-    variants = run_bench(args)
+    extra: dict[str, object] = {}
+    if args.served:  # the service's engine: imported only here, model/ does not depend on service/
+        from service.benchserved import run_served
+        variants, extra = run_served(args)
+    else:
+        variants = run_bench(args)
     if args.json:
         print(json.dumps({"variants": [asdict(v) for v in variants],
                           "config": {k: v for k, v in vars(args).items() if k != "json"},
-                          "torch_threads": torch.get_num_threads()}))
+                          "torch_threads": torch.get_num_threads(), **extra}))
         return 0
     print(f"{args.checkpoint or args.backbone}  keep={args.keep_rate}  batch={args.batch_size}  "
           f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()}")
+    if extra:
+        g = extra["graphs"]
+        print(f"served on {extra['device']} {extra['dtype']}: {extra['buckets']} buckets "
+              f"({extra['buckets_per_batch']} in this batch); CUDA graphs {g['mode']}, "  # type: ignore[index]
+              f"{g['captured']} captured, {g['eager_fallbacks']} eager fallbacks")  # type: ignore[index]
     print(f"{'variant':<8} {'GFLOPs':>8} {'img/s':>9} {'ms/batch':>9} {'vs dense':>9} {'vs oracle':>10}")
     for v in variants:
         print(f"{v.name:<8} {v.gflops:>8.3f} {v.images_per_s:>9.1f} {v.ms_per_batch:>9.1f} "

@@ -57,3 +57,19 @@ def test_bench_cli_prints_one_json_object(capsys):
         assert v["images_per_s"] > 0 and v["gflops"] > 0
     g = {v["name"]: v["gflops"] for v in out["variants"]}
     assert g["oracle"] < g["life"] < g["dense"]
+
+
+def test_served_bench_times_the_engine_beside_dense(capsys, tmp_path):
+    from model import save_checkpoint
+    torch.manual_seed(0)
+    model = create_lifevit("vit_nano_patch8_32", 0.7, num_classes=3).eval()
+    model.calibrate(torch.randn(32, 3, 32, 32))  # budgets vary per image: several tail calls
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    assert main(["bench", "--served", "--checkpoint", str(ckpt), "--batch-size", "8", "--rounds", "2",
+                 "--warmup", "1", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = [v["name"] for v in out["variants"]]
+    assert names == ["dense", "served"] and out["dtype"] == "float32" and out["graphs"]["enabled"] is False
+    served = out["variants"][1]
+    assert served["ms_per_batch"] > 0 and 0 < served["gflops"] <= out["variants"][0]["gflops"]
+    assert out["buckets"] >= 2 and out["buckets_per_batch"] >= 1
