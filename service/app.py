@@ -54,7 +54,7 @@ async def _warm_up_and_start(rt: Runtime) -> None:
         log.exception("warm-up failed")
         rt.startup_error = f"{type(exc).__name__}: {exc}"
         return
-    rt.worker, rt.ready = worker, True
+    rt.worker, rt.warmup_seconds, rt.ready = worker, round(seconds, 3), True
     graphs = engine.runner.describe()
     log.info("model %s ready on %s %s (warm-up %.2f s; %d CUDA graphs captured in %.2f s, %.1f MiB; cost model %s)",
              engine.name, engine.device, engine.dtype, seconds, graphs["captured"], graphs["capture_seconds"],

@@ -100,6 +100,8 @@ class ErrorResponse(BaseModel):
 
 class Status(BaseModel):
     status: str = Field(examples=["ok"])
+    detail: dict[str, Any] | None = Field(None, description="/readyz: what warm-up did (CUDA graphs captured, "
+                                                              "their time and memory; the cost model).")
 
 
 class ScheduleInfo(BaseModel):
@@ -125,6 +127,8 @@ class ModelInfo(BaseModel):
     input_size: list[int]
     schedule: ScheduleInfo
     dense_gflops: float
+    batching: dict[str, Any] | None = Field(None, description="What the scheduler believes: the bucket grid "
+                                                              "(counts per stage) and the cost model of a batch.")
 
 
 class ModelList(BaseModel):

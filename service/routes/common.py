@@ -42,6 +42,7 @@ class Runtime:
     ready: bool = False        # model loaded and warmed up, worker running
     draining: bool = False     # shutdown began: refuse new work, /readyz answers 503
     startup_error: str | None = None
+    warmup_seconds: float | None = None   # graph capture + warm-up forwards + cost-model timings
 
     def serving(self) -> tuple[Engine, Worker]:
         if self.draining:  # the worker never sees this request: count it here

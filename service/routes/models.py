@@ -16,4 +16,7 @@ router = APIRouter(tags=["models"])
 async def models(rt: RuntimeDep) -> ModelInfo:
     if rt.engine is None:
         raise NotReady("model is loading", headers={"Retry-After": "1"})
-    return ModelInfo.model_validate(rt.engine.info())
+    info = rt.engine.info()
+    info["batching"] = {"bucket_grid": info.pop("buckets"), "mode": rt.settings.batching,
+                        "cost_model": rt.worker.cost.describe() if rt.worker is not None else None}
+    return ModelInfo.model_validate(info)

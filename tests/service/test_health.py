@@ -15,7 +15,11 @@ from service.settings import Settings
 def test_healthz_and_readyz_when_ready(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
-    assert r.status_code == 200 and r.json() == {"status": "ready"}
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "ready"
+    detail = body["detail"]  # what warm-up did: no graphs on CPU, a cost model from its timings
+    assert detail["warmup_seconds"] > 0 and detail["graphs"]["enabled"] is False
+    assert detail["graphs"]["captured"] == 0 and detail["cost_model"]["tail"]["observations"] > 0
 
 
 def test_readyz_503_while_warming_up_and_classify_refused(make_client: Callable[..., TestClient]) -> None:
