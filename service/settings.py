@@ -1,6 +1,7 @@
 """Every knob of the service, one environment variable each (prefix ``PATCHLIFE_``).
 
-The README's settings table is generated from this class's field descriptions; keep them accurate.
+The settings table in docs/api.md is generated from this class (``python -m service.settings``
+prints it; a test fails when the two disagree), so the field descriptions are the documentation.
 """
 
 from __future__ import annotations
@@ -109,3 +110,16 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def markdown_table() -> str:
+    """The settings table of docs/api.md: variable, default, meaning, one row per field."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = "(none)" if field.default is None else f"`{field.default}`"
+        rows.append(f"| `PATCHLIFE_{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
