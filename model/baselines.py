@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .lifevit import HeadState, LifeViT
+from .lifevit import LifeViT
 
 
 def _tail_in_order(model: LifeViT, x: torch.Tensor, order: torch.Tensor,
@@ -24,20 +24,19 @@ def _tail_in_order(model: LifeViT, x: torch.Tensor, order: torch.Tensor,
     """Reorder patches of ``x [B, T+P, C]`` by ``order [B, P]`` and run the sliced tail."""
     t = model.num_prefix_tokens
     patches = torch.gather(x[:, t:], 1, order[..., None].expand(-1, -1, x.shape[-1]))
-    state = HeadState(torch.cat([x[:, :t], patches], dim=1), x.new_zeros(0))
-    return model.tail(state, patch_counts)
+    return model.tail(torch.cat([x[:, :t], patches], dim=1), patch_counts)
 
 
 def oracle_forward(model: LifeViT, images: torch.Tensor, patch_counts: Sequence[int]) -> torch.Tensor:
     """Truncation without any scoring: stage ``s`` keeps the first ``patch_counts[s]`` patches."""
-    x = model._first_blocks(images)
-    return model.tail(HeadState(x, x.new_zeros(0)), patch_counts)
+    x = model.first_blocks(images)
+    return model.tail(x, patch_counts)
 
 
 def random_forward(model: LifeViT, images: torch.Tensor, patch_counts: Sequence[int],
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """A random survival order per image (drawn on the CPU for reproducibility)."""
-    x = model._first_blocks(images)
+    x = model.first_blocks(images)
     b, p = x.shape[0], x.shape[1] - model.num_prefix_tokens
     order = torch.rand(b, p, generator=generator).argsort(dim=1).to(x.device)
     return _tail_in_order(model, x, order, patch_counts)

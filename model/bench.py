@@ -20,18 +20,9 @@ import torch
 
 from .baselines import oracle_forward, topk_forward
 from .checkpoint import create_lifevit, load_checkpoint
+from .device import DTYPES, resolve_device, resolve_dtype
 from .flops import dense_gflops, slimmed_gflops
 from .lifevit import LifeViT
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU that supports it, else float32 (the service's rule)."""
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return DTYPES[name]
 
 
 @dataclass
@@ -89,8 +80,7 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 
 
 def run_bench(args: argparse.Namespace) -> list[Variant]:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(0)
     model = build_model(args, device, dtype)

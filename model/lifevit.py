@@ -5,7 +5,7 @@ fused attention, final norm, pooling and head); this module only decides which t
 sees. Two halves, so a server can batch them differently:
 
     state  = model.head(images)            # blocks 0..K-1, life scores, tokens sorted by life
-    logits = model.tail(state, counts)     # blocks K..L-1, stage s sees prefix + counts[s] tokens
+    logits = model.tail(state.tokens, counts)  # blocks K..L-1, stage s sees prefix + counts[s] tokens
 
 Training uses ``forward_soft``: no token removed, keep weights enter every attention from ``K`` on
 as a weighted softmax, i.e. ``softmax(a + log w)``, which timm's blocks accept as an additive mask.
@@ -37,10 +37,6 @@ class HeadState:
 
     def select(self, index: torch.Tensor | Sequence[int]) -> HeadState:
         return HeadState(self.tokens[index], self.scores[index])
-
-    @staticmethod
-    def cat(states: Sequence[HeadState]) -> HeadState:
-        return HeadState(torch.cat([s.tokens for s in states]), torch.cat([s.scores for s in states]))
 
 
 class LifeViT(nn.Module):
@@ -101,16 +97,17 @@ class LifeViT(nn.Module):
 
     def head(self, images: torch.Tensor) -> HeadState:
         """Blocks ``0..K-1`` and the life module; tokens sorted once by life (prefix first)."""
-        x = self._first_blocks(images)
+        x = self.first_blocks(images)
         scores = self._scores(x)
         order = scores.argsort(dim=1, descending=True, stable=True)
         t = self.num_prefix_tokens
         patches = torch.gather(x[:, t:], 1, order[..., None].expand(-1, -1, x.shape[-1]))
         return HeadState(torch.cat([x[:, :t], patches], dim=1), scores)
 
-    def tail(self, state: HeadState, patch_counts: Sequence[int]) -> torch.Tensor:
-        """Blocks ``K..L-1`` with stage ``s`` on the first ``prefix + patch_counts[s]`` tokens."""
-        x, t, starts = state.tokens, self.num_prefix_tokens, self.schedule.stage_starts
+    def tail(self, tokens: torch.Tensor, patch_counts: Sequence[int]) -> torch.Tensor:
+        """Blocks ``K..L-1`` on ``tokens [B, T+P', C]`` (prefix first, patches in keep order, at
+        least ``patch_counts[0]`` of them): stage ``s`` sees the first ``prefix + patch_counts[s]``."""
+        x, t, starts = tokens, self.num_prefix_tokens, self.schedule.stage_starts
         if len(patch_counts) != len(starts):
             raise ValueError(f"need {len(starts)} stage counts, got {len(patch_counts)}")
         stage = 0
@@ -160,7 +157,7 @@ class LifeViT(nn.Module):
         or a per-stage step)."""
         state = self.head(images)
         if self.normalization == "per_image":  # every image has the schedule's counts: one batch
-            return self.tail(state, (schedule or self.schedule).patch_counts)
+            return self.tail(state.tokens, (schedule or self.schedule).patch_counts)
         return self.tail_grouped(state, self.budgets(state.scores, schedule), buckets)
 
     def tail_grouped(self, state: HeadState, budgets: torch.Tensor, buckets: BucketGrid | int = 1) -> torch.Tensor:
@@ -172,7 +169,7 @@ class LifeViT(nn.Module):
             groups.setdefault(key, []).append(i)
         out: torch.Tensor | None = None
         for key, idx in groups.items():
-            logits = self.tail(state.select(idx), key)
+            logits = self.tail(state.tokens[idx], key)
             if out is None:
                 out = logits.new_empty(len(rounded), logits.shape[-1])
             out[idx] = logits
@@ -188,17 +185,18 @@ class LifeViT(nn.Module):
 
         ``log_weights [L-K, B, P]`` in patch-grid order; ``-inf`` removes a key, 0 keeps it.
         """
-        return self._weighted_tail(self._first_blocks(images), log_weights)
+        return self._weighted_tail(self.first_blocks(images), log_weights)
 
     def forward_soft(self, images: torch.Tensor, tau: float,
                      per_image: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage-1 training forward: ``(logits, training lives [B, P])``; see ``soft_lives``."""
-        x = self._first_blocks(images)
+        x = self.first_blocks(images)
         lives = soft_lives(self._scores(x), self.schedule, per_image)
         weights = soft_keep_weights(lives, self.depth, self.schedule.first_block, tau)
         return self._weighted_tail(x, weights), lives
 
-    def _first_blocks(self, images: torch.Tensor) -> torch.Tensor:
+    def first_blocks(self, images: torch.Tensor) -> torch.Tensor:
+        """Embedding and blocks ``0..K-1``: ``[B, T+P, C]`` tokens in patch-grid order."""
         x = self.embed(images)
         for blk in self.backbone.blocks[: self.schedule.first_block]:
             x = blk(x)

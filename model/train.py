@@ -187,7 +187,7 @@ class StageRunner:
         schedule = m.schedule_for(rate)
         state = m.head(images)
         lives = m.lives(state.scores.float(), schedule)
-        return m.tail(state, schedule.patch_counts), float(lives.mean())
+        return m.tail(state.tokens, schedule.patch_counts), float(lives.mean())
 
     def loss(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)

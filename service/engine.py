@@ -28,8 +28,8 @@ from torchvision.transforms import Compose, Normalize, PILToTensor
 
 from model import LifeViT, load_checkpoint, slimmed_gflops
 from model.checkpoint import DEFAULT_CHECKPOINT, LifeViTConfig
+from model.device import resolve_device, resolve_dtype
 from model.flops import dense_gflops, tokens_per_block
-from model.lifevit import HeadState
 from model.schedule import BucketGrid, KeepSchedule
 
 from .graphs import GraphMode, ShapeRunner
@@ -37,7 +37,6 @@ from .graphs import GraphMode, ShapeRunner
 if TYPE_CHECKING:
     from .settings import Settings
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -64,24 +63,6 @@ class Timing:
     rows: int                 # as run, padding included
     tokens_per_row: int       # tail tokens per image (0 for phase A)
     seconds: float
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("PATCHLIFE_DEVICE=cuda but torch sees no GPU; use auto or cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU that has it, else float32; half precision only on a GPU."""
-    if dtype == "auto":
-        cuda = device.type == "cuda"
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    if dtype != "float32" and device.type != "cuda":
-        raise ValueError(f"dtype {dtype} needs a GPU; the model runs on {device}")
-    return DTYPES[dtype]
 
 
 def uint8_transform(preprocess: dict[str, Any]) -> tuple[Compose, torch.Tensor, torch.Tensor]:
@@ -193,7 +174,7 @@ class Engine:
 
     def _tail_fn(self, counts: tuple[int, ...]) -> Any:
         def run(tokens: torch.Tensor) -> tuple[torch.Tensor]:
-            logits = self.model.tail(HeadState(tokens, tokens.new_zeros(0)), counts)  # tail ignores scores
+            logits = self.model.tail(tokens, counts)
             return (logits.float().softmax(dim=-1),)
         return run
 

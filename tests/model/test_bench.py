@@ -35,7 +35,7 @@ def test_topk_keeps_the_patches_the_class_token_attends_to_most():
     with torch.no_grad():
         topk_forward(model, x, (1, 1, 1) if len(model.schedule.stage_starts) == 3 else (1,) * 2)
         # recompute the class-token attention of the block before the first stage by hand
-        t = model._first_blocks(x)  # output of blocks 0..K-1; we need the input of block K-1
+        t = model.first_blocks(x)  # output of blocks 0..K-1; we need the input of block K-1
         inp = model.embed(x)
         for b in model.backbone.blocks[: model.schedule.first_block - 1]:
             inp = b(inp)

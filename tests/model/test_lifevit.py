@@ -86,7 +86,7 @@ def test_tail_sees_the_schedule_counts_and_keeps_the_class_token():
     with torch.no_grad():
         state = model.head(x)
         first = {i: v for i, v in seen.items()}
-        model.tail(state, model.schedule.patch_counts)
+        model.tail(state.tokens, model.schedule.patch_counts)
     for h in hooks:
         h.remove()
     t, sched = model.num_prefix_tokens, model.schedule
