@@ -65,7 +65,7 @@ class RequestedOutput(BaseModel):
 
 
 class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # KServe's client adds model_name; the URL names the model
 
     id: str | None = None
     parameters: dict[str, Any] | None = None
