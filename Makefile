@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/patchlife ensure-default
 	$(BIN)/patchlife serve
 
-test: $(STAMP) prometheus
+test: $(STAMP) prometheus kubectl
 	$(BIN)/python -m pytest -q
 
 # Prometheus + promtool (Debian's `prometheus` package) for tests/ops. Best effort: without root or
@@ -37,6 +37,21 @@ prometheus:
 	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
 	  || echo "make prometheus: could not install it: the Prometheus tests will be SKIPPED"; \
 	if [ -n "$$made" ]; then rm -f $$policy; fi
+
+# kubectl (its built-in kustomize renders deploy/k8s in tests/ops/test_k8s.py). Best effort, like
+# prometheus: a kubectl already on PATH is kept; else, as root, the distribution's `kubectl` package
+# where an apt source has it, or Debian's `kubernetes-client`. The tests skip and say why when there
+# is none, or when its kustomize is older than v4 (bookworm's kubernetes-client is 1.20: too old).
+.PHONY: kubectl
+kubectl:
+	@if command -v kubectl >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make kubectl: not root or no apt-get: the Kubernetes manifest tests will be SKIPPED"; exit 0; fi; \
+	echo "make kubectl: installing kubectl from the distribution's packages"; \
+	apt-get update -qq && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubectl \
+	  >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  kubernetes-client >/dev/null; } \
+	  || echo "make kubectl: could not install it: the Kubernetes manifest tests will be SKIPPED"
 
 lint: $(STAMP)
 	$(BIN)/ruff check model service tests

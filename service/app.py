@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from .engine import Engine
 from .errors import install_error_handlers
 from .metrics import HttpMetricsMiddleware, Metrics, PrometheusHooks
-from .routes import classify, explain, health, metrics, models
+from .routes import classify, explain, health, metrics, models, v2
 from .routes.common import Runtime
 from .settings import Settings, get_settings
 from .worker import Worker
@@ -89,4 +89,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(HttpMetricsMiddleware, metrics=rt.metrics)
     for module in (classify, explain, health, models, metrics):
         app.include_router(module.router)
+    app.include_router(v2.router)  # Open Inference Protocol v2 (KServe, Triton clients)
     return app
