@@ -69,9 +69,10 @@ class Settings(BaseSettings):
     bucket_step: int = Field(4, ge=1, description="Fallback grid for checkpoints without a calibration sample: patch "
                                                   "counts rounded up to multiples of this.")
     max_batch_waste: float = Field(
-        0.10, ge=0, description="budget mode: a phase-B batch with room also takes images of smaller buckets "
-                                "while its tokens computed beyond the images' own budgets stay within this "
-                                "fraction of those budgets (0: never mix buckets).")
+        1.0, ge=0, description="budget mode: the cost model merges covered buckets into a phase-B batch when that "
+                               "saves device time, as long as the tokens computed beyond the images' own budgets "
+                               "stay within this fraction of those budgets (0: never mix buckets, so an answer "
+                               "never depends on what else is queued).")
     work_conserving: bool = Field(
         True, description="Run the oldest queued batch whenever the model thread is free instead of waiting "
                           "max_delay_ms for it to fill (false: batches wait while the other phase has work).")
