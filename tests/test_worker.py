@@ -18,8 +18,15 @@ import torch
 
 from service.engine import HeadItem
 from service.settings import Settings
-from service.worker import (DeadlineExceeded, ImageResult, Overloaded, ShuttingDown, Worker, WorkerHooks,
-                            auto_torch_threads)
+from service.worker import (
+    DeadlineExceeded,
+    ImageResult,
+    Overloaded,
+    ShuttingDown,
+    Worker,
+    WorkerHooks,
+    auto_torch_threads,
+)
 
 STEP = 4
 
