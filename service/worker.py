@@ -127,10 +127,10 @@ def set_torch_threads(threads: int) -> int:
     """Apply ``PATCHLIFE_TORCH_THREADS`` to the calling thread (0: ``auto_torch_threads()``).
 
     Returns the thread count now in force. It must run in the thread that runs the model.
-    ``torch.set_num_threads`` is process-wide in name, but the OpenMP team behind MKL's matrix products is sized per thread: a call made in the
-    main thread (say, before the model loads) left a worker thread's products on the default team
-    (torch 2.14, measured per-thread CPU time), while the call in the worker thread itself gave one
-    busy thread.
+    ``torch.set_num_threads`` is process-wide in name, but the OpenMP team behind MKL's matrix
+    products is sized per thread: a call made in the main thread (say, before the model loads) left
+    a worker thread's products on the default team (torch 2.14, measured per-thread CPU time),
+    while the call in the worker thread itself gave one busy thread.
     """
     torch.set_num_threads(threads if threads > 0 else auto_torch_threads())
     return torch.get_num_threads()
