@@ -173,35 +173,36 @@ def pass_order(modes: list[str], repeat: int) -> list[str]:
     return alternating * repeat + (["unbatched"] * repeat if "unbatched" in modes else [])
 
 
-_SUMMED = frozenset({"errors", "requests", "images"})
-_NESTED = frozenset({"open_loop", "idle"})
+_SUMMED = frozenset({"errors", "requests", "images"})  # over a mode's passes; inside a pass's nested
+_NESTED = frozenset({"open_loop", "idle"})              # results only the errors are summed
 
 
 def combine(passes: list[dict[str, Any]]) -> dict[str, Any]:
     """One mode's passes -> medians of every number (counts summed), the images/s spread, the passes."""
-    out = _medians(passes)
+    out = _medians(passes, _SUMMED)
     rates = [p["images_per_s"] for p in passes]
     out["images_per_s_spread"] = [min(rates), max(rates)]
     out["passes"] = passes
     return out
 
 
-def _medians(passes: list[dict[str, Any]]) -> dict[str, Any]:
+def _medians(passes: list[dict[str, Any]], summed: frozenset[str]) -> dict[str, Any]:
     keys = list(dict.fromkeys(k for p in passes for k in p))
-    return {k: _combine_values(k, [v for p in passes if (v := p.get(k)) is not None]) for k in keys}
+    return {k: _combine_values(k, [v for p in passes if (v := p.get(k)) is not None], summed) for k in keys}
 
 
-def _combine_values(key: str, values: list[Any]) -> Any:
+def _combine_values(key: str, values: list[Any], summed: frozenset[str]) -> Any:
     if not values:
         return None
-    if key in _SUMMED:
+    if key in summed:
         return sum(values)
     if key == "error_statuses":
         return dict(sum((Counter(v) for v in values), Counter()))
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        return round(float(statistics.median(values)), 4)
+        median = round(float(statistics.median(values)), 4)
+        return int(median) if all(isinstance(v, int) for v in values) and median.is_integer() else median
     if key in _NESTED:
-        return _medians(values)
+        return _medians(values, frozenset({"errors"}))
     return values[0]  # e.g. the batching info: the first pass's
 
 
@@ -216,7 +217,12 @@ def pair_ratios(modes: dict[str, dict[str, Any]], num: str = "budget", den: str 
 
 # -- output -----------------------------------------------------------------------------------------
 def _fmt(v: Any, spec: str = ".1f", scale: float = 1.0, unit: str = "") -> str:
-    return "n/a" if v is None else f"{scale * v:{spec}}{unit}"
+    if v is None:
+        return "n/a"
+    try:
+        return f"{scale * v:{spec}}{unit}"
+    except (TypeError, ValueError):
+        return str(v)
 
 
 def _compact(v: Any) -> str:
@@ -255,12 +261,12 @@ def explain_lines(mode: str, r: dict[str, Any]) -> list[str]:
     else:
         varies = len({json.dumps(p.get("batching"), sort_keys=True) for p in r["passes"]}) > 1
         note = " (first pass; it differs between passes)" if varies else ""
-        lines.append(f"{pad}batching: {_fmt(batching.get('buckets'), 'd')} buckets{note}")
+        lines.append(f"{pad}batching: {_fmt(batching.get('buckets'), '.0f')} buckets{note}")
         lines += [pad + line for line in cost_model_lines(batching.get("cost_model"))]
     if (i := r.get("idle")) is not None:
         verdict = "" if i.get("p50_over_compute_decode") is None else \
             " ok" if i["p50_over_compute_decode"] <= i["target"] else " over target"
-        lines.append(f"{pad}idle: {i['requests']} single requests, p50 {_fmt(i.get('p50_ms'), '.2f')} ms vs "
+        lines.append(f"{pad}idle: {i['requests']} single requests a pass, p50 {_fmt(i.get('p50_ms'), '.2f')} ms vs "
                      f"batch-1 compute {_fmt(i.get('compute_ms'), '.2f')} + decode {_fmt(i.get('decode_ms'), '.2f')}"
                      f" ms: {_fmt(i.get('p50_over_compute_decode'), '.2f')}x (target <= {i['target']}){verdict}")
     return lines

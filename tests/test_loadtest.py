@@ -9,6 +9,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -228,17 +229,18 @@ def test_pass_order_alternates_the_batched_modes_then_unbatched() -> None:
 
 
 def test_combine_takes_medians_sums_counts_and_keeps_the_spread() -> None:
-    passes = [{"images_per_s": 100.0, "p50_ms": 5.0, "errors": 1, "requests": 10, "waste_ratio": None,
-               "error_statuses": {"503": 1}, "batching": {"buckets": 3}, "idle": {"p50_ms": 2.0, "errors": 0}},
-              {"images_per_s": 80.0, "p50_ms": 7.0, "errors": 0, "requests": 10, "waste_ratio": 0.1,
-               "error_statuses": {}, "batching": {"buckets": 4}, "idle": {"p50_ms": 4.0, "errors": 1}},
-              {"images_per_s": 130.0, "p50_ms": 6.0, "errors": 2, "requests": 10, "waste_ratio": 0.3,
-               "error_statuses": {"503": 2}, "batching": None, "idle": {"p50_ms": 9.0, "errors": 0}}]
+    passes: list[dict[str, Any]] = [
+        {"images_per_s": 100.0, "p50_ms": 5.0, "errors": 1, "requests": 10, "waste_ratio": None,
+         "error_statuses": {"503": 1}, "batching": {"buckets": 3}, "idle": {"p50_ms": 2.0, "errors": 0}},
+        {"images_per_s": 80.0, "p50_ms": 7.0, "errors": 0, "requests": 10, "waste_ratio": 0.1,
+         "error_statuses": {}, "batching": {"buckets": 4}, "idle": {"p50_ms": 4.0, "errors": 1}},
+        {"images_per_s": 130.0, "p50_ms": 6.0, "errors": 2, "requests": 10, "waste_ratio": 0.3,
+         "error_statuses": {"503": 2}, "batching": None, "idle": {"p50_ms": 9.0, "errors": 0, "requests": 5}}]
     c = loadreport.combine(passes)
     assert c["images_per_s"] == 100.0 and c["images_per_s_spread"] == [80.0, 130.0] and c["p50_ms"] == 6.0
     assert c["errors"] == 3 and c["requests"] == 30 and c["error_statuses"] == {"503": 3}
     assert c["waste_ratio"] == pytest.approx(0.2)  # median of the passes that have it
-    assert c["batching"] == {"buckets": 3} and c["idle"] == {"p50_ms": 4.0, "errors": 1}
+    assert c["batching"] == {"buckets": 3} and c["idle"] == {"p50_ms": 4.0, "errors": 1, "requests": 5}
     assert c["passes"] is passes
     ratios = loadreport.pair_ratios({"budget": c, "fifo": loadreport.combine(
         [{"images_per_s": 50.0}, {"images_per_s": 100.0}, {"images_per_s": 100.0}])})
@@ -309,3 +311,19 @@ def test_against_a_running_server_the_passes_repeat_on_it(
     body = json.loads(capsys.readouterr().out)
     assert started == [] and body["order"] == ["server", "server"] and body["budget_over_fifo"] is None
     assert [p["url"] for p in body["modes"]["server"]["passes"]] == ["http://x"] * 2
+
+
+def test_explain_lines_show_the_cost_model_and_the_idle_verdict() -> None:
+    p: dict[str, Any] = {"images_per_s": 80.0, "merged_share": 0.12, "head_padding_per_image": 0.05, "cpu_idle": 0.02,
+         "batching": {"buckets": 14, "cost_model": COST},
+         "idle": {"requests": 40, "errors": 0, "p50_ms": 11.0, "compute_ms": 8.0, "decode_ms": 1.0,
+                  "p50_over_compute_decode": 1.222, "target": 1.25}}
+    lines = loadreport.explain_lines("budget", loadreport.combine([p, {**p, "images_per_s": 90.0}]))
+    text = "\n".join(lines)
+    assert "merged 12.0% of images; padding head 0.05, tail n/a rows/image" in text and "machine idle 2%" in text
+    assert "batching: 14 buckets\n" in text and "cost model tail: fixed_ms=2, per_token_us=0.0125" in text
+    assert "p50 11.00 ms vs batch-1 compute 8.00 + decode 1.00 ms: 1.22x (target <= 1.25) ok" in text
+    idle = {**p["idle"], "p50_over_compute_decode": 2}
+    slow = loadreport.combine([{**p, "batching": {"buckets": "?"}, "idle": idle}])
+    assert "batching: ? buckets" in "\n".join(loadreport.explain_lines("fifo", slow))
+    assert "2.00x (target <= 1.25) over target" in "\n".join(loadreport.explain_lines("fifo", slow))
