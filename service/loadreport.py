@@ -35,6 +35,12 @@ SERIES: dict[str, tuple[str, dict[str, str]]] = {
     "padded_head": ("patchlife_padded_rows_total", {"phase": "head"}),  # rows added to reach a captured
     "padded_tail": ("patchlife_padded_rows_total", {"phase": "tail"}),  # batch-size class
 }
+# Gauges read as they are at the end of a window (not as increases): the cost model's parameters, as
+# main's server exported them before /v1/models carried "batching" (used only when it does not).
+GAUGES: dict[str, tuple[str, dict[str, str]]] = {
+    f"cost_{phase}_{part}": (f"patchlife_cost_model_{name}_seconds", {"phase": phase})
+    for phase in ("head", "tail") for part, name in (("fixed", "fixed"), ("unit", "unit"))
+}
 IDLE_TARGET = 1.25  # idle p50 latency within 25% of the server's batch-1 compute + decode
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 _SUFFIXES = ("_sum", "_count", "_bucket")
@@ -53,7 +59,7 @@ def parse_metrics(text: str) -> dict[str, float]:
             if (sample := _sample(line)) is not None:
                 samples.append(sample)
     out: dict[str, float] = {}
-    for key, (metric, labels) in SERIES.items():
+    for key, (metric, labels) in (SERIES | GAUGES).items():
         values = [v for name, have, v in samples if name == metric and labels.items() <= have.items()]
         if values:
             out[key] = sum(values)
@@ -76,8 +82,18 @@ def _sample(line: str) -> tuple[str, dict[str, str], float] | None:
 
 
 def deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Increase of every series present after the window (absent before: it started at 0)."""
-    return {k: after[k] - before.get(k, 0.0) for k in after}
+    """Increase of every ``SERIES`` present after the window (absent before: it started at 0)."""
+    return {k: after[k] - before.get(k, 0.0) for k in after if k in SERIES}
+
+
+def cost_model_from_gauges(m: dict[str, float]) -> dict[str, dict[str, float]] | None:
+    """``{"head": {"fixed_s": .., "unit_s": ..}, "tail": {..}}`` from the ``GAUGES``, or None."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in m.items():
+        if key in GAUGES:
+            _, phase, part = key.split("_")
+            out.setdefault(phase, {})[f"{part}_s"] = value
+    return out or None
 
 
 def _ratio(num: float | None, den: float | None, digits: int = 4) -> float | None:
@@ -116,14 +132,24 @@ def idle_summary(latencies_s: list[float], errors: int, d: dict[str, float]) -> 
 
 # -- GET /v1/models -----------------------------------------------------------------------------
 def batching_info(body: Any) -> dict[str, Any] | None:
-    """``{"buckets": n, "cost_model": ...}`` from the ``batching`` key of the (first) model, or None."""
+    """``{"buckets": n, "cost_model": ...}`` from the ``batching`` key of the (first) model, or None.
+
+    Without that key, the model's ``buckets`` (a list of bucket points) and ``graphs`` are used if
+    there (the cost model then comes from the ``GAUGES``).
+    """
     if isinstance(body, dict) and isinstance(body.get("models"), list) and body["models"]:
         body = body["models"][0]
-    batching = body.get("batching") if isinstance(body, dict) else None
-    if not isinstance(batching, dict):
+    if not isinstance(body, dict):
         return None
-    grid = batching.get("bucket_grid")
-    return {"buckets": len(grid) if isinstance(grid, list) else None, "cost_model": batching.get("cost_model")}
+    batching, graphs = body.get("batching"), body.get("graphs")
+    if isinstance(batching, dict):
+        grid, cost = batching.get("bucket_grid"), batching.get("cost_model")
+    elif "buckets" in body or isinstance(graphs, dict):
+        grid, cost = body.get("buckets"), None
+    else:
+        return None
+    out = {"buckets": len(grid) if isinstance(grid, list) else None, "cost_model": cost}
+    return out | {"graphs": graphs} if isinstance(graphs, dict) else out
 
 
 # -- /proc ----------------------------------------------------------------------------------------
@@ -261,7 +287,9 @@ def explain_lines(mode: str, r: dict[str, Any]) -> list[str]:
     else:
         varies = len({json.dumps(p.get("batching"), sort_keys=True) for p in r["passes"]}) > 1
         note = " (first pass; it differs between passes)" if varies else ""
-        lines.append(f"{pad}batching: {_fmt(batching.get('buckets'), '.0f')} buckets{note}")
+        graphs = batching.get("graphs")
+        graphs_note = "" if graphs is None else "; graphs " + ", ".join(f"{k}={_compact(v)}" for k, v in graphs.items())
+        lines.append(f"{pad}batching: {_fmt(batching.get('buckets'), '.0f')} buckets{graphs_note}{note}")
         lines += [pad + line for line in cost_model_lines(batching.get("cost_model"))]
     if (i := r.get("idle")) is not None:
         verdict = "" if i.get("p50_over_compute_decode") is None else \

@@ -289,7 +289,9 @@ async def measure(url: str, payloads: list[Payload], args: argparse.Namespace,
         server_s = server_after - server_before if server_after is not None and server_before is not None else None
         result["server_cpu_ms_per_image"] = round(1000.0 * server_s / closed.images, 3) \
             if server_s is not None and closed.images else None
-        result["batching"] = await batching(client)
+        result["batching"] = info = await batching(client)
+        if info is not None and info.get("cost_model") is None:
+            info["cost_model"] = report.cost_model_from_gauges(after)
         if args.rate_fraction > 0 and closed.latencies_s:
             result["open_loop"] = await _open_loop_pass(client, payloads, args, closed)
         if args.idle_requests > 0:

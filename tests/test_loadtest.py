@@ -327,3 +327,31 @@ def test_explain_lines_show_the_cost_model_and_the_idle_verdict() -> None:
     slow = loadreport.combine([{**p, "batching": {"buckets": "?"}, "idle": idle}])
     assert "batching: ? buckets" in "\n".join(loadreport.explain_lines("fifo", slow))
     assert "2.00x (target <= 1.25) over target" in "\n".join(loadreport.explain_lines("fifo", slow))
+
+
+def test_without_a_batching_key_the_model_buckets_graphs_and_cost_gauges_are_used() -> None:
+    """The shape main's server had before the "batching" key: buckets and graphs in the model info,
+    the cost model as gauges."""
+    fake = FakeServer()
+    graphs = {"enabled": False, "captured": 0, "eager_fallbacks": 0}
+    gauges = "".join(f'patchlife_cost_model_{part}_seconds{{phase="{phase}"}} {v}\n'
+                     for phase, part, v in (("head", "fixed", 0.002), ("head", "unit", 0.0005),
+                                            ("tail", "fixed", 0.003), ("tail", "unit", 1e-7)))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"name": "m", "buckets": [[8, 4], [12, 8]], "graphs": graphs})
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text=fake.metrics() + gauges)
+        return fake.handler(request)
+
+    payloads = loadtest.make_payloads(loadtest.make_mix(2, [None]), 1)
+    result = asyncio.run(loadtest.measure("http://fake", payloads, args(clients=1, requests=4, warmup=0),
+                                          httpx.MockTransport(handler)))
+    assert result["batching"] == {"buckets": 2, "graphs": graphs, "cost_model": {
+        "head": {"fixed_s": 0.002, "unit_s": 0.0005}, "tail": {"fixed_s": 0.003, "unit_s": 1e-7}}}
+    assert "cost_head_fixed" not in loadreport.deltas({}, loadreport.parse_metrics(gauges))  # gauges: no deltas
+    lines = loadreport.explain_lines("budget", loadreport.combine([result]))
+    assert any("batching: 2 buckets; graphs enabled=False, captured=0, eager_fallbacks=0" in x for x in lines)
+    assert any(x.endswith("cost model tail: fixed_s=0.003, unit_s=1e-07") for x in lines)
+    assert loadreport.batching_info({"name": "m", "buckets": {"step": 4}}) == {"buckets": None, "cost_model": None}
