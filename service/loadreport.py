@@ -149,6 +149,8 @@ def batching_info(body: Any) -> dict[str, Any] | None:
     else:
         return None
     out = {"buckets": len(grid) if isinstance(grid, list) else None, "cost_model": cost}
+    if grid is not None and not isinstance(grid, list):
+        out["bucket_grid"] = grid  # e.g. {"step": 4}: a stepped grid, no fixed count
     return out | {"graphs": graphs} if isinstance(graphs, dict) else out
 
 
@@ -270,6 +272,17 @@ def cost_model_lines(cost: Any) -> list[str]:
     return [f"cost model: {_compact(cost)}"]
 
 
+def _batching_lines(batching: dict[str, Any], passes: list[dict[str, Any]]) -> list[str]:
+    grid = f"grid {_compact(batching['bucket_grid'])}" if "bucket_grid" in batching else \
+        f"{_fmt(batching.get('buckets'), '.0f')} buckets"
+    if isinstance(graphs := batching.get("graphs"), dict):
+        shown = [k for k in ("mode", "captured", "eager_fallbacks") if k in graphs] or list(graphs)
+        grid += "; graphs " + ", ".join(f"{k}={_compact(graphs[k])}" for k in shown)
+    varies = len({json.dumps(p.get("batching"), sort_keys=True) for p in passes}) > 1
+    note = [f"(pass 1 of {len(passes)} shown; the passes differ, each is in --json)"] if varies else []
+    return [f"batching: {grid}", *cost_model_lines(batching.get("cost_model")), *note]
+
+
 def explain_lines(mode: str, r: dict[str, Any]) -> list[str]:
     """A few lines saying what the server did in ``mode`` (medians over the passes)."""
     pad = " " * (len(mode) + 2)
@@ -285,12 +298,7 @@ def explain_lines(mode: str, r: dict[str, Any]) -> list[str]:
     if batching is None:
         lines.append(f"{pad}batching: n/a (no 'batching' in /v1/models)")
     else:
-        varies = len({json.dumps(p.get("batching"), sort_keys=True) for p in r["passes"]}) > 1
-        note = " (first pass; it differs between passes)" if varies else ""
-        graphs = batching.get("graphs")
-        graphs_note = "" if graphs is None else "; graphs " + ", ".join(f"{k}={_compact(v)}" for k, v in graphs.items())
-        lines.append(f"{pad}batching: {_fmt(batching.get('buckets'), '.0f')} buckets{graphs_note}{note}")
-        lines += [pad + line for line in cost_model_lines(batching.get("cost_model"))]
+        lines += [pad + line for line in _batching_lines(batching, r["passes"])]
     if (i := r.get("idle")) is not None:
         verdict = "" if i.get("p50_over_compute_decode") is None else \
             " ok" if i["p50_over_compute_decode"] <= i["target"] else " over target"

@@ -322,6 +322,11 @@ def test_explain_lines_show_the_cost_model_and_the_idle_verdict() -> None:
     text = "\n".join(lines)
     assert "merged 12.0% of images; padding head 0.05, tail n/a rows/image" in text and "machine idle 2%" in text
     assert "batching: 14 buckets\n" in text and "cost model tail: fixed_ms=2, per_token_us=0.0125" in text
+    assert "shown" not in text  # both passes had the same batching info
+    changed = {**p, "batching": {"buckets": 14, "cost_model": {"head": {"fixed_ms": 1.7}}}}
+    varied = "\n".join(loadreport.explain_lines("budget", loadreport.combine([p, changed])))
+    assert "cost model head: fixed_ms=1.5, per_row_ms=0.25\n" in varied
+    assert "(pass 1 of 2 shown; the passes differ, each is in --json)" in varied
     assert "p50 11.00 ms vs batch-1 compute 8.00 + decode 1.00 ms: 1.22x (target <= 1.25) ok" in text
     idle = {**p["idle"], "p50_over_compute_decode": 2}
     slow = loadreport.combine([{**p, "batching": {"buckets": "?"}, "idle": idle}])
@@ -352,6 +357,10 @@ def test_without_a_batching_key_the_model_buckets_graphs_and_cost_gauges_are_use
         "head": {"fixed_s": 0.002, "unit_s": 0.0005}, "tail": {"fixed_s": 0.003, "unit_s": 1e-7}}}
     assert "cost_head_fixed" not in loadreport.deltas({}, loadreport.parse_metrics(gauges))  # gauges: no deltas
     lines = loadreport.explain_lines("budget", loadreport.combine([result]))
-    assert any("batching: 2 buckets; graphs enabled=False, captured=0, eager_fallbacks=0" in x for x in lines)
+    assert any(x.endswith("batching: 2 buckets; graphs captured=0, eager_fallbacks=0") for x in lines)
     assert any(x.endswith("cost model tail: fixed_s=0.003, unit_s=1e-07") for x in lines)
-    assert loadreport.batching_info({"name": "m", "buckets": {"step": 4}}) == {"buckets": None, "cost_model": None}
+    stepped = loadreport.batching_info({"name": "m", "buckets": {"step": 4}})
+    assert stepped == {"buckets": None, "cost_model": None, "bucket_grid": {"step": 4}}
+    stepped_lines = loadreport.explain_lines("fifo", loadreport.combine([{**result, "batching": stepped}]))
+    assert any(x.endswith('batching: grid {"step":4}') for x in stepped_lines)
+    assert any(x.endswith("cost model n/a") for x in stepped_lines)
