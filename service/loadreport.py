@@ -134,8 +134,9 @@ def idle_summary(latencies_s: list[float], errors: int, d: dict[str, float]) -> 
 def batching_info(body: Any) -> dict[str, Any] | None:
     """``{"buckets": n, "cost_model": ...}`` from the ``batching`` key of the (first) model, or None.
 
-    Without that key, the model's ``buckets`` (a list of bucket points) and ``graphs`` are used if
-    there (the cost model then comes from the ``GAUGES``).
+    A ``bucket_grid`` that is not a list (a stepped grid, ``{"step": 4}``) is kept as it is, the
+    model's ``graphs`` are added when there, and without a ``batching`` key the model's ``buckets``
+    stand in for the grid (the cost model then comes from the ``GAUGES``).
     """
     if isinstance(body, dict) and isinstance(body.get("models"), list) and body["models"]:
         body = body["models"][0]
@@ -149,6 +150,8 @@ def batching_info(body: Any) -> dict[str, Any] | None:
     else:
         return None
     out = {"buckets": len(grid) if isinstance(grid, list) else None, "cost_model": cost}
+    if isinstance(batching, dict) and "mode" in batching:
+        out["mode"] = batching["mode"]  # the batching mode the server says it runs
     if grid is not None and not isinstance(grid, list):
         out["bucket_grid"] = grid  # e.g. {"step": 4}: a stepped grid, no fixed count
     return out | {"graphs": graphs} if isinstance(graphs, dict) else out
@@ -280,7 +283,8 @@ def _batching_lines(batching: dict[str, Any], passes: list[dict[str, Any]]) -> l
         grid += "; graphs " + ", ".join(f"{k}={_compact(graphs[k])}" for k in shown)
     varies = len({json.dumps(p.get("batching"), sort_keys=True) for p in passes}) > 1
     note = [f"(pass 1 of {len(passes)} shown; the passes differ, each is in --json)"] if varies else []
-    return [f"batching: {grid}", *cost_model_lines(batching.get("cost_model")), *note]
+    mode = f"mode {_compact(batching['mode'])}, " if "mode" in batching else ""
+    return [f"batching: {mode}{grid}", *cost_model_lines(batching.get("cost_model")), *note]
 
 
 def explain_lines(mode: str, r: dict[str, Any]) -> list[str]:

@@ -364,3 +364,10 @@ def test_without_a_batching_key_the_model_buckets_graphs_and_cost_gauges_are_use
     stepped_lines = loadreport.explain_lines("fifo", loadreport.combine([{**result, "batching": stepped}]))
     assert any(x.endswith('batching: grid {"step":4}') for x in stepped_lines)
     assert any(x.endswith("cost model n/a") for x in stepped_lines)
+    # main's /v1/models today: a "batching" key whose grid may be stepped, with the mode; graphs beside it
+    now = loadreport.batching_info({"batching": {"bucket_grid": {"step": 4}, "mode": "fifo", "cost_model": COST},
+                                    "graphs": graphs})
+    assert now == {"buckets": None, "cost_model": COST, "mode": "fifo", "bucket_grid": {"step": 4}, "graphs": graphs}
+    now_lines = loadreport.explain_lines("fifo", loadreport.combine([{**result, "batching": now}]))
+    assert any(x.endswith('batching: mode fifo, grid {"step":4}; graphs captured=0, eager_fallbacks=0')
+               for x in now_lines)
