@@ -1,24 +1,34 @@
 """``patchlife loadtest``: budget-grouped vs FIFO vs unbatched serving, under the same load.
 
-For each batching mode it starts ``patchlife serve`` on a free loopback port (``PATCHLIFE_BATCHING``
-set to the mode, every other ``PATCHLIFE_*`` variable of the caller passed on), waits for
-``/readyz``, warms it up, then drives it closed-loop: ``--clients`` clients, each POSTing
+For each pass it starts ``patchlife serve`` on a free loopback port (``PATCHLIFE_BATCHING`` set to
+the mode, every other ``PATCHLIFE_*`` variable of the caller passed on), waits for ``/readyz``,
+warms it up, then drives it closed-loop: ``--clients`` clients, each POSTing
 ``--images-per-request`` images to ``/classify`` and sending the next request as soon as the answer
 is back, until ``--requests`` requests or ``--duration`` seconds. The image mix is fixed (the
 synthetic shapes task's images, with varied clutter, at a cycle of keep rates), so every mode sees
 the same requests in the same order.
 
+Single passes vary by 15-20% on a shared machine, so each mode runs ``--repeat`` passes, a fresh
+server each: the batched modes alternate pass by pass (budget, fifo, budget, fifo, ...), unbatched
+runs after them. The table shows each mode's medians with the images/s spread over its passes, the
+budget/FIFO ratio of each adjacent pair of passes and their median, and budget against the offline
+reference (``--offline``: the same model and mix in-process, no HTTP).
+
 The client is kept cheap so that the server, not the client, is measured (they share the CPU on one
-machine): every request body is multipart-encoded once up front, each mode uses one keep-alive
+machine): every request body is multipart-encoded once up front, each pass uses one keep-alive
 client, and an answer is checked by counting its results in the raw bytes (no JSON decoding).
 Several images per request spread the HTTP cost over them, which matters for tiny models; the
 client's own CPU time per request is reported.
 
-Waste comes from the server's ``/metrics`` counters (needed vs computed tail tokens) read before and
-after the measured window. With ``--rate-fraction F`` a second, open-loop pass sends Poisson
-arrivals at F x the closed-loop throughput and reports its latency percentiles (measured from the
-scheduled send time, so a slow server cannot hide its queueing). ``--url`` targets a server that
-is already running (one mode, whatever it is configured with) instead of starting one.
+What the server did is explained from its ``/metrics`` counters read before and after the measured
+window (batch sizes, merges, padding, waste, model busy share; see ``loadreport.SERIES``), its
+``GET /v1/models`` (bucket count and cost model), ``/proc/stat`` (the machine's idle share at
+saturation) and ``/proc/<pid>/stat`` of the server it started (CPU time per image). With
+``--rate-fraction F`` an open-loop pass sends Poisson arrivals at F x the closed-loop throughput and
+reports its latency percentiles (measured from the scheduled send time, so a slow server cannot
+hide its queueing). With ``--idle-requests K``, K single-image requests are then sent one at a time
+to the idle server; their p50 is compared with the server's own batch-1 compute + decode. ``--url``
+targets a server that is already running (whatever it is configured with) instead of starting one.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
+
+from . import loadreport as report
 
 MODES = ("budget", "fifo", "unbatched")
 Mix = list[tuple[bytes, float | None]]  # (PNG, keep rate), one per image
@@ -192,23 +204,20 @@ async def open_loop(client: httpx.AsyncClient, payloads: list[Payload], rate_per
 
 # -- the server ---------------------------------------------------------------------------------
 async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
-    """The counters this test reads from ``/metrics`` (absent ones are missing from the dict)."""
-    wanted = {"patchlife_needed_tokens_total": "needed", "patchlife_computed_tokens_total": "computed",
-              'patchlife_batch_size_sum{phase="tail"}': "tail_images",
-              'patchlife_batch_size_count{phase="tail"}': "tail_batches",
-              'patchlife_batch_size_count{phase="head"}': "head_batches",
-              'patchlife_model_compute_seconds_sum{phase="head"}': "head_s",
-              'patchlife_model_compute_seconds_sum{phase="tail"}': "tail_s"}
+    """The series of ``loadreport.SERIES`` that ``/metrics`` has (absent ones are missing from the dict)."""
     try:
-        text = (await client.get("/metrics")).text
+        return report.parse_metrics((await client.get("/metrics")).text)
     except httpx.HTTPError:
         return {}
-    out = {}
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name in wanted:
-            out[wanted[name]] = float(value)
-    return out
+
+
+async def batching(client: httpx.AsyncClient) -> dict[str, Any] | None:
+    """Bucket count and cost model from ``GET /v1/models`` (None if the server does not say)."""
+    try:
+        r = await client.get("/v1/models")
+        return report.batching_info(r.json()) if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
 
 
 def free_port() -> int:
@@ -217,9 +226,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Served:
+    url: str
+    pid: int | None  # the server's process id when this process started it (its CPU time is read)
+
+
 @contextlib.contextmanager
-def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | None = None) -> Iterator[str]:
-    """``patchlife serve`` in a subprocess for ``mode``; yields its URL once /readyz answers 200.
+def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | None = None) -> Iterator[Served]:
+    """``patchlife serve`` in a subprocess for ``mode``; yields its URL and pid once /readyz answers 200.
 
     ``threads``: PATCHLIFE_TORCH_THREADS of the server (None: inherited from this environment).
     """
@@ -243,7 +258,7 @@ def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | N
                 if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                     break
             time.sleep(0.25)
-        yield url
+        yield Served(url, proc.pid)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -256,34 +271,53 @@ def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | N
 
 
 async def measure(url: str, payloads: list[Payload], args: argparse.Namespace,
-                  transport: httpx.AsyncBaseTransport | None = None) -> dict[str, Any]:
-    """Warm-up, closed-loop pass (with /metrics before/after), optional open-loop pass.
+                  transport: httpx.AsyncBaseTransport | None = None, pid: int | None = None) -> dict[str, Any]:
+    """One pass: warm-up, closed loop (with /metrics, /proc/stat and the server's CPU time before and
+    after), then the server's batching info, optional open loop, optional idle single requests.
 
     One keep-alive client for all of it: connections are opened during the warm-up and reused.
+    ``pid``: the server's process, when this process started it.
     """
     limits = httpx.Limits(max_connections=max(args.clients, 1) * 4, max_keepalive_connections=max(args.clients, 1) * 4)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits, transport=transport) as client:
         await closed_loop(client, payloads, args.clients, args.warmup, 1e9)
-        before = await scrape(client)
+        before, cpu_before, server_before = await scrape(client), report.read_cpu_times(), report.process_cpu_s(pid)
         closed = await closed_loop(client, payloads, args.clients, args.requests, args.duration, start=args.warmup)
-        after = await scrape(client)
-        result = closed.summary()
-        delta = {k: after[k] - before.get(k, 0.0) for k in after}
-        needed, computed = delta.get("needed", 0.0), delta.get("computed", 0.0)
-        result["waste_ratio"] = round((computed - needed) / needed, 4) if needed > 0 else None
-        images, batches = delta.get("tail_images", 0.0), delta.get("tail_batches", 0.0)
-        result["tail_batch_mean"] = round(images / batches, 2) if batches else None
-        result["head_batch_mean"] = round(images / delta["head_batches"], 2) if delta.get("head_batches") else None
-        # Share of the wall time the model thread spent computing: near 1, the model is the bottleneck.
-        busy = delta.get("head_s", 0.0) + delta.get("tail_s", 0.0)
-        result["model_busy"] = round(busy / closed.elapsed_s, 3) if "head_s" in delta and closed.elapsed_s else None
+        cpu_after, server_after, after = report.read_cpu_times(), report.process_cpu_s(pid), await scrape(client)
+        result = {**closed.summary(), **report.explain(report.deltas(before, after), closed.elapsed_s)}
+        result["cpu_idle"] = report.idle_share(cpu_before, cpu_after)  # the whole machine's, at saturation
+        server_s = server_after - server_before if server_after is not None and server_before is not None else None
+        result["server_cpu_ms_per_image"] = round(1000.0 * server_s / closed.images, 3) \
+            if server_s is not None and closed.images else None
+        result["batching"] = info = await batching(client)
+        if info is not None and info.get("cost_model") is None:
+            info["cost_model"] = report.cost_model_from_gauges(after)
         if args.rate_fraction > 0 and closed.latencies_s:
-            rate = args.rate_fraction * len(closed.latencies_s) / closed.elapsed_s  # requests/s
-            opened = (await open_loop(client, payloads, rate, args.requests, args.duration)).summary()
-            result["open_loop"] = {"rate_per_s": round(rate, 2), **{k: opened[k] for k in (
-                "images_per_s", "p50_ms", "p95_ms", "p99_ms", "errors")},
-                "p99_over_p50": round(opened["p99_ms"] / opened["p50_ms"], 2) if opened["p50_ms"] else None}
+            result["open_loop"] = await _open_loop_pass(client, payloads, args, closed)
+        if args.idle_requests > 0:
+            result["idle"] = await idle_requests(client, payloads, args.idle_requests)
         return result
+
+
+async def _open_loop_pass(client: httpx.AsyncClient, payloads: list[Payload], args: argparse.Namespace,
+                          closed: Pass) -> dict[str, Any]:
+    rate = args.rate_fraction * len(closed.latencies_s) / closed.elapsed_s  # requests/s
+    opened = (await open_loop(client, payloads, rate, args.requests, args.duration)).summary()
+    return {"rate_per_s": round(rate, 2), **{k: opened[k] for k in ("images_per_s", "p50_ms", "p95_ms", "p99_ms",
+                                                                      "errors")},
+            "p99_over_p50": round(opened["p99_ms"] / opened["p50_ms"], 2) if opened["p50_ms"] else None}
+
+
+async def idle_requests(client: httpx.AsyncClient, payloads: list[Payload], k: int,
+                        settle_s: float = 0.5) -> dict[str, Any]:
+    """``k`` requests one at a time (one image each, the model's default keep rate) to an idle server,
+    against the server's own batch-1 compute and decode over the same requests (from /metrics)."""
+    singles = make_payloads([(p.mix[0][0], None) for p in payloads[:k]], 1)
+    await asyncio.sleep(settle_s)  # let the load's queues drain and the server's idle threads stop spinning
+    out, before = Pass(), await scrape(client)
+    for i in range(k):
+        await _post(client, singles[i % len(singles)], out, time.perf_counter())
+    return report.idle_summary(out.latencies_s, out.errors, report.deltas(before, await scrape(client)))
 
 
 # -- the offline reference ----------------------------------------------------------------------
@@ -356,66 +390,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: inherited from the environment)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /readyz")
-    p.add_argument("--json", action="store_true", help='print only {"modes": {...}} as JSON')
+    p.add_argument("--repeat", type=int, default=3,
+                   help="passes per mode; batched modes alternate pass by pass (budget, fifo, budget, ...), "
+                        "unbatched runs after them; medians are reported")
+    p.add_argument("--idle-requests", type=int, default=0,
+                   help="after each pass, send this many single-image requests one at a time to the idle server "
+                        "and compare their p50 with the server's batch-1 compute + decode (0: off)")
+    p.add_argument("--json", action="store_true", help="print only a JSON object (medians and every pass)")
 
 
-def _table(modes: dict[str, dict[str, Any]], offline: float | None) -> str:
-    head = f"{'mode':<10} {'images/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} " \
-           f"{'waste':>7} {'tail batch':>10} {'model busy':>10} {'client ms/req':>13}"
-    lines = [head, "-" * len(head)]
-    for mode, r in modes.items():
-        waste = "n/a" if r.get("waste_ratio") is None else f"{100 * r['waste_ratio']:.1f}%"
-        batch = "n/a" if r.get("tail_batch_mean") is None else f"{r['tail_batch_mean']:.1f}"
-        cpu = "n/a" if r.get("client_cpu_ms_per_request") is None else f"{r['client_cpu_ms_per_request']:.2f}"
-        busy = "n/a" if r.get("model_busy") is None else f"{100 * r['model_busy']:.0f}%"
-        lines.append(f"{mode:<10} {r['images_per_s']:>9.1f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
-                     f"{r['p99_ms']:>8.1f} {r['errors']:>6} {waste:>7} {batch:>10} {busy:>10} {cpu:>13}")
-    for mode, r in modes.items():
-        if r.get("error_statuses"):
-            lines.append(f"errors {mode}: {r['error_statuses']}")
-        if "open_loop" in r:
-            o = r["open_loop"]
-            lines.append(f"open loop {mode}: {o['rate_per_s']:.1f} req/s offered, p50 {o['p50_ms']:.1f} ms, "
-                         f"p99 {o['p99_ms']:.1f} ms (p99/p50 {o['p99_over_p50']}), errors {o['errors']}")
-    if offline is not None:
-        lines.append(f"offline (same model and mix, no HTTP): {offline:.1f} images/s")
-    return "\n".join(lines)
+def _one_pass(mode: str, payloads: list[Payload], args: argparse.Namespace) -> dict[str, Any]:
+    if args.url:
+        return asyncio.run(measure(args.url.rstrip("/"), payloads, args))
+    with server(mode, args.checkpoint, args.startup_timeout, args.torch_threads) as served:
+        return asyncio.run(measure(served.url, payloads, args, pid=served.pid))
+
+
+def _offline_reference(payloads: list[Payload], args: argparse.Namespace) -> float:
+    from service.settings import Settings
+    s = Settings()
+    threads = s.torch_threads if args.torch_threads is None else args.torch_threads
+    sent = [image for p in payloads for image in p.mix]  # the images and keep rates the servers got
+    return round(offline_images_per_s(sent, args.checkpoint, s.max_batch_size, args.offline_seconds, threads), 2)
+
+
+def _check(args: argparse.Namespace, modes: list[str]) -> str | None:
+    if unknown := sorted(set(modes) - set(MODES)):
+        return f"unknown modes {unknown}; choose from {list(MODES)}"
+    if min(args.images_per_request, args.clients, args.mix_size, args.repeat) < 1:
+        return "--images-per-request, --clients, --mix-size and --repeat must be >= 1"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if unknown := sorted(set(modes) - set(MODES)):
-        print(f"patchlife loadtest: unknown modes {unknown}; choose from {list(MODES)}", file=sys.stderr)
-        return 2
-    if args.images_per_request < 1 or args.clients < 1 or args.mix_size < 1:
-        print("patchlife loadtest: --images-per-request, --clients and --mix-size must be >= 1", file=sys.stderr)
+    if problem := _check(args, modes):
+        print(f"patchlife loadtest: {problem}", file=sys.stderr)
         return 2
     payloads = make_payloads(make_mix(args.mix_size, args.keep_rates), args.images_per_request)
-    results: dict[str, dict[str, Any]] = {}
-    if args.url:
-        results["server"] = asyncio.run(measure(args.url.rstrip("/"), payloads, args))
-    for mode in [] if args.url else modes:
+    order = ["server"] * args.repeat if args.url else report.pass_order(modes, args.repeat)
+    passes: dict[str, list[dict[str, Any]]] = {}
+    for i, mode in enumerate(order):
         if not args.json:
-            print(f"[{mode}] starting server ...", file=sys.stderr)
+            print(f"[pass {i + 1}/{len(order)}: {mode}] ...", file=sys.stderr)
         try:
-            with server(mode, args.checkpoint, args.startup_timeout, args.torch_threads) as url:
-                results[mode] = asyncio.run(measure(url, payloads, args))
+            passes.setdefault(mode, []).append(_one_pass(mode, payloads, args))
         except RuntimeError as exc:
             print(f"patchlife loadtest: {exc}", file=sys.stderr)
             return 1
-    offline = None
+    results = {mode: report.combine(ps) for mode, ps in passes.items()}
+    body: dict[str, Any] = {"order": order, "modes": results, "budget_over_fifo": report.pair_ratios(results)}
     if args.offline:
-        from service.settings import Settings
-        s = Settings()
-        threads = s.torch_threads if args.torch_threads is None else args.torch_threads
-        sent = [image for p in payloads for image in p.mix]  # the images and keep rates the servers got
-        offline = round(offline_images_per_s(sent, args.checkpoint, s.max_batch_size, args.offline_seconds,
-                                             threads), 2)
-    if args.json:
-        body: dict[str, Any] = {"modes": results}
-        if offline is not None:
-            body["offline_images_per_s"] = offline
-        print(json.dumps(body, indent=2))
-    else:
-        print(_table(results, offline))
+        body["offline_images_per_s"] = offline = _offline_reference(payloads, args)
+        budget = results.get("budget", results.get("server"))
+        body["budget_over_offline"] = round(budget["images_per_s"] / offline, 4) if budget and offline else None
+    print(json.dumps(body, indent=2) if args.json else report.table(body))
     return 0 if all(r["errors"] == 0 for r in results.values()) else 1
