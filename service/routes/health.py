@@ -17,6 +17,7 @@ async def healthz() -> Status:
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorResponse}}, summary="Readiness")
 async def readyz(rt: RuntimeDep) -> Status:
-    """200 once the model is loaded and warmed up; 503 before that and from the start of shutdown."""
-    rt.serving()  # raises NotReady / ShuttingDown
+    """200 once the model is loaded and warmed up; 503 before that, from the start of shutdown, and
+    while the model cannot serve (its thread stopped, batches keep failing, a batch hangs), with why."""
+    rt.check_ready()  # raises NotReady / ShuttingDown; not counted as a rejected request
     return Status(status="ready")
