@@ -85,7 +85,7 @@ async def drain(rt: Runtime, poll_s: float = 0.01) -> None:
 
 def begin_shutdown(rt: Runtime) -> None:
     """SIGTERM, first step (signal-handler safe): readiness false, batches stop waiting to fill."""
-    rt.ready, rt.stopping = False, True
+    rt.stopping = True
     if rt.worker is not None:
         rt.worker.begin_drain()
 

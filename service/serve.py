@@ -59,7 +59,7 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._signalled and self._loop is not None and self.started:
             self._signalled = True
-            self.runtime.ready, self.runtime.stopping = False, True  # plain stores: safe in a signal handler
+            self.runtime.stopping = True  # a plain store: safe in a signal handler; /readyz now 503
             self._loop.call_soon_threadsafe(self._start_drain, sig)
             return
         super().handle_exit(sig, frame)

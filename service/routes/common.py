@@ -52,7 +52,7 @@ class Runtime:
     metrics: Metrics
     engine: Engine | None = None
     worker: Worker | None = None
-    ready: bool = False        # model loaded and warmed up, worker running
+    ready: bool = False        # model loaded and warmed up, worker running (until the lifespan ends)
     stopping: bool = False     # SIGTERM: /readyz answers 503, requests are still served (shutdown_delay_s)
     draining: bool = False     # then: new requests are refused (503, Connection: close)
     startup_error: str | None = None
@@ -82,7 +82,8 @@ class Runtime:
             self.metrics.reject("shutdown")
             raise ShuttingDown("server is shutting down; retry on another instance")
         if not self.ready or self.engine is None or self.worker is None:
-            return self.check_ready()  # raises NotReady
+            raise NotReady("model is loading or warming up; retry shortly" if self.startup_error is None else
+                           f"model failed to start: {self.startup_error}", headers={"Retry-After": "1"})
         return self.engine, self.worker
 
     def clock(self) -> Callable[[], float]:
@@ -201,17 +202,27 @@ def _header_pixels(raws: list[RawImage], max_image_pixels: int, max_request_pixe
     return sizes
 
 
-async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep_view: bool = False) -> Prepared:
+async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep_view: bool = False,
+                         deadline: float | None = None) -> Prepared:
     """Decode + preprocess each image in a worker thread (the event loop never decodes), one at a time
-    per request, each holding its pixel count in the shared decode budget while it decodes."""
+    per request, each holding its pixel count in the shared decode budget while it decodes. A request
+    whose ``deadline`` (worker clock) passes stops decoding: 504."""
     s = rt.settings
+    clock = rt.clock()
     for raw in raws:
         check_media_type(raw.content_type, raw.source)
     sizes = await anyio.to_thread.run_sync(_header_pixels, raws, s.max_image_pixels, s.max_request_pixels)
     out = Prepared([], [], [])
     for raw, size in zip(raws, sizes, strict=True):
+        wait_s = s.decode_wait_ms / 1000.0
+        if deadline is not None:
+            if clock() >= deadline:
+                rt.metrics.reject("deadline")
+                raise DeadlineExceeded(f"the deadline passed while decoding the images ({DEADLINE_HEADER} or "
+                                       "PATCHLIFE_DEADLINE_MS)")
+            wait_s = min(wait_s, deadline - clock())
         try:
-            async with rt.decode_budget.hold(size, s.decode_wait_ms / 1000.0):
+            async with rt.decode_budget.hold(size, wait_s):
                 t0 = time.perf_counter()
                 pixels, view = await anyio.to_thread.run_sync(_decode_one, raw, engine, s.max_image_pixels,
                                                               keep_view)

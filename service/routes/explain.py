@@ -57,7 +57,7 @@ async def explain(request: Request, rt: RuntimeDep, deadline: DeadlineDep, top_k
     engine, worker = rt.serving()
     payload = await read_payload(request, rt.limits(max_images=1))
     options = resolve_options(top_k, keep_rate, payload.options, rt.settings)
-    prepared = await prepare_images(payload.images, engine, rt, keep_view=True)
+    prepared = await prepare_images(payload.images, engine, rt, keep_view=True, deadline=deadline)
     (result,) = await run_model(request, worker, prepared.pixels, options.keep_rate, deadline)
     png = await anyio.to_thread.run_sync(heatmap_png, prepared.views[0], result.lives, engine)
     if not wants_json(format, request.headers.get("accept", "")):

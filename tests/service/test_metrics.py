@@ -153,5 +153,6 @@ def test_tail_bucket_label_is_bounded() -> None:
 def test_latency_buckets_resolve_sub_millisecond() -> None:
     m = Metrics()
     m.compute_seconds.labels("tail").observe(0.0002)
-    assert m.registry.get_sample_value("patchlife_model_compute_seconds_bucket", {"phase": "tail", "le": "0.00025"}) == 1
-    assert m.registry.get_sample_value("patchlife_model_compute_seconds_bucket", {"phase": "tail", "le": "0.0001"}) == 0
+    bucket = "patchlife_model_compute_seconds_bucket"
+    assert m.registry.get_sample_value(bucket, {"phase": "tail", "le": "0.00025"}) == 1
+    assert m.registry.get_sample_value(bucket, {"phase": "tail", "le": "0.0001"}) == 0
