@@ -75,6 +75,7 @@ async def drain(rt: Runtime, poll_s: float = 0.01) -> None:
     end = loop.time() + s.shutdown_grace_s
     while rt.in_flight.count > 0 and loop.time() < end:
         await asyncio.sleep(poll_s)
+    rt.grace_over = True  # requests still decoding stop before their next image (503)
     if rt.worker is not None:
         await rt.worker.stop(grace_s=max(0.0, end - loop.time()))
     answered = loop.time() + 1.0  # the 503s of what the worker failed are written by their own tasks

@@ -55,6 +55,7 @@ class Runtime:
     ready: bool = False        # model loaded and warmed up, worker running (until the lifespan ends)
     stopping: bool = False     # SIGTERM: /readyz answers 503, requests are still served (shutdown_delay_s)
     draining: bool = False     # then: new requests are refused (503, Connection: close)
+    grace_over: bool = False   # the drain's grace ended: requests still decoding stop (503)
     startup_error: str | None = None
     in_flight: InFlight = field(default_factory=InFlight)
     decode_budget: DecodeBudget = field(init=False)
@@ -215,6 +216,9 @@ async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep
     out = Prepared([], [], [])
     for raw, size in zip(raws, sizes, strict=True):
         wait_s = s.decode_wait_ms / 1000.0
+        if rt.grace_over:
+            rt.metrics.reject("shutdown")
+            raise ShuttingDown("server is shutting down; retry on another instance")
         if deadline is not None:
             if clock() >= deadline:
                 rt.metrics.reject("deadline")

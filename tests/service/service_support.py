@@ -139,8 +139,8 @@ def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
 
 
 @contextlib.contextmanager
-def serve_process(checkpoint: Path, env: dict[str, str] | None = None,
-                  timeout: float = 180.0) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def serve_process(checkpoint: Path, env: dict[str, str] | None = None, timeout: float = 180.0,
+                  log_level: str = "warning") -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``patchlife serve`` as a child process on a free loopback port, ready; killed at the end if still up.
     Yields the process (stderr piped: read it after it exits) and its base URL."""
     with socket.socket() as s:
@@ -148,7 +148,7 @@ def serve_process(checkpoint: Path, env: dict[str, str] | None = None,
         port = s.getsockname()[1]
     full_env = {**os.environ, "PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_WARMUP_BATCHES": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--checkpoint",
-                             str(checkpoint), "--log-level", "warning"], cwd=REPO, env=full_env,
+                             str(checkpoint), "--log-level", log_level], cwd=REPO, env=full_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
