@@ -63,8 +63,8 @@ def test_sigterm_with_100_requests_in_flight_answers_every_accepted_connection(c
         stderr = proc.stderr.read().decode()  # type: ignore[union-attr]
 
     counts = {k: outcomes.count(k) for k in sorted(set(outcomes))}
-    print(f"\ngrace {grace_s} s: {in_flight:.0f} requests in flight at SIGTERM (this scrape included); outcomes {counts}; "
-          f"exit 0 after {exit_s:.1f} s")
+    print(f"\ngrace {grace_s} s: {in_flight:.0f} requests in flight at SIGTERM (this scrape included); "
+          f"outcomes {counts}; exit 0 after {exit_s:.1f} s")
     assert not [o for o in outcomes if o.startswith("no answer") or o == ""], counts
     assert set(outcomes) <= {"200", "503+close", "refused"}, counts
     assert in_flight >= 50  # the signal did land on a busy server
