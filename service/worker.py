@@ -249,6 +249,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         request = _Request(loop.create_future(), loop, deadline, [None] * len(pixels))
         with self._cond:
+            if self._fatal is not None:  # the thread died after the check above: nothing would run this
+                self.hooks.on_reject("model_error")
+                raise ModelUnavailable(f"model unavailable: {self._fatal}", 5.0)
             now = self.clock()
             if deadline <= now:
                 self.hooks.on_reject("deadline")
@@ -346,8 +349,9 @@ class Worker:
                         self._busy, self._busy_since = False, None
         except BaseException as exc:  # a bug outside the model calls (planning, bookkeeping): never silent
             log.critical("the model thread stopped on an unexpected error", exc_info=exc)
-            self._fatal = f"the model thread stopped: {type(exc).__name__}: {exc}"
-            self._accepting = False
+            with self._cond:  # under the lock: a submit either sees it or is answered by _fail_queued
+                self._fatal = f"the model thread stopped: {type(exc).__name__}: {exc}"
+                self._accepting = False
             self.hooks.on_model_failure("worker_died")
         finally:
             self._fail_queued()
