@@ -66,7 +66,8 @@ async def drain(rt: Runtime, poll_s: float = 0.01) -> None:
        balancer stops sending before anything is refused.
     2. New requests are answered 503 ``shutting_down`` with ``Connection: close``; the requests in
        flight finish within ``shutdown_grace_s``.
-    3. At the end of the grace the worker stops: what is still queued is answered 503 too.
+    3. At the end of the grace the worker stops: what is still queued, or still decoding, is
+       answered 503 too (a batch already running completes).
     """
     s = rt.settings
     await asyncio.sleep(s.shutdown_delay_s)
@@ -85,7 +86,7 @@ async def drain(rt: Runtime, poll_s: float = 0.01) -> None:
 
 
 def begin_shutdown(rt: Runtime) -> None:
-    """SIGTERM, first step (signal-handler safe): readiness false, batches stop waiting to fill."""
+    """SIGTERM, first step (on the event loop): readiness false, batches stop waiting to fill."""
     rt.stopping = True
     if rt.worker is not None:
         rt.worker.begin_drain()
