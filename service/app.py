@@ -87,7 +87,7 @@ async def drain(rt: Runtime, poll_s: float = 0.01) -> None:
 
 def begin_shutdown(rt: Runtime) -> None:
     """SIGTERM, first step (on the event loop): readiness false, batches stop waiting to fill."""
-    rt.stopping = True
+    rt.stopping = rt.in_flight.closing = True
     if rt.worker is not None:
         rt.worker.begin_drain()
 

@@ -5,7 +5,8 @@ arrival (``scope[ARRIVAL_KEY]``, ``time.monotonic()``) before anything else runs
 from there and not from when a thread-pool dependency got its turn; takes the client's
 ``X-Request-ID`` (1-128 characters of ``[A-Za-z0-9._:@/+=-]``) or makes one; echoes it in the
 answer; and puts it in every log line written while the request is served (a context variable, so
-uvicorn's access line and the thread-pool work of the request carry it too).
+uvicorn's access line and the thread-pool work of the request carry it too). From the start of
+shutdown every answer carries ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ def current_request_id() -> str:
 
 
 class InFlight:
-    """HTTP requests being served (the shutdown drain waits for this to reach 0)."""
+    """HTTP requests being served (the shutdown drain waits for this to reach 0); ``closing``: shutdown
+    has begun, every answer says ``Connection: close`` so that no kept-alive connection is reused."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.closing = False
 
 
 class RequestContextMiddleware:
@@ -55,7 +58,10 @@ class RequestContextMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = rid
+                if self.in_flight.closing:
+                    headers["Connection"] = "close"
             await send(message)
 
         self.in_flight.count += 1

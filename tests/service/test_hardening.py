@@ -22,6 +22,7 @@ from service_support import encode, photo
 from starlette.requests import Request
 
 import service.worker as worker_mod
+from service.app import begin_shutdown
 from service.context import ARRIVAL_KEY, JsonFormatter, _request_id, _RequestIdFilter
 from service.decode_budget import DecodeBudget, DecodeBusy
 from service.metrics import Metrics
@@ -203,12 +204,15 @@ def test_shutdown_order_readiness_first_then_refuse_with_connection_close(
         make_client: Callable[..., TestClient], metric: Callable[..., float]) -> None:
     c = make_client()
     rt = c.app.state.runtime  # type: ignore[attr-defined]
-    rt.stopping = True  # SIGTERM, during shutdown_delay_s
+    assert "connection" not in post(c, PNG).headers  # kept alive while serving
+    begin_shutdown(rt)  # SIGTERM; shutdown_delay_s runs
     for _ in range(3):
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
     assert metric(c, "patchlife_rejected_requests_total", {"reason": "shutdown"}) == 0  # probes are not rejections
-    assert post(c, PNG).status_code == 200  # still served: the load balancer has not noticed yet
+    r = post(c, PNG)
+    assert r.status_code == 200  # still served: the load balancer has not noticed yet
+    assert r.headers["connection"] == "close"  # but the client will not reuse the connection
     rt.draining = True
     r = post(c, PNG)
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
