@@ -203,6 +203,13 @@ def _header_pixels(raws: list[RawImage], max_image_pixels: int, max_request_pixe
     return sizes
 
 
+def _check_deadline(rt: Runtime, now: float, deadline: float) -> None:
+    if now >= deadline:
+        rt.metrics.reject("deadline")
+        raise DeadlineExceeded(f"the deadline passed while decoding the images ({DEADLINE_HEADER} or "
+                               "PATCHLIFE_DEADLINE_MS)")
+
+
 async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep_view: bool = False,
                          deadline: float | None = None) -> Prepared:
     """Decode + preprocess each image in a worker thread (the event loop never decodes), one at a time
@@ -220,10 +227,7 @@ async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep
             rt.metrics.reject("shutdown")
             raise ShuttingDown("server is shutting down; retry on another instance")
         if deadline is not None:
-            if clock() >= deadline:
-                rt.metrics.reject("deadline")
-                raise DeadlineExceeded(f"the deadline passed while decoding the images ({DEADLINE_HEADER} or "
-                                       "PATCHLIFE_DEADLINE_MS)")
+            _check_deadline(rt, clock(), deadline)
             wait_s = min(wait_s, deadline - clock())
         try:
             async with rt.decode_budget.hold(size, wait_s):
@@ -232,6 +236,8 @@ async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep
                                                               keep_view)
                 seconds = time.perf_counter() - t0
         except DecodeBusy:
+            if deadline is not None:
+                _check_deadline(rt, clock() + 0.001, deadline)  # the wait was cut short by the deadline: 504
             retry = str(max(1, math.ceil(s.decode_wait_ms / 1000.0)))
             raise DecodeOverloaded(f"{raw.source}: too many images being decoded (PATCHLIFE_MAX_DECODE_PIXELS); "
                                    "retry later", headers={"Retry-After": retry}) from None
