@@ -3,7 +3,8 @@
 Lifespan: load the engine (before serving, so a bad checkpoint fails the start with the engine's
 message), then in the background warm the model up and start the batching worker; ``/readyz``
 turns 200 only then. On shutdown: refuse new work, let the worker finish what is queued within
-``shutdown_grace_s``, stop it.
+``shutdown_grace_s``, stop it. ``patchlife serve`` runs :func:`drain` at SIGTERM, before uvicorn
+closes anything (see ``service/serve.py`` and docs/ops.md for the order of events).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 import anyio
 from fastapi import FastAPI
 
+from .context import RequestContextMiddleware
 from .engine import Engine
 from .errors import install_error_handlers
 from .metrics import HttpMetricsMiddleware, Metrics, PrometheusHooks
@@ -48,8 +50,10 @@ async def _warm_up_and_start(rt: Runtime) -> None:
         timings = await anyio.to_thread.run_sync(engine.warmup, rt.settings.warmup_batches)
         seconds = time.perf_counter() - t0
         rt.metrics.set_graphs(engine.runner.describe)
-        worker = Worker(engine, rt.settings, PrometheusHooks(rt.metrics, engine.dense_gflops), timings=timings)
+        hooks = PrometheusHooks(rt.metrics, engine.dense_gflops, engine.grid[0] * engine.grid[1])
+        worker = Worker(engine, rt.settings, hooks, timings=timings)
         await worker.start()
+        rt.metrics.watch_health(lambda: worker.health() is None)
     except Exception as exc:  # stay alive (healthz) but never ready; the reason shows in /readyz
         log.exception("warm-up failed")
         rt.startup_error = f"{type(exc).__name__}: {exc}"
@@ -59,6 +63,40 @@ async def _warm_up_and_start(rt: Runtime) -> None:
     log.info("model %s ready on %s %s (warm-up %.2f s; %d CUDA graphs captured in %.2f s, %.1f MiB; cost model %s)",
              engine.name, engine.device, engine.dtype, seconds, graphs["captured"], graphs["capture_seconds"],
              graphs["capture_bytes"] / 2**20, worker.cost.describe())
+
+
+async def drain(rt: Runtime, poll_s: float = 0.01) -> None:
+    """The shutdown drain, started at SIGTERM while the listener is still open.
+
+    1. (already done by the caller) ``/readyz`` answers 503; the worker runs queued batches without
+       waiting for them to fill; requests are still served for ``shutdown_delay_s``, so that a load
+       balancer stops sending before anything is refused.
+    2. New requests are answered 503 ``shutting_down`` with ``Connection: close``; the requests in
+       flight finish within ``shutdown_grace_s``.
+    3. At the end of the grace the worker stops: what is still queued, or still decoding, is
+       answered 503 too (a batch already running completes).
+    """
+    s = rt.settings
+    await asyncio.sleep(s.shutdown_delay_s)
+    rt.draining = True
+    loop = asyncio.get_running_loop()
+    end = loop.time() + s.shutdown_grace_s
+    while rt.in_flight.count > 0 and loop.time() < end:
+        await asyncio.sleep(poll_s)
+    rt.grace_over = True  # requests still decoding stop before their next image (503)
+    if rt.worker is not None:
+        await rt.worker.stop(grace_s=max(0.0, end - loop.time()))
+    answered = loop.time() + 1.0  # the 503s of what the worker failed are written by their own tasks
+    while rt.in_flight.count > 0 and loop.time() < answered:
+        await asyncio.sleep(poll_s)
+    log.info("drained: %d requests still in flight", rt.in_flight.count)
+
+
+def begin_shutdown(rt: Runtime) -> None:
+    """SIGTERM, first step (on the event loop): readiness false, batches stop waiting to fill."""
+    rt.stopping = rt.in_flight.closing = True
+    if rt.worker is not None:
+        rt.worker.begin_drain()
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -76,7 +114,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         try:
             yield
         finally:
-            rt.ready, rt.draining = False, True
+            rt.ready, rt.stopping, rt.draining = False, True, True
             await starting  # a warm-up in its thread cannot be interrupted; it is short
             if rt.worker is not None:
                 await rt.worker.stop()
@@ -87,6 +125,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.runtime = rt
     install_error_handlers(app, rt.metrics.reject)
     app.add_middleware(HttpMetricsMiddleware, metrics=rt.metrics)
+    app.add_middleware(RequestContextMiddleware, in_flight=rt.in_flight)  # outermost: arrival stamped first
     for module in (classify, explain, health, models, metrics):
         app.include_router(module.router)
     app.include_router(v2.router)  # Open Inference Protocol v2 (KServe, Triton clients)

@@ -45,19 +45,14 @@ def check_media_type(declared: str | None, source: str) -> None:
                                "(JPEG, PNG, GIF, BMP, TIFF or WebP) or application/octet-stream")
 
 
-def decode_image(data: bytes, max_pixels: int, *, min_side: int | None = None,
-                 source: str = "image") -> Image.Image:
-    """Decode ``data`` into an 8-bit RGB image, upright, aspect ratio at most ``MAX_ASPECT``.
+def image_pixels(data: bytes, max_pixels: int, *, source: str = "image") -> int:
+    """Width x height from the header alone (no pixel decoded); the same 400/413 as ``decode_image``."""
+    width, height = _open(data, max_pixels, source).size
+    return int(width) * int(height)
 
-    Args:
-        max_pixels: width x height limit checked from the header (decompression bombs).
-        min_side: the shorter side the caller will resize to; JPEGs are then decoded at the
-            smallest DCT scale that still covers it (``Image.draft``), which is much faster for
-            photos and changes nothing visible after the resize.
-        source: how the caller names this image in error messages (``files[1]``).
-    Raises:
-        BadImage (400), TooManyPixels (413).
-    """
+
+def _open(data: bytes, max_pixels: int, source: str) -> Image.Image:
+    """``Image.open`` (header only) with the format allow-list and the pixel limit checked."""
     if not data:
         raise BadImage(f"{source}: empty file")
     try:
@@ -74,6 +69,23 @@ def decode_image(data: bytes, max_pixels: int, *, min_side: int | None = None,
                             f"{max_pixels} (PATCHLIFE_MAX_IMAGE_PIXELS)")
     if width < 1 or height < 1:
         raise BadImage(f"{source}: image has no pixels ({width}x{height})")
+    return im
+
+
+def decode_image(data: bytes, max_pixels: int, *, min_side: int | None = None,
+                 source: str = "image") -> Image.Image:
+    """Decode ``data`` into an 8-bit RGB image, upright, aspect ratio at most ``MAX_ASPECT``.
+
+    Args:
+        max_pixels: width x height limit checked from the header (decompression bombs).
+        min_side: the shorter side the caller will resize to; JPEGs are then decoded at the
+            smallest DCT scale that still covers it (``Image.draft``), which is much faster for
+            photos and changes nothing visible after the resize.
+        source: how the caller names this image in error messages (``files[1]``).
+    Raises:
+        BadImage (400), TooManyPixels (413).
+    """
+    im = _open(data, max_pixels, source)
     try:
         if min_side and isinstance(im, JpegImagePlugin.JpegImageFile):
             im.draft(im.mode, (min_side, min_side))

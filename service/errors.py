@@ -21,6 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .context import REQUEST_ID_HEADER, current_request_id
+
 log = logging.getLogger("patchlife.errors")
 
 
@@ -69,6 +71,21 @@ class TooManyPixels(ApiError):
     status, code, reason = 413, "image_too_many_pixels", "image_too_many_pixels"
 
 
+class RequestTooManyPixels(ApiError):
+    """The request's images together are over the per-request pixel budget, found from their headers."""
+    status, code, reason = 413, "request_too_many_pixels", "request_too_many_pixels"
+
+
+class DecodeOverloaded(ApiError):
+    """No room to decode (PATCHLIFE_MAX_DECODE_PIXELS) within PATCHLIFE_DECODE_WAIT_MS: 503 + Retry-After."""
+    status, code, reason = 503, "overloaded", "overloaded"
+
+
+class ModelUnavailable(ApiError):
+    """The model failed the request's batch or its thread is down (the worker counts it): 503 + Retry-After."""
+    status, code = 503, "model_unavailable"
+
+
 class NotReady(ApiError):
     """The model is still loading or warming up."""
     status, code = 503, "not_ready"
@@ -79,7 +96,11 @@ class Overloaded(ApiError):
 
 
 class ShuttingDown(ApiError):
+    """Shutdown has begun; ``Connection: close`` so that the client does not reuse the connection."""
     status, code = 503, "shutting_down"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={"Connection": "close", **(headers or {})})
 
 
 class DeadlineExceeded(ApiError):
@@ -136,8 +157,9 @@ def install_error_handlers(app: FastAPI, on_reject: Callable[[str], None]) -> No
 
     async def server_bug(request: Request, exc: Exception) -> JSONResponse:
         # Only genuine bugs reach here: every bad input maps to an ApiError above.
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(error_body("internal_error", "internal server error; see the server log"), 500)
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body("internal_error", "internal server error; see the server log"), 500,
+                            headers={REQUEST_ID_HEADER: current_request_id()})
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)

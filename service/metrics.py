@@ -11,6 +11,7 @@ input, through the error handlers), and ``PrometheusHooks`` for everything the b
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,18 +29,24 @@ from .worker import ImageResult, WorkerHooks
 # Text exposition format 0.0.4: understood by every Prometheus (the client's default now says 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REJECT_REASONS = ("bad_image", "unsupported_media_type", "invalid_request", "too_large", "too_many_images",
-                  "image_too_many_pixels", "overloaded", "deadline", "disconnected", "shutdown")
+                  "image_too_many_pixels", "request_too_many_pixels", "overloaded", "deadline", "disconnected",
+                  "shutdown", "model_error")
+FAILURE_REASONS = ("out_of_memory", "batch_error", "worker_died")
 PHASES = ("head", "tail")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Tail batches are labelled by their first pruned stage's patch count over the grid's patches, rounded
+# up to a tenth: at most 10 values, whatever the bucket grid (the counts themselves are unbounded).
+KEEP_LABELS = tuple(f"{i / 10:.1f}" for i in range(1, 11))
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
-                   30.0)
+# From 100 us: a GPU batch or a queue wait often takes well under a millisecond.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = tuple(float(2**i) for i in range(6, 25))  # 64 .. 16M tokens per batch
 KEPT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 196, 256, 384, 576, 1024, 2048)
-FRACTION_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
-GFLOPS_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 35.0, 50.0,
-                  100.0)
+RATIO_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+FLOPS_BUCKETS = tuple(g * 1e9 for g in (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0,
+                                        20.0, 35.0, 50.0, 100.0))
 
 # `_created` series double the output and confuse dashboards; this client-wide switch is the only one.
 prometheus_client.disable_created_metrics()
@@ -97,11 +104,11 @@ class Metrics:
         self.kept_tokens = Histogram("patchlife_image_kept_tokens",
                                      "Patch tokens alive in the last stage, at the counts run, per image.",
                                      buckets=KEPT_BUCKETS, registry=r)
-        self.budget_fraction = Histogram("patchlife_image_budget_fraction",
-                                         "Image GFLOPs over the dense backbone's GFLOPs.",
-                                         buckets=FRACTION_BUCKETS, registry=r)
-        self.image_gflops = Histogram("patchlife_image_gflops", "GFLOPs per image at the counts run.",
-                                      buckets=GFLOPS_BUCKETS, registry=r)
+        self.budget_ratio = Histogram("patchlife_image_budget_ratio",
+                                      "Image FLOPs over the dense backbone's FLOPs.",
+                                      buckets=RATIO_BUCKETS, registry=r)
+        self.image_flops = Histogram("patchlife_image_flops", "FLOPs per image at the counts run.",
+                                     buckets=FLOPS_BUCKETS, registry=r)
         self.build_info = Gauge("patchlife_build_info", "Always 1; labels describe the running build.",
                                 ["version", "model", "device", "dtype"], registry=r)
         self.queue_wait = Histogram("patchlife_queue_wait_seconds", "Time an image waited for its batch.",
@@ -116,8 +123,14 @@ class Metrics:
         self.computed_tokens = Counter("patchlife_computed_tokens_total",
                                        "Tail tokens computed (budgets rounded up to their batch's bucket).",
                                        registry=r)
-        self.batches = Counter("patchlife_batches_total", "Batches run, by phase and budget bucket.",
+        self.batches = Counter("patchlife_batches_total", "Batches run, by phase and budget bucket (tail: first "
+                               "pruned stage's patches over the grid's, rounded up to 0.1; head: none).",
                                ["phase", "bucket"], registry=r)
+        self.model_failures = Counter("patchlife_model_failures_total", "Model failures: out_of_memory (a batch "
+                                      "hit it and was split), batch_error (a batch failed, its requests got 503), "
+                                      "worker_died (the model thread stopped).", ["reason"], registry=r)
+        self.model_healthy = Gauge("patchlife_model_healthy", "1 while the model thread can serve (what /readyz "
+                                   "checks besides start-up and shutdown), 0 otherwise.", registry=r)
         self.queue_depth = Gauge("patchlife_queue_depth", "Queued work, in images and in tail tokens.", ["unit"],
                                  registry=r)
         self.merged_images = Counter("patchlife_merged_images_total",
@@ -148,6 +161,10 @@ class Metrics:
             for metric in (self.compute_seconds, self.queue_wait, self.batch_size, self.batch_tokens):
                 metric.labels(phase)
         self.batches.labels("head", "none")
+        for keep in KEEP_LABELS:
+            self.batches.labels("tail", keep)
+        for reason in FAILURE_REASONS:
+            self.model_failures.labels(reason)
         for unit in ("images", "tokens"):
             self.queue_depth.labels(unit)
         for phase in PHASES:
@@ -166,6 +183,10 @@ class Metrics:
         self.build_info.labels(version, model, str(device), dtype).set(1)
         self.device_memory.device = device
 
+    def watch_health(self, healthy: Callable[[], bool]) -> None:
+        """``patchlife_model_healthy`` is read from ``healthy()`` at scrape time."""
+        self.model_healthy.set_function(lambda: 1.0 if healthy() else 0.0)
+
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
 
@@ -176,9 +197,10 @@ class Metrics:
 class PrometheusHooks(WorkerHooks):
     """Batching-worker hooks -> metrics. Called from the worker thread; prometheus_client is thread-safe."""
 
-    def __init__(self, metrics: Metrics, dense_gflops: float) -> None:
+    def __init__(self, metrics: Metrics, dense_gflops: float, num_patches: int = 0) -> None:
         self.m = metrics
         self.dense_gflops = dense_gflops
+        self.num_patches = num_patches  # of the grid, for the bounded tail bucket label
 
     def on_queue_depth(self, images: int, tokens: int) -> None:
         self.m.queue_depth.labels("images").set(images)
@@ -192,7 +214,21 @@ class PrometheusHooks(WorkerHooks):
         wait = self.m.queue_wait.labels(phase)
         for w in queue_waits_s:
             wait.observe(w)
-        self.m.batches.labels(phase, bucket or "none").inc()
+        self.m.batches.labels(phase, self.bucket_label(bucket)).inc()
+
+    def bucket_label(self, bucket: str | None) -> str:
+        """``48-40-32`` -> the first count over the grid's patches, rounded up to a tenth (``0.3``)."""
+        if not bucket or self.num_patches <= 0:
+            return "none"
+        try:
+            first = int(bucket.split("-", 1)[0])
+        except ValueError:
+            return "none"
+        tenths = min(10, max(1, math.ceil(first * 10 / self.num_patches - 1e-9)))
+        return KEEP_LABELS[tenths - 1]
+
+    def on_model_failure(self, reason: str) -> None:
+        self.m.model_failures.labels(reason).inc()
 
     def on_waste(self, needed_tokens: int, computed_tokens: int) -> None:
         self.m.needed_tokens.inc(needed_tokens)
@@ -214,9 +250,9 @@ class PrometheusHooks(WorkerHooks):
 
     def on_image_done(self, result: ImageResult) -> None:
         self.m.kept_tokens.observe(result.counts[-1])
-        self.m.image_gflops.observe(result.gflops)
+        self.m.image_flops.observe(result.gflops * 1e9)
         if self.dense_gflops > 0:
-            self.m.budget_fraction.observe(result.gflops / self.dense_gflops)
+            self.m.budget_ratio.observe(result.gflops / self.dense_gflops)
 
 
 class HttpMetricsMiddleware:

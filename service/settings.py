@@ -46,6 +46,20 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Decompression-bomb limit (width x height).")
     max_images_per_request: int = Field(32, ge=1, description="Most images in one request.")
     max_top_k: int = Field(20, ge=1, description="Largest accepted top_k.")
+    max_request_pixels: int = Field(
+        200_000_000, ge=1, description="Most pixels one request may ask to decode: width x height summed over its "
+                                       "images, read from their headers before any is decoded; 413 past it.")
+    max_decode_pixels: int = Field(
+        80_000_000, ge=1, description="Pixels being decoded at once, all requests together (each image holds its "
+                                      "header's width x height while it decodes; a larger image holds the whole "
+                                      "budget): bounds the memory of decoding. An image waits for room in arrival "
+                                      "order.")
+    decode_wait_ms: float = Field(
+        10_000, gt=0, description="Longest an image waits for room to decode (PATCHLIFE_MAX_DECODE_PIXELS) "
+                                  "before its request is answered 503 overloaded with Retry-After.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or one JSON object per line (time, level, logger, message, "
+                            "request_id, exception); both carry the request's X-Request-ID.")
 
     # --- batching ----------------------------------------------------------------------------
     batching: Literal["budget", "fifo", "unbatched"] = Field(
@@ -89,6 +103,16 @@ class Settings(BaseSettings):
                              "side decoding images, a load generator, other processes) a busy core stalls the whole "
                              "team (2-core machine under load: batch-1 forward 13.1 ms with 1 thread, 18.6 ms "
                              "with 2).")
+    unhealthy_after_failures: int = Field(
+        3, ge=1, description="Consecutive failed model batches after which /readyz answers 503 with the error "
+                             "(the next batch that succeeds clears it).")
+    watchdog_batch_s: float = Field(
+        120.0, gt=0, description="A model batch running longer than this turns /readyz to 503 (a hung device) "
+                                 "until it returns.")
+    shutdown_delay_s: float = Field(
+        0.0, ge=0, description="After SIGTERM, how long /readyz answers 503 while requests are still served and "
+                               "the listener stays open, so that a load balancer stops sending first; then new "
+                               "requests are answered 503 and the drain (PATCHLIFE_SHUTDOWN_GRACE_S) runs.")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -13,7 +13,14 @@ rate's schedule counts). A request whose deadline passes before one of its image
 failed with :class:`DeadlineExceeded` and its other queued images are dropped; cancelling the task
 that awaits ``submit`` (the client went away) drops its queued images too. ``stop()`` refuses new
 work with :class:`ShuttingDown`, runs what is queued (without waiting for batches to fill) for up to
-``shutdown_grace_s``, fails the rest and joins the thread.
+``shutdown_grace_s``, fails the rest and joins the thread; ``begin_drain()`` (at SIGTERM) stops waiting
+for batches to fill while still accepting the requests already on their way.
+
+Failures: a batch whose model call raises fails its requests with :class:`ModelUnavailable` (503 +
+Retry-After); a device out-of-memory error first splits the batch in two and retries each half
+once. ``health()`` says why the worker cannot serve (None while it can): the model thread ended on
+an unexpected error (its queued requests are answered at once), ``unhealthy_after_failures``
+consecutive failed batches, or a batch running past ``watchdog_batch_s``; ``/readyz`` reports it.
 
 Metrics go through :class:`WorkerHooks`; its methods may be called from the worker thread.
 """
@@ -67,6 +74,21 @@ class ShuttingDown(Exception):
     """The worker is stopping and accepts no new work (503)."""
 
 
+class ModelUnavailable(Exception):
+    """The model failed this request's batch, or the model thread is down (503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# torch >= 2.5 names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class there.
+DEVICE_OOM: tuple[type[BaseException], ...] = tuple(
+    {c for c in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+     if isinstance(c, type)})
+KEEP_RATE_GRID = 0.01  # per-rate state (admission estimates) is keyed by the rate rounded to this
+
+
 class WorkerHooks:
     """No-op observer of the worker; ``service/metrics.py`` subclasses it. Keep overrides cheap."""
 
@@ -86,6 +108,10 @@ class WorkerHooks:
     def on_reject(self, reason: str) -> None: ...
 
     def on_image_done(self, result: ImageResult) -> None: ...
+
+    def on_model_failure(self, reason: str) -> None:
+        """``out_of_memory`` (a batch hit it; it is split and retried), ``batch_error`` (a batch failed
+        and its requests were answered 503), ``worker_died`` (the model thread ended on an error)."""
 
 
 @dataclass(eq=False)
@@ -165,7 +191,11 @@ class Worker:
         self._exit = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
-        self._estimates: dict[float | None, int] = {}
+        self._estimates: dict[float | None, int] = {}  # keep rate (on KEEP_RATE_GRID) -> tail tokens
+        self._failures = 0                   # consecutive failed batches
+        self._last_error = ""
+        self._fatal: str | None = None       # why the model thread ended, if it did on an error
+        self._busy_since: float | None = None
         self._rate_tokens_per_s = 0.0        # smoothed tail throughput, for Retry-After
         self._head_tokens = _head_tokens_per_image(engine)
         self.cost = CostModel()  # what a batch costs on this device, learnt from the batches run
@@ -186,22 +216,43 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="patchlife-worker", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        """Refuse new work, finish what is queued within ``shutdown_grace_s``, then join the thread."""
-        self._accepting = False
-        if self._thread is None:
-            return
+    def begin_drain(self) -> None:
+        """Shutdown has begun: run queued batches without waiting for them to fill. Work is still
+        accepted (requests already reading their body or decoding finish normally). Thread-safe."""
         with self._cond:
             self._draining = True
             self._cond.notify_all()
-        end = time.monotonic() + self.settings.shutdown_grace_s
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new work, finish what is queued within ``grace_s`` (default ``shutdown_grace_s``),
+        then join the thread; what is still queued then is answered ShuttingDown."""
+        self._accepting = False
+        thread = self._thread
+        if thread is None:
+            return
+        self.begin_drain()
+        end = time.monotonic() + (self.settings.shutdown_grace_s if grace_s is None else grace_s)
         while time.monotonic() < end and self._pending():
             await asyncio.sleep(0.005)
         with self._cond:
             self._exit = True
             self._cond.notify_all()
-        await asyncio.to_thread(self._thread.join)  # a running batch cannot be interrupted
+        await asyncio.to_thread(thread.join)  # a running batch cannot be interrupted
         self._thread = None
+
+    def health(self) -> str | None:
+        """None while the worker can serve; otherwise why not (``/readyz`` answers 503 with it)."""
+        if self._fatal is not None:
+            return self._fatal
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            return "the model thread is not running"
+        if self._failures >= self.settings.unhealthy_after_failures:
+            return f"the last {self._failures} model batches failed (last: {self._last_error})"
+        since = self._busy_since
+        if since is not None and self.clock() - since > self.settings.watchdog_batch_s:
+            return f"a model batch has been running for {self.clock() - since:.0f} s (PATCHLIFE_WATCHDOG_BATCH_S)"
+        return None
 
     def _pending(self) -> bool:
         with self._cond:
@@ -214,6 +265,9 @@ class Worker:
 
         Raises Overloaded, DeadlineExceeded or ShuttingDown; ``deadline`` is on the worker clock.
         """
+        if self._fatal is not None:
+            self.hooks.on_reject("model_error")
+            raise ModelUnavailable(f"model unavailable: {self._fatal}", 5.0)
         if not self._accepting:
             self.hooks.on_reject("shutdown")
             raise ShuttingDown("server is shutting down")
@@ -223,6 +277,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         request = _Request(loop.create_future(), loop, deadline, [None] * len(pixels))
         with self._cond:
+            if self._fatal is not None:  # the thread died after the check above: nothing would run this
+                self.hooks.on_reject("model_error")
+                raise ModelUnavailable(f"model unavailable: {self._fatal}", 5.0)
             now = self.clock()
             if deadline <= now:
                 self.hooks.on_reject("deadline")
@@ -244,11 +301,15 @@ class Worker:
             raise
 
     def _estimate(self, keep_rate: float | None) -> int:
-        """Tail tokens of an image not yet through phase A: its keep rate's schedule counts."""
-        if keep_rate not in self._estimates:
-            counts = tuple(self.engine.schedule(keep_rate).patch_counts)
-            self._estimates[keep_rate] = self.engine.tail_tokens(counts)
-        return self._estimates[keep_rate]
+        """Tail tokens of an image not yet through phase A: its keep rate's schedule counts.
+
+        Keyed by the rate rounded to ``KEEP_RATE_GRID``, so the cache stays small whatever rates
+        clients send (an estimate only sizes admission)."""
+        key = None if keep_rate is None else round(max(1, round(keep_rate / KEEP_RATE_GRID)) * KEEP_RATE_GRID, 6)
+        if key not in self._estimates:
+            counts = tuple(self.engine.schedule(key).patch_counts)
+            self._estimates[key] = self.engine.tail_tokens(counts)
+        return self._estimates[key]
 
     def _admit(self, images: int, tokens: int) -> None:
         """Raise Overloaded (under the lock) if ``images``/``tokens`` more would pass capacity."""
@@ -301,31 +362,84 @@ class Worker:
 
     # -- the worker thread -------------------------------------------------------------------
     def _loop(self) -> None:
-        set_torch_threads(self.settings.torch_threads)
-        while True:
-            with self._cond:
-                batch, images = self._next_locked()
-                if batch is None:
-                    break
-                self._busy = True
-            try:
-                if batch.phase == "head":
-                    self._run_head(images)
-                else:
-                    assert batch.counts is not None
-                    self._run_tail(images, batch.counts)
-            except Exception as exc:  # a model error fails its batch, never the worker
-                log.exception("%s batch of %d images failed", batch.phase, len(images))
+        try:
+            set_torch_threads(self.settings.torch_threads)
+            while True:
                 with self._cond:
-                    for image in images:
-                        self._fail_locked(image.request, exc, None)
-            finally:
-                with self._cond:
-                    self._busy = False
-        with self._cond:  # exit: whatever is still queued will not run
+                    batch, images = self._next_locked()
+                    if batch is None:
+                        break
+                    self._busy, self._busy_since = True, self.clock()
+                try:
+                    self._run_batch(batch, images)
+                finally:
+                    with self._cond:
+                        self._busy, self._busy_since = False, None
+        except BaseException as exc:  # a bug outside the model calls (planning, bookkeeping): never silent
+            log.critical("the model thread stopped on an unexpected error", exc_info=exc)
+            with self._cond:  # under the lock: a submit either sees it or is answered by _fail_queued
+                self._fatal = f"the model thread stopped: {type(exc).__name__}: {exc}"
+                self._accepting = False
+            self.hooks.on_model_failure("worker_died")
+        finally:
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        """The thread is ending: answer whatever is still queued (it will not run)."""
+        with self._cond:
             for image in [*self._head.values(), *self._tail.values()]:
-                self._fail_locked(image.request, ShuttingDown("server shut down before the request ran"),
-                                  "shutdown")
+                if self._fatal is not None:
+                    self._fail_locked(image.request, ModelUnavailable(f"model unavailable: {self._fatal}", 5.0),
+                                      "model_error")
+                else:
+                    self._fail_locked(image.request, ShuttingDown("server shut down before the request ran"),
+                                      "shutdown")
+
+    def _run_phase(self, batch: Batch, images: list[_Image]) -> None:
+        if batch.phase == "head":
+            self._run_head(images)
+        else:
+            assert batch.counts is not None
+            self._run_tail(images, batch.counts)
+
+    def _run_batch(self, batch: Batch, images: list[_Image]) -> None:
+        """Run one planned batch. A device out-of-memory error splits it in two halves, each tried
+        once more; any other model error (or a second OOM) fails the requests of what failed."""
+        try:
+            self._run_phase(batch, images)
+        except DEVICE_OOM as exc:
+            self.hooks.on_model_failure("out_of_memory")
+            if len(images) < 2:
+                self._batch_failed(batch, images, exc)
+                return
+            log.warning("%s batch of %d images ran out of device memory; retrying it in two halves",
+                        batch.phase, len(images))
+            _free_device_cache()
+            half = len(images) // 2
+            for part in (images[:half], images[half:]):
+                try:
+                    self._run_phase(batch, part)
+                except Exception as again:  # a model error: answer 503, never end the thread
+                    self._batch_failed(batch, part, again)
+                else:
+                    self._batch_succeeded()
+        except Exception as exc:  # a model error fails its batch, never the worker
+            self._batch_failed(batch, images, exc)
+        else:
+            self._batch_succeeded()
+
+    def _batch_succeeded(self) -> None:
+        self._failures = 0
+
+    def _batch_failed(self, batch: Batch, images: list[_Image], exc: BaseException) -> None:
+        log.error("%s batch of %d images failed", batch.phase, len(images), exc_info=exc)
+        self.hooks.on_model_failure("batch_error")
+        error = ModelUnavailable(f"the model failed on this request's batch ({type(exc).__name__}); retry", 1.0)
+        with self._cond:
+            self._failures += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"[:300]
+            for image in images:
+                self._fail_locked(image.request, error, "model_error")
 
     def _next_locked(self) -> tuple[Batch | None, list[_Image]]:
         """Wait (releasing the lock) until a batch is due; take its images out of the queues."""
@@ -414,6 +528,11 @@ class Worker:
         for r in request.results:
             self.hooks.on_image_done(r)  # type: ignore[arg-type]
         _resolve(request, list(request.results))  # type: ignore[arg-type]
+
+
+def _free_device_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _resolve(request: _Request, outcome: list[ImageResult] | Exception) -> None:

@@ -21,6 +21,7 @@ from service.settings import Settings
 from service.worker import (
     DeadlineExceeded,
     ImageResult,
+    ModelUnavailable,
     Overloaded,
     ShuttingDown,
     Worker,
@@ -357,7 +358,7 @@ def test_engine_error_fails_its_batch_only_and_the_worker_goes_on() -> None:
     async def main() -> None:
         worker = Worker(engine, settings(max_delay_ms=0, max_batch_size=1))  # type: ignore[arg-type]
         await worker.start()
-        with pytest.raises(RuntimeError, match="stub engine failure"):
+        with pytest.raises(ModelUnavailable, match="RuntimeError"):  # 503 + Retry-After, not a 500
             await worker.submit(images(5), None, later())
         assert [int(r.probs[0]) for r in await worker.submit(images(6), None, later())] == [6]
         await worker.stop()

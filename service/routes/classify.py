@@ -29,7 +29,7 @@ async def classify(request: Request, rt: RuntimeDep, deadline: DeadlineDep, top_
     engine, worker = rt.serving()
     payload = await read_payload(request, rt.limits())
     options = resolve_options(top_k, keep_rate, payload.options, rt.settings)
-    prepared = await prepare_images(payload.images, engine, rt)
+    prepared = await prepare_images(payload.images, engine, rt, deadline=deadline)
     results = await run_model(request, worker, prepared.pixels, options.keep_rate, deadline)
     return ClassifyResponse(model=engine.name, results=[
         classification(r, ms, engine, options.top_k) for r, ms in zip(results, prepared.decode_ms, strict=True)])

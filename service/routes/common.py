@@ -10,7 +10,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio
@@ -19,9 +19,22 @@ from fastapi import Depends, Header, Query, Request
 from PIL import Image
 
 from .. import worker as worker_mod
-from ..decode import check_media_type, decode_image
+from ..context import ARRIVAL_KEY, InFlight
+from ..decode import check_media_type, decode_image, image_pixels
+from ..decode_budget import DecodeBudget, DecodeBusy
 from ..engine import Engine
-from ..errors import ClientDisconnected, DeadlineExceeded, InvalidRequest, NotReady, Overloaded, ShuttingDown
+from ..errors import (
+    ClientDisconnected,
+    DeadlineExceeded,
+    DecodeOverloaded,
+    InvalidRequest,
+    ModelUnavailable,
+    NotReady,
+    Overloaded,
+    RequestTooManyPixels,
+    ShuttingDown,
+)
+from ..explain import model_view
 from ..metrics import Metrics
 from ..schemas import Budget, Classification, Label, Lifespans, Timings
 from ..settings import Settings
@@ -39,19 +52,40 @@ class Runtime:
     metrics: Metrics
     engine: Engine | None = None
     worker: Worker | None = None
-    ready: bool = False        # model loaded and warmed up, worker running
-    draining: bool = False     # shutdown began: refuse new work, /readyz answers 503
+    ready: bool = False        # model loaded and warmed up, worker running (until the lifespan ends)
+    stopping: bool = False     # SIGTERM: /readyz answers 503, requests are still served (shutdown_delay_s)
+    draining: bool = False     # then: new requests are refused (503, Connection: close)
+    grace_over: bool = False   # the drain's grace ended: requests still decoding stop (503)
     startup_error: str | None = None
     warmup_seconds: float | None = None   # graph capture + warm-up forwards + cost-model timings
+    in_flight: InFlight = field(default_factory=InFlight)
+    decode_budget: DecodeBudget = field(init=False)
 
-    def serving(self) -> tuple[Engine, Worker]:
-        if self.draining:  # the worker never sees this request: count it here
-            self.metrics.reject("shutdown")
+    def __post_init__(self) -> None:
+        self.decode_budget = DecodeBudget(self.settings.max_decode_pixels)
+
+    def check_ready(self) -> tuple[Engine, Worker]:
+        """Raise what /readyz answers (NotReady, ShuttingDown) unless the model can serve."""
+        if self.draining or self.stopping:
             raise ShuttingDown("server is shutting down; retry on another instance")
         if not self.ready or self.engine is None or self.worker is None:
             msg = f"model failed to start: {self.startup_error}" if self.startup_error else \
                 "model is loading or warming up; retry shortly"
             raise NotReady(msg, headers={"Retry-After": "1"})
+        problem = self.worker.health()
+        if problem is not None:
+            raise NotReady(f"model unavailable: {problem}", headers={"Retry-After": "5"})
+        return self.engine, self.worker
+
+    def serving(self) -> tuple[Engine, Worker]:
+        """For inference routes: requests are served until the drain, even while /readyz says 503
+        (stopping, or an unhealthy model whose batches answer 503 themselves)."""
+        if self.draining:  # the worker never sees this request: count it here
+            self.metrics.reject("shutdown")
+            raise ShuttingDown("server is shutting down; retry on another instance")
+        if not self.ready or self.engine is None or self.worker is None:
+            raise NotReady("model is loading or warming up; retry shortly" if self.startup_error is None else
+                           f"model failed to start: {self.startup_error}", headers={"Retry-After": "1"})
         return self.engine, self.worker
 
     def clock(self) -> Callable[[], float]:
@@ -62,19 +96,23 @@ class Runtime:
         return Limits(s.max_upload_bytes, s.max_request_bytes, max_images or s.max_images_per_request)
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    """``async``: plain ``def`` dependencies run in the thread pool, queued behind image decodes."""
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def request_deadline(rt: RuntimeDep, x_request_deadline_ms: Annotated[float | None, Header(
+async def request_deadline(request: Request, rt: RuntimeDep, x_request_deadline_ms: Annotated[float | None, Header(
         gt=0, le=3_600_000, description="Per-request deadline in ms (default PATCHLIFE_DEADLINE_MS); "
                                         "a request not started by then is answered 504.")] = None) -> float:
-    """The request's deadline on the worker clock, counted from its arrival."""
+    """The request's deadline on the worker clock, counted from its arrival (stamped by
+    ``RequestContextMiddleware`` before anything else ran)."""
     ms = rt.settings.deadline_ms if x_request_deadline_ms is None else x_request_deadline_ms
-    return rt.clock()() + ms / 1000.0
+    arrival = request.scope.get(ARRIVAL_KEY)
+    waited = max(0.0, time.monotonic() - arrival) if arrival is not None else 0.0
+    return rt.clock()() - waited + ms / 1000.0
 
 
 DeadlineDep = Annotated[float, Depends(request_deadline)]
@@ -126,11 +164,14 @@ def resolve_options(top_k: int | None, keep_rate: float | None, body: dict[str, 
 
 
 # -- decoding ------------------------------------------------------------------------------------
+EXPLAIN_VIEW_SIDE = 896  # the model's view kept for /explain is downsized to this (the PNG draws ~448)
+
+
 @dataclass
 class Prepared:
     pixels: list[torch.Tensor]          # [3, H, W] each, preprocessed for the engine
     decode_ms: list[float]
-    images: list[Image.Image]           # decoded RGB images (kept for /explain)
+    views: list[Image.Image]            # /explain only: the model's view, downsized (the decode is dropped)
 
 
 def _resize_side(engine: Engine) -> int | None:
@@ -140,23 +181,72 @@ def _resize_side(engine: Engine) -> int | None:
     return math.floor(min(size[-2:]) / pct) if size else None
 
 
-def _decode_one(raw: RawImage, engine: Engine, max_pixels: int) -> tuple[Image.Image, torch.Tensor]:
+def _decode_one(raw: RawImage, engine: Engine, max_pixels: int,
+                keep_view: bool) -> tuple[torch.Tensor, Image.Image | None]:
+    """Decode, preprocess and drop the full-resolution image; keep a small model view if asked."""
     image = decode_image(raw.data, max_pixels, min_side=_resize_side(engine), source=raw.source)
-    return image, engine.preprocess(image)
+    pixels = engine.preprocess(image)
+    view = None
+    if keep_view:
+        pre = engine.config.preprocess
+        view = model_view(image, pre["input_size"], pre.get("crop_pct"))
+        view.thumbnail((EXPLAIN_VIEW_SIDE, EXPLAIN_VIEW_SIDE), Image.Resampling.BILINEAR)
+    return pixels, view
 
 
-async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime) -> Prepared:
-    """Decode + preprocess each image in a worker thread (the event loop never decodes)."""
-    out = Prepared([], [], [])
+def _header_pixels(raws: list[RawImage], max_image_pixels: int, max_request_pixels: int) -> list[int]:
+    """Every image's width x height from its header (no pixel decoded); 413 past the request budget."""
+    sizes = [image_pixels(raw.data, max_image_pixels, source=raw.source) for raw in raws]
+    if sum(sizes) > max_request_pixels:
+        raise RequestTooManyPixels(f"the request's images have {sum(sizes)} pixels together, over the limit of "
+                                   f"{max_request_pixels} (PATCHLIFE_MAX_REQUEST_PIXELS); send fewer or smaller "
+                                   "images per request")
+    return sizes
+
+
+def _check_deadline(rt: Runtime, now: float, deadline: float) -> None:
+    if now >= deadline:
+        rt.metrics.reject("deadline")
+        raise DeadlineExceeded(f"the deadline passed while decoding the images ({DEADLINE_HEADER} or "
+                               "PATCHLIFE_DEADLINE_MS)")
+
+
+async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep_view: bool = False,
+                         deadline: float | None = None) -> Prepared:
+    """Decode + preprocess each image in a worker thread (the event loop never decodes), one at a time
+    per request, each holding its pixel count in the shared decode budget while it decodes. A request
+    whose ``deadline`` (worker clock) passes stops decoding: 504."""
+    s = rt.settings
+    clock = rt.clock()
     for raw in raws:
         check_media_type(raw.content_type, raw.source)
-        t0 = time.perf_counter()
-        image, pixels = await anyio.to_thread.run_sync(_decode_one, raw, engine, rt.settings.max_image_pixels)
-        seconds = time.perf_counter() - t0
+    sizes = await anyio.to_thread.run_sync(_header_pixels, raws, s.max_image_pixels, s.max_request_pixels)
+    out = Prepared([], [], [])
+    for raw, size in zip(raws, sizes, strict=True):
+        wait_s = s.decode_wait_ms / 1000.0
+        if rt.grace_over:
+            rt.metrics.reject("shutdown")
+            raise ShuttingDown("server is shutting down; retry on another instance")
+        if deadline is not None:
+            _check_deadline(rt, clock(), deadline)
+            wait_s = min(wait_s, deadline - clock())
+        try:
+            async with rt.decode_budget.hold(size, wait_s):
+                t0 = time.perf_counter()
+                pixels, view = await anyio.to_thread.run_sync(_decode_one, raw, engine, s.max_image_pixels,
+                                                              keep_view)
+                seconds = time.perf_counter() - t0
+        except DecodeBusy:
+            if deadline is not None:
+                _check_deadline(rt, clock() + 0.001, deadline)  # the wait was cut short by the deadline: 504
+            retry = str(max(1, math.ceil(s.decode_wait_ms / 1000.0)))
+            raise DecodeOverloaded(f"{raw.source}: too many images being decoded (PATCHLIFE_MAX_DECODE_PIXELS); "
+                                   "retry later", headers={"Retry-After": retry}) from None
         rt.metrics.decode_seconds.observe(seconds)
         out.pixels.append(pixels)
         out.decode_ms.append(seconds * 1000.0)
-        out.images.append(image)
+        if view is not None:
+            out.views.append(view)
     return out
 
 
@@ -191,6 +281,9 @@ async def run_model(request: Request, worker: Worker, pixels: list[torch.Tensor]
         raise DeadlineExceeded(f"{exc} ({DEADLINE_HEADER} or PATCHLIFE_DEADLINE_MS)") from None
     except worker_mod.ShuttingDown as exc:
         raise ShuttingDown(str(exc)) from None
+    except worker_mod.ModelUnavailable as exc:
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        raise ModelUnavailable(str(exc), headers={"Retry-After": retry}) from None
 
 
 # -- encoding ------------------------------------------------------------------------------------

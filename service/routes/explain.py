@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from PIL import Image
 
 from ..engine import Engine
-from ..explain import model_view, render_heatmap
+from ..explain import render_heatmap
 from ..schemas import IMAGE_ERRORS, IMAGES_REQUEST_BODY, ExplainResponse
 from ..upload import read_payload
 from .common import (
@@ -31,10 +31,10 @@ FormatQuery = Annotated[Literal["png", "json"] | None, Query(
     description="png (default) or json; without it, `Accept: application/json` selects json.")]
 
 
-def heatmap_png(image: Image.Image, lives: torch.Tensor, engine: Engine) -> bytes:
-    """The heatmap over the region the preprocessing kept (the lives' coordinates)."""
-    pre, schedule = engine.config.preprocess, engine.default_schedule
-    view = model_view(image, pre["input_size"], pre.get("crop_pct"))
+def heatmap_png(view: Image.Image, lives: torch.Tensor, engine: Engine) -> bytes:
+    """The heatmap over ``view``, the region the preprocessing kept (the lives' coordinates; made by
+    ``prepare_images(keep_view=True)`` right after decoding, so the full-size image is not kept)."""
+    schedule = engine.default_schedule
     return render_heatmap(view, lives, schedule.first_block, schedule.depth)
 
 
@@ -57,9 +57,9 @@ async def explain(request: Request, rt: RuntimeDep, deadline: DeadlineDep, top_k
     engine, worker = rt.serving()
     payload = await read_payload(request, rt.limits(max_images=1))
     options = resolve_options(top_k, keep_rate, payload.options, rt.settings)
-    prepared = await prepare_images(payload.images, engine, rt)
+    prepared = await prepare_images(payload.images, engine, rt, keep_view=True, deadline=deadline)
     (result,) = await run_model(request, worker, prepared.pixels, options.keep_rate, deadline)
-    png = await anyio.to_thread.run_sync(heatmap_png, prepared.images[0], result.lives, engine)
+    png = await anyio.to_thread.run_sync(heatmap_png, prepared.views[0], result.lives, engine)
     if not wants_json(format, request.headers.get("accept", "")):
         return Response(png, media_type="image/png")
     body = classification(result, prepared.decode_ms[0], engine, options.top_k)

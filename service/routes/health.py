@@ -17,7 +17,11 @@ async def healthz() -> Status:
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorResponse}}, summary="Readiness")
 async def readyz(rt: RuntimeDep) -> Status:
-    """200 once the model is loaded and warmed up; 503 before that and from the start of shutdown."""
-    engine, worker = rt.serving()  # raises NotReady / ShuttingDown
+    """200 once the model is loaded and warmed up; 503 before that, from the start of shutdown, and
+    while the model cannot serve (its thread stopped, batches keep failing, a batch hangs), with why.
+    The detail says what warm-up did: CUDA graphs captured, the cost model fitted."""
+    rt.check_ready()  # raises NotReady / ShuttingDown; not counted as a rejected request
+    engine, worker = rt.engine, rt.worker
+    assert engine is not None and worker is not None  # check_ready passed
     return Status(status="ready", detail={"warmup_seconds": rt.warmup_seconds, "graphs": engine.runner.describe(),
                                           "cost_model": worker.cost.describe()})

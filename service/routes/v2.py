@@ -23,9 +23,9 @@ from PIL import Image
 from .. import oip
 from ..decode import limit_aspect
 from ..engine import Engine
-from ..errors import ApiError, NotReady
+from ..errors import ApiError, NotReady, RequestTooManyPixels
 from ..upload import RawImage, _check_content_length, _read_body
-from .common import DeadlineDep, Prepared, Runtime, RuntimeDep, get_runtime, prepare_images, resolve_options, run_model
+from .common import DeadlineDep, Prepared, Runtime, RuntimeDep, prepare_images, resolve_options, run_model
 
 
 class V2Route(APIRoute):
@@ -39,10 +39,10 @@ class V2Route(APIRoute):
                 return await handler(request)
             except ApiError as exc:
                 if exc.reason:
-                    get_runtime(request).metrics.reject(exc.reason)
+                    request.app.state.runtime.metrics.reject(exc.reason)
                 return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
             except RequestValidationError as exc:
-                get_runtime(request).metrics.reject("invalid_request")
+                request.app.state.runtime.metrics.reject("invalid_request")
                 where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
                                   for e in exc.errors())
                 return JSONResponse({"error": f"invalid request: {where}"}, 422)
@@ -110,6 +110,10 @@ async def model_ready(rt: RuntimeDep, name: str, version: str | None = None) -> 
 
 def _prepare_pixels(pixels: list[np.ndarray], engine: Engine, rt: Runtime) -> Prepared:
     """Raw ``[H, W, 3]`` uint8 images -> engine input, like decoded files (aspect rule included)."""
+    total = sum(int(a.shape[0]) * int(a.shape[1]) for a in pixels)
+    if total > rt.settings.max_request_pixels:
+        raise RequestTooManyPixels(f"the request's images have {total} pixels together, over the limit of "
+                                   f"{rt.settings.max_request_pixels} (PATCHLIFE_MAX_REQUEST_PIXELS)")
     out = Prepared([], [], [])
     for arr in pixels:
         t0 = time.perf_counter()
@@ -118,11 +122,11 @@ def _prepare_pixels(pixels: list[np.ndarray], engine: Engine, rt: Runtime) -> Pr
         seconds = time.perf_counter() - t0
         rt.metrics.decode_seconds.observe(seconds)
         out.decode_ms.append(seconds * 1000.0)
-        out.images.append(image)
     return out
 
 
-async def _prepare(items: list[RawImage | np.ndarray], engine: Engine, rt: Runtime) -> list[torch.Tensor]:
+async def _prepare(items: list[RawImage | np.ndarray], engine: Engine, rt: Runtime,
+                   deadline: float) -> list[torch.Tensor]:
     """Each run of same-kind items through its path, order kept."""
     pixels: list[torch.Tensor] = []
     start = 0
@@ -133,7 +137,8 @@ async def _prepare(items: list[RawImage | np.ndarray], engine: Engine, rt: Runti
             end += 1
         run = items[start:end]
         if kind:
-            prepared = await prepare_images([r for r in run if isinstance(r, RawImage)], engine, rt)
+            prepared = await prepare_images([r for r in run if isinstance(r, RawImage)], engine, rt,
+                                            deadline=deadline)
         else:
             arrays = [a for a in run if isinstance(a, np.ndarray)]
             prepared = await anyio.to_thread.run_sync(_prepare_pixels, arrays, engine, rt)
@@ -159,7 +164,7 @@ async def infer(request: Request, rt: RuntimeDep, deadline: DeadlineDep, name: s
     options = resolve_options(None, None, {k: params[k] for k in ("top_k", "keep_rate") if k in params},
                               rt.settings)
     specs = oip.requested_outputs(parsed.request, rt.settings.max_top_k)
-    pixels = await _prepare(parsed.items, engine, rt)
+    pixels = await _prepare(parsed.items, engine, rt, deadline)
     results = await run_model(request, worker, pixels, options.keep_rate, deadline)
     content, head_length = oip.encode_response(engine.name, parsed.request, specs, results, engine.class_names,
                                                options.top_k)

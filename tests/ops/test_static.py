@@ -40,9 +40,9 @@ CHARTED = ["patchlife_http_request_duration_seconds_count", "patchlife_http_requ
            "patchlife_http_requests_in_flight", "patchlife_rejected_requests_total",
            "patchlife_queue_wait_seconds_bucket", "patchlife_batch_size_bucket", "patchlife_batch_tokens_bucket",
            "patchlife_needed_tokens_total", "patchlife_computed_tokens_total",
-           "patchlife_image_kept_tokens_bucket", "patchlife_image_budget_fraction_bucket",
-           "patchlife_image_gflops_bucket", "patchlife_device_memory_allocated_bytes",
-           "patchlife_device_memory_reserved_bytes"]
+           "patchlife_image_kept_tokens_bucket", "patchlife_image_budget_ratio_bucket",
+           "patchlife_image_flops_bucket", "patchlife_device_memory_allocated_bytes",
+           "patchlife_device_memory_reserved_bytes", "patchlife_model_failures_total", "patchlife_model_healthy"]
 
 
 def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:

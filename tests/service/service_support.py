@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import socket
 import struct
+import subprocess
+import sys
 import time
 import zlib
+from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]  # of the test checkpoint
 RED, BLUE, GREEN, WHITE = (220, 20, 20), (20, 20, 220), (20, 200, 20), (255, 255, 255)
 
@@ -127,3 +136,45 @@ def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
             return
         time.sleep(0.02)
     raise TimeoutError("app did not become ready")
+
+
+@contextlib.contextmanager
+def serve_process(checkpoint: Path, env: dict[str, str] | None = None, timeout: float = 180.0,
+                  log_level: str = "warning") -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``patchlife serve`` as a child process on a free loopback port, ready; killed at the end if still up.
+    Yields the process (stderr piped: read it after it exits) and its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    full_env = {**os.environ, "PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_WARMUP_BATCHES": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--checkpoint",
+                             str(checkpoint), "--log-level", log_level], cwd=REPO, env=full_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + timeout
+        with httpx.Client(base_url=base, timeout=10) as client:
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < end, f"not ready in {timeout} s"
+                time.sleep(0.1)
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def rss_bytes(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak since start) of a process, in bytes, from /proc/<pid>/status."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out

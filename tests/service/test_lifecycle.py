@@ -4,11 +4,7 @@ that disconnects while its images wait in the worker's queue."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from service_support import encode, photo
+from service_support import encode, photo, serve_process
 from starlette.requests import Request
 
 from model.cli import main
@@ -28,8 +24,6 @@ from service.routes.common import run_model
 from service.settings import Settings
 from service.worker import Worker
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def test_serve_without_a_checkpoint_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--checkpoint", str(tmp_path / "missing"), "--port", "1"]) == 1
@@ -37,33 +31,12 @@ def test_serve_without_a_checkpoint_fails_clearly(tmp_path: Path, capsys: pytest
 
 
 def test_serve_process_answers_and_stops_on_sigterm(checkpoint_dir: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_WARMUP_BATCHES": "1", "PATCHLIFE_PORT": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--checkpoint",
-                             str(checkpoint_dir), "--log-level", "warning"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            end = time.monotonic() + 180
-            while True:
-                assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < end, "not ready in 180 s"
-                time.sleep(0.1)
+    with serve_process(checkpoint_dir, {"PATCHLIFE_PORT": "1"}) as (proc, base):  # --port wins over the env
+        with httpx.Client(base_url=base, timeout=10) as client:
             r = client.post("/classify", files={"file": ("a.png", encode(photo(), "PNG"), "image/png")})
             assert r.status_code == 200 and len(r.json()["results"]) == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 class DisconnectAfter:

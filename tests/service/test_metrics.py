@@ -21,12 +21,13 @@ CONTRACT = {
     "patchlife_http_request_duration_seconds": "histogram", "patchlife_http_requests_in_flight": "gauge",
     "patchlife_image_decode_seconds": "histogram", "patchlife_model_compute_seconds": "histogram",
     "patchlife_rejected_requests": "counter", "patchlife_image_kept_tokens": "histogram",
-    "patchlife_image_budget_fraction": "histogram", "patchlife_image_gflops": "histogram",
+    "patchlife_image_budget_ratio": "histogram", "patchlife_image_flops": "histogram",
     "patchlife_build_info": "gauge", "patchlife_device_memory_allocated_bytes": "gauge",
     "patchlife_device_memory_reserved_bytes": "gauge", "patchlife_queue_wait_seconds": "histogram",
     "patchlife_batch_size": "histogram", "patchlife_batch_tokens": "histogram",
     "patchlife_needed_tokens": "counter", "patchlife_computed_tokens": "counter",
     "patchlife_batches": "counter", "patchlife_queue_depth": "gauge",
+    "patchlife_model_failures": "counter", "patchlife_model_healthy": "gauge",
 }
 
 
@@ -49,6 +50,8 @@ def test_labelled_series_start_at_zero() -> None:
     text = m.exposition().decode()
     for reason in REJECT_REASONS:
         assert f'patchlife_rejected_requests_total{{reason="{reason}"}} 0.0' in text
+    for reason in ("out_of_memory", "batch_error", "worker_died"):
+        assert f'patchlife_model_failures_total{{reason="{reason}"}} 0.0' in text
     for phase in ("head", "tail"):
         assert f'patchlife_model_compute_seconds_count{{phase="{phase}"}} 0.0' in text
         assert f'patchlife_batch_size_count{{phase="{phase}"}} 0.0' in text
@@ -68,12 +71,12 @@ def test_promtool_check_metrics_passes(client: TestClient) -> None:
 def test_request_feeds_decode_batches_budget_and_http(client: TestClient, metric: Callable[..., float]) -> None:
     def batches_tail() -> float:
         text = scrape(client)
-        return sum(float(v) for v in re.findall(r'patchlife_batches_total\{bucket="\d+(?:-\d+)*",phase="tail"\} (\S+)',
+        return sum(float(v) for v in re.findall(r'patchlife_batches_total\{bucket="[01]\.\d",phase="tail"\} (\S+)',
                                                 text))
 
     before = {n: metric(client, n) for n in ("patchlife_image_decode_seconds_count",
                                              "patchlife_image_kept_tokens_count",
-                                             "patchlife_image_budget_fraction_count")}
+                                             "patchlife_image_budget_ratio_count")}
     head = metric(client, "patchlife_model_compute_seconds_count", {"phase": "head"})
     tails = batches_tail()
     http = {"route": "/classify", "method": "POST", "status": "200"}
@@ -115,7 +118,7 @@ def test_device_memory_collector_reads_at_scrape_time() -> None:
 
 def test_prometheus_hooks() -> None:
     m = Metrics()
-    hooks = PrometheusHooks(m, dense_gflops=4.0)
+    hooks = PrometheusHooks(m, dense_gflops=4.0, num_patches=196)
     hooks.on_queue_depth(7, 1200)
     hooks.on_batch("tail", 3, 900, "48-40-32", [0.001, 0.002, 0.003], 0.05)
     hooks.on_batch("head", 2, 400, None, [0.0, 0.01], 0.02)
@@ -125,7 +128,7 @@ def test_prometheus_hooks() -> None:
     v = m.registry.get_sample_value
     assert v("patchlife_queue_depth", {"unit": "images"}) == 7
     assert v("patchlife_queue_depth", {"unit": "tokens"}) == 1200
-    assert v("patchlife_batches_total", {"phase": "tail", "bucket": "48-40-32"}) == 1
+    assert v("patchlife_batches_total", {"phase": "tail", "bucket": "0.3"}) == 1  # 48/196 rounded up
     assert v("patchlife_batches_total", {"phase": "head", "bucket": "none"}) == 1
     assert v("patchlife_queue_wait_seconds_count", {"phase": "tail"}) == 3
     assert v("patchlife_batch_tokens_sum", {"phase": "tail"}) == 900
@@ -133,5 +136,23 @@ def test_prometheus_hooks() -> None:
     assert v("patchlife_model_compute_seconds_sum", {"phase": "tail"}) == pytest.approx(0.05)
     assert v("patchlife_needed_tokens_total") == 800 and v("patchlife_computed_tokens_total") == 900
     assert v("patchlife_rejected_requests_total", {"reason": "overloaded"}) == 1
-    assert v("patchlife_image_kept_tokens_sum") == 8 and v("patchlife_image_gflops_sum") == 2.0
-    assert v("patchlife_image_budget_fraction_sum") == pytest.approx(0.5)
+    assert v("patchlife_image_kept_tokens_sum") == 8 and v("patchlife_image_flops_sum") == 2e9
+    assert v("patchlife_image_budget_ratio_sum") == pytest.approx(0.5)
+    hooks.on_model_failure("out_of_memory")
+    assert v("patchlife_model_failures_total", {"reason": "out_of_memory"}) == 1
+
+
+def test_tail_bucket_label_is_bounded() -> None:
+    hooks = PrometheusHooks(Metrics(), dense_gflops=4.0, num_patches=196)
+    labels = {hooks.bucket_label(f"{n}-{n // 2}") for n in range(0, 400)}
+    assert labels == {f"{i / 10:.1f}" for i in range(1, 11)}  # 10 values whatever the counts
+    assert hooks.bucket_label("196-100") == "1.0" and hooks.bucket_label("20-10") == "0.2"
+    assert hooks.bucket_label(None) == "none"
+
+
+def test_latency_buckets_resolve_sub_millisecond() -> None:
+    m = Metrics()
+    m.compute_seconds.labels("tail").observe(0.0002)
+    bucket = "patchlife_model_compute_seconds_bucket"
+    assert m.registry.get_sample_value(bucket, {"phase": "tail", "le": "0.00025"}) == 1
+    assert m.registry.get_sample_value(bucket, {"phase": "tail", "le": "0.0001"}) == 0
