@@ -100,8 +100,8 @@ def per_image_thresholds(scores: torch.Tensor, schedule: KeepSchedule) -> torch.
 def calibrated_thresholds(quantiles: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
     """Dataset-level thresholds: the score quantile at level ``1 - p_s / P``: ``[S]``."""
     q = quantiles.float()
-    levels = 1.0 - torch.tensor(schedule.patch_counts, dtype=torch.float32) / schedule.num_patches
-    pos = levels.to(q.device) * (q.numel() - 1)
+    levels = 1.0 - torch.tensor(schedule.patch_counts, dtype=torch.float32, device=q.device) / schedule.num_patches
+    pos = levels * (q.numel() - 1)
     lo = pos.floor().long().clamp(max=q.numel() - 1)
     hi = (lo + 1).clamp(max=q.numel() - 1)
     frac = pos - lo.float()
