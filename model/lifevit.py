@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .life import LifeRegression, Normalization, inference_lives, soft_keep_weights, soft_lives
-from .schedule import KeepSchedule, budgets_from_lives, round_up_budget
+from .schedule import KeepSchedule, budgets_from_lives, constant_like, round_up_budget
 
 
 @dataclass
@@ -131,7 +131,7 @@ class LifeViT(nn.Module):
         """Per-image patch counts per stage ``[B, S]`` (the schedule's in ``per_image`` mode)."""
         schedule = schedule or self.schedule
         if self.normalization == "per_image":
-            return torch.tensor(schedule.patch_counts, device=scores.device).expand(scores.shape[0], -1)
+            return constant_like(schedule.patch_counts, scores, torch.long).expand(scores.shape[0], -1)
         return budgets_from_lives(self.lives(scores, schedule), schedule)
 
     # -- whole forwards ----------------------------------------------------------------------

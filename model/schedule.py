@@ -109,6 +109,19 @@ class KeepSchedule:
                    d.get("keep_rate"))
 
 
+def constant_like(values: Sequence[float], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``like``'s device (and dtype unless given), without a host sync.
+
+    ``torch.tensor(values, device="cuda")`` is a blocking copy: the host waits until the GPU has run
+    everything queued so far (pytorch/pytorch#120996). Filling an empty tensor with Python numbers
+    only queues kernels, and is allowed during a CUDA-graph capture.
+    """
+    out = torch.empty(len(values), dtype=dtype or like.dtype, device=like.device)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
 def budgets_from_lives(lives: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
     """Per-image token budget: patches alive at each stage start.
 
@@ -117,7 +130,7 @@ def budgets_from_lives(lives: torch.Tensor, schedule: KeepSchedule) -> torch.Ten
     Returns:
         ``[B, S]`` int64 patch counts (at least 1 per stage, non-increasing).
     """
-    starts = torch.tensor(schedule.stage_starts, device=lives.device, dtype=lives.dtype)
+    starts = constant_like(schedule.stage_starts, lives)
     counts = (lives.unsqueeze(-1) > starts).sum(dim=1)  # [B, S]
     return counts.clamp(min=1)
 
