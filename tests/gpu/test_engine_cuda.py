@@ -89,7 +89,8 @@ def test_head_and_tail_on_cuda_match_the_cpu(checkpoints: dict[str, Path], cpu_e
     if mode == "per_image":  # every image keeps exactly its keep rate's counts, whatever the precision
         assert torch.equal(budgets, budgets_ref)
     else:
-        assert budgets_ref.std(dim=0).max() > 0, "calibrated budgets should differ between these images"
+        same_rate = [i for i, r in enumerate(RATES) if r is None]
+        assert budgets_ref[same_rate].std(dim=0).max() > 0, "calibrated budgets should differ between images"
         assert ((budgets - budgets_ref).abs().mean(dim=0) <= BUDGET_TOL[dtype]).all(), (budgets, budgets_ref)
 
     counts = common_counts(ref, items_ref)
@@ -134,7 +135,7 @@ def test_graph_replay_equals_eager_for_every_captured_shape(graph_pair: tuple[En
         for b in range(1, MAX_BATCH + 1):
             graphed.tail(items_g[:b], counts)  # the first call at a shape may capture; the second replays
             p_graph, p_eager = graphed.tail(items_g[:b], counts), eager.tail(items_e[:b], counts)
-            assert p_graph.shape == p_eager.shape == (b, len(eager.class_names))
+            assert p_graph.shape == p_eager.shape and p_graph.shape[0] == b
             diff = float((p_graph - p_eager).abs().max())
             assert diff <= GRAPH_TOL, f"graph replay differs from eager by {diff:.4f} at batch {b}, counts {counts}"
     graphs = graphed.info()["graphs"]
@@ -158,5 +159,5 @@ def test_an_uncaptured_batch_shape_falls_back_to_eager(graph_pair: tuple[Engine,
     p_graph = graphed.tail(items_g[:big], counts)
     assert graphed.info()["graphs"]["eager_fallbacks"] > before
     p_eager = eager.tail(items_e[:big], counts)
-    assert p_graph.shape == (big, len(eager.class_names))
+    assert p_graph.shape == p_eager.shape and p_graph.shape[0] == big
     assert float((p_graph - p_eager).abs().max()) <= GRAPH_TOL

@@ -13,6 +13,7 @@ from model import load_checkpoint
 from model.data import synthetic_splits
 from model.evaluate import add_arguments as eval_arguments
 from model.evaluate import run as eval_run
+from model.lifevit import LifeViT
 from model.train import RunState, Stage, StageRunner, TrainContext, add_arguments, main, run_stage
 from model.train_setup import build_model
 
@@ -23,29 +24,32 @@ TINY = ["--synthetic", "--backbone", "vit_nano_patch8_32", "--train-size", "96",
         "--batch-size", "16", "--calibrate", "32", "--device", "cuda", "--amp", "bf16"]
 
 
+def _hot_paths(model: LifeViT, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        state = model.head(x)
+        out = {"lives": model.lives(state.scores, model.schedule_for(0.5)), "budgets": model.budgets(state.scores),
+               "logits": model.tail(state, model.schedule.patch_counts)}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out["soft"], out["soft_lives"] = model.forward_soft(x, 4.0)
+    return out
+
+
 @pytest.mark.parametrize("mode", ["per_image", "calibrated"])
 def test_hot_paths_do_not_wait_for_the_gpu(checkpoints: dict[str, Path], mode: str) -> None:
     """Head, lives, budgets, tail and the training forward only queue kernels: a host sync (``.item()``,
     ``torch.tensor(..., device="cuda")``, a blocking copy) raises under sync debug mode "error"."""
     model, _ = load_checkpoint(checkpoints[mode], device=CUDA)
     x = torch.randn(4, 3, 64, 64, device=CUDA)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        model.head(x)  # warm-up: lazy initialisation (cuBLAS handles, ...) may synchronise once
-        model.forward_soft(x, 4.0)
+    _hot_paths(model, x)  # warm-up: lazy initialisation (cuBLAS handles, ...) may synchronise once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        with torch.no_grad():
-            state = model.head(x)
-            lives = model.lives(state.scores, model.schedule_for(0.5))
-            budgets = model.budgets(state.scores)
-            logits = model.tail(state, model.schedule.patch_counts)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                soft, soft_lives = model.forward_soft(x, 4.0)
+        out = _hot_paths(model, x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert lives.shape == (4, 64) and budgets.shape == (4, 3) and logits.shape == soft.shape == (4, 12)
-    assert lives.device.type == budgets.device.type == soft_lives.device.type == "cuda"
+    assert out["lives"].shape == (4, 64) and out["budgets"].shape == (4, 3)
+    assert out["logits"].shape == out["soft"].shape == (4, 12)
+    assert all(t.device.type == "cuda" for t in out.values())
 
 
 def _eval(*argv: str) -> argparse.Namespace:
