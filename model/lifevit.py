@@ -151,10 +151,12 @@ class LifeViT(nn.Module):
             groups.setdefault(key, []).append(i)
         out: torch.Tensor | None = None
         for key, idx in groups.items():
-            logits = self.tail(state.select(idx), key)
+            # a list index would be copied to the device blocking, waiting for the previous group's tail
+            index = torch.tensor(idx).to(state.tokens.device, non_blocking=True)
+            logits = self.tail(state.select(index), key)
             if out is None:
                 out = logits.new_empty(len(rounded), logits.shape[-1])
-            out[idx] = logits
+            out[index] = logits
         assert out is not None
         return out
 
