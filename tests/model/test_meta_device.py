@@ -10,8 +10,9 @@ What meta cannot run: anything that reads a value on the host (``.item()``, ``.t
 hence the calibrated ``forward``; ``patchlife eval``'s ``top1``/``calibrated_row`` (they count correct
 answers and budgets); and the training loop's progress bar (``_Meter.values``). Their tensor parts run
 here piece by piece (head, budgets, tail at given counts, one optimiser step). Every op the model
-uses has a meta kernel in the torch this project pins, fused attention with a mask and
-``torch.quantile`` (calibration) included.
+uses had a meta kernel in torch 2.14, the newest this project allows and what CI installs: fused
+attention with and without a mask, stable argsort, gather, quantile (calibration), AdamW's foreach
+update. (An op without one would raise NotImplementedError naming it.)
 """
 
 from __future__ import annotations
