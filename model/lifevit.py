@@ -43,6 +43,15 @@ class HeadState:
         return HeadState(torch.cat([s.tokens for s in states]), torch.cat([s.scores for s in states]))
 
 
+def _index_to(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host index list on ``device``. A list index (or a copy from pageable memory) would be copied
+    blocking, waiting for all queued GPU work; from pinned memory the copy is only queued."""
+    index = torch.tensor(values)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
+
+
 class LifeViT(nn.Module):
     """Life-regression patch slimming around a timm ``VisionTransformer``.
 
@@ -151,8 +160,7 @@ class LifeViT(nn.Module):
             groups.setdefault(key, []).append(i)
         out: torch.Tensor | None = None
         for key, idx in groups.items():
-            # a list index would be copied to the device blocking, waiting for the previous group's tail
-            index = torch.tensor(idx).to(state.tokens.device, non_blocking=True)
+            index = _index_to(idx, state.tokens.device)
             logits = self.tail(state.select(index), key)
             if out is None:
                 out = logits.new_empty(len(rounded), logits.shape[-1])

@@ -113,12 +113,13 @@ def constant_like(values: Sequence[float], like: torch.Tensor, dtype: torch.dtyp
     """``torch.tensor(values)`` on ``like``'s device (and dtype unless given), without a host sync.
 
     ``torch.tensor(values, device="cuda")`` is a blocking copy: the host waits until the GPU has run
-    everything queued so far (pytorch/pytorch#120996). Filling an empty tensor with Python numbers
-    only queues kernels, and is allowed during a CUDA-graph capture.
+    everything queued so far (pytorch/pytorch#120996), and so is ``out[i] = v`` (it copies a CPU
+    scalar tensor into one element). ``fill_`` of a slice with a Python number only queues a kernel,
+    and is allowed during a CUDA-graph capture.
     """
     out = torch.empty(len(values), dtype=dtype or like.dtype, device=like.device)
     for i, v in enumerate(values):
-        out[i] = v
+        out[i : i + 1].fill_(v)
     return out
 
 

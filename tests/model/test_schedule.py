@@ -6,6 +6,7 @@ import torch
 from model.schedule import (
     KeepSchedule,
     budgets_from_lives,
+    constant_like,
     default_stage_starts,
     round_up_budget,
 )
@@ -72,3 +73,12 @@ def test_bucketing_never_rounds_down():
         assert all(y <= x for x, y in zip(out, out[1:]))
         assert all(o == 196 or o % step == 0 for o in out)
         assert all(o - v < step for o, v in zip(out, (a, b, c)))  # the smallest bucket above
+
+
+def test_constant_like_takes_the_device_and_dtype_of_its_model_tensor():
+    like = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(constant_like([1, 2.5, 3], like), torch.tensor([1, 2.5, 3], dtype=torch.float64))
+    counts = constant_like((139, 99, 71), like, torch.long)
+    assert counts.dtype == torch.long and counts.tolist() == [139, 99, 71]
+    assert constant_like([4], torch.empty(1, device="meta")).device.type == "meta"
+    assert constant_like([], like).shape == (0,)
