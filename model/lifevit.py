@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .life import LifeRegression, Normalization, inference_lives, soft_keep_weights, soft_lives
-from .schedule import KeepSchedule, budgets_from_lives, constant_like, round_up_budget
+from .schedule import KeepSchedule, budgets_from_lives, constant_like, host_to_device, round_up_budget
 
 
 @dataclass
@@ -41,15 +41,6 @@ class HeadState:
     @staticmethod
     def cat(states: Sequence[HeadState]) -> HeadState:
         return HeadState(torch.cat([s.tokens for s in states]), torch.cat([s.scores for s in states]))
-
-
-def _index_to(values: list[int], device: torch.device) -> torch.Tensor:
-    """A host index list on ``device``. A list index (or a copy from pageable memory) would be copied
-    blocking, waiting for all queued GPU work; from pinned memory the copy is only queued."""
-    index = torch.tensor(values)
-    if device.type == "cuda":
-        return index.pin_memory().to(device, non_blocking=True)
-    return index.to(device)
 
 
 class LifeViT(nn.Module):
@@ -160,7 +151,7 @@ class LifeViT(nn.Module):
             groups.setdefault(key, []).append(i)
         out: torch.Tensor | None = None
         for key, idx in groups.items():
-            index = _index_to(idx, state.tokens.device)
+            index = host_to_device(torch.tensor(idx), state.tokens.device)  # a list index would copy blocking
             logits = self.tail(state.select(index), key)
             if out is None:
                 out = logits.new_empty(len(rounded), logits.shape[-1])

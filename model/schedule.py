@@ -123,6 +123,16 @@ def constant_like(values: Sequence[float], like: torch.Tensor, dtype: torch.dtyp
     return out
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU through pinned memory, so the copy is only queued.
+
+    A copy from pageable memory, ``non_blocking`` or not, may wait for all queued GPU work.
+    """
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps the block until copied
+
+
 def budgets_from_lives(lives: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
     """Per-image token budget: patches alive at each stage start.
 

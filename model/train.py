@@ -33,6 +33,7 @@ from tqdm import tqdm
 from .checkpoint import save_checkpoint
 from .data import DataSplit
 from .lifevit import LifeViT
+from .schedule import host_to_device
 from .train_setup import (
     ConfigError,
     build_data,
@@ -247,8 +248,8 @@ def run_stage(model: LifeViT, stage: Stage, train: DataSplit, state: RunState, a
         for images, labels in train.batches(args.batch_size, shuffle=True, seed=order_seed, start=start):
             if state.step >= stage.steps:
                 break
-            # non_blocking: a blocking host->device copy waits for the GPU to finish the previous step
-            images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+            # pinned, so the copy does not wait for the GPU to finish the previous step
+            images, labels = host_to_device(images, ctx.device), host_to_device(labels, ctx.device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(state.step, stage.steps, stage.lr, args.warmup)
             with ctx.autocast():

@@ -8,6 +8,7 @@ from model.schedule import (
     budgets_from_lives,
     constant_like,
     default_stage_starts,
+    host_to_device,
     round_up_budget,
 )
 
@@ -82,3 +83,10 @@ def test_constant_like_takes_the_device_and_dtype_of_its_model_tensor():
     assert counts.dtype == torch.long and counts.tolist() == [139, 99, 71]
     assert constant_like([4], torch.empty(1, device="meta")).device.type == "meta"
     assert constant_like([], like).shape == (0,)
+
+
+def test_host_to_device_moves_without_pinning_off_the_gpu():
+    t = torch.arange(3)
+    assert host_to_device(t, torch.device("cpu")) is t
+    moved = host_to_device(t, torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == (3,)
