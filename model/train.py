@@ -213,7 +213,7 @@ class _Meter:
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, life: torch.Tensor | None,
             seconds: float) -> None:
         acc = (logits.detach().argmax(dim=-1) == labels).float().mean()
-        life = acc.new_tensor(float("nan")) if life is None else life.detach().float()
+        life = torch.full_like(acc, float("nan")) if life is None else life.detach().float()  # not new_tensor: a copy
         stats = torch.stack([loss.detach().float(), acc, life])
         self.steps = [*self.steps, (stats, len(labels), seconds)][-self.size:]
 

@@ -14,7 +14,8 @@ from model.data import synthetic_splits
 from model.evaluate import add_arguments as eval_arguments
 from model.evaluate import run as eval_run
 from model.lifevit import LifeViT
-from model.train import RunState, Stage, StageRunner, TrainContext, add_arguments, main, run_stage
+from model.schedule import host_to_device
+from model.train import RunState, Stage, StageRunner, TrainContext, _Meter, add_arguments, main, run_stage
 from model.train_setup import build_model
 
 pytestmark = pytest.mark.gpu
@@ -50,6 +51,37 @@ def test_hot_paths_do_not_wait_for_the_gpu(checkpoints: dict[str, Path], mode: s
     assert out["lives"].shape == (4, 64) and out["budgets"].shape == (4, 3)
     assert out["logits"].shape == out["soft"].shape == (4, 12)
     assert all(t.device.type == "cuda" for t in out.values())
+
+
+@pytest.mark.parametrize("stage", ["dense", "life", "tail"])
+def test_a_training_step_does_not_wait_for_the_gpu(stage: str, tmp_path: Path) -> None:
+    """Forward, loss and the progress meter of a step under bf16 autocast: no host sync (the meter is
+    read only when the bar redraws)."""
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16 support")
+    args = _args("--out", str(tmp_path), "--distill", "0.5")
+    model = build_model(args).to(CUDA).train()
+    ctx = TrainContext(args)
+    runner = StageRunner(model, Stage(0, stage, 2, 1e-3), args, build_model(args).to(CUDA).eval())
+    meter = _Meter()
+    train, _ = synthetic_splits(16, 16, 0, 32)
+    images, labels = (host_to_device(t, CUDA) for t in next(iter(train.batches(8))))
+
+    def step() -> None:
+        with ctx.autocast():
+            logits, life = runner.forward(images, 0)
+            loss = runner.loss(images, logits, labels)
+        meter.add(loss, logits, labels, life, 0.1)
+
+    step()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    values = meter.values()
+    assert len(meter.steps) == 2 and values["loss"] > 0 and 0 <= values["acc"] <= 1
 
 
 def _eval(*argv: str) -> argparse.Namespace:
