@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/patchlife bench --backbone deit_small_patch16_224 --keep-rate 0.7 --batch-size 32
+
+# On a CUDA machine: the gpu test tier, `patchlife bench --served` at batch 1/16/64/256 and a served load
+# test, as one table (about 5 minutes). NO_INSTALL=1 installs nothing and uses $(PYTHON) as it is (a GPU
+# machine without registry access): `make gpu-check NO_INSTALL=1 PYTHON=python3`. GPU_CHECK_ARGS passes
+# options on (e.g. GPU_CHECK_ARGS="--json" or "--parts bench,loadtest").
+ifeq ($(NO_INSTALL),1)
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m model.cli gpu-check $(GPU_CHECK_ARGS)
+else
+gpu-check: $(STAMP)
+	$(BIN)/patchlife gpu-check $(GPU_CHECK_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -107,7 +107,7 @@ def at_keep_rate(model: LifeViT, keep_rate: float, normalization: str) -> Iterat
 
 def _quantiles(values: torch.Tensor) -> dict[str, float]:
     v = values.float()
-    q = torch.quantile(v, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]))
+    q = torch.quantile(v, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], device=v.device))
     return {"mean": round(float(v.mean()), 4), "std": round(float(v.std()) if v.numel() > 1 else 0.0, 4),
             "min": round(float(q[0]), 4), "p10": round(float(q[1]), 4), "p50": round(float(q[2]), 4),
             "p90": round(float(q[3]), 4), "max": round(float(q[4]), 4)}
@@ -122,8 +122,8 @@ def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, bucket_st
 
         def forward(images: torch.Tensor) -> torch.Tensor:
             state = m.head(images)
-            b = m.budgets(state.scores)
-            budgets.append(b.cpu())
+            b = m.budgets(state.scores).cpu()  # one copy: tail_grouped groups images by budget on the host
+            budgets.append(b)
             return m.tail_grouped(state, b, bucket_step)
 
         acc, ips = top1(forward, batches)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schedule import KeepSchedule
+from .schedule import KeepSchedule, constant_like
 
 Normalization = Literal["per_image", "calibrated"]
 NUM_QUANTILES = 1025
@@ -87,10 +87,11 @@ def soft_lives(scores: torch.Tensor, schedule: KeepSchedule, per_image: bool = T
     ``per_image=False`` the scores are standardised over the whole batch instead, the training
     counterpart of ``calibrated`` inference: raw scores then mean the same in every image.
     """
-    ideal = schedule.ideal_lives().to(scores)
+    ideal = schedule.ideal_lives()  # on the CPU: two Python numbers, no copy to the scores' device
+    mean, std = float(ideal.mean()), float(ideal.std())
     dim = 1 if per_image else None
     z = (scores - scores.mean(dim=dim, keepdim=True)) / (scores.std(dim=dim, keepdim=True) + 1e-6)
-    return ideal.mean() + ideal.std() * z
+    return mean + std * z
 
 
 def soft_keep_weights(lives: torch.Tensor, depth: int, first_block: int, tau: float) -> torch.Tensor:
@@ -104,15 +105,14 @@ def per_image_thresholds(scores: torch.Tensor, schedule: KeepSchedule) -> torch.
     srt = scores.sort(dim=1, descending=True).values
     below = srt[:, -1:] - 1.0
     padded = torch.cat([srt, below], dim=1)  # index P = "below everything": keep all
-    idx = torch.tensor(schedule.patch_counts, device=scores.device)
+    idx = constant_like(schedule.patch_counts, scores, torch.long)
     return (padded[:, idx - 1] + padded[:, idx]) / 2
 
 
 def calibrated_thresholds(quantiles: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
     """Dataset-level thresholds: the score quantile at level ``1 - p_s / P``: ``[S]``."""
     q = quantiles.float()
-    counts = torch.tensor(schedule.patch_counts, dtype=torch.float32, device=q.device)
-    levels = 1.0 - counts / schedule.num_patches
+    levels = 1.0 - constant_like(schedule.patch_counts, q) / schedule.num_patches  # on q's device
     pos = levels * (q.numel() - 1)
     lo = pos.floor().long().clamp(max=q.numel() - 1)
     hi = (lo + 1).clamp(max=q.numel() - 1)
@@ -136,8 +136,7 @@ def lives_from_thresholds(scores: torch.Tensor, thresholds: torch.Tensor, top: t
     t = thresholds.expand(B, -1) if thresholds.dim() == 1 else thresholds
     top = torch.as_tensor(top, device=scores.device, dtype=scores.dtype).expand(B)
     knots_x = torch.cat([t, torch.maximum(top, t[:, -1] + 1e-6)[:, None]], dim=1)  # [B, S+1]
-    knots_y = torch.tensor([*schedule.stage_starts, schedule.depth], device=scores.device,
-                           dtype=scores.dtype)
+    knots_y = constant_like([*schedule.stage_starts, schedule.depth], scores)
     lives = torch.full_like(scores, float(schedule.stage_starts[0]))
     for j in range(knots_x.shape[1] - 1):
         x0, x1 = knots_x[:, j : j + 1], knots_x[:, j + 1 : j + 2]

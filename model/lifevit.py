@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .life import LifeRegression, Normalization, calibrated_thresholds, inference_lives, soft_keep_weights, soft_lives
-from .schedule import BucketGrid, KeepSchedule, budgets_from_lives
+from .schedule import BucketGrid, KeepSchedule, budgets_from_lives, constant_like, host_to_device
 
 
 @dataclass
@@ -132,7 +132,7 @@ class LifeViT(nn.Module):
         """
         schedule = schedule or self.schedule
         if self.normalization == "per_image":
-            return torch.tensor(schedule.patch_counts, device=scores.device).expand(scores.shape[0], -1)
+            return constant_like(schedule.patch_counts, scores, torch.long).expand(scores.shape[0], -1)
         return budgets_from_lives(self.lives(scores, schedule) if lives is None else lives, schedule)
 
     def budget_sample(self, schedule: KeepSchedule | None = None) -> torch.Tensor:
@@ -169,10 +169,11 @@ class LifeViT(nn.Module):
             groups.setdefault(key, []).append(i)
         out: torch.Tensor | None = None
         for key, idx in groups.items():
-            logits = self.tail(state.tokens[idx], key)
+            index = host_to_device(torch.tensor(idx), state.tokens.device)  # a list index would copy blocking
+            logits = self.tail(state.tokens[index], key)
             if out is None:
                 out = logits.new_empty(len(rounded), logits.shape[-1])
-            out[idx] = logits
+            out[index] = logits
         assert out is not None
         return out
 

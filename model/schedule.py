@@ -109,6 +109,30 @@ class KeepSchedule:
                    d.get("keep_rate"))
 
 
+def constant_like(values: Sequence[float], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``like``'s device (and dtype unless given), without a host sync.
+
+    ``torch.tensor(values, device="cuda")`` is a blocking copy: the host waits until the GPU has run
+    everything queued so far (pytorch/pytorch#120996), and so is ``out[i] = v`` (it copies a CPU
+    scalar tensor into one element). ``fill_`` of a slice with a Python number only queues a kernel,
+    and is allowed during a CUDA-graph capture.
+    """
+    out = torch.empty(len(values), dtype=dtype or like.dtype, device=like.device)
+    for i, v in enumerate(values):
+        out[i : i + 1].fill_(v)
+    return out
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU through pinned memory, so the copy is only queued.
+
+    A copy from pageable memory, ``non_blocking`` or not, may wait for all queued GPU work.
+    """
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps the block until copied
+
+
 def budgets_from_lives(lives: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
     """Per-image token budget: patches alive at each stage start.
 
@@ -117,7 +141,7 @@ def budgets_from_lives(lives: torch.Tensor, schedule: KeepSchedule) -> torch.Ten
     Returns:
         ``[B, S]`` int64 patch counts (at least 1 per stage, non-increasing).
     """
-    starts = torch.tensor(schedule.stage_starts, device=lives.device, dtype=lives.dtype)
+    starts = constant_like(schedule.stage_starts, lives)
     counts = (lives.unsqueeze(-1) > starts).sum(dim=1)  # [B, S]
     return counts.clamp(min=1)
 

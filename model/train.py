@@ -33,9 +33,9 @@ from tqdm import tqdm
 from .checkpoint import save_checkpoint
 from .data import DataSplit
 from .lifevit import LifeViT
+from .schedule import host_to_device
 from .train_setup import (
     ConfigError,
-    accuracy,
     build_data,
     build_model,
     check_args,
@@ -173,21 +173,21 @@ class StageRunner:
         self.model, self.stage, self.args, self.teacher = model, stage, args, teacher
         self.rates = args.stage2_keep_rates or [model.schedule.keep_rate or args.keep_rate]
 
-    def forward(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, float | None]:
-        """``(logits [B, classes], mean life or None)``."""
+    def forward(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits [B, classes], mean life [] (detached, on the device) or None)``."""
         m = self.model
         if self.stage.name == "dense":
             return m.forward_dense(images), None
         if self.stage.name == "life":
             logits, lives = m.forward_soft(images, self.args.tau, self.args.stage1_norm == "per_image")
-            return logits, float(lives.detach().mean())
+            return logits, lives.detach().mean()
         # tail: the inference path (per-image counts, so one static shape per step)
         g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
         rate = self.rates[int(torch.randint(len(self.rates), (1,), generator=g))]
         schedule = m.schedule_for(rate)
         state = m.head(images)
         lives = m.lives(state.scores.float(), schedule)
-        return m.tail(state.tokens, schedule.patch_counts), float(lives.mean())
+        return m.tail(state.tokens, schedule.patch_counts), lives.detach().mean()
 
     def loss(self, images: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
@@ -200,26 +200,31 @@ class StageRunner:
 
 
 class _Meter:
-    """Running loss, accuracy and images/s over the last ``size`` steps (for the progress bar)."""
+    """Running loss, accuracy, mean life and images/s over the last ``size`` steps (for the progress bar).
+
+    A step's numbers stay on the device; ``values()`` copies them to the host in one transfer, so the
+    loop waits for the GPU only when the bar is redrawn, not (as ``.item()`` per number did) every step.
+    """
 
     def __init__(self, size: int = 20) -> None:
         self.size = size
-        self.steps: list[tuple[float, float, int, float]] = []
+        self.steps: list[tuple[torch.Tensor, int, float]] = []  # ([loss, accuracy, life], images, seconds)
 
-    def add(self, loss: float, acc: float, n: int, seconds: float) -> None:
-        self.steps = [*self.steps, (loss, acc, n, seconds)][-self.size:]
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, life: torch.Tensor | None,
+            seconds: float) -> None:
+        acc = (logits.detach().argmax(dim=-1) == labels).float().mean()
+        life = torch.full_like(acc, float("nan")) if life is None else life.detach().float()  # not new_tensor: a copy
+        stats = torch.stack([loss.detach().float(), acc, life])
+        self.steps = [*self.steps, (stats, len(labels), seconds)][-self.size:]
 
-    @property
-    def loss(self) -> float:
-        return sum(s[0] for s in self.steps) / max(1, len(self.steps))
-
-    @property
-    def acc(self) -> float:
-        return sum(s[1] * s[2] for s in self.steps) / max(1, sum(s[2] for s in self.steps))
-
-    @property
-    def rate(self) -> float:
-        return sum(s[2] for s in self.steps) / max(1e-9, sum(s[3] for s in self.steps))
+    def values(self) -> dict[str, float]:
+        """``loss``, ``acc``, ``life`` (nan in the dense stage) and ``rate`` (images/s); one host sync."""
+        if not self.steps:
+            return {"loss": 0.0, "acc": 0.0, "life": float("nan"), "rate": 0.0}
+        loss, acc, life = torch.stack([s[0] for s in self.steps]).cpu().unbind(dim=1)
+        n = torch.tensor([s[1] for s in self.steps], dtype=torch.float32)
+        return {"loss": float(loss.mean()), "acc": float((acc * n).sum() / n.sum()), "life": float(life.mean()),
+                "rate": float(n.sum()) / max(1e-9, sum(s[2] for s in self.steps))}
 
 
 def run_stage(model: LifeViT, stage: Stage, train: DataSplit, state: RunState, args: argparse.Namespace,
@@ -236,14 +241,15 @@ def run_stage(model: LifeViT, stage: Stage, train: DataSplit, state: RunState, a
     bar = tqdm(total=stage.steps, initial=state.step, desc=f"stage {stage.index} {stage.name}",
                unit="step", mininterval=2.0, dynamic_ncols=True, file=sys.stderr)
     meter = _Meter()
-    t_last = time.perf_counter()
+    t_last = next_show = time.perf_counter()
     while state.step < stage.steps:
         epoch, start = divmod(state.step, per_epoch)
         order_seed = args.seed * 1000 + stage.index * 100 + epoch
         for images, labels in train.batches(args.batch_size, shuffle=True, seed=order_seed, start=start):
             if state.step >= stage.steps:
                 break
-            images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device)
+            # pinned, so the copy does not wait for the GPU to finish the previous step
+            images, labels = host_to_device(images, ctx.device), host_to_device(labels, ctx.device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(state.step, stage.steps, stage.lr, args.warmup)
             with ctx.autocast():
@@ -260,12 +266,16 @@ def run_stage(model: LifeViT, stage: Stage, train: DataSplit, state: RunState, a
             state.total_steps += 1
             now = time.perf_counter()
             state.seconds += now - t_last
-            meter.add(loss.item(), accuracy(logits, labels), len(labels), now - t_last)
-            bar.set_postfix(loss=f"{meter.loss:.3f}", acc=f"{meter.acc:.3f}",
-                            life="-" if life is None else f"{life:.2f}", img_s=f"{meter.rate:.0f}", refresh=False)
-            bar.update(1)
+            meter.add(loss, logits, labels, life, now - t_last)
             t_last = now
             done = state.step >= stage.steps
+            if now >= next_show or done:  # reading the meter waits for the GPU: only as often as the bar redraws
+                v = meter.values()
+                bar.set_postfix(loss=f"{v['loss']:.3f}", acc=f"{v['acc']:.3f}",
+                                life="-" if life is None else f"{v['life']:.2f}", img_s=f"{v['rate']:.0f}",
+                                refresh=False)
+                next_show = now + bar.mininterval
+            bar.update(1)
             if ctx.stopping(state) and not done:
                 ctx.save_resume(model, opt, state)
                 bar.close()
@@ -273,8 +283,9 @@ def run_stage(model: LifeViT, stage: Stage, train: DataSplit, state: RunState, a
             if not done and state.step % args.save_every == 0:
                 ctx.save_resume(model, opt, state)
     bar.close()
+    v = meter.values()
     state.history.append({"stage": stage.index, "name": stage.name, "steps": stage.steps, "lr": stage.lr,
-                          "final_loss": meter.loss, "final_train_acc": meter.acc, "images_per_s": meter.rate})
+                          "final_loss": v["loss"], "final_train_acc": v["acc"], "images_per_s": v["rate"]})
     return True
 
 

@@ -166,10 +166,6 @@ def data_spec(args: argparse.Namespace, train: DataSplit, val: DataSplit) -> dic
     return {"kind": "synthetic", "seed": args.seed, "train_size": len(train), "val_size": len(val)}
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.detach().argmax(dim=-1) == labels).float().mean())
-
-
 def quick_eval(model: LifeViT, val: DataSplit, after: str, device: torch.device, batch_size: int) -> dict[str, Any]:
     """Held-out top-1 after a stage: dense, life at the model's schedule, and calibrated when set."""
     was_training = model.training

@@ -6,7 +6,9 @@ import torch
 from model.schedule import (
     KeepSchedule,
     budgets_from_lives,
+    constant_like,
     default_stage_starts,
+    host_to_device,
     round_up_budget,
 )
 
@@ -112,3 +114,19 @@ def test_per_image_model_grid_is_its_schedules():
     grid = BucketGrid.fitted(sample, m.schedule, size=8)
     assert set(grid.points) == {m.schedule_for(r).patch_counts for r in (0.5, 0.7, 0.9)} | {(16, 16, 16)}
     assert grid.round_up(m.schedule_for(0.5).patch_counts) == m.schedule_for(0.5).patch_counts
+
+
+def test_constant_like_takes_the_device_and_dtype_of_its_model_tensor():
+    like = torch.zeros(2, dtype=torch.float64)
+    assert torch.equal(constant_like([1, 2.5, 3], like), torch.tensor([1, 2.5, 3], dtype=torch.float64))
+    counts = constant_like((139, 99, 71), like, torch.long)
+    assert counts.dtype == torch.long and counts.tolist() == [139, 99, 71]
+    assert constant_like([4], torch.empty(1, device="meta")).device.type == "meta"
+    assert constant_like([], like).shape == (0,)
+
+
+def test_host_to_device_moves_without_pinning_off_the_gpu():
+    t = torch.arange(3)
+    assert host_to_device(t, torch.device("cpu")) is t
+    moved = host_to_device(t, torch.device("meta"))
+    assert moved.device.type == "meta" and moved.shape == (3,)
