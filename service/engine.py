@@ -30,7 +30,7 @@ from model import LifeViT, load_checkpoint, slimmed_gflops
 from model.checkpoint import DEFAULT_CHECKPOINT, LifeViTConfig
 from model.device import resolve_device, resolve_dtype
 from model.flops import dense_gflops, tokens_per_block
-from model.schedule import BucketGrid, KeepSchedule
+from model.schedule import BucketGrid, KeepSchedule, host_to_device
 
 from .graphs import GraphMode, ShapeRunner
 
@@ -107,7 +107,10 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         model, cfg = load_checkpoint(path, device="cpu")
+        calibration = {k: v.clone() for k, v in model.life.named_buffers()}
         self.model: LifeViT = model.to(self.device, self.dtype).eval()
+        for name, value in calibration.items():  # score statistics stay float32: bf16 would move thresholds
+            setattr(self.model.life, name, value.to(self.device))
         self.config: LifeViTConfig = cfg
         self.checkpoint = path
         self.default_schedule = self.model.schedule_for(keep_rate)
@@ -184,9 +187,7 @@ class Engine:
         n = pixels.shape[0]
         if len(keep_rates) != n:
             raise ValueError("one keep rate (or None) per image")
-        if self.device.type == "cuda" and not pixels.is_pinned():
-            pixels = pixels.pin_memory()
-        tokens, scores = self.runner.run(("head",), self._head_fn, (pixels.to(self.device, non_blocking=True),))
+        tokens, scores = self.runner.run(("head",), self._head_fn, (host_to_device(pixels, self.device),))
         schedules = [self.schedule(r) for r in keep_rates]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, sched in enumerate(schedules):  # by value: schedule_for builds a new object per call
@@ -195,7 +196,7 @@ class Engine:
         out = scores.new_empty(n, scores.shape[1] + stages)  # lives, then budgets: one copy to the host
         for idx in groups.values():
             sched = schedules[idx[0]]
-            rows = slice(None) if len(idx) == n else torch.tensor(idx, device=self.device)
+            rows = slice(None) if len(idx) == n else host_to_device(torch.tensor(idx), self.device)
             lives = self.model.lives(scores[rows], sched)
             out[rows] = torch.cat([lives, self.model.budgets(scores[rows], sched, lives).float()], dim=1)
         host = out.cpu()  # the one host sync of phase A

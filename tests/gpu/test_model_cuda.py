@@ -29,7 +29,7 @@ def _hot_paths(model: LifeViT, x: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         state = model.head(x)
         out = {"lives": model.lives(state.scores, model.schedule_for(0.5)), "budgets": model.budgets(state.scores),
-               "logits": model.tail(state, model.schedule.patch_counts)}
+               "logits": model.tail(state.tokens, model.schedule.patch_counts)}
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out["soft"], out["soft_lives"] = model.forward_soft(x, 4.0)
     return out

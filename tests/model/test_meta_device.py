@@ -77,7 +77,7 @@ def test_head_lives_budgets_tail(cpu_model: LifeViT, normalization: str, dtype: 
             assert_meta(lives.reshape(B, *model.backbone.patch_embed.grid_size), (B, 4, 4))
         counts = round_up_budget(model.schedule.patch_counts, model.schedule, step=4)
         for c in (model.schedule.patch_counts, counts, (P,) * S, (1,) * S):
-            logits = model.tail(state, c)
+            logits = model.tail(state.tokens, c)
             assert_meta(logits, (B, 5))
             assert logits.dtype == dtype
 

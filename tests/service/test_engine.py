@@ -112,3 +112,12 @@ def test_warmup_times_both_phases_for_the_cost_model(padded: Engine) -> None:
     assert {("head", 1), ("head", 8), ("tail", 1), ("tail", 8)} <= phases
     assert all(t.seconds > 0 for t in timings) and {t.tokens_per_row for t in timings if t.phase == "tail"} \
         == {padded.tail_tokens(padded.buckets.points[0]), padded.tail_tokens(padded.buckets.points[-1])}
+
+
+def test_calibration_statistics_stay_float32_whatever_the_model_dtype(checkpoint_dir: Path) -> None:
+    # On CPU only float32 runs, so check the rule directly: the buffers the engine restores are the
+    # checkpoint's float32 values, not a round trip through the model's dtype.
+    engine = Engine(checkpoint_dir, device="cpu")
+    life = engine.model.life
+    assert life.score_quantiles.dtype == torch.float32 and life.score_samples.dtype == torch.float32
+    assert life.score_samples.shape[0] > 0
