@@ -20,7 +20,7 @@ from fastapi import FastAPI
 from .engine import Engine
 from .errors import install_error_handlers
 from .metrics import HttpMetricsMiddleware, Metrics, PrometheusHooks
-from .routes import classify, explain, health, metrics, models
+from .routes import classify, explain, health, metrics, models, ui
 from .routes.common import Runtime
 from .settings import Settings, get_settings
 from .worker import Worker
@@ -80,6 +80,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.runtime = rt
     install_error_handlers(app, rt.metrics.reject)
     app.add_middleware(HttpMetricsMiddleware, metrics=rt.metrics)
-    for module in (classify, explain, health, models, metrics):
+    for module in (classify, explain, health, models, metrics, ui):
         app.include_router(module.router)
     return app

@@ -16,4 +16,6 @@ router = APIRouter(tags=["models"])
 async def models(rt: RuntimeDep) -> ModelInfo:
     if rt.engine is None:
         raise NotReady("model is loading", headers={"Retry-After": "1"})
-    return ModelInfo.model_validate(rt.engine.info())
+    info = rt.engine.info()
+    info.setdefault("crop_pct", rt.engine.config.preprocess.get("crop_pct"))
+    return ModelInfo.model_validate(info)
