@@ -126,7 +126,9 @@ async function classify(blob, name) {
   if (seq !== state.seq) return;
   state.result = body.results[0];
   state.photo = bitmap;
-  setStatus(`${name}: answered in ${roundTrip.toFixed(0)} ms` +
+  const top = state.result.labels[0];
+  setStatus(`${name}: ${top ? `${top.label} (${(100 * top.probability).toFixed(1)}%), ` : ""}` +
+    `answered in ${roundTrip.toFixed(0)} ms` +
     (bitmap ? "" : " (this browser cannot display the image itself; the heatmap is drawn without it)"));
   renderAnswer(state.result, roundTrip);
   $("answer").hidden = $("life").hidden = false;
@@ -289,7 +291,7 @@ function drawHeatmap() {
         const [red, green, blue] = colour((life - K) / (L - K));
         ctx.fillStyle = `rgba(${red},${green},${blue},${OVERLAY_ALPHA})`;
       } else {
-        ctx.fillStyle = "rgba(16,16,24,0.8)";
+        ctx.fillStyle = "rgba(16,16,24,0.72)";
       }
       ctx.fillRect(Math.round(c * cw), Math.round(r * ch), Math.round((c + 1) * cw) - Math.round(c * cw),
         Math.round((r + 1) * ch) - Math.round(r * ch));

@@ -114,11 +114,27 @@ def test_errors_show_the_api_message(browser: Any, service_url: str, name: str, 
     page.close()
 
 
-def test_narrow_viewport_fits(browser: Any, service_url: str, tmp_path: Path) -> None:
-    """375 px wide (a phone): nothing scrolls sideways and the heatmap fits the screen."""
+DROP_FILE = """async (url) => {
+  const blob = await (await fetch(url)).blob();
+  const data = new DataTransfer();
+  data.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+  const zone = document.getElementById('drop');
+  for (const type of ['dragenter', 'dragover', 'drop']) {
+    zone.dispatchEvent(new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true}));
+  }
+}"""
+
+
+def test_narrow_viewport_fits_and_takes_a_dropped_file(browser: Any, service_url: str, tmp_path: Path) -> None:
+    """375 px wide (a phone): a file dropped on the drop zone is classified, nothing scrolls
+    sideways, the heatmap fits the screen, and the live strip shows the queue."""
     page = open_page(browser, service_url, 375, 800)
-    page.locator("#examples button").first.click()
+    page.evaluate(DROP_FILE, f"/v1/examples/{EXAMPLES[0]['file']}")
     page.wait_for_selector("#life:not([hidden])", timeout=15_000)
+    assert page.locator("#status").text_content().startswith("dropped.png: ")
+    expected = api_answer(service_url, EXAMPLES[0]["file"])
+    assert page.locator("#labels li .name").all_text_contents() == [lb["label"] for lb in expected["labels"]]
+    assert page.locator("#live-queue").text_content().isdigit()
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     box = page.locator("#heatmap").bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375
