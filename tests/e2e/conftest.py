@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "ops"))  # the shared "start a process, wait for a URL" helpers
 sys.path.insert(0, str(HERE))
 
-from e2e_support import CLASSES, EXAMPLES, MAX_UPLOAD_BYTES, example_image  # noqa: E402
+from e2e_support import CLASSES, EXAMPLES, MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, example_image  # noqa: E402
 from ops_support import REPO, free_port, stop_process, wait_http_ok  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def service(chromium_path: str, example_checkpoint: Path,
     env = {**os.environ, "PATCHLIFE_HOST": "127.0.0.1", "PATCHLIFE_PORT": str(port),
            "PATCHLIFE_CHECKPOINT": str(example_checkpoint), "PATCHLIFE_DEVICE": "cpu",
            "PATCHLIFE_DTYPE": "float32", "PATCHLIFE_WARMUP_BATCHES": "1", "OMP_NUM_THREADS": "1",
-           "PATCHLIFE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES)}
+           "PATCHLIFE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES), "PATCHLIFE_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve"], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)

@@ -10,7 +10,8 @@ EXAMPLES = [
     {"file": "simple.png", "label": "cat", "note": "one object, plain background"},
     {"file": "busy.png", "label": "ship", "note": "texture everywhere"},
 ]
-MAX_UPLOAD_BYTES = 300_000  # small, so that the page can be shown a "too large" answer
+MAX_UPLOAD_BYTES = 300_000     # small, so that the page can be shown the "too large" answers:
+MAX_REQUEST_BYTES = 1_000_000  # this one is refused from Content-Length, before the body is read
 
 
 def example_image(seed: int, size: tuple[int, int] = (120, 90)) -> Image.Image:

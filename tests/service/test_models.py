@@ -16,12 +16,16 @@ def test_models_describes_the_checkpoint(client: TestClient) -> None:
     assert info["grid"] == [4, 4] and info["input_size"] == [3, 32, 32]
     assert info["schedule"]["stage_starts"] == [2, 3, 4] and info["schedule"]["depth"] == 6
     assert info["schedule"]["keep_rate"] == 0.7 and info["dense_gflops"] > 0
-    assert info == client.app.state.runtime.engine.info()  # type: ignore[attr-defined]
+    engine = client.app.state.runtime.engine  # type: ignore[attr-defined]
+    # Engine.info(), plus the crop the lifespans cover (what the web page needs to overlay them).
+    assert info == {"crop_pct": engine.config.preprocess.get("crop_pct"), **engine.info()}
+    assert 0 < info["crop_pct"] <= 1
 
 
 def test_openapi_documents_the_endpoints(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
-    for path in ("/classify", "/explain", "/healthz", "/readyz", "/v1/models", "/metrics"):
+    for path in ("/classify", "/explain", "/healthz", "/readyz", "/v1/models", "/v1/examples",
+                 "/v1/examples/{file}", "/metrics"):
         assert path in spec["paths"]
     body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)

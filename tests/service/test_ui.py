@@ -128,10 +128,3 @@ def test_malformed_listings_leave_entries_out(tmp_path: Path, listing: str, file
     write_examples(tmp_path, listing, files)
     assert read_examples(tmp_path) == expected
 
-
-def test_models_reports_the_crop_the_lifespans_cover(client: TestClient) -> None:
-    """The page overlays lifespans on the photo's centre crop, as /explain does."""
-    body = client.get("/v1/models").json()
-    engine = client.app.state.runtime.engine  # type: ignore[attr-defined]
-    assert body["crop_pct"] == engine.config.preprocess.get("crop_pct")
-
