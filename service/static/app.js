@@ -118,7 +118,7 @@ async function classify(blob, name) {
     if (seq !== state.seq) return;
     setStatus("");
     showError(err);
-    $("answer").hidden = $("life").hidden = true;
+    showResult(false);
     return;
   }
   const roundTrip = performance.now() - t0;
@@ -131,9 +131,14 @@ async function classify(blob, name) {
     `answered in ${roundTrip.toFixed(0)} ms` +
     (bitmap ? "" : " (this browser cannot display the image itself; the heatmap is drawn without it)"));
   renderAnswer(state.result, roundTrip);
-  $("answer").hidden = $("life").hidden = false;
+  showResult(true);
   setupCanvas();
   drawHeatmap();
+}
+
+function showResult(shown) {
+  $("answer").hidden = $("life-body").hidden = !shown;
+  $("life-empty").hidden = shown;
 }
 
 function setStatus(text) { $("status").textContent = text; }

@@ -69,7 +69,7 @@ def test_example_labels_heatmap_and_block_slider(browser: Any, service_url: str,
     page.wait_for_selector("#answer:not([hidden])", timeout=15_000)
     expected = api_answer(service_url, name)
     assert page.locator("#labels li .name").all_text_contents() == [lb["label"] for lb in expected["labels"]]
-    assert page.locator("#life").is_visible() and page.locator("#heatmap").is_visible()
+    assert page.locator("#heatmap").is_visible() and page.locator("#life-empty").is_hidden()
 
     # A lower keep rate, set with the keyboard: the page asks again and shows the new budget.
     page.locator("#default-rate").focus()
@@ -115,7 +115,7 @@ def test_errors_show_the_api_message(browser: Any, service_url: str, tmp_path: P
     body_size = re.compile(r"body is \d+ bytes")
     assert body_size.sub("", page.locator("#error .message").text_content()) == body_size.sub("", expected["message"])
     assert expected["code"] in page.locator("#error .code").text_content()
-    assert page.locator("#answer").is_hidden()
+    assert page.locator("#answer").is_hidden() and page.locator("#heatmap").is_hidden()
     page.screenshot(path=str(tmp_path / "error.png"))
     page.close()
 
@@ -136,7 +136,7 @@ def test_narrow_viewport_fits_and_takes_a_dropped_file(browser: Any, service_url
     sideways, the heatmap fits the screen, and the live strip shows the queue."""
     page = open_page(browser, service_url, 375, 800)
     page.evaluate(DROP_FILE, f"/v1/examples/{EXAMPLES[0]['file']}")
-    page.wait_for_selector("#life:not([hidden])", timeout=15_000)
+    page.wait_for_selector("#life-body:not([hidden])", timeout=15_000)
     assert page.locator("#status").text_content().startswith("dropped.png: ")
     expected = api_answer(service_url, EXAMPLES[0]["file"])
     assert page.locator("#labels li .name").all_text_contents() == [lb["label"] for lb in expected["labels"]]
