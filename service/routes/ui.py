@@ -36,12 +36,13 @@ PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"
 
 
 def _static_files() -> dict[str, Path]:
-    """Name -> path of every servable file in ``service/static`` (read once: the set is fixed)."""
-    return {p.name: p for p in sorted(STATIC_DIR.iterdir()) if p.is_file() and p.suffix in _STATIC_TYPES} \
-        if STATIC_DIR.is_dir() else {}
+    """Name -> path of every servable file in ``service/static`` (listed once: the set is fixed)."""
+    if not STATIC_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(STATIC_DIR.iterdir()) if p.is_file() and p.suffix in _STATIC_TYPES}
 
 
-STATIC_FILES = _static_files()
+STATIC_FILES = _static_files()  # only these names are served: no path from a URL reaches the disk
 
 
 def _static(name: str) -> FileResponse:

@@ -116,6 +116,7 @@ async function classify(blob, name) {
     body = await api("/classify", { method: "POST", body: form });
   } catch (err) {
     if (seq !== state.seq) return;
+    state.result = null;
     setStatus("");
     showError(err);
     showResult(false);
