@@ -48,7 +48,7 @@ def chromium_path() -> str:
     _skip("no chromium binary on PATH")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def example_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """vit_nano_patch8_32 (4x4 patches, 6 blocks, pruning from block 2), calibrated, with examples."""
     import torch
@@ -75,7 +75,7 @@ class Service:
     log: Path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def service(chromium_path: str, example_checkpoint: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """``patchlife serve`` started on a free loopback port (not yet waited for), stopped at the end.
@@ -95,10 +95,12 @@ def service(chromium_path: str, example_checkpoint: Path,
         stop_process(proc)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium_path: str, service: Service) -> Iterator[Any]:
-    """A headless chromium (Debian's binary) under Playwright's sync API, for the whole session.
-    (Takes ``service`` so that the server starts up while the browser does.)"""
+    """A headless chromium (Debian's binary) under Playwright's sync API. Module-scoped: while
+    Playwright's sync API is open, its event loop counts as running in this thread, which breaks
+    later tests that call ``asyncio.run``. (Takes ``service`` so that the server starts up while
+    the browser does.)"""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -111,7 +113,7 @@ def browser(chromium_path: str, service: Service) -> Iterator[Any]:
             browser.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def service_url(service: Service) -> str:
     """The service's base URL once /readyz answers 200."""
     wait_http_ok(f"{service.url}/readyz", service.proc, service.log, timeout_s=90)
