@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/patchlife ensure-default
 	$(BIN)/patchlife serve
 
-test: $(STAMP) prometheus kubectl
+test: $(STAMP) prometheus kubectl chromium
 	$(BIN)/python -m pytest -q
 
 # Prometheus + promtool (Debian's `prometheus` package) for tests/ops. Best effort: without root or
@@ -52,6 +52,19 @@ kubectl:
 	  >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	  kubernetes-client >/dev/null; } \
 	  || echo "make kubectl: could not install it: the Kubernetes manifest tests will be SKIPPED"
+
+# Chromium (Debian's `chromium` package) for the browser tests in tests/e2e, driven by Playwright from
+# the dev extra. Playwright's own browser download is never used. Best effort like `prometheus`:
+# without root or apt-get those tests skip and say why.
+.PHONY: chromium
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "make chromium: not root or no apt-get: the browser tests will be SKIPPED"; exit 0; fi; \
+	echo "make chromium: installing Debian's chromium package"; \
+	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	  || echo "make chromium: could not install it: the browser tests will be SKIPPED"
 
 lint: $(STAMP)
 	$(BIN)/ruff check model service tests

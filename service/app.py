@@ -23,7 +23,7 @@ from .context import RequestContextMiddleware
 from .engine import Engine
 from .errors import install_error_handlers
 from .metrics import HttpMetricsMiddleware, Metrics, PrometheusHooks
-from .routes import classify, explain, health, metrics, models, v2
+from .routes import classify, explain, health, metrics, models, ui, v2
 from .routes.common import Runtime
 from .settings import Settings, get_settings
 from .worker import Worker
@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     install_error_handlers(app, rt.metrics.reject)
     app.add_middleware(HttpMetricsMiddleware, metrics=rt.metrics)
     app.add_middleware(RequestContextMiddleware, in_flight=rt.in_flight)  # outermost: arrival stamped first
-    for module in (classify, explain, health, models, metrics):
+    for module in (classify, explain, health, models, metrics, ui):
         app.include_router(module.router)
     app.include_router(v2.router)  # Open Inference Protocol v2 (KServe, Triton clients)
     return app

@@ -153,7 +153,7 @@ class Engine:
                 "grid": list(self.grid), "input_size": list(self.config.preprocess.get("input_size", [])),
                 "schedule": {"keep_rate": s.keep_rate, "stage_starts": list(s.stage_starts),
                              "patch_counts": list(s.patch_counts), "depth": s.depth},
-                "dense_gflops": self.dense_gflops,
+                "dense_gflops": self.dense_gflops, "crop_pct": self.config.preprocess.get("crop_pct"),
                 "buckets": [list(p) for p in self.buckets.points] or {"step": self.buckets.step},
                 "graphs": self.runner.describe()}
 

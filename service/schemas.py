@@ -129,6 +129,24 @@ class ModelInfo(BaseModel):
     dense_gflops: float
     batching: dict[str, Any] | None = Field(None, description="What the scheduler believes: the bucket grid "
                                                               "(counts per stage) and the cost model of a batch.")
+    crop_pct: float | None = Field(None, description="The preprocessing's centre-crop fraction (timm's "
+                                   "crop_pct): lifespans cover the central input_size/crop_pct region of "
+                                   "the photo once its shorter side is resized. None: timm's default 0.875.")
+
+
+class Example(BaseModel):
+    file: str = Field(description="File name, as listed in the model's examples/examples.json.")
+    label: str = Field(description="The class the example shows.")
+    note: str = Field(description="What the example is meant to show.")
+    url: str = Field(description="Where to fetch the image (GET /v1/examples/{file}).")
+
+
+class ExampleList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"examples": [
+        {"file": "simple.png", "label": "cat", "note": "one object, plain background",
+         "url": "/v1/examples/simple.png"}]}]})
+
+    examples: list[Example]
 
 
 class ModelList(BaseModel):

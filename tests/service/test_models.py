@@ -25,11 +25,13 @@ def test_models_describes_the_checkpoint(client: TestClient) -> None:
     cost = batching["cost_model"]
     assert cost["head"]["observations"] > 0 and cost["tail"]["observations"] > 0
     assert cost["head"]["fixed_ms"] >= 0 and cost["tail"]["per_kilotoken_ms"] >= 0
+    assert 0 < info["crop_pct"] <= 1 and info["crop_pct"] == engine.config.preprocess.get("crop_pct")
 
 
 def test_openapi_documents_the_endpoints(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
-    for path in ("/classify", "/explain", "/healthz", "/readyz", "/v1/models", "/metrics"):
+    for path in ("/classify", "/explain", "/healthz", "/readyz", "/v1/models", "/v1/examples",
+                 "/v1/examples/{file}", "/metrics"):
         assert path in spec["paths"]
     body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
