@@ -165,6 +165,16 @@ class Engine:
     def schedule(self, keep_rate: float | None) -> KeepSchedule:
         return self.default_schedule if keep_rate is None else self.model.schedule_for(keep_rate)
 
+    def schedule_counts(self, keep_rate: float | None) -> tuple[int, ...]:
+        """Patches per stage at ``keep_rate`` (None: the default): an image's budget before phase A."""
+        return self.schedule(keep_rate).patch_counts
+
+    @property
+    def head_tokens(self) -> int:
+        """Tokens one image costs in phase A: (prefix + patches) x the first K blocks."""
+        m = self.model
+        return int(m.schedule.first_block * (m.num_prefix_tokens + m.num_patches))
+
     # -- the two phases ----------------------------------------------------------------------
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """``uint8 [B, 3, H, W]`` on the device -> the model's input (mean/std-normalised, its dtype)."""

@@ -35,12 +35,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from service.batching import Batch, Counts, Limits, Phase, Waiting, plan
 from service.costmodel import CostModel
-from service.engine import Engine, HeadItem, Timing
+from service.engine import HeadItem, Timing
 from service.settings import Settings
 
 log = logging.getLogger("patchlife.worker")
@@ -162,19 +163,33 @@ def set_torch_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-def _head_tokens_per_image(engine: Engine) -> int:
-    """Tokens one image costs in phase A: (prefix + patches) x the first K blocks."""
-    try:
-        m = engine.model
-        return int(m.schedule.first_block * (m.num_prefix_tokens + m.num_patches))
-    except AttributeError:  # a stub engine in tests
-        return 0
+class ModelEngine(Protocol):
+    """What the worker needs from the model: the seam :class:`service.engine.Engine` fills and the
+    tests' stub engines implement. Counts are patches kept per pruning stage."""
+
+    @property
+    def head_tokens(self) -> int:
+        """Tokens one image costs in phase A (prefix + patches, times the first K blocks)."""
+
+    def head(self, pixels: torch.Tensor, keep_rates: Sequence[float | None]) -> list[HeadItem]: ...
+
+    def tail(self, items: Sequence[HeadItem], counts: Sequence[int]) -> torch.Tensor: ...
+
+    def schedule_counts(self, keep_rate: float | None) -> Counts: ...
+
+    def bucket(self, budget: Sequence[int]) -> Counts: ...
+
+    def tail_tokens(self, counts: Counts) -> int: ...
+
+    def gflops(self, counts: Counts) -> float: ...
+
+    def padded_rows(self, n: int) -> int: ...
 
 
 class Worker:
-    """Runs :class:`Engine` head/tail batches in one thread, fed by ``submit`` from the event loop."""
+    """Runs :class:`ModelEngine` head/tail batches in one thread, fed by ``submit`` from the event loop."""
 
-    def __init__(self, engine: Engine, settings: Settings, hooks: WorkerHooks | None = None,
+    def __init__(self, engine: ModelEngine, settings: Settings, hooks: WorkerHooks | None = None,
                  clock: Callable[[], float] = time.monotonic, timings: Sequence[Timing] = ()) -> None:
         self.engine = engine
         self.settings = settings
@@ -197,7 +212,7 @@ class Worker:
         self._fatal: str | None = None       # why the model thread ended, if it did on an error
         self._busy_since: float | None = None
         self._rate_tokens_per_s = 0.0        # smoothed tail throughput, for Retry-After
-        self._head_tokens = _head_tokens_per_image(engine)
+        self._head_tokens = engine.head_tokens
         self.cost = CostModel()  # what a batch costs on this device, learnt from the batches run
         for t in timings:
             self.cost.observe(t.phase, t.rows, t.tokens_per_row, t.seconds)
@@ -307,8 +322,7 @@ class Worker:
         clients send (an estimate only sizes admission)."""
         key = None if keep_rate is None else round(max(1, round(keep_rate / KEEP_RATE_GRID)) * KEEP_RATE_GRID, 6)
         if key not in self._estimates:
-            counts = tuple(self.engine.schedule(key).patch_counts)
-            self._estimates[key] = self.engine.tail_tokens(counts)
+            self._estimates[key] = self.engine.tail_tokens(self.engine.schedule_counts(key))
         return self._estimates[key]
 
     def _admit(self, images: int, tokens: int) -> None:

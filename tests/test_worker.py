@@ -10,7 +10,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -45,9 +44,11 @@ class StubEngine:
         self.fail_on: int | None = None
         self.threads: list[int] = []        # torch.get_num_threads() in the thread that runs head
 
-    def schedule(self, keep_rate: float | None) -> SimpleNamespace:
+    head_tokens = 0
+
+    def schedule_counts(self, keep_rate: float | None) -> tuple[int, ...]:
         r = 0.5 if keep_rate is None else keep_rate
-        return SimpleNamespace(patch_counts=(int(32 * r), int(16 * r)))
+        return (int(32 * r), int(16 * r))
 
     def bucket(self, budget: Sequence[int]) -> tuple[int, ...]:
         return tuple(-(-int(v) // STEP) * STEP for v in budget)
@@ -142,7 +143,7 @@ def test_concurrent_requests_get_their_own_results_in_order(mode: str, waste: fl
     engine, hooks = StubEngine(head_s=0.002, tail_s=0.002), Recorder()
 
     async def main() -> None:
-        worker = Worker(engine, settings(batching=mode, max_batch_waste=waste), hooks)  # type: ignore[arg-type]
+        worker = Worker(engine, settings(batching=mode, max_batch_waste=waste), hooks)
         await worker.start()
 
         async def one(req: int) -> None:
@@ -186,7 +187,7 @@ def test_one_request_on_an_idle_worker_does_not_wait_for_the_batching_delay() ->
     engine, hooks = StubEngine(), Recorder()
 
     async def main() -> None:
-        worker = Worker(engine, settings(max_delay_ms=60_000), hooks)  # type: ignore[arg-type]
+        worker = Worker(engine, settings(max_delay_ms=60_000), hooks)
         await worker.start()
         for ident in (1, 2):  # twice: the idle worker goes back to flushing at once
             t0 = time.monotonic()
@@ -203,7 +204,7 @@ def test_deadline_passed_while_queued_answers_deadline_and_never_runs() -> None:
     engine, hooks = StubEngine(), Recorder()
 
     async def main() -> None:
-        worker = Worker(engine, settings(max_delay_ms=0), hooks)  # type: ignore[arg-type]
+        worker = Worker(engine, settings(max_delay_ms=0), hooks)
         await worker.start()
         engine.gate.clear()
         engine.entered.clear()
@@ -228,7 +229,7 @@ def test_overload_rejects_at_once_with_retry_after() -> None:
     engine, hooks = StubEngine(), Recorder()
 
     async def main() -> None:
-        worker = Worker(engine, settings(queue_capacity_images=4, max_delay_ms=0), hooks)  # type: ignore[arg-type]
+        worker = Worker(engine, settings(queue_capacity_images=4, max_delay_ms=0), hooks)
         await worker.start()
         engine.gate.clear()
         first = asyncio.create_task(worker.submit(images(1), None, later()))
@@ -255,7 +256,7 @@ def test_overload_counts_tokens_at_the_keep_rates_schedule() -> None:
     hooks = Recorder()
 
     async def main() -> None:
-        worker = Worker(engine, settings(queue_capacity_tokens=2 * one_image, max_delay_ms=50),  # type: ignore[arg-type]
+        worker = Worker(engine, settings(queue_capacity_tokens=2 * one_image, max_delay_ms=50),
                         hooks)
         await worker.start()
         engine.gate.clear()
@@ -277,7 +278,7 @@ def test_cancelled_request_has_its_queued_work_dropped() -> None:
     engine, hooks = StubEngine(), Recorder()
 
     async def main() -> None:
-        worker = Worker(engine, settings(max_delay_ms=0), hooks)  # type: ignore[arg-type]
+        worker = Worker(engine, settings(max_delay_ms=0), hooks)
         await worker.start()
         engine.gate.clear()
         first = asyncio.create_task(worker.submit(images(1), None, later()))
@@ -307,7 +308,7 @@ def test_stop_drains_queued_work_and_refuses_new_work() -> None:
         # A long delay: draining must send the partial batches without waiting for it.
         # Request 0 holds the model while the others queue; once it leaves phase A both queues hold
         # work, so without draining nothing would be due for a minute.
-        worker = Worker(engine, settings(max_delay_ms=60_000), hooks)  # type: ignore[arg-type]
+        worker = Worker(engine, settings(max_delay_ms=60_000), hooks)
         await worker.start()
         engine.gate.clear()
         tasks = [asyncio.create_task(worker.submit(images(0, 1), 0.75, later(60)))]
@@ -334,7 +335,7 @@ def test_stop_fails_what_the_grace_period_cannot_finish() -> None:
     engine, hooks = StubEngine(head_s=0.2), Recorder()
 
     async def main() -> None:
-        worker = Worker(engine, settings(max_batch_size=1, max_delay_ms=0, shutdown_grace_s=0.05),  # type: ignore[arg-type]
+        worker = Worker(engine, settings(max_batch_size=1, max_delay_ms=0, shutdown_grace_s=0.05),
                         hooks)
         await worker.start()
         tasks = [asyncio.create_task(worker.submit(images(i), None, later())) for i in range(4)]
@@ -356,7 +357,7 @@ def test_engine_error_fails_its_batch_only_and_the_worker_goes_on() -> None:
     engine.fail_on = 5
 
     async def main() -> None:
-        worker = Worker(engine, settings(max_delay_ms=0, max_batch_size=1))  # type: ignore[arg-type]
+        worker = Worker(engine, settings(max_delay_ms=0, max_batch_size=1))
         await worker.start()
         with pytest.raises(ModelUnavailable, match="RuntimeError"):  # 503 + Retry-After, not a 500
             await worker.submit(images(5), None, later())
@@ -368,7 +369,7 @@ def test_engine_error_fails_its_batch_only_and_the_worker_goes_on() -> None:
 
 def test_submit_before_start_and_empty_requests() -> None:
     async def main() -> None:
-        worker = Worker(StubEngine(), settings())  # type: ignore[arg-type]
+        worker = Worker(StubEngine(), settings())
         with pytest.raises(ShuttingDown):
             await worker.submit(images(1), None, later())
         await worker.start()
@@ -388,13 +389,13 @@ def test_worker_thread_runs_the_model_with_the_configured_torch_threads() -> Non
     wanted = before + 1  # differs from the default whatever the machine
     engine = StubEngine()
     try:
-        asyncio.run(one_image(Worker(engine, settings(torch_threads=wanted))))  # type: ignore[arg-type]
+        asyncio.run(one_image(Worker(engine, settings(torch_threads=wanted))))
     finally:
         torch.set_num_threads(before)  # the count new threads start from is process-wide
     assert engine.threads == [wanted]
     engine = StubEngine()  # 0: all the cores but one (at least one)
     try:
-        asyncio.run(one_image(Worker(engine, settings(torch_threads=0))))  # type: ignore[arg-type]
+        asyncio.run(one_image(Worker(engine, settings(torch_threads=0))))
     finally:
         torch.set_num_threads(before)
     assert engine.threads == [auto_torch_threads()] and 1 <= auto_torch_threads() <= max(1, before)

@@ -45,7 +45,7 @@ def test_a_crash_in_planning_answers_every_waiting_request_and_turns_unhealthy(
     monkeypatch.setattr(worker_mod, "plan", plan)
 
     async def main() -> None:
-        worker = Worker(engine, settings(max_batch_size=1), hooks)  # type: ignore[arg-type]
+        worker = Worker(engine, settings(max_batch_size=1), hooks)
         await worker.start()
         assert worker.health() is None
         tasks = [asyncio.create_task(worker.submit(images(i), None, later(60))) for i in range(5)]
@@ -72,7 +72,7 @@ def test_consecutive_failed_batches_turn_unhealthy_until_one_succeeds() -> None:
     engine.fail_on = 5
 
     async def main() -> None:
-        worker = Worker(engine, settings(max_delay_ms=0, max_batch_size=1,  # type: ignore[arg-type]
+        worker = Worker(engine, settings(max_delay_ms=0, max_batch_size=1,
                                          unhealthy_after_failures=2), hooks)
         await worker.start()
         for _ in range(2):
@@ -96,7 +96,7 @@ def test_a_hung_batch_turns_unhealthy_while_it_runs() -> None:
     engine.gate.clear()
 
     async def main() -> None:
-        worker = Worker(engine, settings(watchdog_batch_s=0.05))  # type: ignore[arg-type]
+        worker = Worker(engine, settings(watchdog_batch_s=0.05))
         await worker.start()
         task = asyncio.create_task(worker.submit(images(1), None, later()))
         await wait_until(engine.entered.is_set)
@@ -129,7 +129,7 @@ def test_out_of_memory_splits_the_batch_and_retries_each_half_once() -> None:
     engine, hooks = OomEngine(fits=2), FailureRecorder()
 
     async def main() -> None:
-        worker = Worker(engine, settings(max_batch_size=8), hooks)  # type: ignore[arg-type]
+        worker = Worker(engine, settings(max_batch_size=8), hooks)
         await worker.start()
         results = await worker.submit(images(1, 2, 3, 4), None, later())
         assert [int(r.probs[0]) for r in results] == [1, 2, 3, 4]
@@ -146,7 +146,7 @@ def test_out_of_memory_again_answers_503_and_counts_it() -> None:
     engine, hooks = OomEngine(fits=0), FailureRecorder()
 
     async def main() -> None:
-        worker = Worker(engine, settings(max_batch_size=8), hooks)  # type: ignore[arg-type]
+        worker = Worker(engine, settings(max_batch_size=8), hooks)
         await worker.start()
         with pytest.raises(ModelUnavailable, match="OutOfMemoryError"):
             await worker.submit(images(1, 2), None, later())
@@ -163,7 +163,7 @@ def test_admission_estimates_stay_bounded_whatever_keep_rates_clients_send() -> 
     engine = StubEngine()
 
     async def main() -> None:
-        worker = Worker(engine, settings(queue_capacity_images=1000))  # type: ignore[arg-type]
+        worker = Worker(engine, settings(queue_capacity_images=1000))
         await worker.start()
         rates = [0.5 + i * 1e-5 for i in range(300)]  # 300 distinct rates within 0.003 of each other
         await asyncio.gather(*(worker.submit(images(i), r, later()) for i, r in enumerate(rates)))
