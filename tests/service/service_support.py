@@ -9,10 +9,12 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import httpx
 import numpy as np
@@ -138,18 +140,33 @@ def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
     raise TimeoutError("app did not become ready")
 
 
+class _WholeFile:
+    """``read()`` returns the whole file: the child shares the file offset, so seek back first."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+
+    def read(self) -> bytes:
+        self.f.seek(0)
+        return self.f.read()
+
+
 @contextlib.contextmanager
 def serve_process(checkpoint: Path, env: dict[str, str] | None = None, timeout: float = 180.0,
                   log_level: str = "warning") -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """``patchlife serve`` as a child process on a free loopback port, ready; killed at the end if still up.
-    Yields the process (stderr piped: read it after it exits) and its base URL."""
+    Yields the process and its base URL. Its stderr goes to a temporary file (a pipe nobody reads
+    until the end fills up with access-log lines and blocks the server); ``proc.stderr.read()``
+    after it exits returns everything it wrote."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     full_env = {**os.environ, "PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_WARMUP_BATCHES": "1", **(env or {})}
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--checkpoint",
                              str(checkpoint), "--log-level", log_level], cwd=REPO, env=full_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
+    proc.stderr = _WholeFile(log)  # type: ignore[assignment]
     base = f"http://127.0.0.1:{port}"
     try:
         end = time.monotonic() + timeout
@@ -168,6 +185,7 @@ def serve_process(checkpoint: Path, env: dict[str, str] | None = None, timeout: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def rss_bytes(pid: int) -> dict[str, int]:

@@ -37,7 +37,9 @@ def test_sigterm_with_100_requests_in_flight_answers_every_accepted_connection(c
                                                                                grace_s: str) -> None:
     body = encode(photo((900, 700)), "PNG")  # some decoding work, so that requests pile up
     outcomes = [""] * CLIENTS
-    env = {"PATCHLIFE_LOG_FORMAT": "json", "PATCHLIFE_SHUTDOWN_GRACE_S": grace_s}
+    # One image decodes at a time, so the 100 requests are in flight together however fast the machine.
+    env = {"PATCHLIFE_LOG_FORMAT": "json", "PATCHLIFE_SHUTDOWN_GRACE_S": grace_s,
+           "PATCHLIFE_MAX_DECODE_PIXELS": str(900 * 700), "PATCHLIFE_DECODE_WAIT_MS": "60000"}
     with serve_process(checkpoint_dir, env, log_level="info") as (proc, base):
         with httpx.Client(base_url=base, timeout=30) as client:
             r = client.post("/classify", files={"file": ("a.png", body, "image/png")},
