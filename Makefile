@@ -22,49 +22,18 @@ run: $(STAMP)
 test: $(STAMP) prometheus kubectl chromium
 	$(BIN)/python -m pytest -q
 
-# Prometheus + promtool (Debian's `prometheus` package) for tests/ops. Best effort: without root or
-# apt-get the tests that need them skip and say why. While installing, a policy-rc.d (unless one
-# exists) keeps the package from starting its own Prometheus service.
-.PHONY: prometheus
+# Optional test tools from Debian's packages, best effort (scripts/apt-best-effort): without root or
+# apt-get, or when a package cannot be had, the tests that need the tool skip and say why.
+# Prometheus + promtool for tests/ops; kubectl (its built-in kustomize renders deploy/k8s; bookworm's
+# kubernetes-client 1.20 is too old, the tests then skip); chromium for the browser tests (driven by
+# Playwright from the dev extra; Playwright's own browser download is never used).
+.PHONY: prometheus kubectl chromium
 prometheus:
-	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then exit 0; fi; \
-	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "make prometheus: not root or no apt-get: the Prometheus tests will be SKIPPED"; exit 0; fi; \
-	echo "make prometheus: installing Debian's prometheus package (prometheus + promtool)"; \
-	policy=/usr/sbin/policy-rc.d; made=; \
-	if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy && made=1; fi; \
-	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
-	  || echo "make prometheus: could not install it: the Prometheus tests will be SKIPPED"; \
-	if [ -n "$$made" ]; then rm -f $$policy; fi
-
-# kubectl (its built-in kustomize renders deploy/k8s in tests/ops/test_k8s.py). Best effort, like
-# prometheus: a kubectl already on PATH is kept; else, as root, the distribution's `kubectl` package
-# where an apt source has it, or Debian's `kubernetes-client`. The tests skip and say why when there
-# is none, or when its kustomize is older than v4 (bookworm's kubernetes-client is 1.20: too old).
-.PHONY: kubectl
+	@scripts/apt-best-effort Prometheus "command -v prometheus && command -v promtool" prometheus
 kubectl:
-	@if command -v kubectl >/dev/null 2>&1; then exit 0; fi; \
-	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "make kubectl: not root or no apt-get: the Kubernetes manifest tests will be SKIPPED"; exit 0; fi; \
-	echo "make kubectl: installing kubectl from the distribution's packages"; \
-	apt-get update -qq && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubectl \
-	  >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	  kubernetes-client >/dev/null; } \
-	  || echo "make kubectl: could not install it: the Kubernetes manifest tests will be SKIPPED"
-
-# Chromium (Debian's `chromium` package) for the browser tests in tests/e2e, driven by Playwright from
-# the dev extra. Playwright's own browser download is never used. Best effort like `prometheus`:
-# without root or apt-get those tests skip and say why.
-.PHONY: chromium
+	@scripts/apt-best-effort "Kubernetes manifest" "command -v kubectl" kubectl kubernetes-client
 chromium:
-	@if command -v chromium >/dev/null 2>&1; then exit 0; fi; \
-	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
-	  echo "make chromium: not root or no apt-get: the browser tests will be SKIPPED"; exit 0; fi; \
-	echo "make chromium: installing Debian's chromium package"; \
-	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	  apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
-	  || echo "make chromium: could not install it: the browser tests will be SKIPPED"
+	@scripts/apt-best-effort browser "command -v chromium" chromium
 
 lint: $(STAMP)
 	$(BIN)/ruff check model service tests

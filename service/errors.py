@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .context import REQUEST_ID_HEADER, current_request_id
@@ -55,6 +56,16 @@ class UnsupportedMediaType(ApiError):
 class InvalidRequest(ApiError):
     """A missing/unknown/duplicate field or an out-of-range parameter (422), or a malformed body (400)."""
     status, code, reason = 422, "invalid_request", "invalid_request"
+
+
+def invalid_json(exc: ValidationError, what: str) -> InvalidRequest:
+    """A pydantic error on a JSON body as the API's error: 400 for broken JSON, else 422 naming the
+    first few fields that are wrong (``what`` names the body in the message)."""
+    errors = exc.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        return InvalidRequest(f"body is not valid JSON: {errors[0]['msg']}", status=400)
+    where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
+    return InvalidRequest(f"invalid {what}: {where}")
 
 
 class TooLarge(ApiError):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ApiError, BadImage, InvalidRequest, TooLarge, TooManyImages, TooManyPixels
+from .errors import ApiError, BadImage, InvalidRequest, TooLarge, TooManyImages, TooManyPixels, invalid_json
 from .upload import Limits, RawImage, _from_base64
 from .worker import ImageResult
 
@@ -98,11 +98,7 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits, max_pi
     try:
         request = InferRequest.model_validate_json(head)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise InvalidRequest(f"body is not valid JSON: {errors[0]['msg']}", status=400) from None
-        where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
-        raise InvalidRequest(f"invalid inference request: {where}") from None
+        raise invalid_json(exc, "inference request") from None
     chunks = _binary_chunks(request.inputs, binary)
     _check_counts(request.inputs, limits)
     out = Images(request)

@@ -27,7 +27,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from .decode import check_media_type
-from .errors import BadImage, InvalidRequest, TooLarge, TooManyImages, UnsupportedMediaType
+from .errors import BadImage, InvalidRequest, TooLarge, TooManyImages, UnsupportedMediaType, invalid_json
 from .schemas import ImagesJson
 
 IMAGE_FIELDS = ("file", "files")
@@ -208,11 +208,7 @@ def parse_json_body(body: bytes, limits: Limits) -> Payload:
     try:
         parsed = ImagesJson.model_validate_json(body)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise InvalidRequest(f"body is not valid JSON: {errors[0]['msg']}", status=400) from None
-        where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
-        raise InvalidRequest(f"invalid JSON body: {where}") from None
+        raise invalid_json(exc, "JSON body") from None
     if len(parsed.images) > limits.max_images:
         raise TooManyImages(f"{len(parsed.images)} images in one request, the limit is {limits.max_images} "
                             "(PATCHLIFE_MAX_IMAGES_PER_REQUEST)")
