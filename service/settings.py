@@ -67,8 +67,9 @@ class Settings(BaseSettings):
                               "largest budget in it; unbatched: one image at a time.")
     max_batch_size: int = Field(32, ge=1, description="Most images in one phase-A or phase-B batch.")
     max_delay_ms: float = Field(
-        10.0, ge=0, description="Longest an image waits for its batch to fill; only while the other phase has "
-                                "work queued (an otherwise idle worker runs a batch at once).")
+        10.0, ge=0, description="With work_conserving=false: longest an image waits for its batch to fill while "
+                                "the other phase has work queued (an otherwise idle worker runs a batch at once). "
+                                "Work-conserving, batches never wait while the model thread is free.")
     max_batch_tokens: int = Field(
         200_000, ge=1, description="Token limit of one phase-B batch (sum over images of the tokens "
                                    "every tail block sees), like TGI's max_batch_total_tokens.")
