@@ -20,7 +20,7 @@ bucket that has waited its delay is never overtaken by newer full buckets: the o
 bounds everyone's delay. Nothing here sleeps, locks or touches a model; ``now`` is passed in, so the
 tests drive it with a fake clock.
 
-Modes (``Limits.mode``):
+Modes (``BatchLimits.mode``):
 
 * ``budget``: the above; each phase-B batch runs at its bucket. A batch with room left also takes
   waiting images of *smaller* buckets (their counts are covered: running them at the larger counts
@@ -59,7 +59,7 @@ BatchCost = Callable[[Phase, int, "Counts | None"], float]
 
 
 @dataclass(frozen=True)
-class Limits:
+class BatchLimits:
     """The knobs of the policy (from :class:`service.settings.Settings`)."""
 
     max_batch_size: int = 32
@@ -76,7 +76,7 @@ class Limits:
             raise ValueError(f"unknown batching mode {self.mode!r}")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Limits:
+    def from_settings(cls, settings: Settings) -> BatchLimits:
         return cls(max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000.0,
                    max_batch_tokens=settings.max_batch_tokens, mode=settings.batching,
                    max_waste=settings.max_batch_waste, work_conserving=settings.work_conserving)
@@ -134,7 +134,7 @@ def covers(counts: Counts, bucket: Counts) -> bool:
 
 
 def _fill_at(counts: Counts, base: Sequence[Waiting], tail: Sequence[Waiting], need: dict[int, int],
-             limits: Limits, tail_tokens: Callable[[Counts], int], strict: bool) -> list[Waiting] | None:
+             limits: BatchLimits, tail_tokens: Callable[[Counts], int], strict: bool) -> list[Waiting] | None:
     """``base`` plus covered waiting images, least waste first, run at ``counts``; None if it cannot be.
 
     Takes the longest run of candidates after which the batch's waste (tokens beyond the images' own
@@ -158,7 +158,7 @@ def _fill_at(counts: Counts, base: Sequence[Waiting], tail: Sequence[Waiting], n
     return None if best is None else [*base, *others[:best]]
 
 
-def _fill(batch: Batch, tail: Sequence[Waiting], limits: Limits,
+def _fill(batch: Batch, tail: Sequence[Waiting], limits: BatchLimits,
           tail_tokens: Callable[[Counts], int], max_options: int = 16) -> Batch:
     """Top a budget batch up with images of covered buckets while its waste stays within the cap.
 
@@ -182,7 +182,7 @@ def _fill(batch: Batch, tail: Sequence[Waiting], limits: Limits,
                  batch.reason, min(w.submitted for w in best))
 
 
-def _merge_at(counts: Counts, base: Sequence[Waiting], groups: dict[Counts, list[Waiting]], limits: Limits,
+def _merge_at(counts: Counts, base: Sequence[Waiting], groups: dict[Counts, list[Waiting]], limits: BatchLimits,
               tail_tokens: Callable[[Counts], int], cost: BatchCost) -> tuple[list[Waiting], float] | None:
     """``base`` (cut to the room at ``counts``) plus every covered group that is cheaper to run here
     than on its own, nearest buckets first, within the waste cap; returns (images, device seconds
@@ -210,7 +210,7 @@ def _merge_at(counts: Counts, base: Sequence[Waiting], groups: dict[Counts, list
     return chosen, apart - cost("tail", len(chosen), counts)
 
 
-def _merge_by_cost(batch: Batch, tail: Sequence[Waiting], limits: Limits,
+def _merge_by_cost(batch: Batch, tail: Sequence[Waiting], limits: BatchLimits,
                    tail_tokens: Callable[[Counts], int], cost: BatchCost, max_options: int = 16) -> Batch:
     """The budget batch re-planned by device time: its counts (own bucket or a larger queued one)
     and the covered buckets that join it, whichever saves the most seconds (see module docstring)."""
@@ -238,7 +238,7 @@ def _merge_by_cost(batch: Batch, tail: Sequence[Waiting], limits: Limits,
                  batch.reason, min(w.submitted for w in images))
 
 
-def _take_tail(group: Sequence[Waiting], limits: Limits,
+def _take_tail(group: Sequence[Waiting], limits: BatchLimits,
                tail_tokens: Callable[[Counts], int]) -> tuple[int, Counts, int]:
     """Longest prefix of ``group`` within the size and token limits (at least one image).
 
@@ -265,7 +265,7 @@ def _tail_groups(tail: Sequence[Waiting], mode: Mode) -> list[list[Waiting]]:
     return list(groups.values())
 
 
-def _candidates(head: Sequence[Waiting], tail: Sequence[Waiting], limits: Limits,
+def _candidates(head: Sequence[Waiting], tail: Sequence[Waiting], limits: BatchLimits,
                 tail_tokens: Callable[[Counts], int]) -> list[tuple[Batch, bool, float, bool]]:
     """Every batch that could be sent: (batch, is it full, when its delay runs out, is the other
     phase's queue empty)."""
@@ -295,7 +295,7 @@ def _reason(full: bool, due: float, idle: bool, drain: bool, now: float) -> str 
     return "drain" if drain else None
 
 
-def plan(head: Sequence[Waiting], tail: Sequence[Waiting], now: float, limits: Limits,
+def plan(head: Sequence[Waiting], tail: Sequence[Waiting], now: float, limits: BatchLimits,
          tail_tokens: Callable[[Counts], int], drain: bool = False,
          cost: BatchCost | None = None) -> Batch | float | None:
     """The next batch to run, else the time to look again, else None (nothing queued).

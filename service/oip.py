@@ -2,7 +2,7 @@
 
 No HTTP here: ``routes/v2.py`` reads the body under the byte limit, this module turns it into images
 and turns the worker's results into output tensors. Everything a request may carry is checked here
-against the same limits as the native routes (``upload.Limits``, ``max_image_pixels``).
+against the same limits as the native routes (``upload.UploadLimits``, ``max_image_pixels``).
 
 Body: JSON, or with the binary tensor data extension a JSON header of ``Inference-Header-Content-Length``
 bytes followed by the raw data of each input whose ``parameters`` carry ``binary_data_size``, in
@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ApiError, BadImage, InvalidRequest, TooLarge, TooManyImages, TooManyPixels, invalid_json
-from .upload import Limits, RawImage, _from_base64
+from .upload import RawImage, UploadLimits, _from_base64
 from .worker import ImageResult
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -92,7 +92,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:n], body[n:]
 
 
-def parse_request(body: bytes, header_length: str | None, limits: Limits, max_pixels: int) -> Images:
+def parse_request(body: bytes, header_length: str | None, limits: UploadLimits, max_pixels: int) -> Images:
     """Body -> the request and its images; ApiErrors (400/413/422) on anything wrong."""
     head, binary = split_body(body, header_length)
     try:
@@ -132,7 +132,7 @@ def _binary_chunks(inputs: list[InputTensor], binary: bytes) -> list[bytes | Non
     return chunks
 
 
-def _check_counts(inputs: list[InputTensor], limits: Limits) -> None:
+def _check_counts(inputs: list[InputTensor], limits: UploadLimits) -> None:
     """Names, datatypes and shapes, and the image count over all inputs, before any data is read."""
     seen: set[str] = set()
     total = 0
@@ -161,7 +161,7 @@ def _check_counts(inputs: list[InputTensor], limits: Limits) -> None:
         raise InvalidRequest("no image: the inputs hold 0 images")
 
 
-def _encoded_images(t: InputTensor, chunk: bytes | None, limits: Limits) -> list[RawImage]:
+def _encoded_images(t: InputTensor, chunk: bytes | None, limits: UploadLimits) -> list[RawImage]:
     n = t.shape[0]
     if chunk is None:  # JSON: strings, base64 (binary image bytes are not valid JSON strings)
         values = list(np.asarray(t.data, dtype=object).ravel()) if t.data else []
@@ -186,7 +186,7 @@ def _encoded_images(t: InputTensor, chunk: bytes | None, limits: Limits) -> list
     return out
 
 
-def _pixel_images(t: InputTensor, chunk: bytes | None, limits: Limits, max_pixels: int) -> list[np.ndarray]:
+def _pixel_images(t: InputTensor, chunk: bytes | None, limits: UploadLimits, max_pixels: int) -> list[np.ndarray]:
     n, h, w, _ = t.shape
     if h * w > max_pixels:
         raise TooManyPixels(f"{PIXELS}: {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "

@@ -106,7 +106,7 @@ def _model_thread_setup(engine: Engine, threads: int) -> int:
 
 
 def _time_compute(engine: Engine, pixels: torch.Tensor, n: int) -> list[float]:
-    """Run in the bench's model thread (see ``measure``), as the worker runs the model in its own."""
+    """Run in the bench's model thread (see ``measure_overhead``), as the worker runs the model in its own."""
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -133,7 +133,7 @@ def _summary(values: list[float]) -> dict[str, float]:
             "mean": round(statistics.fmean(values), 3)}
 
 
-def measure(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
+def measure_overhead(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     jpeg = _photo_jpeg(width, height)
     # The server child reads the same PATCHLIFE_* variables; --device and the checkpoint override them.
@@ -177,7 +177,7 @@ def measure(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="patchlife-overhead-") as tmp:
         checkpoint = args.checkpoint or _make_checkpoint(args.backbone, Path(tmp))
-        result = measure(args, checkpoint)
+        result = measure_overhead(args, checkpoint)
     if args.json:
         print(json.dumps(result))
         return 0

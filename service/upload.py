@@ -36,7 +36,7 @@ MAX_FIELD_BYTES = 256
 
 
 @dataclass(frozen=True)
-class Limits:
+class UploadLimits:
     max_file_bytes: int
     max_body_bytes: int
     max_images: int
@@ -55,7 +55,7 @@ class Payload:
     options: dict[str, Any] = field(default_factory=dict)  # top_k / keep_rate as sent (str or JSON value)
 
 
-async def read_payload(request: Request, limits: Limits) -> Payload:
+async def read_payload(request: Request, limits: UploadLimits) -> Payload:
     """Dispatch on the Content-Type; raise ``ApiError`` subclasses on anything wrong."""
     declared = request.headers.get("content-type")
     if not declared:
@@ -102,7 +102,7 @@ async def _read_body(request: Request, limit: int, what: str) -> bytes:
 class _Parts:
     """python-multipart callbacks collecting image parts and option fields under the limits."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: UploadLimits) -> None:
         self.limits = limits
         self.images: list[RawImage] = []
         self.options: dict[str, str] = {}
@@ -175,7 +175,7 @@ class _Parts:
         self.finished = True
 
 
-async def _read_multipart(request: Request, declared: str, limits: Limits) -> Payload:
+async def _read_multipart(request: Request, declared: str, limits: UploadLimits) -> Payload:
     _, params = parse_options_header(declared)
     boundary = params.get(b"boundary")
     if not boundary:
@@ -198,13 +198,13 @@ async def _read_multipart(request: Request, declared: str, limits: Limits) -> Pa
 
 
 # -- JSON ----------------------------------------------------------------------------------------
-async def _read_json(request: Request, limits: Limits) -> Payload:
+async def _read_json(request: Request, limits: UploadLimits) -> Payload:
     body = await _read_body(request, limits.max_body_bytes, "request body (PATCHLIFE_MAX_REQUEST_BYTES)")
     # validating and base64-decoding up to max_request_bytes takes a while: off the event loop
     return await anyio.to_thread.run_sync(parse_json_body, body, limits)
 
 
-def parse_json_body(body: bytes, limits: Limits) -> Payload:
+def parse_json_body(body: bytes, limits: UploadLimits) -> Payload:
     try:
         parsed = ImagesJson.model_validate_json(body)
     except ValidationError as exc:

@@ -7,16 +7,16 @@ Each image goes through two queues. Phase A (``Engine.head``) yields its lives a
 decides what runs next). The thread wakes on every enqueue and at the policy's next due time. It
 sizes torch's CPU thread team (``Settings.torch_threads``) before its first batch.
 
-Admission: a request is refused at once with :class:`Overloaded` when the queued images or queued
+Admission: a request is refused at once with :class:`QueueFull` when the queued images or queued
 tail tokens would pass their capacity (an image not yet through phase A is counted at its keep
 rate's schedule counts). A request whose deadline passes before one of its images starts a phase is
-failed with :class:`DeadlineExceeded` and its other queued images are dropped; cancelling the task
+failed with :class:`DeadlinePassed` and its other queued images are dropped; cancelling the task
 that awaits ``submit`` (the client went away) drops its queued images too. ``stop()`` refuses new
-work with :class:`ShuttingDown`, runs what is queued (without waiting for batches to fill) for up to
+work with :class:`WorkerStopping`, runs what is queued (without waiting for batches to fill) for up to
 ``shutdown_grace_s``, fails the rest and joins the thread; ``begin_drain()`` (at SIGTERM) stops waiting
 for batches to fill while still accepting the requests already on their way.
 
-Failures: a batch whose model call raises fails its requests with :class:`ModelUnavailable` (503 +
+Failures: a batch whose model call raises fails its requests with :class:`ModelFailed` (503 +
 Retry-After); a device out-of-memory error first splits the batch in two and retries each half
 once. ``health()`` says why the worker cannot serve (None while it can): the model thread ended on
 an unexpected error (its queued requests are answered at once), ``unhealthy_after_failures``
@@ -39,7 +39,7 @@ from typing import Protocol
 
 import torch
 
-from service.batching import Batch, Counts, Limits, Phase, Waiting, plan
+from service.batching import Batch, BatchLimits, Counts, Phase, Waiting, plan
 from service.costmodel import CostModel
 from service.engine import HeadItem, Timing
 from service.settings import Settings
@@ -59,7 +59,12 @@ class ImageResult:
     compute_ms: float            # wall time of the phase-A batch + the phase-B batch it ran in
 
 
-class Overloaded(Exception):
+class WorkerError(Exception):
+    """Why the worker could not answer a request; the routes turn each into its API error
+    (:mod:`service.errors`: 503 overloaded / shutting down / model unavailable, 504)."""
+
+
+class QueueFull(WorkerError):
     """The queue is full; try again in ``retry_after_s`` seconds (503 + Retry-After)."""
 
     def __init__(self, retry_after_s: float, message: str = "") -> None:
@@ -67,15 +72,15 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
-class DeadlineExceeded(Exception):
+class DeadlinePassed(WorkerError):
     """The request's deadline passed before its work started (504)."""
 
 
-class ShuttingDown(Exception):
+class WorkerStopping(WorkerError):
     """The worker is stopping and accepts no new work (503)."""
 
 
-class ModelUnavailable(Exception):
+class ModelFailed(WorkerError):
     """The model failed this request's batch, or the model thread is down (503 + Retry-After)."""
 
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
@@ -195,7 +200,7 @@ class Worker:
         self.settings = settings
         self.hooks = hooks or WorkerHooks()
         self.clock = clock
-        self.limits = Limits.from_settings(settings)
+        self.limits = BatchLimits.from_settings(settings)
         self._cond = threading.Condition()
         self._head: dict[int, _Image] = {}   # insertion order = arrival order
         self._tail: dict[int, _Image] = {}
@@ -240,7 +245,7 @@ class Worker:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new work, finish what is queued within ``grace_s`` (default ``shutdown_grace_s``),
-        then join the thread; what is still queued then is answered ShuttingDown."""
+        then join the thread; what is still queued then is answered WorkerStopping."""
         self._accepting = False
         thread = self._thread
         if thread is None:
@@ -278,14 +283,14 @@ class Worker:
                      deadline: float) -> list[ImageResult]:
         """Classify ``pixels`` (each ``[3, H, W]``) at ``keep_rate``; results in input order.
 
-        Raises Overloaded, DeadlineExceeded or ShuttingDown; ``deadline`` is on the worker clock.
+        Raises QueueFull, DeadlinePassed or WorkerStopping; ``deadline`` is on the worker clock.
         """
         if self._fatal is not None:
             self.hooks.on_reject("model_error")
-            raise ModelUnavailable(f"model unavailable: {self._fatal}", 5.0)
+            raise ModelFailed(f"model unavailable: {self._fatal}", 5.0)
         if not self._accepting:
             self.hooks.on_reject("shutdown")
-            raise ShuttingDown("server is shutting down")
+            raise WorkerStopping("server is shutting down")
         if not pixels:
             return []
         estimate = self._estimate(keep_rate)
@@ -294,11 +299,11 @@ class Worker:
         with self._cond:
             if self._fatal is not None:  # the thread died after the check above: nothing would run this
                 self.hooks.on_reject("model_error")
-                raise ModelUnavailable(f"model unavailable: {self._fatal}", 5.0)
+                raise ModelFailed(f"model unavailable: {self._fatal}", 5.0)
             now = self.clock()
             if deadline <= now:
                 self.hooks.on_reject("deadline")
-                raise DeadlineExceeded("the request's deadline passed before it was queued")
+                raise DeadlinePassed("the request's deadline passed before it was queued")
             self._admit(len(pixels), estimate * len(pixels))
             for i, px in enumerate(pixels):
                 key = next(self._ids)
@@ -326,7 +331,7 @@ class Worker:
         return self._estimates[key]
 
     def _admit(self, images: int, tokens: int) -> None:
-        """Raise Overloaded (under the lock) if ``images``/``tokens`` more would pass capacity."""
+        """Raise QueueFull (under the lock) if ``images``/``tokens`` more would pass capacity."""
         s = self.settings
         queued = len(self._head) + len(self._tail)
         if queued + images <= s.queue_capacity_images and self._queued_tokens + tokens <= s.queue_capacity_tokens:
@@ -334,7 +339,7 @@ class Worker:
         self.hooks.on_reject("overloaded")
         rate = self._rate_tokens_per_s
         retry = self._queued_tokens / rate if rate > 0 else 1.0
-        raise Overloaded(min(max(retry, 0.1), 60.0),
+        raise QueueFull(min(max(retry, 0.1), 60.0),
                          f"queue full ({queued} images, {self._queued_tokens} tokens queued); retry later")
 
     # -- bookkeeping (all *_locked methods run under self._cond) --------------------------------
@@ -368,7 +373,7 @@ class Worker:
             if req.finished:
                 continue
             if req.deadline <= now:
-                self._fail_locked(req, DeadlineExceeded("the deadline passed while the request was queued"),
+                self._fail_locked(req, DeadlinePassed("the deadline passed while the request was queued"),
                                   "deadline")
             else:
                 soonest = req.deadline if soonest is None else min(soonest, req.deadline)
@@ -403,10 +408,10 @@ class Worker:
         with self._cond:
             for image in [*self._head.values(), *self._tail.values()]:
                 if self._fatal is not None:
-                    self._fail_locked(image.request, ModelUnavailable(f"model unavailable: {self._fatal}", 5.0),
+                    self._fail_locked(image.request, ModelFailed(f"model unavailable: {self._fatal}", 5.0),
                                       "model_error")
                 else:
-                    self._fail_locked(image.request, ShuttingDown("server shut down before the request ran"),
+                    self._fail_locked(image.request, WorkerStopping("server shut down before the request ran"),
                                       "shutdown")
 
     def _run_phase(self, batch: Batch, images: list[_Image]) -> None:
@@ -448,7 +453,7 @@ class Worker:
     def _batch_failed(self, batch: Batch, images: list[_Image], exc: BaseException) -> None:
         log.error("%s batch of %d images failed", batch.phase, len(images), exc_info=exc)
         self.hooks.on_model_failure("batch_error")
-        error = ModelUnavailable(f"the model failed on this request's batch ({type(exc).__name__}); retry", 1.0)
+        error = ModelFailed(f"the model failed on this request's batch ({type(exc).__name__}); retry", 1.0)
         with self._cond:
             self._failures += 1
             self._last_error = f"{type(exc).__name__}: {exc}"[:300]

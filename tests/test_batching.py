@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from service.batching import Batch, BatchCost, Limits, Waiting, max_counts, plan
+from service.batching import Batch, BatchCost, BatchLimits, Waiting, max_counts, plan
 
 Counts = tuple[int, ...]
 A: Counts = (48, 40, 32)
@@ -29,11 +29,11 @@ def tail_q(*items: tuple[float, tuple[int, ...]], first_key: int = 100) -> list[
 
 
 def test_nothing_queued_means_nothing_to_do() -> None:
-    assert plan([], [], 5.0, Limits(), cost) is None
+    assert plan([], [], 5.0, BatchLimits(), cost) is None
 
 
 def test_head_waits_for_its_delay_then_flushes() -> None:
-    lim = Limits(max_batch_size=4, max_delay_s=0.010)
+    lim = BatchLimits(max_batch_size=4, max_delay_s=0.010)
     q = head_q(1.000, 1.004)
     busy = tail_q((1.003, A))  # phase B holds work (not yet due): the head batch may wait to fill
     assert plan(q, busy, 1.005, lim, cost) == pytest.approx(1.010)  # wake when the oldest is due
@@ -43,14 +43,14 @@ def test_head_waits_for_its_delay_then_flushes() -> None:
 
 
 def test_head_flushes_at_once_when_full_and_takes_fifo_prefix() -> None:
-    lim = Limits(max_batch_size=3, max_delay_s=1.0)
+    lim = BatchLimits(max_batch_size=3, max_delay_s=1.0)
     batch = plan(head_q(1.0, 1.1, 1.2, 1.3, 1.4), [], 1.4, lim, cost)
     assert isinstance(batch, Batch)
     assert (batch.keys, batch.reason) == ((0, 1, 2), "full")
 
 
 def test_tail_groups_by_bucket_and_runs_at_the_bucket() -> None:
-    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0)
+    lim = BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0)
     q = tail_q((1.000, A), (1.001, B), (1.002, A), (1.003, B))
     head = head_q(1.004)  # an image still to go through phase A could join a bucket: buckets wait
     assert plan(head, q, 1.005, lim, cost) == pytest.approx(1.010)
@@ -63,7 +63,7 @@ def test_tail_groups_by_bucket_and_runs_at_the_bucket() -> None:
 
 
 def test_full_bucket_flushes_before_its_delay() -> None:
-    lim = Limits(max_batch_size=2, max_delay_s=10.0, max_waste=1.0)  # full: no room to merge B
+    lim = BatchLimits(max_batch_size=2, max_delay_s=10.0, max_waste=1.0)  # full: no room to merge B
     q = tail_q((1.0, A), (1.1, B), (1.2, A))
     batch = plan([], q, 1.2, lim, cost)
     assert isinstance(batch, Batch)
@@ -72,19 +72,19 @@ def test_full_bucket_flushes_before_its_delay() -> None:
 
 def test_token_limit_caps_the_batch_and_flushes_it() -> None:
     # Two A images fit in the limit, a third would not: send two now, keep the third.
-    lim = Limits(max_batch_size=32, max_delay_s=10.0, max_batch_tokens=2 * cost(A) + 1)
+    lim = BatchLimits(max_batch_size=32, max_delay_s=10.0, max_batch_tokens=2 * cost(A) + 1)
     q = tail_q((1.0, A), (1.1, A), (1.2, A))
     batch = plan([], q, 1.2, lim, cost)
     assert isinstance(batch, Batch)
     assert (batch.keys, batch.reason, batch.tokens) == ((100, 101), "full", 2 * cost(A))
     # An image whose cost alone passes the limit still runs (alone), never blocks the queue forever.
-    solo = plan([], tail_q((1.0, A)), 11.0, Limits(max_batch_tokens=1), cost)
+    solo = plan([], tail_q((1.0, A)), 11.0, BatchLimits(max_batch_tokens=1), cost)
     assert isinstance(solo, Batch) and solo.keys == (100,)
 
 
 def test_oldest_due_bucket_goes_before_newer_full_buckets() -> None:
     """No starvation: a rare bucket past its delay runs before full buckets of newer images."""
-    lim = Limits(max_batch_size=2, max_delay_s=0.010)
+    lim = BatchLimits(max_batch_size=2, max_delay_s=0.010)
     q = tail_q((1.000, B), (1.005, A), (1.006, A), (1.007, C), (1.008, C))
     head = head_q(1.008)
     batch = plan(head, q, 1.010, lim, cost)
@@ -95,7 +95,7 @@ def test_oldest_due_bucket_goes_before_newer_full_buckets() -> None:
 
 
 def test_ready_batches_run_oldest_request_first_tail_before_head_on_ties() -> None:
-    lim = Limits(max_batch_size=2, max_delay_s=0.0)
+    lim = BatchLimits(max_batch_size=2, max_delay_s=0.0)
     head = [Waiting(1, 2.0, 2.0)]
     tail = [Waiting(2, 1.0, 2.5, A)]  # submitted before the head image, entered phase B later
     batch = plan(head, tail, 3.0, lim, cost)
@@ -105,7 +105,7 @@ def test_ready_batches_run_oldest_request_first_tail_before_head_on_ties() -> No
 
 
 def test_idle_head_batch_goes_at_once_when_phase_b_is_empty() -> None:
-    lim = Limits(max_batch_size=8, max_delay_s=0.010)
+    lim = BatchLimits(max_batch_size=8, max_delay_s=0.010)
     batch = plan(head_q(1.000, 1.001), [], 1.001, lim, cost)
     assert isinstance(batch, Batch)
     assert (batch.phase, batch.keys, batch.reason) == ("head", (0, 1), "idle")
@@ -114,7 +114,7 @@ def test_idle_head_batch_goes_at_once_when_phase_b_is_empty() -> None:
 
 
 def test_idle_buckets_go_at_once_when_nothing_waits_for_phase_a_oldest_first() -> None:
-    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0)
+    lim = BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0)
     q = tail_q((1.001, B), (1.000, A), (1.002, B))
     batch = plan([], q, 1.003, lim, cost)
     assert isinstance(batch, Batch)
@@ -125,7 +125,7 @@ def test_idle_buckets_go_at_once_when_nothing_waits_for_phase_a_oldest_first() -
 
 def test_under_load_buckets_still_wait_for_images_in_phase_a() -> None:
     """Both queues hold work: nothing is due before the delay, whatever its phase."""
-    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0)
+    lim = BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0)
     head, tail = head_q(1.004), tail_q((1.002, A), (1.003, B))
     assert plan(head, tail, 1.005, lim, cost) == pytest.approx(1.012)  # A's delay runs out first
     batch = plan(head, tail, 1.012, lim, cost)
@@ -137,7 +137,7 @@ def test_under_load_buckets_still_wait_for_images_in_phase_a() -> None:
 
 
 def test_single_image_flows_through_both_phases_without_waiting() -> None:
-    limits = Limits(max_batch_size=8, max_delay_s=0.010)
+    limits = BatchLimits(max_batch_size=8, max_delay_s=0.010)
     for mode in ("budget", "fifo"):
         batches, waits = simulate(mode, [(1.0, A)], limits, batch_s=0.002)
         assert [(b.phase, b.reason) for b in batches] == [("head", "idle"), ("tail", "idle")]
@@ -154,14 +154,15 @@ def test_budget_batch_with_room_takes_covered_smaller_buckets_within_the_waste_c
     extra_near = cost(A) - cost(near)
     # A cap that admits `near` (waste extra_near / (cost(A) + cost(near))) but not `far` as well.
     cap = (extra_near + 1) / (cost(A) + cost(near))
-    batch = plan([], q, 1.010, Limits(max_batch_size=8, max_delay_s=0.010, max_waste=cap), cost)
+    batch = plan([], q, 1.010, BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=cap), cost)
     assert isinstance(batch, Batch) and batch.counts == A
     assert batch.keys == (100, 102) and batch.tokens == 2 * cost(A)
     # A generous cap takes `far` too; `wider` never (one of its stages is above A's).
-    batch = plan([], q, 1.010, Limits(max_batch_size=8, max_delay_s=0.010, max_waste=5.0), cost)
+    batch = plan([], q, 1.010, BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=5.0), cost)
     assert isinstance(batch, Batch) and batch.keys == (100, 102, 101)
     # No merging at 0, or when the batch is already full.
-    for lim in (Limits(max_delay_s=0.010, max_waste=0.0), Limits(max_batch_size=1, max_delay_s=0.010, max_waste=5.0)):
+    for lim in (BatchLimits(max_delay_s=0.010, max_waste=0.0),
+                BatchLimits(max_batch_size=1, max_delay_s=0.010, max_waste=5.0)):
         batch = plan([], q, 1.010, lim, cost)
         assert isinstance(batch, Batch) and batch.keys == (100,)
 
@@ -170,17 +171,17 @@ def test_due_small_bucket_moves_up_to_a_larger_one_when_more_images_fit() -> Non
     small, big = (44, 36, 28), (48, 40, 32)  # cost 111 vs 123: 10.8% waste for small run at big
     q = [Waiting(100, 1.000, 1.000, small, need=cost(small)),
          Waiting(101, 1.005, 1.005, big, need=cost(big)), Waiting(102, 1.006, 1.006, big, need=cost(big))]
-    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=0.05)
+    lim = BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=0.05)
     batch = plan([], q, 1.010, lim, cost)  # only the small one is due
     assert isinstance(batch, Batch) and batch.counts == big and set(batch.keys) == {100, 101, 102}
     assert batch.tokens - sum(cost(b) for b in (small, big, big)) <= 0.05 * sum(cost(b) for b in (small, big, big))
     # With a tighter cap moving up costs too much: the small image runs alone at its own bucket.
-    batch = plan([], q, 1.010, Limits(max_batch_size=8, max_delay_s=0.010, max_waste=0.01), cost)
+    batch = plan([], q, 1.010, BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=0.01), cost)
     assert isinstance(batch, Batch) and batch.keys == (100,) and batch.counts == small
 
 
 def test_fifo_runs_one_queue_at_the_largest_budget() -> None:
-    lim = Limits(max_batch_size=8, max_delay_s=0.010, mode="fifo")
+    lim = BatchLimits(max_batch_size=8, max_delay_s=0.010, mode="fifo")
     q = tail_q((1.000, A), (1.001, B), (1.002, C))
     batch = plan([], q, 1.010, lim, cost)
     assert isinstance(batch, Batch)
@@ -191,13 +192,13 @@ def test_fifo_runs_one_queue_at_the_largest_budget() -> None:
 
 def test_fifo_token_limit_counts_every_image_at_the_largest_budget() -> None:
     # B alone is cheap; B then C costs 2 x cost(C) which passes the limit, so B goes alone.
-    lim = Limits(max_batch_size=8, max_delay_s=10.0, max_batch_tokens=2 * cost(C) - 1, mode="fifo")
+    lim = BatchLimits(max_batch_size=8, max_delay_s=10.0, max_batch_tokens=2 * cost(C) - 1, mode="fifo")
     batch = plan([], tail_q((1.0, B), (1.1, C)), 1.1, lim, cost)
     assert isinstance(batch, Batch) and batch.keys == (100,) and batch.counts == B and batch.reason == "full"
 
 
 def test_unbatched_runs_one_image_at_once() -> None:
-    lim = Limits(max_batch_size=32, max_delay_s=1.0, mode="unbatched")
+    lim = BatchLimits(max_batch_size=32, max_delay_s=1.0, mode="unbatched")
     batch = plan(head_q(1.0, 1.0), [], 1.0, lim, cost)
     assert isinstance(batch, Batch) and batch.keys == (0,)
     batch = plan([], tail_q((1.0, A), (1.0, A)), 1.0, lim, cost)
@@ -205,21 +206,21 @@ def test_unbatched_runs_one_image_at_once() -> None:
 
 
 def test_drain_sends_everything_without_waiting() -> None:
-    lim = Limits(max_batch_size=8, max_delay_s=10.0)
+    lim = BatchLimits(max_batch_size=8, max_delay_s=10.0)
     batch = plan(head_q(1.0), tail_q((0.5, A)), 1.0, lim, cost, drain=True)
     assert isinstance(batch, Batch) and batch.phase == "tail" and batch.reason == "drain"
 
 
 def test_limits_from_settings_and_validation() -> None:
     from service.settings import Settings
-    lim = Limits.from_settings(Settings(max_batch_size=5, max_delay_ms=7, max_batch_tokens=99, batching="fifo"))
+    lim = BatchLimits.from_settings(Settings(max_batch_size=5, max_delay_ms=7, max_batch_tokens=99, batching="fifo"))
     assert (lim.max_batch_size, lim.max_delay_s, lim.max_batch_tokens, lim.mode) == (5, 0.007, 99, "fifo")
     with pytest.raises(ValueError):
-        Limits(max_batch_size=0)
+        BatchLimits(max_batch_size=0)
 
 
 # -- a simulated worker: fake clock, stub runner --------------------------------------------------
-def simulate(mode: str, arrivals: list[tuple[float, tuple[int, ...]]], limits: Limits,
+def simulate(mode: str, arrivals: list[tuple[float, tuple[int, ...]]], limits: BatchLimits,
              batch_s: float, price: BatchCost | None = None) -> tuple[list[Batch], dict[int, list[float]]]:
     """Drive ``plan`` like the worker does; every batch takes ``batch_s``.
 
@@ -268,7 +269,7 @@ def random_arrivals(n: int, seed: int) -> list[tuple[float, tuple[int, ...]]]:
 @pytest.mark.parametrize("mode,max_waste", [("budget", 0.0), ("budget", 0.3), ("fifo", 0.0), ("unbatched", 0.0)])
 def test_simulation_runs_every_image_once_at_counts_that_cover_it(mode: str, max_waste: float) -> None:
     arrivals = random_arrivals(400, seed=1)
-    limits = Limits(max_batch_size=16, max_delay_s=0.005, max_batch_tokens=16 * cost(A), max_waste=max_waste)
+    limits = BatchLimits(max_batch_size=16, max_delay_s=0.005, max_batch_tokens=16 * cost(A), max_waste=max_waste)
     batches, _ = simulate(mode, arrivals, limits, batch_s=0.002)
     for phase in ("head", "tail"):
         keys = [k for b in batches if b.phase == phase for k in b.keys]
@@ -294,7 +295,7 @@ def test_simulation_runs_every_image_once_at_counts_that_cover_it(mode: str, max
 
 def test_simulation_rare_bucket_is_not_starved_under_steady_full_batches() -> None:
     """A rare image waits at most its delay plus the batches that were older than it."""
-    limits = Limits(max_batch_size=4, max_delay_s=0.010)
+    limits = BatchLimits(max_batch_size=4, max_delay_s=0.010)
     # 4 A images every 4 ms: a full head batch then a full tail batch, 2 ms each, keep the worker
     # busy all the time with full batches (a full-first policy would never run the C image).
     arrivals = [(0.004 * (i // 4), A) for i in range(400)] + [(0.0301, C)]
@@ -325,14 +326,14 @@ def mixed_tail() -> list[Waiting]:
 
 
 def test_fixed_cost_dominated_device_merges_buckets_like_fifo() -> None:
-    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=10.0)
+    lim = BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=10.0)
     batch = plan([], mixed_tail(), 1.010, lim, cost, cost=linear_price(fixed=0.010, per_token=1e-7))
     # One call at C (it covers every queued bucket) beats four calls: everything goes at once.
     assert isinstance(batch, Batch) and batch.counts == C and set(batch.keys) == {100, 101, 102, 103, 104}
 
 
 def test_token_dominated_device_keeps_buckets_apart() -> None:
-    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=10.0)
+    lim = BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=10.0)
     batch = plan([], mixed_tail(), 1.010, lim, cost, cost=linear_price(fixed=0.0, per_token=1e-4))
     # Running SMALL images at a larger bucket only adds tokens: the oldest bucket runs on its own.
     assert isinstance(batch, Batch) and batch.counts == SMALL and batch.keys == (100, 103)
@@ -340,7 +341,7 @@ def test_token_dominated_device_keeps_buckets_apart() -> None:
 
 def test_in_between_device_merges_only_near_buckets() -> None:
     # Fixed cost worth ~60 tokens: MID images at A (+24 tokens each) pay, SMALL at A (+72) does not.
-    lim = Limits(max_batch_size=8, max_delay_s=0.010, max_waste=10.0)
+    lim = BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=10.0)
     q = [w for w in mixed_tail() if w.bucket != C]
     batch = plan([], q[1:], 1.010, lim, cost, cost=linear_price(fixed=60e-6, per_token=1e-6))
     assert isinstance(batch, Batch) and batch.counts == A and set(batch.keys) == {101, 102}
@@ -348,17 +349,17 @@ def test_in_between_device_merges_only_near_buckets() -> None:
 
 def test_cost_merges_still_respect_the_waste_cap_and_size() -> None:
     price = linear_price(fixed=0.010, per_token=1e-7)
-    batch = plan([], mixed_tail(), 1.010, Limits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0), cost,
+    batch = plan([], mixed_tail(), 1.010, BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0), cost,
                  cost=price)
     assert isinstance(batch, Batch) and batch.counts == SMALL and batch.keys == (100, 103)
-    batch = plan([], mixed_tail(), 1.010, Limits(max_batch_size=2, max_delay_s=0.010, max_waste=10.0), cost,
+    batch = plan([], mixed_tail(), 1.010, BatchLimits(max_batch_size=2, max_delay_s=0.010, max_waste=10.0), cost,
                  cost=price)
     assert isinstance(batch, Batch) and len(batch.keys) <= 2 and 100 in batch.keys
 
 
 def test_work_conserving_runs_the_oldest_batch_instead_of_waiting() -> None:
     q, busy = head_q(1.000, 1.004), tail_q((1.003, A))
-    lazy = Limits(max_batch_size=4, max_delay_s=0.010)
+    lazy = BatchLimits(max_batch_size=4, max_delay_s=0.010)
     assert plan(q, busy, 1.005, lazy, cost) == pytest.approx(1.010)
     batch = plan(q, busy, 1.005, replace(lazy, work_conserving=True), cost)
     assert isinstance(batch, Batch) and (batch.phase, batch.keys, batch.reason) == ("head", (0, 1), "idle")
@@ -369,7 +370,7 @@ def test_work_conserving_runs_the_oldest_batch_instead_of_waiting() -> None:
 def test_simulation_with_costs_runs_every_image_once_and_never_starves(fixed: float, per_token: float,
                                                                        work_conserving: bool) -> None:
     arrivals = random_arrivals(400, seed=2)
-    limits = Limits(max_batch_size=16, max_delay_s=0.005, max_batch_tokens=16 * cost(A), max_waste=10.0,
+    limits = BatchLimits(max_batch_size=16, max_delay_s=0.005, max_batch_tokens=16 * cost(A), max_waste=10.0,
                     work_conserving=work_conserving)
     batches, waits = simulate("budget", arrivals, limits, batch_s=0.002, price=linear_price(fixed, per_token))
     for phase in ("head", "tail"):

@@ -18,13 +18,13 @@ import torch
 from service.engine import HeadItem
 from service.settings import Settings
 from service.worker import (
-    DeadlineExceeded,
+    DeadlinePassed,
     ImageResult,
-    ModelUnavailable,
-    Overloaded,
-    ShuttingDown,
+    ModelFailed,
+    QueueFull,
     Worker,
     WorkerHooks,
+    WorkerStopping,
     auto_torch_threads,
 )
 
@@ -213,10 +213,10 @@ def test_deadline_passed_while_queued_answers_deadline_and_never_runs() -> None:
         late = asyncio.create_task(worker.submit(images(2, 3), None, later(0.05)))
         await asyncio.sleep(0.15)
         engine.gate.set()
-        with pytest.raises(DeadlineExceeded):
+        with pytest.raises(DeadlinePassed):
             await late
         assert [int(r.probs[0]) for r in await blocker] == [1]
-        with pytest.raises(DeadlineExceeded):  # already past: refused before queueing
+        with pytest.raises(DeadlinePassed):  # already past: refused before queueing
             await worker.submit(images(4), None, time.monotonic() - 1)
         await worker.stop()
 
@@ -237,7 +237,7 @@ def test_overload_rejects_at_once_with_retry_after() -> None:
         queued = asyncio.create_task(worker.submit(images(2, 3, 4, 5), None, later()))
         await asyncio.sleep(0.01)
         t0 = time.monotonic()
-        with pytest.raises(Overloaded) as err:
+        with pytest.raises(QueueFull) as err:
             await worker.submit(images(6), None, later())
         assert time.monotonic() - t0 < 0.5 and err.value.retry_after_s > 0
         engine.gate.set()
@@ -264,7 +264,7 @@ def test_overload_counts_tokens_at_the_keep_rates_schedule() -> None:
         await wait_until(engine.entered.is_set)  # the model is busy: what comes next stays queued
         task = asyncio.create_task(worker.submit(images(1, 2), 1.0, later()))
         await asyncio.sleep(0.005)
-        with pytest.raises(Overloaded):
+        with pytest.raises(QueueFull):
             await worker.submit(images(3), 1.0, later())
         engine.gate.set()
         assert len(await task) == 2 and len(await running) == 1
@@ -318,7 +318,7 @@ def test_stop_drains_queued_work_and_refuses_new_work() -> None:
         await asyncio.sleep(0.01)
         stopping = asyncio.create_task(worker.stop())
         await asyncio.sleep(0)
-        with pytest.raises(ShuttingDown):
+        with pytest.raises(WorkerStopping):
             await worker.submit(images(99), None, later())
         engine.gate.set()
         t0 = time.monotonic()
@@ -345,7 +345,7 @@ def test_stop_fails_what_the_grace_period_cannot_finish() -> None:
         assert time.monotonic() - t0 < 1.0, "stop waits for the running batch only, not the queue"
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         # Image 0 was in phase A when the grace ran out; nothing else started; nobody gets an answer.
-        assert all(isinstance(o, ShuttingDown) for o in outcomes)
+        assert all(isinstance(o, WorkerStopping) for o in outcomes)
 
     asyncio.run(main())
     assert engine.headed == [0]
@@ -359,7 +359,7 @@ def test_engine_error_fails_its_batch_only_and_the_worker_goes_on() -> None:
     async def main() -> None:
         worker = Worker(engine, settings(max_delay_ms=0, max_batch_size=1))
         await worker.start()
-        with pytest.raises(ModelUnavailable, match="RuntimeError"):  # 503 + Retry-After, not a 500
+        with pytest.raises(ModelFailed, match="RuntimeError"):  # 503 + Retry-After, not a 500
             await worker.submit(images(5), None, later())
         assert [int(r.probs[0]) for r in await worker.submit(images(6), None, later())] == [6]
         await worker.stop()
@@ -370,7 +370,7 @@ def test_engine_error_fails_its_batch_only_and_the_worker_goes_on() -> None:
 def test_submit_before_start_and_empty_requests() -> None:
     async def main() -> None:
         worker = Worker(StubEngine(), settings())
-        with pytest.raises(ShuttingDown):
+        with pytest.raises(WorkerStopping):
             await worker.submit(images(1), None, later())
         await worker.start()
         assert await worker.submit([], None, later()) == []

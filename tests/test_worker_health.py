@@ -19,7 +19,7 @@ from test_worker import Recorder, StubEngine, images, later, settings, wait_unti
 
 import service.worker as worker_mod  # noqa: E402
 from service.engine import HeadItem  # noqa: E402
-from service.worker import ModelUnavailable, Worker  # noqa: E402
+from service.worker import ModelFailed, Worker  # noqa: E402
 
 
 class FailureRecorder(Recorder):
@@ -56,9 +56,9 @@ def test_a_crash_in_planning_answers_every_waiting_request_and_turns_unhealthy(
         await wait_until(lambda: worker.health() is not None, timeout=1.0)
         outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 1.0)
         assert time.monotonic() - t0 < 1.0
-        assert all(isinstance(o, ModelUnavailable) for o in outcomes), outcomes
+        assert all(isinstance(o, ModelFailed) for o in outcomes), outcomes
         assert "planning bug" in (worker.health() or "")
-        with pytest.raises(ModelUnavailable):  # new work is refused at once, never queued forever
+        with pytest.raises(ModelFailed):  # new work is refused at once, never queued forever
             await worker.submit(images(9), None, later())
         await worker.stop()
 
@@ -76,7 +76,7 @@ def test_consecutive_failed_batches_turn_unhealthy_until_one_succeeds() -> None:
                                          unhealthy_after_failures=2), hooks)
         await worker.start()
         for _ in range(2):
-            with pytest.raises(ModelUnavailable) as err:
+            with pytest.raises(ModelFailed) as err:
                 await worker.submit(images(5), None, later())
             assert err.value.retry_after_s > 0
             await wait_until(lambda: hooks.failures.count("batch_error") >= 1)
@@ -148,7 +148,7 @@ def test_out_of_memory_again_answers_503_and_counts_it() -> None:
     async def main() -> None:
         worker = Worker(engine, settings(max_batch_size=8), hooks)
         await worker.start()
-        with pytest.raises(ModelUnavailable, match="OutOfMemoryError"):
+        with pytest.raises(ModelFailed, match="OutOfMemoryError"):
             await worker.submit(images(1, 2), None, later())
         assert len(await worker.submit([], None, later())) == 0  # the thread lives on
         await worker.stop()

@@ -38,7 +38,7 @@ from ..explain import model_view
 from ..metrics import Metrics
 from ..schemas import Budget, Classification, Label, Lifespans, Timings
 from ..settings import Settings
-from ..upload import Limits, RawImage
+from ..upload import RawImage, UploadLimits
 from ..worker import ImageResult, Worker
 
 DEADLINE_HEADER = "X-Request-Deadline-Ms"
@@ -91,9 +91,9 @@ class Runtime:
     def clock(self) -> Callable[[], float]:
         return self.worker.clock if self.worker is not None else time.monotonic
 
-    def limits(self, max_images: int | None = None) -> Limits:
+    def limits(self, max_images: int | None = None) -> UploadLimits:
         s = self.settings
-        return Limits(s.max_upload_bytes, s.max_request_bytes, max_images or s.max_images_per_request)
+        return UploadLimits(s.max_upload_bytes, s.max_request_bytes, max_images or s.max_images_per_request)
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -274,14 +274,14 @@ async def run_model(request: Request, worker: Worker, pixels: list[torch.Tensor]
         raise ClientDisconnected("client disconnected before the answer was ready")
     try:
         return submit.result()
-    except worker_mod.Overloaded as exc:
+    except worker_mod.QueueFull as exc:
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         raise Overloaded(str(exc), headers={"Retry-After": retry}) from None
-    except worker_mod.DeadlineExceeded as exc:
+    except worker_mod.DeadlinePassed as exc:
         raise DeadlineExceeded(f"{exc} ({DEADLINE_HEADER} or PATCHLIFE_DEADLINE_MS)") from None
-    except worker_mod.ShuttingDown as exc:
+    except worker_mod.WorkerStopping as exc:
         raise ShuttingDown(str(exc)) from None
-    except worker_mod.ModelUnavailable as exc:
+    except worker_mod.ModelFailed as exc:
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         raise ModelUnavailable(str(exc), headers={"Retry-After": retry}) from None
 

@@ -14,7 +14,7 @@ from service_support import encode, photo, png_bomb
 from starlette.requests import Request
 
 from service.errors import TooLarge
-from service.upload import Limits, read_payload
+from service.upload import UploadLimits, read_payload
 
 GOOD = encode(photo((40, 40)), "PNG")
 B64 = base64.b64encode(GOOD).decode()
@@ -165,5 +165,5 @@ def test_upload_stops_reading_past_the_limit(ctype: bytes, first: bytes, limit: 
     receive = EndlessBody(first)
     scope = {"type": "http", "method": "POST", "path": "/classify", "headers": [(b"content-type", ctype)]}
     with pytest.raises(TooLarge):
-        asyncio.run(read_payload(Request(scope, receive), Limits(1_000_000, 5_000_000, 4)))
+        asyncio.run(read_payload(Request(scope, receive), UploadLimits(1_000_000, 5_000_000, 4)))
     assert limit // 65_536 <= receive.pulled <= limit // 65_536 + 2
