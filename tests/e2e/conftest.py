@@ -17,13 +17,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from e2e_support import CLASSES, EXAMPLES, MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, example_image
+from ops_support import REPO, free_port, stop_process, wait_http_ok
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "ops"))  # the shared "start a process, wait for a URL" helpers
-sys.path.insert(0, str(HERE))
-
-from e2e_support import CLASSES, EXAMPLES, MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, example_image  # noqa: E402
-from ops_support import REPO, free_port, stop_process, wait_http_ok  # noqa: E402
 
 
 def _skip(reason: str) -> NoReturn:
@@ -51,15 +48,9 @@ def chromium_path() -> str:
 @pytest.fixture(scope="module")
 def example_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """vit_nano_patch8_32 (4x4 patches, 6 blocks, pruning from block 2), calibrated, with examples."""
-    import torch
+    from tiny_models import tiny_checkpoint
 
-    from model import create_lifevit, save_checkpoint
-
-    torch.manual_seed(0)
-    model = create_lifevit("vit_nano_patch8_32", keep_rate=0.7, num_classes=len(CLASSES)).eval()
-    model.calibrate(torch.rand(32, 3, 32, 32))
-    path = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", class_names=CLASSES,
-                           metadata={"name": "e2e-tiny"})
+    path = tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", list(CLASSES), "e2e-tiny")
     folder = path / "examples"
     folder.mkdir()
     for i, entry in enumerate(EXAMPLES):

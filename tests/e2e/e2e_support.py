@@ -1,4 +1,4 @@
-"""Helpers of the browser tests (imported by name: tests/e2e is put on sys.path by its conftest)."""
+"""Helpers of the browser tests (imported by name: tests/e2e is on pytest's pythonpath)."""
 
 from __future__ import annotations
 

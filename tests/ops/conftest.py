@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ops_support import DASHBOARD, REPO, Query, dashboard_queries, free_port, stop_process, wait_http_ok  # noqa: E402
+from ops_support import DASHBOARD, REPO, Query, dashboard_queries, free_port, stop_process, wait_http_ok
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +34,9 @@ def queries(dashboard: dict[str, Any]) -> list[Query]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 6-block 32x32 LifeViT with 5 classes, calibrated on random images (content-adaptive budgets)."""
-    import torch
+    from tiny_models import tiny_checkpoint as make
 
-    from model import create_lifevit, save_checkpoint
-
-    torch.manual_seed(0)
-    model = create_lifevit("vit_nano_patch8_32", keep_rate=0.7, num_classes=5).eval()
-    model.calibrate(torch.rand(32, 3, 32, 32))
-    names = ["cat", "dog", "ship", "tree", "cup"]
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", class_names=names,
-                           metadata={"name": "ops-tiny"})
+    return make(tmp_path_factory.mktemp("ckpt") / "tiny", ["cat", "dog", "ship", "tree", "cup"], "ops-tiny")
 
 
 @pytest.fixture(scope="session")

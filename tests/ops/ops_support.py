@@ -1,6 +1,6 @@
 """Helpers of the ops checks: the dashboard's PromQL, exported metric names, external processes.
 
-Imported by name (``tests/ops`` is put on ``sys.path`` by its conftest), because pytest's importlib
+Imported by name (``tests/ops`` is on pytest's ``pythonpath``, see pyproject.toml), because pytest's importlib
 mode does not let test modules import each other or the conftest.
 """
 

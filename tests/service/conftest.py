@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
+from service_support import CLASSES, wait_ready
+from tiny_models import tiny_checkpoint
 
-from model import create_lifevit, save_checkpoint
 from service.app import create_app
 from service.settings import Settings
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from service_support import CLASSES, wait_ready  # noqa: E402
 
 # Small limits so that the limit tests need small bodies; the batching delay short so tests are fast.
 BASE = dict(device="cpu", warmup_batches=1, max_delay_ms=1.0, max_upload_bytes=200_000,
@@ -26,11 +22,7 @@ BASE = dict(device="cpu", warmup_batches=1, max_delay_ms=1.0, max_upload_bytes=2
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """vit_nano_patch8_32 (4x4 patches, 6 blocks), 5 classes, calibrated: budgets vary per image."""
-    torch.manual_seed(0)
-    model = create_lifevit("vit_nano_patch8_32", num_classes=5).eval()
-    model.calibrate(torch.randn(64, 3, 32, 32))
-    return save_checkpoint(model, tmp_path_factory.mktemp("checkpoint"), class_names=CLASSES,
-                           metadata={"name": "nano-test"})
+    return tiny_checkpoint(tmp_path_factory.mktemp("checkpoint"), CLASSES, "nano-test")
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_checkpoint
 
-from model.checkpoint import create_lifevit, save_checkpoint
 from service.engine import Engine
 from service.settings import Settings
 from service.worker import ImageResult, Worker, WorkerHooks
@@ -28,11 +27,8 @@ RATES = (None, 0.5, 0.9, None, 0.7)
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    torch.manual_seed(0)
-    model = create_lifevit("vit_micro_patch8_64", num_classes=7).eval()
-    model.calibrate(torch.randn(64, 3, 64, 64))  # dataset-level normalisation: budgets vary by image
-    path: Path = tmp_path_factory.mktemp("ckpt")
-    save_checkpoint(model, path, class_names=[f"c{i}" for i in range(7)])
+    path = tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), [f"c{i}" for i in range(7)], "micro-test",
+                           backbone="vit_micro_patch8_64")  # calibrated: budgets vary by image
     return Engine(path, device="cpu")
 
 

@@ -4,22 +4,18 @@ device out-of-memory errors, with the stub engine of test_worker (no HTTP)."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from test_worker import Recorder, StubEngine, images, later, settings, wait_until
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_worker import Recorder, StubEngine, images, later, settings, wait_until  # noqa: E402
-
-import service.worker as worker_mod  # noqa: E402
-from service.engine import HeadItem  # noqa: E402
-from service.worker import ModelFailed, Worker  # noqa: E402
+import service.worker as worker_mod
+from service.engine import HeadItem
+from service.worker import ModelFailed, Worker
 
 
 class FailureRecorder(Recorder):
