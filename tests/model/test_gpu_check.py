@@ -4,6 +4,7 @@ clear, quick refusal on a machine without CUDA."""
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import re
 import shutil
@@ -168,8 +169,11 @@ def test_the_command_without_cuda_exits_nonzero_with_the_reason() -> None:
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_target_without_install_uses_the_given_python() -> None:
-    p = subprocess.run(["make", "-n", "gpu-check", "NO_INSTALL=1", "PYTHON=python3"], cwd=REPO,
+    # Run as a top-level make even under `make test` (no inherited flags, no "Entering directory").
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    make = ["make", "--no-print-directory", "-n"]
+    p = subprocess.run([*make, "gpu-check", "NO_INSTALL=1", "PYTHON=python3"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "PYTHONPATH=. python3 -m model.cli gpu-check"
-    p = subprocess.run(["make", "-n", "-B", "gpu-check"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    p = subprocess.run([*make, "-B", "gpu-check"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "pip install" in p.stdout and p.stdout.strip().endswith("patchlife gpu-check")
