@@ -4,8 +4,8 @@ clear, quick refusal on a machine without CUDA."""
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import re
 import shutil
 import subprocess
