@@ -30,7 +30,7 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = create_lifevit("vit_nano_patch8_32", num_classes=5).eval()
     model.calibrate(torch.randn(64, 3, 32, 32))
     return save_checkpoint(model, tmp_path_factory.mktemp("checkpoint"), class_names=CLASSES,
-                           metadata={"name": "nano-test"})
+                           metadata={"name": "nano-test", "description": "a nano test model"})
 
 
 @pytest.fixture(scope="session")
