@@ -165,9 +165,18 @@ def test_default_recipe_parses_and_matches_the_shipped_model(capsys):
     args = _args(*RECIPE)  # no typo in the recipe
     assert args.backbone == "vit_micro_patch8_64" and args.data is None
     metrics = DEFAULT_CHECKPOINT / "metrics.json"
-    if metrics.is_file():  # the shipped checkpoint was made by exactly this command
-        command = json.loads(metrics.read_text())["command"]
-        assert command.split(" --out ")[0] == "patchlife train " + " ".join(RECIPE)
+    if metrics.is_file():  # the shipped checkpoint was made by exactly this command ...
+        body = json.loads(metrics.read_text())
+        command = body["command"].split(" --out ")[0]
+        if "dense_from" in body:  # ... in two steps: stage 0 by an earlier run, recorded with the model
+            stage0 = RECIPE.index("--stage0-steps") + 1
+            assert command == "patchlife train " + " ".join([*RECIPE[:stage0], "0", *RECIPE[stage0 + 1:]])
+            dense = _args(*body["dense_from"]["command"].split()[2:])
+            for key in ("backbone", "seed", "train_size", "batch_size", "stage0_steps", "stage0_lr", "init",
+                        "warmup", "weight_decay", "clip_grad", "label_smoothing"):
+                assert getattr(dense, key) == getattr(args, key), key
+        else:
+            assert command == "patchlife train " + " ".join(RECIPE)
 
 
 def test_ensure_default_leaves_an_existing_model_alone(tmp_path, capsys):
@@ -176,6 +185,6 @@ def test_ensure_default_leaves_an_existing_model_alone(tmp_path, capsys):
     assert main([*TINY, "--stage0-steps", "1", "--stage1-steps", "1", "--stage2-steps", "1",
                  "--out", str(tmp_path)]) == 0
     before = (tmp_path / "model.safetensors").stat().st_mtime_ns
-    assert default_model.run(argparse.Namespace(out=tmp_path, force=False)) == 0
+    assert default_model.run(argparse.Namespace(out=tmp_path, force=False, variant="default")) == 0
     assert "exists" in capsys.readouterr().out
     assert (tmp_path / "model.safetensors").stat().st_mtime_ns == before
