@@ -72,7 +72,7 @@ def test_write_examples_renders_held_out_items_that_fit_their_notes(tmp_path):
     assert all(a["top1"] in synthetic_class_names() for a in answers)
 
 
-@pytest.mark.parametrize("variant", ["default", "heavy"])
+@pytest.mark.parametrize("variant", ["paper", "heavy"])  # default: tests/model/test_train.py
 def test_existing_model_is_not_retrained(variant, tmp_path, capsys):
     import argparse
 
