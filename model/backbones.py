@@ -13,6 +13,9 @@ from timm.models.vision_transformer import VisionTransformer
 SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_micro_patch8_64": dict(base="vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=128,
                                 depth=12, num_heads=4, mlp_ratio=3.0),
+    # the heavier sibling of the default model (same input and depth, 2x wider, 4x the compute)
+    "vit_wide_patch8_64": dict(base="vit_tiny_patch16_224", img_size=64, patch_size=8, embed_dim=256,
+                               depth=12, num_heads=8, mlp_ratio=4.0),
     "vit_nano_patch8_32": dict(base="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32,
                                depth=6, num_heads=2, mlp_ratio=2.0),
 }

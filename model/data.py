@@ -1,19 +1,21 @@
-"""Training and evaluation data: the built-in synthetic shapes task, and ImageFolder trees.
+"""Training and evaluation data: the built-in synthetic counting task, and ImageFolder trees.
 
 Both give the trainer the same thing, a :class:`DataSplit`: class names, a length, and batches of
 normalised images ``[B, 3, H, W]`` float32 with labels ``[B]`` int64, in an order fixed by a seed.
 
-The synthetic task is built so that *which* patches a model keeps matters. Each image holds one
-small target, a filled shape in a class colour (the class is "<colour> <shape>", e.g. "red circle"),
-on a textured background with distractors: achromatic copies of the shapes, *hollow* copies in the
-class colours (look-alikes of other classes: a model that loses the target's patches falls back on
-them and answers wrong), and rings, bars and dots in accent colours. The target touches 4 of the 64
-patches (6%) at any of the 49 corners of the patch grid; the distractors are anywhere. Aligning
-the target with the grid is what lets a ViT trained from scratch learn the task in minutes on a CPU
-(unaligned outlines plateaued at ~40% after 40k images). Clutter varies per image, from a plain
-background to eight distractors on strong texture, so content-adaptive budgets really vary.
-Images are rendered on the fly from per-item parameters, vectorised over the batch: item ``i`` of a
-seed is the same image whatever the batch, the split size or the machine's thread count.
+The synthetic task (version 2) is built so that *how many* patches a model needs grows with the
+image's content. Each 64x64 scene holds 0 to 5 **filled red circles** (the targets) and 0 to 6
+distractors, on a textured background; the class is the number of targets ("0 red circles" ..
+"5 red circles"). Distractors are look-alikes: red squares, triangles and crosses (right colour,
+wrong shape), circles in other colours (right shape, wrong colour), hollow red rings and achromatic
+circles. Every object sits in its own cell of a 4x4 grid of 16-px cells: a large one (radius
+5.5-7 px) centred on the cell, on a corner of the 8-px patch grid, so it spans 2x2 patches; a small
+one (radius 2.6-3.4 px) inside one patch of the cell. So a scene with five large targets spreads its
+answer over 20 of the 64 patches, an empty one over none: a model that drops a target's patches
+miscounts, and content-adaptive budgets have something to follow. Clutter (texture and pixel noise)
+varies per image too. Images are rendered on the fly from per-item parameters, vectorised over the
+batch: item ``i`` of a seed is the same image whatever the batch, the split size or the machine's
+thread count. :func:`scene_content` gives the counts drawn, for tests and for the evaluator.
 """
 
 from __future__ import annotations
@@ -31,20 +33,26 @@ import torch.nn.functional as F
 from PIL import Image
 
 SHAPES = ("circle", "square", "triangle", "cross")
-CLASS_COLOURS = {"red": (0.86, 0.14, 0.12), "green": (0.13, 0.66, 0.22), "blue": (0.16, 0.30, 0.92)}
-# Distractor-only colours: achromatic for the decoy shapes, saturated accents for rings/bars/dots,
-# all far from the class colours so "red circle" is never ambiguous.
-DECOY_COLOURS = ((0.95, 0.95, 0.95), (0.08, 0.08, 0.08), (0.50, 0.50, 0.50))
-ACCENT_COLOURS = ((0.95, 0.85, 0.15), (0.80, 0.25, 0.85), (0.15, 0.85, 0.90), (0.98, 0.55, 0.10))
-CHUNK = 1024          # parameters are drawn per chunk of items, so a prefix never depends on the size
-MAX_DISTRACTORS = 8
+TARGET_RGB = (0.86, 0.14, 0.12)  # the targets: filled red circles
+# right shape, wrong colour (green, blue, yellow, orange) / achromatic
+OTHER_COLOURS = ((0.13, 0.66, 0.22), (0.16, 0.30, 0.92), (0.95, 0.85, 0.15), (0.98, 0.55, 0.10))
+GREY_COLOURS = ((0.95, 0.95, 0.95), (0.08, 0.08, 0.08), (0.50, 0.50, 0.50))
+MAX_COUNT = 5        # classes: 0..MAX_COUNT targets
+MAX_DISTRACTORS = 6
+CELLS = 4            # objects sit in distinct cells of a CELLS x CELLS grid (16 px at 64 px)
+CHUNK = 1024         # parameters are drawn per chunk of items, so a prefix never depends on the size
 NOISE_BANK = 64
-GRID = 8          # the backbone's patch size: targets are aligned to its grid
-BAR_LENGTH = 1.8  # half-length of a bar distractor, in units of its radius
+# distractor kinds: red other shape, circle in another colour, hollow red ring, achromatic circle
+RED_SHAPE, OTHER_COLOUR, RING, GREY = range(4)
+DISTRACTOR_P = (0.35, 0.35, 0.15, 0.15)
+TASK_DESCRIPTION = (
+    "Counts the filled red circles (0-5) in a 64x64 synthetic scene, among up to 6 look-alike "
+    "distractors (red squares/triangles/crosses, circles of other colours, hollow red rings) of two "
+    "sizes on a textured background. It recognises nothing else: a photo gets one of these 6 answers.")
 
 
 def synthetic_class_names() -> list[str]:
-    return [f"{c} {s}" for c in CLASS_COLOURS for s in SHAPES]
+    return [f"{n} red circle{'' if n == 1 else 's'}" for n in range(MAX_COUNT + 1)]
 
 
 class DataSplit(Protocol):
@@ -60,59 +68,53 @@ class DataSplit(Protocol):
         ...
 
 
-# --- synthetic shapes: parameters ---------------------------------------------------------------
-# Every image is a background plus ``MAX_DISTRACTORS + 1`` painted layers; the last is the target.
-# Layer kinds (signed-distance shapes): a class shape, a ring, a bar, a dot.
-SHAPE, RING, BAR, DOT = range(4)
-
-
+# --- synthetic scenes: parameters ---------------------------------------------------------------
+# Every image is a background plus MAX_COUNT + MAX_DISTRACTORS object slots (``l_*`` arrays, [n, slots]):
+# the first MAX_COUNT are targets, present while slot < label; the rest distractors.
 @lru_cache(maxsize=64)
 def _chunk_params(seed: int, chunk: int, size: int) -> dict[str, np.ndarray]:
     """Parameters of items ``chunk*CHUNK .. +CHUNK`` of a seed, in pixels of a ``size`` image."""
-    rng = np.random.default_rng([seed, chunk, 0x5eed])
-    n, d = CHUNK, MAX_DISTRACTORS
-    num_classes = len(CLASS_COLOURS) * len(SHAPES)
-    label = (np.arange(chunk * n, (chunk + 1) * n) % num_classes).astype(np.int64)  # balanced
-    radius = size * rng.uniform(0.085, 0.10, n)
-    # the target sits on a corner of the patch grid (+-0.5 px), so it spans one 2x2 block of patches
-    cells = size // GRID
-    center = rng.integers(1, cells, (n, 2)) * GRID + rng.uniform(-0.5, 0.5, (n, 2))
+    rng = np.random.default_rng([seed, chunk, 0x5eed2])
+    n, t, d = CHUNK, MAX_COUNT, MAX_DISTRACTORS
+    slots = t + d
+    label = (np.arange(chunk * n, (chunk + 1) * n) % (t + 1)).astype(np.int64)  # balanced
     clutter = rng.uniform(0.0, 1.0, n)
-    p: dict[str, np.ndarray] = {"label": label, "clutter": clutter, "center": center, "radius": radius}
-    p["bg_base"] = rng.uniform(0.25, 0.70, n)[:, None] + rng.uniform(-0.04, 0.04, (n, 3))
+    p: dict[str, np.ndarray] = {"label": label, "clutter": clutter}
+    p["bg_base"] = rng.uniform(0.30, 0.70, n)[:, None] + rng.uniform(-0.04, 0.04, (n, 3))
     p["bg_grad"] = rng.normal(0.0, 0.12, (n, 2, 3))  # linear ramp per channel along x and y
-    # low-frequency texture, upsampled: mostly luminance, a little colour
     p["bg_noise"] = rng.normal(0.0, 1.0, (n, 1, 8, 8)) + rng.normal(0.0, 0.3, (n, 3, 8, 8))
     p["noise_offset"] = rng.integers(0, [NOISE_BANK, size], (n, 2))  # pixel noise: bank entry, row roll
 
-    # distractors: class shapes in achromatic colours (25%); class shapes in class colours but hollow,
-    # look-alikes of other classes (45%); rings, bars and dots in accent colours (30%)
-    role = rng.choice(3, size=(n, d), p=[0.25, 0.45, 0.30])
-    kind = np.where(role < 2, SHAPE, rng.integers(RING, DOT + 1, (n, d)))
-    class_rgb = np.asarray(list(CLASS_COLOURS.values()))
-    rgb = np.select([role[..., None] == 0, role[..., None] == 1],
-                    [np.asarray(DECOY_COLOURS)[rng.integers(0, len(DECOY_COLOURS), (n, d))],
-                     class_rgb[rng.integers(0, len(class_rgb), (n, d))]],
-                    np.asarray(ACCENT_COLOURS)[rng.integers(0, len(ACCENT_COLOURS), (n, d))])
-    hollow = role == 1
-    count = np.floor(clutter * (d + 1)).clip(max=d)
-    # distractors keep clear of the target: the first of 12 candidate spots that is far enough
-    cand = rng.uniform(2, size - 2, (n, d, 12, 2))
-    far = np.linalg.norm(cand - center[:, None, None, :], axis=-1) > (radius * 2.2 + 4)[:, None, None]
-    spot = np.take_along_axis(cand, far.argmax(axis=-1)[..., None, None].repeat(2, -1), axis=2)[:, :, 0]
-    present = (np.arange(d)[None, :] < count[:, None]) & far.any(axis=-1)
+    # placement: a distinct cell per slot; large objects centred on the cell (a patch-grid corner),
+    # small ones centred in one of the cell's four patches
+    cell = size / CELLS
+    where = np.argsort(rng.random((n, CELLS * CELLS)), axis=1)[:, :slots]
+    cx, cy = where % CELLS, where // CELLS
+    large = rng.random((n, slots)) < 0.5
+    quarter = rng.integers(0, 2, (n, slots, 2))
+    offset = np.where(large[..., None], cell / 2, cell / 4 + quarter * cell / 2)
+    jitter = rng.uniform(-0.5, 0.5, (n, slots, 2)) * size / 64
+    p["l_center"] = np.stack([cx, cy], axis=-1) * cell + offset + jitter
+    p["l_radius"] = size / 64 * np.where(large, rng.uniform(5.5, 7.0, (n, slots)), rng.uniform(2.6, 3.4, (n, slots)))
+    p["l_large"] = large
 
-    target_rgb = np.asarray(list(CLASS_COLOURS.values()))[label // len(SHAPES)] + rng.uniform(-0.08, 0.08, (n, 3))
-    p["l_kind"] = np.concatenate([kind, np.full((n, 1), SHAPE)], axis=1)
-    p["l_shape"] = np.concatenate([rng.integers(0, len(SHAPES), (n, d)), (label % len(SHAPES))[:, None]], axis=1)
-    p["l_hollow"] = np.concatenate([hollow, np.zeros((n, 1), dtype=bool)], axis=1)
-    p["l_center"] = np.concatenate([spot, center[:, None]], axis=1)
-    d_radius = size * np.where(hollow, rng.uniform(0.075, 0.10, (n, d)), rng.uniform(0.05, 0.09, (n, d)))
-    p["l_radius"] = np.concatenate([d_radius, radius[:, None]], axis=1)
-    p["l_width"] = np.concatenate([rng.uniform(0.8, 1.4, (n, d)), np.ones((n, 1))], axis=1)
-    p["l_angle"] = np.concatenate([rng.uniform(0, math.pi, (n, d)), np.zeros((n, 1))], axis=1)
-    p["l_rgb"] = np.concatenate([rgb, target_rgb[:, None]], axis=1)
-    p["l_present"] = np.concatenate([present, np.ones((n, 1), bool)], axis=1)
+    n_distr = rng.integers(0, d + 1, n)
+    role = rng.choice(4, size=(n, d), p=DISTRACTOR_P)
+    shape = np.where(role == RED_SHAPE, rng.integers(1, len(SHAPES), (n, d)), 0)
+    rgb = np.select([role[..., None] == RED_SHAPE, role[..., None] == OTHER_COLOUR, role[..., None] == RING],
+                    [np.broadcast_to(TARGET_RGB, (n, d, 3)),
+                     np.asarray(OTHER_COLOURS)[rng.integers(0, len(OTHER_COLOURS), (n, d))],
+                     np.broadcast_to(TARGET_RGB, (n, d, 3))],
+                    np.asarray(GREY_COLOURS)[rng.integers(0, len(GREY_COLOURS), (n, d))])
+    rgb = rgb + rng.uniform(-0.06, 0.06, (n, d, 3))
+    target_rgb = np.asarray(TARGET_RGB) + rng.uniform(-0.06, 0.06, (n, t, 3))
+    p["l_shape"] = np.concatenate([np.zeros((n, t), np.int64), shape], axis=1)
+    p["l_hollow"] = np.concatenate([np.zeros((n, t), bool), role == RING], axis=1)
+    p["l_width"] = size / 64 * rng.uniform(1.0, 1.6, (n, slots))  # rim of a hollow ring
+    p["l_rgb"] = np.concatenate([target_rgb, rgb], axis=1)
+    p["l_present"] = np.concatenate([np.arange(t)[None, :] < label[:, None],
+                                     np.arange(d)[None, :] < n_distr[:, None]], axis=1)
+    p["l_target"] = np.broadcast_to(np.arange(slots) < t, (n, slots))
     return p
 
 
@@ -130,7 +132,17 @@ def _gather_params(seed: int, indices: np.ndarray, size: int) -> dict[str, np.nd
     return {k: np.concatenate(v)[inverse] for k, v in out.items()}
 
 
-# --- synthetic shapes: rendering --------------------------------------------------------------------
+def scene_content(seed: int, indices: Sequence[int] | np.ndarray, size: int = 64) -> dict[str, np.ndarray]:
+    """What each item shows, ``[B]`` int arrays: ``count`` (targets, = the label), ``objects``
+    (targets + distractors), ``target_patches`` (patches of the 8x8 grid the targets span)."""
+    p = _gather_params(seed, np.asarray(indices, dtype=np.int64), size)
+    present = p["l_present"]
+    targets = present & p["l_target"]
+    return {"count": targets.sum(axis=1), "objects": present.sum(axis=1),
+            "target_patches": (targets * np.where(p["l_large"], 4, 1)).sum(axis=1)}
+
+
+# --- synthetic scenes: rendering ------------------------------------------------------------------
 @lru_cache(maxsize=4)
 def _noise_bank(size: int) -> torch.Tensor:
     """Fixed pixel noise ``[NOISE_BANK, 3, 2*size, size]`` (rows doubled, so a rolled view is a slice)."""
@@ -151,18 +163,6 @@ def _shape_sdf(shape: int, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) 
         return torch.maximum(dy - ri, torch.maximum(0.866 * dx - 0.5 * dy - ri, -0.866 * dx - 0.5 * dy - ri))
     arm, half = 1.15 * r, 0.42 * r  # cross
     return torch.minimum(torch.maximum(ax - arm, ay - half), torch.maximum(ax - half, ay - arm))
-
-
-def _layer_sdf(kind: int, shape: int, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor,
-               width: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Signed distance of layers that share ``kind`` (and ``shape``): ``[M, w, w]``."""
-    if kind == SHAPE:
-        return _shape_sdf(shape, dx, dy, r)
-    if kind == BAR:
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        return torch.maximum((dx * cos + dy * sin).abs() - BAR_LENGTH * r, (dy * cos - dx * sin).abs() - width)
-    dist = torch.sqrt(dx * dx + dy * dy)
-    return (dist - r).abs() - width if kind == RING else dist - 0.45 * r
 
 
 def _coverage(sdf: torch.Tensor, hollow: np.ndarray, width: torch.Tensor) -> torch.Tensor:
@@ -186,33 +186,30 @@ def _background(p: dict[str, np.ndarray], size: int) -> torch.Tensor:
     texture = F.interpolate(_t(p["bg_noise"]), size=(size, size), mode="bilinear", align_corners=False)
     bank = _noise_bank(size)
     noise = torch.stack([bank[e, :, r:r + size] for e, r in p["noise_offset"].tolist()]) if len(img) else img
-    return img + texture * (0.03 + 0.10 * clutter) + noise * (0.015 + 0.035 * clutter)
+    return img + texture * (0.03 + 0.10 * clutter) + noise * (0.015 + 0.045 * clutter)
 
 
 def _paint_layers(p: dict[str, np.ndarray], img: torch.Tensor) -> torch.Tensor:
-    """Paint the present layers over ``img [n, 3, S, S]`` in slot order (the target, last, on top).
+    """Paint the present objects over ``img [n, 3, S, S]``.
 
-    Each layer is rendered only in a ``2m x 2m`` window around its centre, and each group of layers
-    of one kind/shape with only its own distance function: most of the cost of a naive full-image
-    render is skipped.
+    Objects never overlap (one per cell), so the order does not matter. Each is rendered only in a
+    ``2m x 2m`` window around its centre, each group of one shape with only its own distance function.
     """
     n, size = img.shape[0], img.shape[-1]
-    m = math.ceil(BAR_LENGTH * 0.095 * size + 2)  # half window: the longest bar plus anti-aliasing
+    m = math.ceil(7.0 / 64 * size * 1.15 + 2)  # half window: the largest cross plus anti-aliasing
     side = size + 2 * m
-    item, slot = np.nonzero(p["l_present"])  # [M] present layers
-    kind, shape = p["l_kind"][item, slot], p["l_shape"][item, slot]
+    item, slot = np.nonzero(p["l_present"])  # [M] present objects
+    shape = p["l_shape"][item, slot]
     c = _t(p["l_center"][item, slot])  # [M, 2] as (x, y)
     corner = c.floor()
     k = torch.arange(2 * m, dtype=torch.float32) + 0.5 - m
     dx = (corner[:, 0] - c[:, 0])[:, None, None] + k[None, None, :]  # [M, 1, 2m]
     dy = (corner[:, 1] - c[:, 1])[:, None, None] + k[None, :, None]  # [M, 2m, 1]
-    r, width, angle = (_t(p[key][item, slot])[:, None, None] for key in ("l_radius", "l_width", "l_angle"))
+    r, width = (_t(p[key][item, slot])[:, None, None] for key in ("l_radius", "l_width"))
     sdf = torch.empty(len(item), 2 * m, 2 * m)
-    group = kind * len(SHAPES) + np.where(kind == SHAPE, shape, 0)
-    for g in np.unique(group):
-        sel = torch.from_numpy(np.nonzero(group == g)[0])
-        sdf[sel] = _layer_sdf(int(g) // len(SHAPES), int(g) % len(SHAPES), dx[sel], dy[sel], r[sel],
-                              width[sel], angle[sel])
+    for s in np.unique(shape):
+        sel = torch.from_numpy(np.nonzero(shape == s)[0])
+        sdf[sel] = _shape_sdf(int(s), dx[sel], dy[sel], r[sel])
     alpha = _coverage(sdf, p["l_hollow"][item, slot], width).flatten(1)  # [M, 4m^2]
     rgb = _t(p["l_rgb"][item, slot])  # [M, 3]
     # flat index of every window pixel, per channel, in the canvas padded by m (window at `corner`)
@@ -222,7 +219,7 @@ def _paint_layers(p: dict[str, np.ndarray], img: torch.Tensor) -> torch.Tensor:
     chan = (torch.from_numpy(item)[:, None] * 3 + torch.arange(3)) * side * side  # [M, 3]
     flat = chan[:, :, None] + within[:, None, :]  # [M, 3, 4m^2]
     canvas = F.pad(img, (m, m, m, m)).reshape(-1)
-    for j in np.unique(slot):  # painter's order; within one slot every layer is in another image
+    for j in np.unique(slot):  # within one slot every object is in another image: no index repeats
         sel = torch.from_numpy(np.nonzero(slot == j)[0])
         idx, a = flat[sel], alpha[sel, None, :]
         canvas[idx] = canvas[idx] * (1 - a) + rgb[sel, :, None] * a
@@ -239,7 +236,7 @@ def render_synthetic(seed: int, indices: Sequence[int] | np.ndarray,
 
 @dataclass
 class SyntheticShapes:
-    """The built-in task: ``size`` items of a seed. Rendered on the fly, deterministic by seed.
+    """The built-in counting task: ``size`` items of a seed. Rendered on the fly, deterministic by seed.
 
     Args:
         size: number of items.
@@ -263,6 +260,11 @@ class SyntheticShapes:
     def render(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``(uint8 [B, 3, H, W], labels [B])`` for item indices."""
         return render_synthetic(self.seed, indices, self.image_size)
+
+    def content(self, indices: Sequence[int] | np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """:func:`scene_content` of items (default: all of them, in order)."""
+        idx = np.arange(self.size) if indices is None else indices
+        return scene_content(self.seed, idx, self.image_size)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
@@ -359,14 +361,3 @@ def folder_splits(root: str | Path, data_config: dict[str, Any], workers: int = 
                               f"{only_train or '-'}; only in val/: {only_val or '-'}. Give both splits "
                               "the same class folders")
     return train, val
-
-
-def patch_coverage(seed: int, indices: Sequence[int], size: int = 64, patch: int = 8) -> torch.Tensor:
-    """Fraction of patches each item's target touches (a pixel at least a quarter covered): ``[B]``."""
-    p = _gather_params(seed, np.asarray(indices, dtype=np.int64), size)
-    only_target = {**p, "l_present": np.zeros_like(p["l_present"])}
-    only_target["l_present"][:, -1] = True
-    img = _paint_layers({**only_target, "l_rgb": np.ones_like(p["l_rgb"])},
-                        torch.zeros(len(indices), 3, size, size))[:, 0]
-    covered = F.max_pool2d(img[:, None], patch)[:, 0] > 0.25
-    return covered.flatten(1).float().mean(dim=1)

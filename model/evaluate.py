@@ -4,7 +4,9 @@ At each keep rate, three ways of choosing the surviving patches run at the *same
 (equal FLOPs): life regression (the model's own order, per-image normalisation), random drop, and
 EViT-style attention top-k (``model/baselines.py``). With a calibrated checkpoint, the
 content-adaptive mode is evaluated too, with the distribution of per-image budgets: there each image
-runs at its own budget rounded up to the bucket grid, as the service runs it.
+runs at its own budget rounded up to the bucket grid, as the service runs it. Where the data says what
+each image shows (the synthetic task's object counts), the calibrated rows also give the Spearman rank
+correlation between an image's budget and its content. Every top-1 comes with a 95% Wilson interval.
 
 Without arguments it evaluates the embedded default model on the held-out split it was trained for.
 """
@@ -22,17 +24,19 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .baselines import random_forward, topk_forward
 from .bench import topk_gflops
 from .checkpoint import CONFIG_FILE, DEFAULT_CHECKPOINT, LifeViTConfig, load_checkpoint
-from .data import DataConfigError, DataSplit, folder_splits, synthetic_splits
+from .data import DataConfigError, DataSplit, SyntheticShapes, folder_splits, synthetic_splits
 from .flops import dense_gflops, slimmed_gflops
 from .lifevit import LifeViT
 from .schedule import round_up_budget
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
+KEEP_RATES = (0.3, 0.5, 0.7, 0.9)
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -48,12 +52,46 @@ class Row:
     mode: str              # dense | fixed (the schedule's counts for every image) | calibrated
     counts: list[int]      # per-stage patch counts (calibrated: the mean of the images' own budgets)
     budget: dict[str, Any] | None = None  # calibrated rows: distribution of per-image budgets
+    n: int = 0             # images evaluated
+    ci95: tuple[float, float] = (0.0, 1.0)  # Wilson 95% interval of top-1
+
+    def __post_init__(self) -> None:
+        if self.n:
+            self.ci95 = wilson_interval(round(self.top1 * self.n), self.n)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["budget"] is None:
             del d["budget"]
         return d
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike the normal one)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks ``0..n-1``, ties sharing their mean rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def spearman(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> float:
+    """Spearman rank correlation (Pearson's r of tie-averaged ranks); 0 when either side is constant."""
+    ra, rb = _ranks(np.asarray(a, dtype=float)), _ranks(np.asarray(b, dtype=float))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom > 0 else 0.0
 
 
 def materialise(split: DataSplit, batch_size: int, limit: int | None = None,
@@ -114,8 +152,13 @@ def _quantiles(values: torch.Tensor) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, bucket_step: int) -> Row:
-    """Life regression with content-adaptive budgets, each image at its budget rounded to the grid."""
+def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, bucket_step: int,
+                   content: dict[str, np.ndarray] | None = None) -> Row:
+    """Life regression with content-adaptive budgets, each image at its budget rounded to the grid.
+
+    ``content`` (per image, in batch order, e.g. ``{"count": [N]}``) adds the Spearman correlation
+    between each image's budget (fraction of dense GFLOPs) and each content measure.
+    """
     bb = model.backbone
     with at_keep_rate(model, keep_rate, "calibrated") as m:
         budgets: list[torch.Tensor] = []
@@ -132,22 +175,31 @@ def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, bucket_st
         flops = torch.tensor([slimmed_gflops(bb, m.schedule, c) for c in run])
         own_flops = torch.tensor([slimmed_gflops(bb, m.schedule, b) for b in own.tolist()])
         dense = dense_gflops(bb)
-        budget = {"fraction_of_dense": _quantiles(own_flops / dense),
+        fraction = own_flops / dense
+        q = _quantiles(fraction)
+        budget: dict[str, Any] = {
+                  "fraction_of_dense": q, "p90_over_p10": round(q["p90"] / max(q["p10"], 1e-9), 3),
                   "patches_last_stage": _quantiles(own[:, -1]),
                   "patches_per_stage_mean": [round(float(v), 2) for v in own.float().mean(dim=0)],
                   "buckets": len(set(run)), "bucket_step": bucket_step}
+        if content:
+            budget["spearman_vs_content"] = {k: round(spearman(fraction.numpy(), v[: len(fraction)]), 4)
+                                             for k, v in content.items()}
         counts = [round(float(v), 1) for v in own.float().mean(dim=0)]
-        return Row("life", keep_rate, acc, float(flops.mean()), ips, "calibrated", counts, budget)  # type: ignore[arg-type]
+        return Row("life", keep_rate, acc, float(flops.mean()), ips, "calibrated", counts,  # type: ignore[arg-type]
+                   budget, n=len(fraction))
 
 
-def evaluate_model(model: LifeViT, batches: Batches, keep_rates: Sequence[float] = (0.5, 0.7, 0.9),
-                   bucket_step: int = 8, seed: int = 0) -> list[Row]:
-    """The whole table for one model on in-memory batches."""
+def evaluate_model(model: LifeViT, batches: Batches, keep_rates: Sequence[float] = KEEP_RATES,
+                   bucket_step: int = 8, seed: int = 0,
+                   content: dict[str, np.ndarray] | None = None) -> list[Row]:
+    """The whole table for one model on in-memory batches (``content``: see :func:`calibrated_row`)."""
     model.eval()
+    n = sum(len(b[1]) for b in batches)
     bb = model.backbone
     full = [model.num_patches] * len(model.schedule.stage_starts)
     acc, ips = top1(model.forward_dense, batches)
-    rows = [Row("dense", 1.0, acc, dense_gflops(bb), ips, "dense", full)]
+    rows = [Row("dense", 1.0, acc, dense_gflops(bb), ips, "dense", full, n=n)]
     calibrated = model.life.is_calibrated
     for rate in keep_rates:
         with at_keep_rate(model, rate, "per_image") as m:
@@ -161,9 +213,9 @@ def evaluate_model(model: LifeViT, batches: Batches, keep_rates: Sequence[float]
             }
             for name, (fn, flops) in methods.items():
                 acc, ips = top1(fn, batches)
-                rows.append(Row(name, rate, acc, flops, ips, "fixed", counts))
+                rows.append(Row(name, rate, acc, flops, ips, "fixed", counts, n=n))
         if calibrated:
-            rows.append(calibrated_row(model, batches, rate, bucket_step))
+            rows.append(calibrated_row(model, batches, rate, bucket_step, content))
     return rows
 
 
@@ -175,11 +227,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-size", type=int, default=None, help="synthetic: held-out images")
     p.add_argument("--seed", type=int, default=None, help="synthetic: data seed (default: the training one)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
-    p.add_argument("--keep-rates", default="0.5,0.7,0.9", help="comma-separated keep rates")
+    p.add_argument("--keep-rates", default=",".join(map(str, KEEP_RATES)), help="comma-separated keep rates")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--bucket-step", type=int, default=8, help="calibrated mode: budget bucket grid")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--json", action="store_true", help='print only {"rows": [...]} on stdout')
+    p.add_argument("--json", action="store_true", help="print only the JSON object on stdout")
 
 
 def held_out_split(args: argparse.Namespace, cfg: LifeViTConfig) -> tuple[DataSplit, str]:
@@ -203,24 +255,28 @@ def held_out_split(args: argparse.Namespace, cfg: LifeViTConfig) -> tuple[DataSp
 
 
 def markdown(rows: list[Row], title: str) -> str:
-    lines = [title, "", "| method | keep rate | mode | patches per stage | top-1 | GFLOPs | images/s |",
+    lines = [title, "", "| method | keep rate | mode | patches per stage | top-1 (95% CI) | GFLOPs | images/s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         counts = "/".join(f"{c:g}" for c in r.counts)
-        lines.append(f"| {r.method} | {r.keep_rate:g} | {r.mode} | {counts} | {100 * r.top1:.2f}% | "
-                     f"{r.gflops:.4f} | {r.images_per_s:.0f} |")
+        lines.append(f"| {r.method} | {r.keep_rate:g} | {r.mode} | {counts} | {100 * r.top1:.2f}% "
+                     f"({100 * r.ci95[0]:.1f}-{100 * r.ci95[1]:.1f}) | {r.gflops:.4f} | {r.images_per_s:.0f} |")
     cal = [r for r in rows if r.budget]
     if cal:
+        keys = sorted({k for r in cal for k in (r.budget or {}).get("spearman_vs_content", {})})
         lines += ["", "Calibrated (content-adaptive) per-image budgets:", "",
-                  "| keep rate | top-1 | budget / dense GFLOPs: min / p10 / p50 / p90 / max (mean) "
-                  "| last-stage patches: min / p10 / p50 / p90 / max | buckets run |", "|---|---|---|---|---|"]
+                  "| keep rate | top-1 | budget / dense GFLOPs: min / p10 / p50 / p90 / max (mean) | p90/p10 "
+                  "| last-stage patches: min / p10 / p50 / p90 / max | buckets run |"
+                  + "".join(f" Spearman vs {k} |" for k in keys), "|---|---|---|---|---|---|" + "---|" * len(keys)]
         for r in cal:
             b = r.budget or {}
             f, p = b["fraction_of_dense"], b["patches_last_stage"]
+            rho = b.get("spearman_vs_content", {})
             lines.append(f"| {r.keep_rate:g} | {100 * r.top1:.2f}% | {f['min']:.2f} / {f['p10']:.2f} / "
                          f"{f['p50']:.2f} / {f['p90']:.2f} / {f['max']:.2f} ({f['mean']:.3f}) | "
+                         f"{b['p90_over_p10']:.2f} | "
                          f"{p['min']:g} / {p['p10']:g} / {p['p50']:g} / {p['p90']:g} / {p['max']:g} | "
-                         f"{b['buckets']} |")
+                         f"{b['buckets']} |" + "".join(f" {rho[k]:.3f} |" if k in rho else " - |" for k in keys))
     return "\n".join(lines)
 
 
@@ -253,14 +309,16 @@ def run(args: argparse.Namespace) -> int:
             raise DataConfigError(f"the data's classes ({len(split.class_names)}) are not the checkpoint's "
                                   f"({len(cfg.class_names)}): evaluate on data with the training classes")
         batches = materialise(split, args.batch_size, args.limit, device)
+        content = split.content() if isinstance(split, SyntheticShapes) else None
     except (DataConfigError, FileNotFoundError, ValueError) as exc:
         print(f"patchlife eval: error: {exc}", file=sys.stderr)
         return 2
-    rows = evaluate_model(model, batches, rates, args.bucket_step)
-    if args.json:
-        print(json.dumps({"rows": [r.to_dict() for r in rows]}))
-        return 0
+    rows = evaluate_model(model, batches, rates, args.bucket_step, content=content)
     n = sum(len(b[1]) for b in batches)
+    if args.json:
+        print(json.dumps({"model": cfg.metadata.get("name", Path(path).name), "data": where, "images": n,
+                          "interval": "wilson 95%", "rows": [r.to_dict() for r in rows]}))
+        return 0
     title = (f"**{cfg.metadata.get('name', Path(path).name)}** ({cfg.backbone}, {len(cfg.class_names)} classes, "
              f"{model.normalization}) on {where}, {n} images evaluated; device {device}, "
              f"{torch.get_num_threads()} threads, batch {args.batch_size}")

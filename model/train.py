@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
-from .data import DataSplit
+from .data import TASK_DESCRIPTION, DataSplit
 from .lifevit import LifeViT
 from .schedule import host_to_device
 from .train_setup import (
@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--backbone", default="vit_micro_patch8_64", help="timm ViT/DeiT name or a small config")
     m.add_argument("--pretrained", default=None, metavar="hub|FILE",
                    help="start from pretrained weights: 'hub' or a local weights file (skips stage 0)")
+    m.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                   help="start from the weights of a patchlife checkpoint with the same backbone and classes "
+                        "(e.g. one written by --save-dense; then usually --stage0-steps 0)")
     m.add_argument("--init", choices=("mimetic", "timm"), default="mimetic",
                    help="initialisation without --pretrained: mimetic attention (learns much faster) or timm's")
     m.add_argument("--keep-rate", type=float, default=0.7, help="the model's default keep schedule")
@@ -96,6 +99,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--save-every", type=int, default=200, help="steps between resumable saves")
     r.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this many steps")
     r.add_argument("--name", default=None, help="model name recorded in the checkpoint")
+    r.add_argument("--description", default=None,
+                   help="what the model recognises, recorded in the checkpoint (default: said from the data)")
+    r.add_argument("--save-dense", type=Path, default=None, metavar="DIR",
+                   help="after stage 0, also save the dense model as a checkpoint in DIR (for --init-from)")
 
 
 def _ints(text: str) -> list[int]:
@@ -375,6 +382,8 @@ def train(args: argparse.Namespace) -> int:
     ctx = TrainContext(args)
     model = build_model(args)
     train_split, val_split = build_data(args, model)
+    if args.init_from is not None and not args.resume:
+        init_from_checkpoint(model, args.init_from)
     model.to(ctx.device)
     stages = plan_stages(args, len(train_split))
     state = ctx.load_resume(model) if args.resume else RunState()
@@ -385,6 +394,9 @@ def train(args: argparse.Namespace) -> int:
         if state.step < stage.steps and not run_stage(model, stage, train_split, state, args, ctx):
             return _stopped(args, state)
         state.history.append(quick_eval(model, val_split, stage.name, ctx.device, args.batch_size))
+        if stage.name == "dense" and args.save_dense is not None:
+            meta = {**_metadata(args, train_split, val_split), "name": f"{args.name or Path(args.out).name}-dense"}
+            save_checkpoint(model, args.save_dense, class_names=train_split.class_names, metadata=meta)
         state.stage, state.step = stage.index + 1, 0
         if stage.index + 1 < len(stages):
             ctx.save_resume(model, None, state)  # a stage boundary: --resume starts the next stage
@@ -413,17 +425,44 @@ def _finish(model: LifeViT, args: argparse.Namespace, ctx: TrainContext, state: 
         state.history.append(quick_eval(model, val_split, "calibrated", ctx.device, args.batch_size))
     state.seconds += time.perf_counter() - t0
     out = Path(args.out)
-    name = args.name or out.name
-    argv = getattr(args, "argv", None)
-    argv = list(argv) if argv is not None else (sys.argv[2:] if sys.argv[1:2] == ["train"] else [])
-    meta = {"name": name, "data": data_spec(args, train_split, val_split),
-            "command": shlex.join(["patchlife", "train", *argv])}
+    meta = _metadata(args, train_split, val_split)
     save_checkpoint(model.cpu(), out, class_names=train_split.class_names, metadata=meta)
     ctx.tick(state)
     write_metrics(out, args, state, meta)
     ctx.path.unlink(missing_ok=True)
     print(f"saved {out} (train wall time {state.seconds:.0f} s)", file=sys.stderr)
     return 0
+
+
+def _metadata(args: argparse.Namespace, train_split: DataSplit, val_split: DataSplit) -> dict[str, Any]:
+    """Name, description, data and the exact command, recorded in the checkpoint's config."""
+    argv = getattr(args, "argv", None)
+    argv = list(argv) if argv is not None else (sys.argv[2:] if sys.argv[1:2] == ["train"] else [])
+    data = data_spec(args, train_split, val_split)
+    description = args.description or (
+        TASK_DESCRIPTION if data["kind"] == "synthetic" else
+        f"Classifies an image into one of the {len(train_split.class_names)} classes of the ImageFolder "
+        f"tree at {data['root']}.")
+    return {"name": args.name or Path(args.out).name, "description": description, "data": data,
+            "command": shlex.join(["patchlife", "train", *argv])}
+
+
+def init_from_checkpoint(model: LifeViT, directory: Path) -> None:
+    """Load every weight of a patchlife checkpoint (same architecture and classes) into ``model``."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import WEIGHTS_FILE
+
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ConfigError(f"--init-from: no {WEIGHTS_FILE} in {directory}")
+    state = load_file(str(path), device="cpu")
+    if "life.score_quantiles" in state:  # its size depends on whether it was calibrated
+        model.life.score_quantiles = state["life.score_quantiles"].clone()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"--init-from {directory}: not the same backbone/classes as this run ({exc})") from exc
 
 
 def main(argv: list[str]) -> int:

@@ -193,8 +193,10 @@ def quick_eval(model: LifeViT, val: DataSplit, after: str, device: torch.device,
 
 def write_metrics(out: Path, args: argparse.Namespace, state: Any, meta: dict[str, Any]) -> Path:
     body = {
-        "name": meta["name"], "command": meta["command"], "data": meta["data"],
-        "wall_seconds": round(state.wall_seconds, 1), "train_seconds": round(state.seconds, 1),
+        "name": meta["name"], "description": meta.get("description", ""), "command": meta["command"],
+        "data": meta["data"], "wall_seconds": round(state.wall_seconds, 1), "train_seconds": round(state.seconds, 1),
+        # CPU time of this process (all its threads): on a shared machine, wall time alone overstates the cost
+        "process_cpu_seconds": round(time.process_time(), 1),
         "history": state.history,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     if k not in ("resume", "stop_after", "argv")},

@@ -147,7 +147,8 @@ class Engine:
 
     def info(self) -> dict[str, Any]:
         s = self.default_schedule
-        return {"name": self.name, "backbone": self.config.backbone, "device": str(self.device),
+        return {"name": self.name, "description": str(self.config.metadata.get("description", "")),
+                "backbone": self.config.backbone, "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "normalization": self.model.normalization,
                 "num_classes": len(self.class_names), "classes": self.class_names,
                 "grid": list(self.grid), "input_size": list(self.config.preprocess.get("input_size", [])),

@@ -5,7 +5,7 @@ the mode, every other ``PATCHLIFE_*`` variable of the caller passed on), waits f
 warms it up, then drives it closed-loop: ``--clients`` clients, each POSTing
 ``--images-per-request`` images to ``/classify`` and sending the next request as soon as the answer
 is back, until ``--requests`` requests or ``--duration`` seconds. The image mix is fixed (the
-synthetic shapes task's images, with varied clutter, at a cycle of keep rates), so every mode sees
+synthetic counting task's scenes, from empty to busy, at a cycle of keep rates), so every mode sees
 the same requests in the same order.
 
 Single passes vary by 15-20% on a shared machine, so each mode runs ``--repeat`` passes, a fresh
@@ -71,7 +71,7 @@ def _png(img: Image.Image) -> bytes:
 
 
 def _synthetic_images(n: int, seed: int) -> list[Image.Image]:
-    """The synthetic shapes task's images (varied clutter), or a stand-in if it is not there."""
+    """The synthetic counting task's scenes (0-11 objects), or a stand-in if it is not there."""
     try:
         from model.data import SyntheticShapes
     except ImportError:

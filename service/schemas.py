@@ -117,6 +117,7 @@ class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     name: str
+    description: str = Field("", description="What the model recognises (the checkpoint's own words).")
     backbone: str
     device: str
     dtype: str

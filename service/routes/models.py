@@ -1,4 +1,4 @@
-"""GET /v1/models: what is being served (name, backbone, schedule, classes, device, dtype)."""
+"""GET /v1/models: what is being served (name, description, backbone, schedule, classes, device, dtype)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models", response_model=ModelInfo, responses={503: {"model": ErrorResponse}},
-            summary="The served model")
+            summary="The served model and what it recognises")
 async def models(rt: RuntimeDep) -> ModelInfo:
     if rt.engine is None:
         raise NotReady("model is loading", headers={"Retry-After": "1"})

@@ -1,4 +1,4 @@
-"""The synthetic task (deterministic, balanced, small targets, varying clutter) and ImageFolder splits."""
+"""The synthetic counting task (deterministic, balanced, labels = what is drawn, disjoint splits) and ImageFolder."""
 
 import numpy as np
 import pytest
@@ -6,13 +6,17 @@ import torch
 
 from model.data import (
     CHUNK,
+    MAX_COUNT,
     MAX_DISTRACTORS,
+    TARGET_RGB,
     DataConfigError,
     SyntheticShapes,
+    _background,
     _gather_params,
+    _paint_layers,
     folder_splits,
-    patch_coverage,
     render_synthetic,
+    scene_content,
     synthetic_class_names,
     synthetic_splits,
 )
@@ -34,12 +38,75 @@ def test_splits_are_disjoint_streams_and_balanced():
     train, val = synthetic_splits(48, 120, seed=3)
     assert not torch.equal(train.render([0])[0], val.render([0])[0])
     labels = torch.cat([y for _, y in val.batches(50)])
-    assert torch.bincount(labels, minlength=12).tolist() == [10] * 12
+    assert torch.bincount(labels, minlength=6).tolist() == [20] * 6
 
 
-def test_class_names_are_readable():
+def test_held_out_split_shares_no_image_with_training():
+    train, val = synthetic_splits(3000, 600, seed=0)
+    seen = {bytes(x.numpy()) for x in train.render(np.arange(3000))[0]}
+    assert not any(bytes(x.numpy()) in seen for x in val.render(np.arange(600))[0])
+    # and the held-out split is fixed by the seed
+    _, again = synthetic_splits(10, 600, seed=0)
+    assert torch.equal(again.render([5, 599])[0], val.render([5, 599])[0])
+
+
+def test_class_names_are_counts():
     names = synthetic_class_names()
-    assert len(set(names)) == 12 and "red circle" in names and "blue triangle" in names
+    assert names == ["0 red circles", "1 red circle", "2 red circles", "3 red circles", "4 red circles",
+                     "5 red circles"]
+
+
+def _red_blobs(img: torch.Tensor) -> int:
+    """Connected components of target-red pixels (4-connectivity) in one uint8 ``[3, H, W]`` image."""
+    x = img.permute(1, 2, 0).numpy().astype(float) / 255
+    red = np.linalg.norm(x - np.asarray(TARGET_RGB), axis=-1) < 0.16
+    seen = np.zeros_like(red)
+    blobs = 0
+    for y0, x0 in zip(*np.nonzero(red), strict=True):
+        if seen[y0, x0]:
+            continue
+        blobs, stack = blobs + 1, [(y0, x0)]
+        seen[y0, x0] = True
+        while stack:
+            y, xx = stack.pop()
+            for ny, nx in ((y + 1, xx), (y - 1, xx), (y, xx + 1), (y, xx - 1)):
+                if 0 <= ny < red.shape[0] and 0 <= nx < red.shape[1] and red[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+    return blobs
+
+
+def test_count_labels_match_what_is_drawn():
+    idx = np.arange(240)
+    content = scene_content(0, idx)
+    p = _gather_params(0, idx, 64)
+    assert np.array_equal(content["count"], p["label"])  # the label is the number of targets
+    # the scene painted with its targets only: as many red blobs in the pixels as the label says
+    targets_only = {**p, "l_present": p["l_present"] & p["l_target"]}
+    pixels = (_paint_layers(targets_only, _background(p, 64)).clamp(0, 1) * 255).round().to(torch.uint8)
+    assert [_red_blobs(im) for im in pixels] == p["label"].tolist()
+    # ... and those blobs are in the real image, with distractors that are never filled red circles
+    full, _ = render_synthetic(0, idx)
+    is_target = (_paint_layers({**targets_only, "l_rgb": np.ones_like(p["l_rgb"])}, torch.zeros(240, 3, 64, 64))
+                 [:, 0] > 0.99)[:, None].expand(-1, 3, -1, -1)
+    assert torch.equal(full[is_target], pixels[is_target])
+    decoy = p["l_present"] & ~p["l_target"]
+    red = (np.abs(p["l_rgb"] - TARGET_RGB) < 0.07).all(-1)
+    assert not (decoy & red & (p["l_shape"] == 0) & ~p["l_hollow"]).any()
+    assert (decoy & red).any() and (decoy & (p["l_shape"] == 0) & ~red).any()  # look-alikes of both kinds
+
+
+def test_content_varies_and_objects_never_overlap():
+    idx = np.arange(1200)
+    c = scene_content(0, idx)
+    assert set(c["count"].tolist()) == set(range(MAX_COUNT + 1))
+    assert c["objects"].min() == 0 and c["objects"].max() == MAX_COUNT + MAX_DISTRACTORS
+    assert 0 == c["target_patches"].min() < c["target_patches"].max() == 4 * MAX_COUNT
+    p = _gather_params(0, idx, 64)
+    centre, radius, present = p["l_center"], p["l_radius"], p["l_present"]
+    gap = np.linalg.norm(centre[:, :, None] - centre[:, None, :], axis=-1) - radius[:, :, None] - radius[:, None, :]
+    both = present[:, :, None] & present[:, None, :] & ~np.eye(present.shape[1], dtype=bool)
+    assert (gap[both] > 0.5).all()  # one object per 16-px cell: circles never touch
 
 
 def test_batches_normalised_resumable_and_shuffled_by_seed():
@@ -55,15 +122,6 @@ def test_batches_normalised_resumable_and_shuffled_by_seed():
     assert torch.equal(full[0][1], again[0][1]) and not torch.equal(full[0][1], other[0][1])
     plain = torch.cat([y for _, y in ds.batches(16)])
     assert sorted(torch.cat([y for _, y in full]).tolist()) == sorted(plain.tolist())  # a permutation
-
-
-def test_target_is_small_and_clutter_varies():
-    idx = np.arange(600)
-    cov = patch_coverage(0, idx)
-    assert float(cov.mean()) <= 0.10 and float(cov.max()) <= 0.16  # ~5 of 64 patches on average
-    present = _gather_params(0, idx, 64)["l_present"][:, :-1].sum(axis=1)
-    assert present.min() == 0 and present.max() == MAX_DISTRACTORS
-    assert len(np.unique(present)) == MAX_DISTRACTORS + 1
 
 
 def test_pil_image_round_trip():

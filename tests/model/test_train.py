@@ -71,12 +71,33 @@ def test_resume_continues_from_the_saved_step(stop, where, tmp_path):
     b, _ = load_checkpoint(tmp_path / "b")
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert cfg.normalization == "calibrated" and cfg.class_names[0] == "red circle"
+    assert cfg.normalization == "calibrated" and cfg.class_names[0] == "0 red circles"
+    assert cfg.metadata["description"].startswith("Counts the filled red circles")
     assert cfg.metadata["data"] == {"kind": "synthetic", "seed": 1, "train_size": 96, "val_size": 24}
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["command"].startswith("patchlife train --synthetic --backbone vit_nano_patch8_32")
     assert [h["after"] for h in metrics["history"] if "after" in h] == ["dense", "life", "tail", "calibrated"]
     assert "fraction_of_dense" in metrics["history"][-1]["budget"]
+    assert metrics["process_cpu_seconds"] > 0
+
+
+def test_save_dense_then_init_from_continues_from_the_dense_weights(tmp_path):
+    common = [*TINY, "--stage1-steps", "1", "--stage2-steps", "1", "--seed", "2"]
+    assert main([*common, "--stage0-steps", "2", "--out", str(tmp_path / "a"),
+                 "--save-dense", str(tmp_path / "dense")]) == 0
+    dense, cfg = load_checkpoint(tmp_path / "dense")
+    assert cfg.metadata["name"] == "a-dense" and not dense.life.is_calibrated
+    # stages 1-2 from the saved dense weights: the head (blocks before K) stays exactly the dense one
+    assert main([*common, "--stage0-steps", "0", "--stage1-norm", "per_image", "--out", str(tmp_path / "b"),
+                 "--init-from", str(tmp_path / "dense")]) == 0
+    b, _ = load_checkpoint(tmp_path / "b")
+    k = b.schedule.first_block
+    for name, value in dense.state_dict().items():
+        if name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed")) or any(
+                name.startswith(f"backbone.blocks.{i}.") for i in range(k)):
+            assert torch.equal(value, b.state_dict()[name]), name
+    assert main([*common, "--backbone", "vit_micro_patch8_64", "--out", str(tmp_path / "c"),
+                 "--init-from", str(tmp_path / "dense")]) == 2  # another architecture: refused
 
 
 def test_resume_with_other_options_is_refused(tmp_path, capsys):
@@ -144,9 +165,18 @@ def test_default_recipe_parses_and_matches_the_shipped_model(capsys):
     args = _args(*RECIPE)  # no typo in the recipe
     assert args.backbone == "vit_micro_patch8_64" and args.data is None
     metrics = DEFAULT_CHECKPOINT / "metrics.json"
-    if metrics.is_file():  # the shipped checkpoint was made by exactly this command
-        command = json.loads(metrics.read_text())["command"]
-        assert command.split(" --out ")[0] == "patchlife train " + " ".join(RECIPE)
+    if metrics.is_file():  # the shipped checkpoint was made by exactly this command ...
+        body = json.loads(metrics.read_text())
+        command = body["command"].split(" --out ")[0]
+        if "dense_from" in body:  # ... in two steps: stage 0 by an earlier run, recorded with the model
+            stage0 = RECIPE.index("--stage0-steps") + 1
+            assert command == "patchlife train " + " ".join([*RECIPE[:stage0], "0", *RECIPE[stage0 + 1:]])
+            dense = _args(*body["dense_from"]["command"].split()[2:])
+            for key in ("backbone", "seed", "train_size", "batch_size", "stage0_steps", "stage0_lr", "init",
+                        "warmup", "weight_decay", "clip_grad", "label_smoothing"):
+                assert getattr(dense, key) == getattr(args, key), key
+        else:
+            assert command == "patchlife train " + " ".join(RECIPE)
 
 
 def test_ensure_default_leaves_an_existing_model_alone(tmp_path, capsys):
@@ -155,6 +185,6 @@ def test_ensure_default_leaves_an_existing_model_alone(tmp_path, capsys):
     assert main([*TINY, "--stage0-steps", "1", "--stage1-steps", "1", "--stage2-steps", "1",
                  "--out", str(tmp_path)]) == 0
     before = (tmp_path / "model.safetensors").stat().st_mtime_ns
-    assert default_model.run(argparse.Namespace(out=tmp_path, force=False)) == 0
+    assert default_model.run(argparse.Namespace(out=tmp_path, force=False, variant="default")) == 0
     assert "exists" in capsys.readouterr().out
     assert (tmp_path / "model.safetensors").stat().st_mtime_ns == before

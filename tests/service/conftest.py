@@ -22,7 +22,8 @@ BASE = dict(device="cpu", warmup_batches=1, max_delay_ms=1.0, max_upload_bytes=2
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """vit_nano_patch8_32 (4x4 patches, 6 blocks), 5 classes, calibrated: budgets vary per image."""
-    return tiny_checkpoint(tmp_path_factory.mktemp("checkpoint"), CLASSES, "nano-test")
+    return tiny_checkpoint(tmp_path_factory.mktemp("checkpoint"), CLASSES, "nano-test",
+                           description="a nano test model")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ def test_models_describes_the_checkpoint(client: TestClient) -> None:
     assert r.status_code == 200
     info = r.json()
     assert info["name"] == "nano-test" and info["backbone"] == "vit_nano_patch8_32"
+    assert info["description"] == "a nano test model"  # the checkpoint's metadata, as written
     assert info["classes"] == CLASSES and info["num_classes"] == 5
     assert info["device"] == "cpu" and info["dtype"] == "float32" and info["normalization"] == "calibrated"
     assert info["grid"] == [4, 4] and info["input_size"] == [3, 32, 32]
