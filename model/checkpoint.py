@@ -62,19 +62,17 @@ def create_lifevit(backbone: str | VisionTransformer, keep_rate: float = 0.7, *,
         schedule = KeepSchedule(patches, depth, starts, tuple(patch_counts))
     else:
         schedule = KeepSchedule.from_keep_rate(keep_rate, patches, depth, stage_starts)
-    model = LifeViT(bb, schedule, normalization)
-    model.backbone_name = backbone if isinstance(backbone, str) else None  # type: ignore[assignment]
-    model.backbone_kwargs = dict(backbone_kwargs)  # type: ignore[assignment]
-    return model
+    return LifeViT(bb, schedule, normalization, backbone_name=backbone if isinstance(backbone, str) else None,
+                   backbone_kwargs=backbone_kwargs)
 
 
 def config_of(model: LifeViT, class_names: list[str] | None = None,
               metadata: dict[str, Any] | None = None) -> LifeViTConfig:
-    name = getattr(model, "backbone_name", None)
+    name = model.backbone_name
     if name is None:
         raise ValueError("this LifeViT was built from an instance; build it with create_lifevit(name, ...) "
                          "so the checkpoint can record the architecture")
-    kwargs = dict(getattr(model, "backbone_kwargs", {}))
+    kwargs = dict(model.backbone_kwargs)
     kwargs.setdefault("num_classes", model.backbone.num_classes)
     names = class_names or [str(i) for i in range(model.backbone.num_classes)]
     return LifeViTConfig(name, kwargs, model.schedule.to_dict(), model.normalization, list(names),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -46,10 +47,13 @@ class LifeViT(nn.Module):
         backbone: a timm ViT/DeiT with a class token.
         schedule: the default keep schedule (``KeepSchedule.from_keep_rate``).
         normalization: ``per_image`` (paper: fixed counts) or ``calibrated`` (content-adaptive).
+        backbone_name, backbone_kwargs: how ``create_backbone`` rebuilds the backbone (a checkpoint
+            records them); None for a backbone given as an instance.
     """
 
     def __init__(self, backbone: VisionTransformer, schedule: KeepSchedule,
-                 normalization: Normalization = "per_image") -> None:
+                 normalization: Normalization = "per_image", backbone_name: str | None = None,
+                 backbone_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         if not isinstance(backbone, VisionTransformer):
             raise TypeError(f"LifeViT wraps timm VisionTransformer models, got {type(backbone).__name__}")
@@ -65,6 +69,8 @@ class LifeViT(nn.Module):
         self.schedule = schedule
         self.normalization: Normalization = normalization
         self.num_prefix_tokens: int = backbone.num_prefix_tokens
+        self.backbone_name = backbone_name
+        self.backbone_kwargs: dict[str, Any] = dict(backbone_kwargs or {})
 
     # -- schedules -------------------------------------------------------------------------
     @property

@@ -1,6 +1,6 @@
 """``patchlife train``: turn a timm ViT into a life-regression model.
 
-Stages (``../shared/docs/method.md``), each a number of optimiser steps with its own learning rate:
+Stages (``docs/method.md``), each a number of optimiser steps with its own learning rate:
 
     0 dense  every backbone parameter, unpruned forward   (skipped by default with --pretrained)
     1 life   only the life module (W and its LayerNorm), soft keep masks at temperature tau

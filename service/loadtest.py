@@ -71,19 +71,9 @@ def _png(img: Image.Image) -> bytes:
 
 
 def _synthetic_images(n: int, seed: int) -> list[Image.Image]:
-    """The synthetic counting task's scenes (0-11 objects), or a stand-in if it is not there."""
-    try:
-        from model.data import SyntheticShapes
-    except ImportError:
-        rng = np.random.default_rng(seed)
-        out = []
-        for _ in range(n):  # a plain background plus 0..12 random boxes: budgets vary with clutter
-            img = np.full((64, 64, 3), rng.integers(60, 180, 3), dtype=np.uint8)
-            for _ in range(rng.integers(0, 13)):
-                y, x, h, w = rng.integers(0, 56, 4)
-                img[y:y + 4 + h // 4, x:x + 4 + w // 4] = rng.integers(0, 256, 3)
-            out.append(Image.fromarray(img))
-        return out
+    """The synthetic counting task's scenes (0-11 objects): budgets vary with their content."""
+    from model.data import SyntheticShapes  # the package ships with the service: always there
+
     data = SyntheticShapes(n, seed=seed)
     return [data.image(i)[0] for i in range(n)]
 
