@@ -38,13 +38,8 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -58,6 +53,7 @@ import numpy as np
 from PIL import Image
 
 from . import loadreport as report
+from .child import serve_child
 
 MODES = ("budget", "fifo", "unbatched")
 Mix = list[tuple[bytes, float | None]]  # (PNG, keep rate), one per image
@@ -210,12 +206,6 @@ async def batching(client: httpx.AsyncClient) -> dict[str, Any] | None:
         return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass(frozen=True)
 class Served:
     url: str
@@ -228,36 +218,13 @@ def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | N
 
     ``threads``: PATCHLIFE_TORCH_THREADS of the server (None: inherited from this environment).
     """
-    port = free_port()
-    env = dict(os.environ, PATCHLIFE_PORT=str(port), PATCHLIFE_HOST="127.0.0.1", PATCHLIFE_BATCHING=mode)
+    env = {"PATCHLIFE_BATCHING": mode}
     if checkpoint:
         env["PATCHLIFE_CHECKPOINT"] = checkpoint
     if threads is not None:
         env["PATCHLIFE_TORCH_THREADS"] = str(threads)
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--log-level", "warning"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        end = time.monotonic() + startup_s
-        while True:
-            if proc.poll() is not None or time.monotonic() > end:
-                log.seek(0)
-                raise RuntimeError(f"server for mode {mode} did not become ready:\n{log.read()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.25)
-        yield Served(url, proc.pid)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+    with serve_child(env, ["--log-level", "warning"], startup_s) as child:
+        yield Served(child.url, child.proc.pid)
 
 
 async def measure(url: str, payloads: list[Payload], args: argparse.Namespace,

@@ -18,11 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .child import serve_child
 from .engine import Engine
 from .settings import Settings
 from .worker import set_torch_threads
@@ -52,12 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print only a JSON object")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _photo_jpeg(width: int, height: int) -> bytes:
     """A smooth, photo-like JPEG (gradients + blobs), deterministic."""
     rng = np.random.default_rng(0)
@@ -73,29 +64,6 @@ def _make_checkpoint(backbone: str, directory: Path) -> Path:
     # The benchmark, not the service, builds a throwaway checkpoint: the one import of model/ here.
     from model.checkpoint import create_lifevit, save_checkpoint
     return save_checkpoint(create_lifevit(backbone, keep_rate=0.7), directory)
-
-
-def _start_server(checkpoint: Path, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PATCHLIFE_DEVICE": args.device, "PATCHLIFE_CHECKPOINT": str(checkpoint)}
-    if args.max_delay_ms is not None:
-        env["PATCHLIFE_MAX_DELAY_MS"] = str(args.max_delay_ms)
-    cmd = [sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--log-level", "warning"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{err[-2000:]}")
-        try:
-            if client.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("server not ready in time")
 
 
 def _model_thread_setup(engine: Engine, threads: int) -> int:
@@ -144,11 +112,12 @@ def measure_overhead(args: argparse.Namespace, checkpoint: Path) -> dict[str, An
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-model")
     threads = model_thread.submit(_model_thread_setup, engine, settings.torch_threads).result()
     pixels = engine.preprocess(Image.open(io.BytesIO(jpeg)))[None]
-    port = _free_port()
-    proc = _start_server(checkpoint, port, args)
+    env = {"PATCHLIFE_DEVICE": args.device, "PATCHLIFE_CHECKPOINT": str(checkpoint)}
+    if args.max_delay_ms is not None:
+        env["PATCHLIFE_MAX_DELAY_MS"] = str(args.max_delay_ms)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0) as client:
-            _wait_ready(client, proc)
+        with serve_child(env, ["--log-level", "warning"]) as child, \
+                httpx.Client(base_url=child.url, timeout=120.0) as client:
             _time_requests(client, jpeg, 5)  # warm the connection and the server's caches
             model_thread.submit(_time_compute, engine, pixels, 5).result()
             per_round = max(1, args.requests // args.rounds)
@@ -162,8 +131,6 @@ def measure_overhead(args: argparse.Namespace, checkpoint: Path) -> dict[str, An
                 timings += t
     finally:
         model_thread.shutdown()
-        proc.terminate()
-        proc.wait(timeout=30)
     parts = {k: _summary([t[k] for t in timings]) for k in ("decode", "queue", "compute")}
     rest = [w - t["decode"] - t["queue"] - t["compute"] for w, t in zip(walls, timings, strict=True)]
     c, e = _summary(compute), _summary(walls)

@@ -8,15 +8,14 @@ integration test both see exactly what a deployment exports.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from ops_support import DASHBOARD, REPO, Query, dashboard_queries, free_port, stop_process, wait_http_ok
+from ops_support import DASHBOARD, REPO, Query, dashboard_queries
+
+from service.child import serve_child
 
 
 @pytest.fixture(scope="session")
@@ -42,17 +41,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def service_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``patchlife serve`` on a free loopback port; yields its base URL once /readyz answers 200."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("service") / "serve.log"
-    env = {**os.environ, "PATCHLIFE_HOST": "127.0.0.1", "PATCHLIFE_PORT": str(port),
-           "PATCHLIFE_CHECKPOINT": str(tiny_checkpoint), "PATCHLIFE_DEVICE": "cpu",
-           "PATCHLIFE_DTYPE": "float32", "PATCHLIFE_WARMUP_BATCHES": "1", "OMP_NUM_THREADS": "1"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve"], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http_ok(f"{url}/readyz", proc, log, timeout_s=90)
-        yield url
-    finally:
-        stop_process(proc)
+    env = {"PATCHLIFE_CHECKPOINT": str(tiny_checkpoint), "PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_DTYPE": "float32",
+           "PATCHLIFE_WARMUP_BATCHES": "1", "OMP_NUM_THREADS": "1"}
+    with serve_child(env, startup_s=90, cwd=str(REPO)) as child:
+        yield child.url

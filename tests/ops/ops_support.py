@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from service.child import free_port  # noqa: F401 - re-exported for the ops and e2e tests
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "patchlife.json"
@@ -93,12 +94,6 @@ def exported_series_names(exposition: str) -> set[str]:
 def has_finite_value(result: list[dict[str, Any]]) -> bool:
     """True when a Prometheus instant-vector result holds at least one finite sample."""
     return any(math.isfinite(float(r["value"][1])) for r in result)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require_tool(name: str) -> str:

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import socket
 import struct
 import subprocess
-import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
-import httpx
 import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
+
+from service.child import ServeChild, serve_child
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]  # of the test checkpoint
@@ -140,52 +136,26 @@ def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
     raise TimeoutError("app did not become ready")
 
 
-class _WholeFile:
-    """``read()`` returns the whole file: the child shares the file offset, so seek back first."""
+class _Log:
+    """``proc.stderr.read()`` for a child whose output goes to a file: everything it wrote."""
 
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f = f
+    def __init__(self, child: ServeChild) -> None:
+        self.child = child
 
     def read(self) -> bytes:
-        self.f.seek(0)
-        return self.f.read()
+        return self.child.log().encode()
 
 
 @contextlib.contextmanager
 def serve_process(checkpoint: Path, env: dict[str, str] | None = None, timeout: float = 180.0,
                   log_level: str = "warning") -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``patchlife serve`` as a child process on a free loopback port, ready; killed at the end if still up.
-    Yields the process and its base URL. Its stderr goes to a temporary file (a pipe nobody reads
-    until the end fills up with access-log lines and blocks the server); ``proc.stderr.read()``
-    after it exits returns everything it wrote."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    full_env = {**os.environ, "PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_WARMUP_BATCHES": "1", **(env or {})}
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--checkpoint",
-                             str(checkpoint), "--log-level", log_level], cwd=REPO, env=full_env,
-                            stdout=subprocess.DEVNULL, stderr=log)
-    proc.stderr = _WholeFile(log)  # type: ignore[assignment]
-    base = f"http://127.0.0.1:{port}"
-    try:
-        end = time.monotonic() + timeout
-        with httpx.Client(base_url=base, timeout=10) as client:
-            while True:
-                assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < end, f"not ready in {timeout} s"
-                time.sleep(0.1)
-        yield proc, base
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+    """``patchlife serve`` (:func:`service.child.serve_child`) on the CPU with one warm-up batch; yields
+    the process (``proc.stderr.read()`` gives its whole log) and its base URL."""
+    full_env = {"PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_WARMUP_BATCHES": "1", **(env or {})}
+    args = ["--checkpoint", str(checkpoint), "--log-level", log_level]
+    with serve_child(full_env, args, startup_s=timeout, cwd=str(REPO)) as child:
+        child.proc.stderr = _Log(child)  # type: ignore[assignment]
+        yield child.proc, child.url
 
 
 def rss_bytes(pid: int) -> dict[str, int]:
