@@ -188,7 +188,7 @@ def evaluate_into_metrics(out: Path) -> dict[str, Any]:
     _, val = synthetic_splits(1, int(spec["val_size"]), int(spec["seed"]), int(pre["input_size"][-1]),
                               pre["mean"], pre["std"])
     t0 = time.perf_counter()
-    rows = evaluate_model(model, materialise(val, 128), EVAL_KEEP_RATES, bucket_step=8, content=val.content())
+    rows = evaluate_model(model, materialise(val, 128), EVAL_KEEP_RATES, content=val.content())
     body = json.loads((out / "metrics.json").read_text())
     body["eval"] = {"command": f"patchlife eval --checkpoint {_rel(out)} --json", "images": len(val),
                     "interval": "wilson 95%", "threads": torch.get_num_threads(),

@@ -33,7 +33,7 @@ from .checkpoint import CONFIG_FILE, DEFAULT_CHECKPOINT, LifeViTConfig, load_che
 from .data import DataConfigError, DataSplit, SyntheticShapes, folder_splits, synthetic_splits
 from .flops import dense_gflops, slimmed_gflops
 from .lifevit import LifeViT
-from .schedule import round_up_budget
+from .schedule import BucketGrid
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 KEEP_RATES = (0.3, 0.5, 0.7, 0.9)
@@ -152,14 +152,16 @@ def _quantiles(values: torch.Tensor) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, bucket_step: int,
+def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, grid: BucketGrid | None = None,
                    content: dict[str, np.ndarray] | None = None) -> Row:
-    """Life regression with content-adaptive budgets, each image at its budget rounded to the grid.
+    """Life regression with content-adaptive budgets, each image at its budget rounded up to ``grid``
+    (default: ``model.bucket_grid()``, the grid a server fits to this model).
 
     ``content`` (per image, in batch order, e.g. ``{"count": [N]}``) adds the Spearman correlation
     between each image's budget (fraction of dense GFLOPs) and each content measure.
     """
     bb = model.backbone
+    grid = grid or model.bucket_grid()
     with at_keep_rate(model, keep_rate, "calibrated") as m:
         budgets: list[torch.Tensor] = []
 
@@ -167,11 +169,11 @@ def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, bucket_st
             state = m.head(images)
             b = m.budgets(state.scores).cpu()  # one copy: tail_grouped groups images by budget on the host
             budgets.append(b)
-            return m.tail_grouped(state, b, bucket_step)
+            return m.tail_grouped(state, b, grid)
 
         acc, ips = top1(forward, batches)
         own = torch.cat(budgets)  # [N, S]
-        run = [round_up_budget(b, m.schedule, bucket_step) for b in own.tolist()]
+        run = [grid.round_up(b) for b in own.tolist()]
         flops = torch.tensor([slimmed_gflops(bb, m.schedule, c) for c in run])
         own_flops = torch.tensor([slimmed_gflops(bb, m.schedule, b) for b in own.tolist()])
         dense = dense_gflops(bb)
@@ -181,7 +183,7 @@ def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, bucket_st
                   "fraction_of_dense": q, "p90_over_p10": round(q["p90"] / max(q["p10"], 1e-9), 3),
                   "patches_last_stage": _quantiles(own[:, -1]),
                   "patches_per_stage_mean": [round(float(v), 2) for v in own.float().mean(dim=0)],
-                  "buckets": len(set(run)), "bucket_step": bucket_step}
+                  "buckets": len(set(run)), "grid_points": len(grid.points) or None}
         if content:
             budget["spearman_vs_content"] = {k: round(spearman(fraction.numpy(), v[: len(fraction)]), 4)
                                              for k, v in content.items()}
@@ -191,7 +193,7 @@ def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, bucket_st
 
 
 def evaluate_model(model: LifeViT, batches: Batches, keep_rates: Sequence[float] = KEEP_RATES,
-                   bucket_step: int = 8, seed: int = 0,
+                   buckets: int = 8, seed: int = 0,
                    content: dict[str, np.ndarray] | None = None) -> list[Row]:
     """The whole table for one model on in-memory batches (``content``: see :func:`calibrated_row`)."""
     model.eval()
@@ -201,6 +203,7 @@ def evaluate_model(model: LifeViT, batches: Batches, keep_rates: Sequence[float]
     acc, ips = top1(model.forward_dense, batches)
     rows = [Row("dense", 1.0, acc, dense_gflops(bb), ips, "dense", full, n=n)]
     calibrated = model.life.is_calibrated
+    grid = model.bucket_grid(size=buckets) if calibrated else None
     for rate in keep_rates:
         with at_keep_rate(model, rate, "per_image") as m:
             counts = list(m.schedule.patch_counts)
@@ -215,7 +218,7 @@ def evaluate_model(model: LifeViT, batches: Batches, keep_rates: Sequence[float]
                 acc, ips = top1(fn, batches)
                 rows.append(Row(name, rate, acc, flops, ips, "fixed", counts, n=n))
         if calibrated:
-            rows.append(calibrated_row(model, batches, rate, bucket_step, content))
+            rows.append(calibrated_row(model, batches, rate, grid, content))
     return rows
 
 
@@ -229,7 +232,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
     p.add_argument("--keep-rates", default=",".join(map(str, KEEP_RATES)), help="comma-separated keep rates")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--bucket-step", type=int, default=8, help="calibrated mode: budget bucket grid")
+    p.add_argument("--buckets", type=int, default=8,
+                   help="calibrated mode: points of the bucket grid fitted to the model's budgets (as served)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print only the JSON object on stdout")
 
@@ -287,8 +291,8 @@ def _parse(args: argparse.Namespace) -> tuple[list[float], torch.device]:
         raise DataConfigError(f"--keep-rates must be comma-separated numbers: {exc}") from exc
     if not rates or any(not 0 < r <= 1 for r in rates):
         raise DataConfigError(f"--keep-rates must lie in (0, 1], got {args.keep_rates}")
-    if args.batch_size < 1 or args.bucket_step < 1 or (args.limit is not None and args.limit < 1):
-        raise DataConfigError("--batch-size, --bucket-step and --limit must be >= 1")
+    if args.batch_size < 1 or args.buckets < 1 or (args.limit is not None and args.limit < 1):
+        raise DataConfigError("--batch-size, --buckets and --limit must be >= 1")
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     if dev.startswith("cuda") and not torch.cuda.is_available():
@@ -313,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     except (DataConfigError, FileNotFoundError, ValueError) as exc:
         print(f"patchlife eval: error: {exc}", file=sys.stderr)
         return 2
-    rows = evaluate_model(model, batches, rates, args.bucket_step, content=content)
+    rows = evaluate_model(model, batches, rates, args.buckets, content=content)
     n = sum(len(b[1]) for b in batches)
     if args.json:
         print(json.dumps({"model": cfg.metadata.get("name", Path(path).name), "data": where, "images": n,

@@ -156,6 +156,17 @@ class LifeViT(nn.Module):
         t = calibrated_thresholds(self.life.score_quantiles, schedule)
         return (samples[:, :, None] > t).sum(dim=1).clamp(min=1).cpu()
 
+    def bucket_grid(self, size: int = 8, keep_rates: Sequence[float] = (0.5, 0.7, 0.9), step: int = 4,
+                    default: KeepSchedule | None = None) -> BucketGrid:
+        """The budgets a server (and ``patchlife eval``) runs the tail at: ``size`` points fitted to the
+        calibration sample's budgets at ``default`` (the model's schedule) and at ``keep_rates``; a
+        per-stage ``step`` for calibrated checkpoints stored without a sample."""
+        schedules = [default or self.schedule, *(self.schedule_for(r) for r in keep_rates)]
+        sample = torch.cat([self.budget_sample(s) for s in schedules])
+        if sample.numel() == 0:
+            return BucketGrid.stepped(self.schedule, step)
+        return BucketGrid.fitted(sample, self.schedule, size)
+
     # -- whole forwards ----------------------------------------------------------------------
     def forward(self, images: torch.Tensor, schedule: KeepSchedule | None = None,
                 buckets: BucketGrid | int = 1) -> torch.Tensor:

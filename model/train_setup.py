@@ -180,7 +180,7 @@ def quick_eval(model: LifeViT, val: DataSplit, after: str, device: torch.device,
         out["val_top1_life"] = round(top1(lambda x: model(x), batches)[0], 4)
         model.normalization = mode
     if after == "calibrated":
-        row = calibrated_row(model, batches, model.schedule.keep_rate or 1.0, bucket_step=8)
+        row = calibrated_row(model, batches, model.schedule.keep_rate or 1.0)
         out["val_top1_life_calibrated"] = round(row.top1, 4)
         out["budget"] = row.budget
     out["seconds"] = round(time.perf_counter() - t0, 1)

@@ -30,7 +30,7 @@ from model import LifeViT, load_checkpoint, slimmed_gflops
 from model.checkpoint import DEFAULT_CHECKPOINT, LifeViTConfig
 from model.device import resolve_device, resolve_dtype
 from model.flops import dense_gflops, tokens_per_block
-from model.schedule import BucketGrid, KeepSchedule, host_to_device
+from model.schedule import KeepSchedule, host_to_device
 
 from .graphs import GraphMode, ShapeRunner
 
@@ -93,8 +93,8 @@ class Engine:
     """
 
     def __init__(self, checkpoint: Path | None = None, device: str = "auto", dtype: str = "auto",
-                 keep_rate: float | None = None, buckets: int = 8,
-                 bucket_keep_rates: Sequence[float] = (0.5, 0.7, 0.9), bucket_step: int = 4,
+                 keep_rate: float | None = None, buckets: int | None = None,
+                 bucket_keep_rates: Sequence[float] | None = None, bucket_step: int | None = None,
                  cuda_graphs: str = "auto", max_batch_size: int = 32) -> None:
         path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
         if not (path / "config.json").is_file():
@@ -121,7 +121,9 @@ class Engine:
         self._scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(self.device)
         self._shift = (-mean / std).view(1, -1, 1, 1).to(self.device)
         self.dense_gflops = dense_gflops(self.model.backbone)
-        self.buckets = self._fit_grid(buckets, bucket_keep_rates, bucket_step)
+        grid = {k: v for k, v in (("size", buckets), ("keep_rates", bucket_keep_rates), ("step", bucket_step))
+                if v is not None}  # unset: LifeViT.bucket_grid's defaults (Settings gives all three)
+        self.buckets = self.model.bucket_grid(**grid, default=self.default_schedule)  # type: ignore[arg-type]
         mode: GraphMode = ("graphs" if self.device.type == "cuda" else "off") if cuda_graphs == "auto" else \
             "off" if cuda_graphs == "off" else "emulate"
         self.runner = ShapeRunner(self.device, max_batch_size, mode)
@@ -131,14 +133,6 @@ class Engine:
         s = settings
         return cls(s.checkpoint, s.device, s.dtype, s.keep_rate, s.buckets, s.grid_keep_rates(), s.bucket_step,
                    s.cuda_graphs, s.max_batch_size)
-
-    def _fit_grid(self, size: int, keep_rates: Sequence[float], step: int) -> BucketGrid:
-        """The grid fitted to the budgets of the calibration sample at every grid keep rate."""
-        schedules = [self.default_schedule, *(self.model.schedule_for(r) for r in keep_rates)]
-        sample = torch.cat([self.model.budget_sample(s) for s in schedules])
-        if sample.numel() == 0:  # calibrated before samples were stored: a fixed step
-            return BucketGrid.stepped(self.model.schedule, step)
-        return BucketGrid.fitted(sample, self.model.schedule, size)
 
     # -- description -------------------------------------------------------------------------
     @property
