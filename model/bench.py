@@ -69,7 +69,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: 
     return times
 
 
-def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LifeViT:
+def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LifeViT:
     if args.checkpoint:
         model, _ = load_checkpoint(args.checkpoint)
         model.schedule = model.schedule_for(args.keep_rate)
@@ -83,7 +83,7 @@ def run_bench(args: argparse.Namespace) -> list[Variant]:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(0)
-    model = build_model(args, device, dtype)
+    model = bench_model(args, device, dtype)
     h, w = (int(v) for v in model.backbone.patch_embed.img_size)
     x = torch.randn(args.batch_size, 3, h, w, device=device, dtype=dtype)
     counts = model.schedule.patch_counts

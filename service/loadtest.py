@@ -81,7 +81,7 @@ def make_mix(n: int, keep_rates: list[float | None], seed: int = 7) -> Mix:
 
 
 @dataclass(frozen=True)
-class Payload:
+class LoadRequest:
     """One request, encoded once: POST ``path`` with ``body`` (multipart, ``images`` files)."""
 
     path: str
@@ -91,7 +91,7 @@ class Payload:
     mix: Mix  # the (PNG, keep rate) of each image it carries
 
 
-def make_payloads(mix: Mix, per_request: int) -> list[Payload]:
+def make_requests(mix: Mix, per_request: int) -> list[LoadRequest]:
     """``len(mix)`` requests of ``per_request`` images each.
 
     Request ``k`` carries images ``k*n .. k*n+n-1`` of the mix (cyclically) at the keep rate of mix
@@ -106,7 +106,7 @@ def make_payloads(mix: Mix, per_request: int) -> list[Payload]:
         params = {} if rate is None else {"keep_rate": str(rate)}
         request = httpx.Request("POST", "http://loadtest/classify", params=params, files=files)
         path = request.url.raw_path.decode()
-        out.append(Payload(path, request.read(), {"content-type": request.headers["content-type"]},
+        out.append(LoadRequest(path, request.read(), {"content-type": request.headers["content-type"]},
                            len(pngs), [(png, rate) for png in pngs]))
     return out
 
@@ -135,7 +135,7 @@ class Pass:
                 "client_cpu_ms_per_request": round(1000.0 * self.client_cpu_s / requests, 3) if requests else None}
 
 
-async def _post(client: httpx.AsyncClient, payload: Payload, out: Pass, t0: float) -> None:
+async def _post(client: httpx.AsyncClient, payload: LoadRequest, out: Pass, t0: float) -> None:
     try:
         r = await client.post(payload.path, content=payload.body, headers=payload.headers)
         status = str(r.status_code)
@@ -150,7 +150,7 @@ async def _post(client: httpx.AsyncClient, payload: Payload, out: Pass, t0: floa
         out.images += payload.images
 
 
-async def closed_loop(client: httpx.AsyncClient, payloads: list[Payload], clients: int, requests: int,
+async def closed_loop(client: httpx.AsyncClient, payloads: list[LoadRequest], clients: int, requests: int,
                       duration_s: float, start: int = 0) -> Pass:
     """``clients`` concurrent clients, each sending its next request when the last is answered."""
     out, sent = Pass(), 0
@@ -170,7 +170,7 @@ async def closed_loop(client: httpx.AsyncClient, payloads: list[Payload], client
     return out
 
 
-async def open_loop(client: httpx.AsyncClient, payloads: list[Payload], rate_per_s: float, requests: int,
+async def open_loop(client: httpx.AsyncClient, payloads: list[LoadRequest], rate_per_s: float, requests: int,
                     duration_s: float, seed: int = 0) -> Pass:
     """Poisson arrivals at ``rate_per_s`` requests/s; latency counts from each request's scheduled time."""
     out, rng, tasks = Pass(), random.Random(seed), []
@@ -227,7 +227,7 @@ def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | N
         yield Served(child.url, child.proc.pid)
 
 
-async def measure(url: str, payloads: list[Payload], args: argparse.Namespace,
+async def measure(url: str, payloads: list[LoadRequest], args: argparse.Namespace,
                   transport: httpx.AsyncBaseTransport | None = None, pid: int | None = None) -> dict[str, Any]:
     """One pass: warm-up, closed loop (with /metrics, /proc/stat and the server's CPU time before and
     after), then the server's batching info, optional open loop, optional idle single requests.
@@ -256,7 +256,7 @@ async def measure(url: str, payloads: list[Payload], args: argparse.Namespace,
         return result
 
 
-async def _open_loop_pass(client: httpx.AsyncClient, payloads: list[Payload], args: argparse.Namespace,
+async def _open_loop_pass(client: httpx.AsyncClient, payloads: list[LoadRequest], args: argparse.Namespace,
                           closed: Pass) -> dict[str, Any]:
     rate = args.rate_fraction * len(closed.latencies_s) / closed.elapsed_s  # requests/s
     opened = (await open_loop(client, payloads, rate, args.requests, args.duration)).summary()
@@ -265,11 +265,11 @@ async def _open_loop_pass(client: httpx.AsyncClient, payloads: list[Payload], ar
             "p99_over_p50": round(opened["p99_ms"] / opened["p50_ms"], 2) if opened["p50_ms"] else None}
 
 
-async def idle_requests(client: httpx.AsyncClient, payloads: list[Payload], k: int,
+async def idle_requests(client: httpx.AsyncClient, payloads: list[LoadRequest], k: int,
                         settle_s: float = 0.5) -> dict[str, Any]:
     """``k`` requests one at a time (one image each, the model's default keep rate) to an idle server,
     against the server's own batch-1 compute and decode over the same requests (from /metrics)."""
-    singles = make_payloads([(p.mix[0][0], None) for p in payloads[:k]], 1)
+    singles = make_requests([(p.mix[0][0], None) for p in payloads[:k]], 1)
     await asyncio.sleep(settle_s)  # let the load's queues drain and the server's idle threads stop spinning
     out, before = Pass(), await scrape(client)
     for i in range(k):
@@ -356,14 +356,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print only a JSON object (medians and every pass)")
 
 
-def _one_pass(mode: str, payloads: list[Payload], args: argparse.Namespace) -> dict[str, Any]:
+def _one_pass(mode: str, payloads: list[LoadRequest], args: argparse.Namespace) -> dict[str, Any]:
     if args.url:
         return asyncio.run(measure(args.url.rstrip("/"), payloads, args))
     with server(mode, args.checkpoint, args.startup_timeout, args.torch_threads) as served:
         return asyncio.run(measure(served.url, payloads, args, pid=served.pid))
 
 
-def _offline_reference(payloads: list[Payload], args: argparse.Namespace) -> float:
+def _offline_reference(payloads: list[LoadRequest], args: argparse.Namespace) -> float:
     from service.settings import Settings
     s = Settings()
     threads = s.torch_threads if args.torch_threads is None else args.torch_threads
@@ -384,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
     if problem := _check(args, modes):
         print(f"patchlife loadtest: {problem}", file=sys.stderr)
         return 2
-    payloads = make_payloads(make_mix(args.mix_size, args.keep_rates), args.images_per_request)
+    payloads = make_requests(make_mix(args.mix_size, args.keep_rates), args.images_per_request)
     order = ["server"] * args.repeat if args.url else report.pass_order(modes, args.repeat)
     passes: dict[str, list[dict[str, Any]]] = {}
     for i, mode in enumerate(order):

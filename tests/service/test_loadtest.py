@@ -89,11 +89,11 @@ def test_mix_is_fixed_png_images_cycling_keep_rates() -> None:
 
 def test_payloads_are_encoded_once_and_carry_the_mix() -> None:
     mix = loadtest.make_mix(6, [None, 0.5, 0.9])
-    single = loadtest.make_payloads(mix, 1)
+    single = loadtest.make_requests(mix, 1)
     assert [p.mix for p in single] == [[m] for m in mix]
     assert [p.path for p in single] == ["/classify", "/classify?keep_rate=0.5", "/classify?keep_rate=0.9"] * 2
     assert all(p.body.count(mix[i][0]) == 1 and p.images == 1 for i, p in enumerate(single))
-    quad = loadtest.make_payloads(mix, 4)
+    quad = loadtest.make_requests(mix, 4)
     assert len(quad) == 6 and all(p.images == 4 and p.body.count(b'name="files"') == 4 for p in quad)
     assert [p.mix[0][1] for p in quad] == [None, 0.5, 0.9] * 2  # keep rates still cycle per request
     assert [png for png, _ in quad[1].mix] == [mix[(4 + j) % 6][0] for j in range(4)]
@@ -105,7 +105,7 @@ def test_closed_loop_pass_counts_requests_images_errors_and_waste(per_request: i
     fake = FakeServer()
     mix = loadtest.make_mix(8, [None, 0.7, 0.5, 0.9])
     a = args(clients=4, requests=40, warmup=8, duration=60.0)
-    payloads = loadtest.make_payloads(mix, per_request)
+    payloads = loadtest.make_requests(mix, per_request)
     result = asyncio.run(loadtest.measure("http://fake", payloads, a, httpx.MockTransport(fake.handler)))
     assert result["requests"] == 40 and len(fake.keep_rates) == 48  # warm-up + measured
     assert set(fake.images) == {per_request}
@@ -127,7 +127,7 @@ def test_closed_loop_pass_counts_requests_images_errors_and_waste(per_request: i
 
 def test_an_answer_with_the_wrong_number_of_results_is_an_error() -> None:
     fake = FakeServer()
-    payloads = loadtest.make_payloads(loadtest.make_mix(4, [0.25, 0.7]), 2)
+    payloads = loadtest.make_requests(loadtest.make_mix(4, [0.25, 0.7]), 2)
     result = asyncio.run(loadtest.measure("http://fake", payloads, args(clients=2, requests=20, warmup=0),
                                           httpx.MockTransport(fake.handler)))
     assert result["error_statuses"] == {"wrong_result_count": 10} and result["images"] == 20
@@ -135,7 +135,7 @@ def test_an_answer_with_the_wrong_number_of_results_is_an_error() -> None:
 
 def test_open_loop_pass_at_a_fraction_of_the_closed_loop_rate() -> None:
     fake = FakeServer()
-    payloads = loadtest.make_payloads(loadtest.make_mix(4, [None]), 1)
+    payloads = loadtest.make_requests(loadtest.make_mix(4, [None]), 1)
     a = args(clients=2, requests=30, warmup=0, duration=30.0, rate_fraction=0.5)
     result = asyncio.run(loadtest.measure("http://fake", payloads, a, httpx.MockTransport(fake.handler)))
     opened = result["open_loop"]
@@ -150,7 +150,7 @@ COST = {"head": {"fixed_ms": 1.5, "per_row_ms": 0.25}, "tail": {"fixed_ms": 2.0,
 
 def test_new_metrics_and_batching_info_explain_the_pass() -> None:
     fake = FakeServer(batching={"bucket_grid": [[8, 4], [12, 8], [16, 12]], "cost_model": COST})
-    payloads = loadtest.make_payloads(loadtest.make_mix(4, [None]), 1)
+    payloads = loadtest.make_requests(loadtest.make_mix(4, [None]), 1)
     a = args(clients=2, requests=40, warmup=0, idle_requests=6)
     result = asyncio.run(loadtest.measure("http://fake", payloads, a, httpx.MockTransport(fake.handler),
                                           pid=os.getpid()))
@@ -350,7 +350,7 @@ def test_without_a_batching_key_the_model_buckets_graphs_and_cost_gauges_are_use
             return httpx.Response(200, text=fake.metrics() + gauges)
         return fake.handler(request)
 
-    payloads = loadtest.make_payloads(loadtest.make_mix(2, [None]), 1)
+    payloads = loadtest.make_requests(loadtest.make_mix(2, [None]), 1)
     result = asyncio.run(loadtest.measure("http://fake", payloads, args(clients=1, requests=4, warmup=0),
                                           httpx.MockTransport(handler)))
     assert result["batching"] == {"buckets": 2, "graphs": graphs, "cost_model": {
