@@ -31,6 +31,7 @@ from .baselines import random_forward, topk_forward
 from .bench import topk_gflops
 from .checkpoint import CONFIG_FILE, DEFAULT_CHECKPOINT, LifeViTConfig, load_checkpoint
 from .data import DataConfigError, DataSplit, SyntheticShapes, folder_splits, synthetic_splits
+from .device import resolve_device
 from .flops import dense_gflops, slimmed_gflops
 from .lifevit import LifeViT
 from .schedule import BucketGrid
@@ -293,11 +294,10 @@ def _parse(args: argparse.Namespace) -> tuple[list[float], torch.device]:
         raise DataConfigError(f"--keep-rates must lie in (0, 1], got {args.keep_rates}")
     if args.batch_size < 1 or args.buckets < 1 or (args.limit is not None and args.limit < 1):
         raise DataConfigError("--batch-size, --buckets and --limit must be >= 1")
-    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if args.device == "auto" else args.device)
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise DataConfigError("--device cuda but torch sees no GPU")
-    return rates, torch.device(dev)
+    try:
+        return rates, resolve_device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        raise DataConfigError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
 from .data import TASK_DESCRIPTION, DataSplit
+from .device import resolve_device
 from .lifevit import LifeViT
 from .schedule import host_to_device
 from .train_setup import (
@@ -301,12 +302,10 @@ class TrainContext:
     """Device, mixed precision and resume-file handling for one run."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        dev = args.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if dev.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda but torch sees no GPU: use --device cpu")
-        self.device = torch.device(dev)
+        try:
+            self.device = resolve_device(args.device)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
         amp = args.amp
         if amp == "auto":
             amp = "off" if self.device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
