@@ -98,12 +98,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(10.0, ge=0, description="Time to finish queued work on shutdown.")
     torch_threads: int = Field(
         0, ge=0, description="Intra-op CPU threads of the model (torch.set_num_threads, applied in the worker "
-                             "thread at start-up); 0: auto, all the cores the process may use but one (at least "
-                             "one), leaving a core to decoding and HTTP. More threads speed up one batch on idle "
-                             "cores, but each batch then waits for all of them: when the cores are shared (the HTTP "
-                             "side decoding images, a load generator, other processes) a busy core stalls the whole "
-                             "team (2-core machine under load: batch-1 forward 13.1 ms with 1 thread, 18.6 ms "
-                             "with 2).")
+                             "thread at start-up); 0: torch's default, one per core. Each batch waits for every thread "
+                             "of the team, so on cores shared with other busy processes fewer threads can be faster "
+                             "(2-core machine with other jobs running: batch-1 13.1 ms with 1 thread, 18.6 ms with "
+                             "2); on a machine of its own, all cores served more (2-core machine, patchlife "
+                             "loadtest, embedded model: 225 vs 204 images/s with 2 threads vs 1, the machine 19% "
+                             "vs 30% idle).")
     unhealthy_after_failures: int = Field(
         3, ge=1, description="Consecutive failed model batches after which /readyz answers 503 with the error "
                              "(the next batch that succeeds clears it).")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -144,19 +143,8 @@ class _Image:
     compute_s: float = 0.0
 
 
-def auto_torch_threads() -> int:
-    """All the cores this process may use but one, which stays free for decoding and HTTP.
-
-    A thread team waits for its slowest member at every product: on a 2-core machine under load,
-    two model threads sharing their cores with the decoding threads made a batch-1 forward of the
-    default model 18.6 ms where one thread took 13.1 ms (loaded machine, median of 60).
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
-
-
 def set_torch_threads(threads: int) -> int:
-    """Apply ``PATCHLIFE_TORCH_THREADS`` to the calling thread (0: ``auto_torch_threads()``).
+    """Apply ``PATCHLIFE_TORCH_THREADS`` to the calling thread (0: torch's default, one per core).
 
     Returns the thread count now in force. It must run in the thread that runs the model.
     ``torch.set_num_threads`` is process-wide in name, but the OpenMP team behind MKL's matrix
@@ -164,7 +152,8 @@ def set_torch_threads(threads: int) -> int:
     a worker thread's products on the default team (torch 2.14, measured per-thread CPU time),
     while the call in the worker thread itself gave one busy thread.
     """
-    torch.set_num_threads(threads if threads > 0 else auto_torch_threads())
+    if threads > 0:
+        torch.set_num_threads(threads)
     return torch.get_num_threads()
 
 
