@@ -72,11 +72,10 @@ def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: 
 def bench_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> LifeViT:
     if args.checkpoint:
         model, _ = load_checkpoint(args.checkpoint)
-        model.schedule = model.schedule_for(args.keep_rate)
+        model = model.at(model.schedule_for(args.keep_rate))
     else:
         model = create_lifevit(args.backbone, args.keep_rate, pretrained=args.pretrained or False)
-    model.normalization = "per_image"  # fixed counts: equal FLOPs with oracle and top-k
-    return model.to(device, dtype).eval()
+    return model.at(normalization="per_image").to(device, dtype).eval()  # fixed counts: FLOPs equal oracle's
 
 
 def run_bench(args: argparse.Namespace) -> list[Variant]:

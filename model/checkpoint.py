@@ -96,8 +96,7 @@ def build_from_config(cfg: LifeViTConfig) -> LifeViT:
     model = create_lifevit(cfg.backbone, stage_starts=list(schedule.stage_starts),
                            patch_counts=list(schedule.patch_counts), normalization=cfg.normalization,
                            **cfg.backbone_kwargs)
-    model.schedule = schedule  # keeps keep_rate for display
-    return model
+    return model.at(schedule)  # the stored schedule, with its keep_rate for display
 
 
 def read_config(directory: str | Path) -> LifeViTConfig:

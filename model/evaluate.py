@@ -33,6 +33,7 @@ from .checkpoint import CONFIG_FILE, DEFAULT_CHECKPOINT, LifeViTConfig, load_che
 from .data import DataConfigError, DataSplit, SyntheticShapes, folder_splits, synthetic_splits
 from .device import resolve_device
 from .flops import dense_gflops, slimmed_gflops
+from .life import Normalization
 from .lifevit import LifeViT
 from .schedule import BucketGrid
 
@@ -134,14 +135,9 @@ def top1(forward: Forward, batches: Batches) -> tuple[float, float]:
 
 
 @contextmanager
-def at_keep_rate(model: LifeViT, keep_rate: float, normalization: str) -> Iterator[LifeViT]:
-    """Temporarily give the model another schedule (same stages) and normalisation."""
-    saved = model.schedule, model.normalization
-    model.schedule, model.normalization = model.schedule_for(keep_rate), normalization  # type: ignore[assignment]
-    try:
-        yield model
-    finally:
-        model.schedule, model.normalization = saved
+def at_keep_rate(model: LifeViT, keep_rate: float, normalization: Normalization) -> Iterator[LifeViT]:
+    """The model at another schedule (same stages) and normalisation (a view: the model is unchanged)."""
+    yield model.at(model.schedule_for(keep_rate), normalization)
 
 
 def _quantiles(values: torch.Tensor) -> dict[str, float]:

@@ -13,6 +13,7 @@ as a weighted softmax, i.e. ``softmax(a + log w)``, which timm's blocks accept a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,14 @@ class LifeViT(nn.Module):
             return self.schedule
         return KeepSchedule.from_keep_rate(keep_rate, self.num_patches, self.depth,
                                            self.schedule.stage_starts)
+
+    def at(self, schedule: KeepSchedule | None = None, normalization: Normalization | None = None) -> LifeViT:
+        """This model (the same modules and weights, shared) with another schedule of the same stages
+        and/or normalisation; the model itself is left as it is."""
+        view = copy.copy(self)  # a shallow copy shares the parameter, buffer and module dicts
+        view.schedule = schedule or self.schedule
+        view.normalization = normalization or self.normalization
+        return view
 
     # -- two halves --------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:

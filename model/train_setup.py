@@ -175,10 +175,7 @@ def quick_eval(model: LifeViT, val: DataSplit, after: str, device: torch.device,
     out: dict[str, Any] = {"after": after}
     out["val_top1_dense"] = round(top1(model.forward_dense, batches)[0], 4)
     if after != "dense":
-        mode = model.normalization
-        model.normalization = "per_image"
-        out["val_top1_life"] = round(top1(lambda x: model(x), batches)[0], 4)
-        model.normalization = mode
+        out["val_top1_life"] = round(top1(model.at(normalization="per_image"), batches)[0], 4)
     if after == "calibrated":
         row = calibrated_row(model, batches, model.schedule.keep_rate or 1.0)
         out["val_top1_life_calibrated"] = round(row.top1, 4)

@@ -155,3 +155,16 @@ def test_rejects_backbones_it_cannot_slim():
     with pytest.raises(ValueError, match="at least 4 blocks"):
         create_lifevit("vit_tiny_patch16_224", img_size=32, depth=3)
     assert isinstance(HeadState(torch.zeros(1), torch.zeros(1)), HeadState)
+
+
+def test_at_is_a_view_with_another_schedule_and_normalization():
+    torch.manual_seed(0)
+    model = create_lifevit("vit_nano_patch8_32", 0.7, num_classes=3).eval()
+    model.calibrate(torch.randn(16, 3, 32, 32))
+    view = model.at(model.schedule_for(0.5), "per_image")
+    assert view.schedule.keep_rate == 0.5 and view.normalization == "per_image"
+    assert model.schedule.keep_rate == 0.7 and model.normalization == "calibrated"  # the model is left alone
+    assert view.backbone is model.backbone and view.life is model.life  # same modules and weights
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(view(x), model.at(normalization="per_image")(x, model.schedule_for(0.5)))
