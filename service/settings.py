@@ -67,9 +67,9 @@ class Settings(BaseSettings):
                               "largest budget in it; unbatched: one image at a time.")
     max_batch_size: int = Field(32, ge=1, description="Most images in one phase-A or phase-B batch.")
     max_delay_ms: float = Field(
-        10.0, ge=0, description="With work_conserving=false: longest an image waits for its batch to fill while "
-                                "the other phase has work queued (an otherwise idle worker runs a batch at once). "
-                                "Work-conserving, batches never wait while the model thread is free.")
+        10.0, ge=0, description="Longest an image waits for its batch to fill while the other phase has work "
+                                "queued (an otherwise idle worker runs a batch at once); no wait with "
+                                "work_conserving=true.")
     max_batch_tokens: int = Field(
         200_000, ge=1, description="Token limit of one phase-B batch (sum over images of the tokens "
                                    "every tail block sees), like TGI's max_batch_total_tokens.")
@@ -89,8 +89,12 @@ class Settings(BaseSettings):
                                "stay within this fraction of those budgets (0: never mix buckets, so an answer "
                                "never depends on what else is queued).")
     work_conserving: bool = Field(
-        True, description="Run the oldest queued batch whenever the model thread is free instead of waiting "
-                          "max_delay_ms for it to fill (false: batches wait while the other phase has work).")
+        False, description="true: run the oldest queued batch whenever the model thread is free instead of letting "
+                           "it fill for up to max_delay_ms while the other phase has work. Off by default: where a "
+                           "call has a large fixed cost, small batches run at once cost more than the wait (2-core "
+                           "machine, embedded model, Poisson arrivals at 160 requests/s: p50 1098 ms and p99 3878 "
+                           "ms work-conserving, 62 ms and 219 ms waiting; closed-loop throughput 231 vs 229 "
+                           "images/s).")
     queue_capacity_images: int = Field(256, ge=1, description="Queued images before 503.")
     queue_capacity_tokens: int = Field(2_000_000, ge=1, description="Queued tail tokens before 503.")
     deadline_ms: float = Field(30_000, gt=0, description="Default per-request deadline; header "
