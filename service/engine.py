@@ -243,6 +243,12 @@ class Engine:
         c, h, w = (int(v) for v in self.config.preprocess.get("input_size", [3, 224, 224]))
         return torch.zeros(rows, c, h, w, dtype=torch.uint8)
 
+    @property
+    def tail_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The counts the tail is captured (and timed) at: the grid's points, or with a stepped grid
+        the default schedule's bucket."""
+        return self.buckets.points or (self.bucket(self.default_schedule.patch_counts),)
+
     def capture(self) -> dict[str, Any]:
         """Capture the head for every batch-size class and the tail for every (grid point, class)."""
         if not self.runner.enabled:
@@ -251,8 +257,7 @@ class Engine:
             pixels = self._example_pixels(1).to(self.device)
             self.runner.capture(("head",), self._head_fn, (pixels,))
             tokens, _ = self._head_fn(pixels)
-            points = self.buckets.points or (self.bucket(self.default_schedule.patch_counts),)
-            for counts in points:
+            for counts in self.tail_shapes:
                 keep = self.model.num_prefix_tokens + counts[0]
                 self.runner.capture(("tail", counts), self._tail_fn(counts), (tokens[:, :keep],))
         return self.runner.describe()
@@ -265,7 +270,7 @@ class Engine:
             items = self.head(self._example_pixels(2), [None, None])
             self.tail(items, self.bucket(items[0].budget))
         timings: list[Timing] = []
-        points = self.buckets.points or (self.bucket(self.default_schedule.patch_counts),)
+        points = self.tail_shapes
         sizes = sorted({1, min(8, self.runner.classes[-1] if self.runner.classes else 8)})
         for rows in sizes:
             for _ in range(2):
