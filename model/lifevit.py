@@ -41,6 +41,35 @@ class HeadState:
         return HeadState(self.tokens[index], self.scores[index])
 
 
+def attention_pad(n: int, device: torch.device) -> int:
+    """Masked tokens to append to a length-``n`` sequence before an attention with an additive mask.
+
+    On CUDA the sequence goes to a multiple of 8, the memory-efficient SDPA kernel's alignment: its
+    output with a bf16 mask has been reported wrong for key lengths 1 mod 32 (pytorch#191937; 65, the
+    8x8-patch 64-px models, is one), and an unaligned mask is padded and copied by the kernel in every
+    block anyway. Elsewhere no padding, so CPU runs keep their exact numbers.
+    """
+    return -n % 8 if device.type == "cuda" else 0
+
+
+def masked_attention_input(x: torch.Tensor, mask_needs_grad: bool) -> tuple[torch.Tensor, int]:
+    """``x [B, N, C]`` made safe for timm's blocks with an additive ``attn_mask``: ``(x', pad)``.
+
+    ``x'`` has ``pad`` zero tokens appended (``attention_pad``; the caller masks them as keys and drops
+    them after the blocks). When only the mask needs a gradient (stage 1: the backbone frozen, the life
+    module trained), ``x'`` is given one too: with no gradient for query, key or value, CUDA's
+    memory-efficient SDPA keeps no log-sum-exp for the backward and fails in it ("LSE is not correctly
+    aligned", pytorch#148476), at any sequence length. The extra gradient is thrown away; on the CPU
+    it changes no number of the life module's.
+    """
+    pad = attention_pad(x.shape[1], x.device)
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    if mask_needs_grad and torch.is_grad_enabled() and not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    return x, pad
+
+
 class LifeViT(nn.Module):
     """Life-regression patch slimming around a timm ``VisionTransformer``.
 
@@ -230,11 +259,14 @@ class LifeViT(nn.Module):
         return x
 
     def _weighted_tail(self, x: torch.Tensor, log_weights: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        x, pad = masked_attention_input(x, log_weights.requires_grad)
         prefix = log_weights.new_zeros(x.shape[0], self.num_prefix_tokens)
+        hidden = log_weights.new_full((x.shape[0], pad), float("-inf"))  # padding is never a key
         for j, blk in enumerate(self.backbone.blocks[self.schedule.first_block :]):
-            bias = torch.cat([prefix, log_weights[j]], dim=1).to(x.dtype)
+            bias = torch.cat([prefix, log_weights[j], hidden], dim=1).to(x.dtype)
             x = blk(x, attn_mask=bias[:, None, None, :])  # [B, 1, 1, N]: same for every head/query
-        return self.backbone.forward_head(self.backbone.norm(x))
+        return self.backbone.forward_head(self.backbone.norm(x[:, :n]))
 
     @torch.no_grad()
     def calibrate(self, images: torch.Tensor | Sequence[torch.Tensor]) -> None:

@@ -39,7 +39,8 @@ def _hot_paths(model: LifeViT, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def test_hot_paths_do_not_wait_for_the_gpu(checkpoints: dict[str, Path], mode: str) -> None:
     """Head, lives, budgets, tail and the training forward only queue kernels: a host sync (``.item()``,
     ``torch.tensor(..., device="cuda")``, a blocking copy) raises under sync debug mode "error"."""
-    model, _ = load_checkpoint(checkpoints[mode], device=CUDA)
+    model, config = load_checkpoint(checkpoints[mode], device=CUDA)
+    classes = len(config.class_names)  # from the checkpoint: the tiny one's class count has changed before
     x = torch.randn(4, 3, 64, 64, device=CUDA)
     _hot_paths(model, x)  # warm-up: lazy initialisation (cuBLAS handles, ...) may synchronise once
     torch.cuda.synchronize()
@@ -49,7 +50,7 @@ def test_hot_paths_do_not_wait_for_the_gpu(checkpoints: dict[str, Path], mode: s
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out["lives"].shape == (4, 64) and out["budgets"].shape == (4, 3)
-    assert out["logits"].shape == out["soft"].shape == (4, 12)
+    assert out["logits"].shape == out["soft"].shape == (4, classes) and classes == model.backbone.num_classes
     assert all(t.device.type == "cuda" for t in out.values())
 
 
