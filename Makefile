@@ -42,8 +42,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/patchlife bench --backbone deit_small_patch16_224 --keep-rate 0.7 --batch-size 32
 
-# On a CUDA machine: the gpu test tier, `patchlife bench --served` at batch 1/16/64/256 and a served load
-# test, as one table (about 5 minutes). NO_INSTALL=1 installs nothing and uses $(PYTHON) as it is (a GPU
+# On a CUDA machine: the gpu test tier, a short bf16 training run, eval against the CPU, `patchlife bench --served`
+# at batch 1/16/64/256 and a served load test, as one table (about 6 minutes). NO_INSTALL=1 installs nothing and uses $(PYTHON) as it is (a GPU
 # machine without registry access): `make gpu-check NO_INSTALL=1 PYTHON=python3`. GPU_CHECK_ARGS passes
 # options on (e.g. GPU_CHECK_ARGS="--json" or "--parts bench,loadtest").
 ifeq ($(NO_INSTALL),1)

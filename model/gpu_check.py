@@ -1,16 +1,20 @@
 """``patchlife gpu-check``: one table for a CUDA machine.
 
-Three parts, each a subprocess of this interpreter (``sys.executable``) run from the repository root
-with a time limit:
+Five parts, each a subprocess of this interpreter (``sys.executable``) run from the repository root
+with a time limit of its own:
 
   * ``tests``:    the gpu test tier, ``pytest -m gpu tests/gpu`` (passed / failed / skipped);
+  * ``train``:    a short ``patchlife train --synthetic`` on CUDA with bf16 autocast: the three stages,
+    calibration and the held-out evaluation, each stage's images/s;
+  * ``eval``:     ``patchlife eval`` of the embedded model on CUDA and on the CPU: every CUDA top-1 must
+    lie in the CPU row's 95% interval;
   * ``bench``:    ``patchlife bench --served --device cuda --dtype auto --json`` at batch 1, 16, 64, 256;
   * ``loadtest``: ``patchlife loadtest --json --modes budget,fifo --duration 10 --clients 32`` against
     servers that pick the GPU (``PATCHLIFE_DEVICE=auto``).
 
 A part that fails, times out or prints nothing readable gets its error in the table; the others still
 run, and the command exits 1 at the end. Without a CUDA device it says so and exits 2 at once. About
-4-6 minutes on one GPU; the time limits below add up to 14.
+6 minutes on one GPU (the synthetic task's images are drawn on the CPU, which bounds ``train``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -31,8 +36,13 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("tests", "bench", "loadtest")
-TIMEOUT_S = {"tests": 300.0, "bench": 90.0, "loadtest": 180.0}  # per subprocess
+PARTS = ("tests", "train", "eval", "bench", "loadtest")
+TIMEOUT_S = {"tests": 300.0, "train": 150.0, "eval": 150.0, "bench": 90.0, "loadtest": 180.0}  # per subprocess
+# ``train``: big enough for every stage to run a few dozen bf16 steps, small enough for about a minute
+TRAIN_ARGS = ["--synthetic", "--backbone", "vit_micro_patch8_64", "--train-size", "4096", "--val-size", "1024",
+              "--batch-size", "128", "--stage0-steps", "30", "--stage1-steps", "30", "--stage2-steps", "30",
+              "--calibrate", "1024", "--device", "cuda", "--amp", "bf16"]
+EVAL_ARGS = ["--synthetic", "--val-size", "1200", "--keep-rates", "0.5,0.7", "--json"]
 
 
 @dataclass
@@ -108,7 +118,7 @@ def parse_json(text: str) -> dict[str, Any] | None:
     return None
 
 
-# --- the three parts ------------------------------------------------------------------------------
+# --- the parts ------------------------------------------------------------------------------------
 def check_tests(run: Runner, env: dict[str, str]) -> list[Check]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "gpu.xml"
@@ -142,6 +152,66 @@ def junit_counts(xml_text: str) -> dict[str, Any]:
     return {"passed": total["tests"] - total["failures"] - total["errors"] - total["skipped"],
             "failed": total["failures"], "skipped": total["skipped"], "errors": total["errors"],
             "failing": failing}
+
+
+def check_train(run: Runner, env: dict[str, str]) -> list[Check]:
+    """One row per stage (images/s, final loss, held-out top-1 after it) and one for calibration."""
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [sys.executable, "-m", "model.cli", "train", *TRAIN_ARGS, "--out", str(Path(tmp) / "run")]
+        out = run(argv, env, TIMEOUT_S["train"])
+        metrics_file = Path(tmp) / "run" / "metrics.json"
+        metrics = parse_json(metrics_file.read_text()) if metrics_file.is_file() else None
+    if out.returncode != 0 or metrics is None:
+        return [Check("train", False, failure(out, TIMEOUT_S["train"]) if out.returncode != 0
+                      else "no metrics.json written", out.seconds)]
+    history = metrics.get("history", [])
+    stages = [h for h in history if "images_per_s" in h]
+    evals = {h.get("after"): h for h in history if "after" in h}
+    rows, seconds = [], out.seconds
+    for h in stages:
+        after = evals.get(h.get("name"), {})
+        top1 = after.get("val_top1_life", after.get("val_top1_dense"))
+        finite = isinstance(h.get("final_loss"), (int, float)) and math.isfinite(h["final_loss"])
+        rows.append(Check(f"train stage {h['stage']} {h['name']}", finite and h["steps"] > 0,
+                          f"{h['images_per_s']:.0f} img/s, final loss {h['final_loss']:.3f}, held-out top-1 "
+                          f"{'-' if top1 is None else f'{100 * top1:.1f}%'}", seconds, h))
+        seconds = None
+    calibrated = evals.get("calibrated", {})
+    top1 = calibrated.get("val_top1_life_calibrated")
+    rows.append(Check("train calibration", top1 is not None and len(stages) == 3,
+                      f"calibrated held-out top-1 {100 * top1:.1f}% ({len(stages)} of 3 stages ran)"
+                      if top1 is not None else f"no calibrated evaluation ({len(stages)} of 3 stages ran)",
+                      seconds, calibrated))
+    return rows
+
+
+def check_eval(run: Runner, env: dict[str, str]) -> Check:
+    """``patchlife eval`` on CUDA against the CPU: the same rows, each CUDA top-1 in the CPU's interval."""
+    tables = {}
+    seconds = 0.0
+    for device in ("cuda", "cpu"):
+        out = run([sys.executable, "-m", "model.cli", "eval", *EVAL_ARGS, "--device", device], env,
+                  TIMEOUT_S["eval"] / 2)
+        seconds += out.seconds
+        body = parse_json(out.stdout)
+        if out.returncode != 0 or body is None:
+            return Check("eval cuda vs cpu", False, f"{device}: {failure(out, TIMEOUT_S['eval'] / 2)}", seconds)
+        tables[device] = {(r["method"], r["keep_rate"], r["mode"]): r for r in body.get("rows", [])}
+    return compare_eval(tables["cuda"], tables["cpu"], seconds)
+
+
+def compare_eval(cuda: dict[tuple[Any, ...], dict[str, Any]], cpu: dict[tuple[Any, ...], dict[str, Any]],
+                 seconds: float | None) -> Check:
+    if not cuda or cuda.keys() != cpu.keys():
+        return Check("eval cuda vs cpu", False, f"different rows: cuda {sorted(map(str, cuda))[:4]}, "
+                     f"cpu {sorted(map(str, cpu))[:4]}", seconds)
+    outside = [f"{'/'.join(map(str, k))}: {100 * r['top1']:.1f}% not in {100 * cpu[k]['ci95'][0]:.1f}-"
+               f"{100 * cpu[k]['ci95'][1]:.1f}" for k, r in cuda.items()
+               if not cpu[k]["ci95"][0] <= r["top1"] <= cpu[k]["ci95"][1]]
+    largest = max(abs(r["top1"] - cpu[k]["top1"]) for k, r in cuda.items())
+    result = (f"{len(cuda)} rows, every CUDA top-1 in the CPU's 95% interval, largest difference "
+              f"{100 * largest:.1f} points" if not outside else "; ".join(outside[:3]))
+    return Check("eval cuda vs cpu", not outside, result, seconds, {"largest_top1_difference": largest})
 
 
 def check_bench(run: Runner, env: dict[str, str], batch_size: int) -> Check:
@@ -196,6 +266,12 @@ def run_checks(parts: Sequence[str], batch_sizes: Sequence[int], duration: float
     if "tests" in parts:
         progress("gpu test tier (pytest -m gpu tests/gpu)")
         checks += check_tests(run, env)
+    if "train" in parts:
+        progress("patchlife train --synthetic on CUDA, bf16, three short stages")
+        checks += check_train(run, env)
+    if "eval" in parts:
+        progress("patchlife eval of the embedded model, CUDA against the CPU")
+        checks.append(check_eval(run, env))
     if "bench" in parts:
         for n in batch_sizes:
             progress(f"patchlife bench --served, batch {n}")

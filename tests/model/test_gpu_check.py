@@ -177,3 +177,32 @@ def test_make_target_without_install_uses_the_given_python() -> None:
     assert p.returncode == 0 and p.stdout.strip() == "PYTHONPATH=. python3 -m model.cli gpu-check"
     p = subprocess.run([*make, "-B", "gpu-check"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "pip install" in p.stdout and p.stdout.strip().endswith("patchlife gpu-check")
+
+
+def _on_the_cpu(argv: list[str], env: dict[str, str], timeout: float) -> Output:
+    """The real train/eval commands, moved to the CPU and shrunk: the parts read what the commands write."""
+    swap = {"cuda": "cpu", "bf16": "off", "4096": "256", "1024": "64", "1200": "96", "30": "2", "128": "32",
+            "0.5,0.7": "0.7"}
+    argv = [swap.get(a, a) for a in argv]
+    return run_subprocess(argv, env, timeout)
+
+
+def test_train_and_eval_parts_read_the_real_commands_outputs() -> None:
+    checks = run_checks(["train", "eval"], [1], 10.0, run=_on_the_cpu)
+    assert [c.name for c in checks] == ["train stage 0 dense", "train stage 1 life", "train stage 2 tail",
+                                        "train calibration", "eval cuda vs cpu"]
+    assert all(c.ok for c in checks), table(checks, "t")
+    assert re.match(r"\d+ img/s, final loss \d+\.\d{3}, held-out top-1 \d+\.\d%", checks[1].result)
+    assert checks[3].result.startswith("calibrated held-out top-1 ")
+    assert checks[4].result.endswith("largest difference 0.0 points")  # the CPU twice: the same numbers
+
+
+def test_eval_outside_the_cpus_interval_fails_the_part() -> None:
+    row = {"top1": 0.90, "ci95": (0.88, 0.92)}
+    cpu = {("life", 0.7, "fixed"): row, ("dense", 1.0, "dense"): row}
+    near = {("life", 0.7, "fixed"): {**row, "top1": 0.915}, ("dense", 1.0, "dense"): row}
+    assert gpu_check.compare_eval(near, cpu, 1.0).ok
+    far = {**near, ("dense", 1.0, "dense"): {**row, "top1": 0.85}}
+    check = gpu_check.compare_eval(far, cpu, 1.0)
+    assert not check.ok and check.result == "dense/1.0/dense: 85.0% not in 88.0-92.0"
+    assert not gpu_check.compare_eval({("life", 0.7, "fixed"): row}, cpu, 1.0).ok  # a row missing
