@@ -41,6 +41,7 @@ GAUGES: dict[str, tuple[str, dict[str, str]]] = {
     f"cost_{phase}_{part}": (f"patchlife_cost_model_{name}_seconds", {"phase": phase})
     for phase in ("head", "tail") for part, name in (("fixed", "fixed"), ("unit", "unit"))
 }
+BUSY_WARNING = 0.70  # share of one core a load-generating process may use before its figures are suspect
 IDLE_TARGET = 1.25  # idle p50 latency within 25% of the server's batch-1 compute + decode
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 _SUFFIXES = ("_sum", "_count", "_bucket")
@@ -332,6 +333,11 @@ def table(body: dict[str, Any]) -> str:
         if (o := r.get("open_loop")) is not None:
             lines.append(f"open loop {mode}: {o['rate_per_s']:.1f} req/s offered, p50 {o['p50_ms']:.1f} ms, "
                          f"p99 {o['p99_ms']:.1f} ms (p99/p50 {o['p99_over_p50']}), errors {o['errors']}")
+    for mode, r in body["modes"].items():
+        if (busy := r.get("client_busy_max")) is not None and busy > BUSY_WARNING:
+            lines.append(f"WARNING {mode}: a load-generating process was busy {100 * busy:.0f}% of a core "
+                         f"(over {100 * BUSY_WARNING:.0f}%): the client may be the bottleneck; add --processes "
+                         "or use --driver wrk")
     if (pairs := body.get("budget_over_fifo")) is not None:
         lines.append("budget/fifo per pair: " + ", ".join(f"{x:.3f}" for x in pairs["per_pair"])
                      + f"; median {_fmt(pairs['median'], '.3f')}")

@@ -54,6 +54,7 @@ from PIL import Image
 
 from . import loadreport as report
 from .child import serve_child
+from .loaddrive import ProcessDriver, busy_share, run_wrk, wrk_available
 
 MODES = ("budget", "fifo", "unbatched")
 Mix = list[tuple[bytes, float | None]]  # (PNG, keep rate), one per image
@@ -227,38 +228,94 @@ def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | N
         yield Served(child.url, child.proc.pid)
 
 
+@dataclass
+class Snapshot:
+    """The server's counters, the machine's CPU times and the server process's CPU time at one moment."""
+
+    metrics: dict[str, float]
+    cpu: Any
+    server_s: float | None
+
+    @staticmethod
+    async def take(client: httpx.AsyncClient, pid: int | None) -> Snapshot:
+        return Snapshot(await scrape(client), report.read_cpu_times(), report.process_cpu_s(pid))
+
+    @staticmethod
+    def take_blocking(url: str, pid: int | None) -> Snapshot:
+        """The same from a thread without an event loop (between the client processes' warm-up and start)."""
+        try:
+            metrics = report.parse_metrics(httpx.get(url + "/metrics", timeout=10).text)
+        except httpx.HTTPError:
+            metrics = {}
+        return Snapshot(metrics, report.read_cpu_times(), report.process_cpu_s(pid))
+
+
+async def _closed(client: httpx.AsyncClient, url: str, payloads: list[LoadRequest], args: argparse.Namespace,
+                  pid: int | None, driver: ProcessDriver | None) -> tuple[dict[str, Any], int, float, Snapshot]:
+    """The measured closed loop by the chosen driver: (its summary, images, seconds, the snapshot before)."""
+    loop = asyncio.get_running_loop()
+    if driver is not None:
+        snap: list[Snapshot] = []
+        closed, busy = await loop.run_in_executor(None, lambda: driver.run(
+            url, payloads, args.clients, args.warmup, args.requests, args.duration, args.timeout,
+            between=lambda: snap.append(Snapshot.take_blocking(url, pid))))
+        return {**closed.summary(), **_busy(busy)}, closed.images, closed.elapsed_s, snap[0]
+    await closed_loop(client, payloads, args.clients, args.warmup, 1e9)
+    before = await Snapshot.take(client, pid)
+    if args.driver == "wrk":
+        p = payloads[0]
+        w = await loop.run_in_executor(None, lambda: run_wrk(url, p.path, p.body, p.headers["content-type"],
+                                                             args.clients, args.duration))
+        requests = w.get("requests", 0)
+        images = (requests - w["non_2xx"]) * p.images
+        summary = {"images_per_s": round(images / w["elapsed_s"], 2), "requests_per_s": w.get("requests_per_s"),
+                   "p50_ms": w.get("p50_ms"), "p95_ms": None, "p99_ms": w.get("p99_ms"),
+                   "errors": w["non_2xx"] + w["socket_errors"], "requests": requests, "images": images,
+                   "client_cpu_ms_per_request": round(1000 * w["client_cpu_s"] / requests, 3) if requests else None,
+                   **_busy([busy_share(w["client_cpu_s"], w["elapsed_s"])])}
+        return summary, images, w["elapsed_s"], before
+    closed = await closed_loop(client, payloads, args.clients, args.requests, args.duration, start=args.warmup)
+    return ({**closed.summary(), **_busy([busy_share(closed.client_cpu_s, closed.elapsed_s)])}, closed.images,
+            closed.elapsed_s, before)
+
+
+def _busy(shares: list[float | None]) -> dict[str, Any]:
+    known = [b for b in shares if b is not None]
+    return {"client_processes": len(shares), "client_busy_max": max(known) if known else None}
+
+
 async def measure(url: str, payloads: list[LoadRequest], args: argparse.Namespace,
-                  transport: httpx.AsyncBaseTransport | None = None, pid: int | None = None) -> dict[str, Any]:
+                  transport: httpx.AsyncBaseTransport | None = None, pid: int | None = None,
+                  driver: ProcessDriver | None = None) -> dict[str, Any]:
     """One pass: warm-up, closed loop (with /metrics, /proc/stat and the server's CPU time before and
     after), then the server's batching info, optional open loop, optional idle single requests.
 
     One keep-alive client for all of it: connections are opened during the warm-up and reused.
-    ``pid``: the server's process, when this process started it.
+    ``pid``: the server's process, when this process started it. ``driver``: client processes that
+    run the closed loop instead of this process (``--processes``).
     """
     limits = httpx.Limits(max_connections=max(args.clients, 1) * 4, max_keepalive_connections=max(args.clients, 1) * 4)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits, transport=transport) as client:
-        await closed_loop(client, payloads, args.clients, args.warmup, 1e9)
-        before, cpu_before, server_before = await scrape(client), report.read_cpu_times(), report.process_cpu_s(pid)
-        closed = await closed_loop(client, payloads, args.clients, args.requests, args.duration, start=args.warmup)
+        summary, images, elapsed, before = await _closed(client, url, payloads, args, pid, driver)
         cpu_after, server_after, after = report.read_cpu_times(), report.process_cpu_s(pid), await scrape(client)
-        result = {**closed.summary(), **report.explain(report.deltas(before, after), closed.elapsed_s)}
-        result["cpu_idle"] = report.idle_share(cpu_before, cpu_after)  # the whole machine's, at saturation
-        server_s = server_after - server_before if server_after is not None and server_before is not None else None
-        result["server_cpu_ms_per_image"] = round(1000.0 * server_s / closed.images, 3) \
-            if server_s is not None and closed.images else None
+        result = {**summary, **report.explain(report.deltas(before.metrics, after), elapsed)}
+        result["cpu_idle"] = report.idle_share(before.cpu, cpu_after)  # the whole machine's, at saturation
+        server_s = server_after - before.server_s if server_after is not None and before.server_s is not None else None
+        result["server_cpu_ms_per_image"] = round(1000.0 * server_s / images, 3) if server_s is not None and images \
+            else None
         result["batching"] = info = await batching(client)
         if info is not None and info.get("cost_model") is None:
             info["cost_model"] = report.cost_model_from_gauges(after)
-        if args.rate_fraction > 0 and closed.latencies_s:
-            result["open_loop"] = await _open_loop_pass(client, payloads, args, closed)
+        if args.rate_fraction > 0 and summary["requests_per_s"]:
+            result["open_loop"] = await _open_loop_pass(client, payloads, args, summary["requests_per_s"])
         if args.idle_requests > 0:
             result["idle"] = await idle_requests(client, payloads, args.idle_requests)
         return result
 
 
 async def _open_loop_pass(client: httpx.AsyncClient, payloads: list[LoadRequest], args: argparse.Namespace,
-                          closed: Pass) -> dict[str, Any]:
-    rate = args.rate_fraction * len(closed.latencies_s) / closed.elapsed_s  # requests/s
+                          closed_requests_per_s: float) -> dict[str, Any]:
+    rate = args.rate_fraction * closed_requests_per_s  # requests/s
     opened = (await open_loop(client, payloads, rate, args.requests, args.duration)).summary()
     return {"rate_per_s": round(rate, 2), **{k: opened[k] for k in ("images_per_s", "p50_ms", "p95_ms", "p99_ms",
                                                                       "errors")},
@@ -353,14 +410,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-requests", type=int, default=0,
                    help="after each pass, send this many single-image requests one at a time to the idle server "
                         "and compare their p50 with the server's batch-1 compute + decode (0: off)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="client processes sharing --clients (1: this process drives the load); the table warns "
+                        "when one was busy over 70%% of a core")
+    p.add_argument("--driver", choices=("httpx", "wrk"), default="httpx",
+                   help="wrk: the wrk tool (if installed) sends the first request of the mix, prebuilt, for the "
+                        "closed-loop maximum; httpx: this tool's own clients (every request of the mix)")
     p.add_argument("--json", action="store_true", help="print only a JSON object (medians and every pass)")
 
 
-def _one_pass(mode: str, payloads: list[LoadRequest], args: argparse.Namespace) -> dict[str, Any]:
+def _one_pass(mode: str, payloads: list[LoadRequest], args: argparse.Namespace,
+              driver: ProcessDriver | None = None) -> dict[str, Any]:
     if args.url:
-        return asyncio.run(measure(args.url.rstrip("/"), payloads, args))
+        return asyncio.run(measure(args.url.rstrip("/"), payloads, args, driver=driver))
     with server(mode, args.checkpoint, args.startup_timeout, args.torch_threads) as served:
-        return asyncio.run(measure(served.url, payloads, args, pid=served.pid))
+        return asyncio.run(measure(served.url, payloads, args, pid=served.pid, driver=driver))
 
 
 def _offline_reference(payloads: list[LoadRequest], args: argparse.Namespace) -> float:
@@ -374,8 +438,12 @@ def _offline_reference(payloads: list[LoadRequest], args: argparse.Namespace) ->
 def _check(args: argparse.Namespace, modes: list[str]) -> str | None:
     if unknown := sorted(set(modes) - set(MODES)):
         return f"unknown modes {unknown}; choose from {list(MODES)}"
-    if min(args.images_per_request, args.clients, args.mix_size, args.repeat) < 1:
-        return "--images-per-request, --clients, --mix-size and --repeat must be >= 1"
+    if min(args.images_per_request, args.clients, args.mix_size, args.repeat, args.processes) < 1:
+        return "--images-per-request, --clients, --mix-size, --repeat and --processes must be >= 1"
+    if args.driver == "wrk" and not wrk_available():
+        return "--driver wrk needs the wrk tool on PATH (Debian: apt-get install wrk)"
+    if args.driver == "wrk" and args.processes > 1:
+        return "--driver wrk and --processes exclude each other (wrk is one process with its own threads)"
     return None
 
 
@@ -387,14 +455,16 @@ def run(args: argparse.Namespace) -> int:
     payloads = make_requests(make_mix(args.mix_size, args.keep_rates), args.images_per_request)
     order = ["server"] * args.repeat if args.url else report.pass_order(modes, args.repeat)
     passes: dict[str, list[dict[str, Any]]] = {}
-    for i, mode in enumerate(order):
-        if not args.json:
-            print(f"[pass {i + 1}/{len(order)}: {mode}] ...", file=sys.stderr)
-        try:
-            passes.setdefault(mode, []).append(_one_pass(mode, payloads, args))
-        except RuntimeError as exc:
-            print(f"patchlife loadtest: {exc}", file=sys.stderr)
-            return 1
+    with contextlib.ExitStack() as stack:
+        driver = stack.enter_context(ProcessDriver(args.processes)) if args.processes > 1 else None
+        for i, mode in enumerate(order):
+            if not args.json:
+                print(f"[pass {i + 1}/{len(order)}: {mode}] ...", file=sys.stderr)
+            try:
+                passes.setdefault(mode, []).append(_one_pass(mode, payloads, args, driver))
+            except RuntimeError as exc:
+                print(f"patchlife loadtest: {exc}", file=sys.stderr)
+                return 1
     results = {mode: report.combine(ps) for mode, ps in passes.items()}
     body: dict[str, Any] = {"order": order, "modes": results, "budget_over_fifo": report.pair_ratios(results)}
     if args.offline:

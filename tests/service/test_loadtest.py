@@ -265,7 +265,8 @@ def _scripted_passes(monkeypatch: pytest.MonkeyPatch, rates: list[float]) -> lis
         started.append(mode)
         yield loadtest.Served(f"http://{mode}", None)
 
-    async def fake_measure(url: str, payloads: object, a: object, pid: int | None = None) -> dict[str, object]:
+    async def fake_measure(url: str, payloads: object, a: object, pid: int | None = None,
+                           driver: object = None) -> dict[str, object]:
         rate = rates[len(started) - 1] if started else rates[0]
         return {"images_per_s": rate, "p50_ms": 1.0, "p95_ms": 1.0, "p99_ms": 1.0, "errors": 0,
                 "waste_ratio": None, "merged_share": None, "batching": None, "url": url}
