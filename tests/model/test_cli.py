@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
+from ops_support import REPO
 
 from model import cli
 from model.layout import DEFAULT_CHECKPOINT, METRICS_FILE
-from ops_support import REPO
 
 HEAVY = ("torch", "timm", "fastapi", "uvicorn")
 IMPORTED_BY_HELP = """
