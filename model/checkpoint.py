@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from .backbones import create_backbone, preprocess_config
-from .layout import CONFIG_FILE, WEIGHTS_FILE
+from .layout import CONFIG_FILE, DEFAULT_CHECKPOINT, WEIGHTS_FILE  # noqa: F401  (re-exported)
 from .life import Normalization
 from .lifevit import LifeViT
 from .schedule import KeepSchedule
