@@ -19,6 +19,7 @@ Rules (documented in docs/api.md):
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -58,8 +59,8 @@ def _open(data: bytes, max_pixels: int, source: str) -> Image.Image:
         raise BadImage(f"{source}: empty file")
     try:
         im = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-    except Image.DecompressionBombError:
-        raise TooManyPixels(too_many_pixels(source, max_pixels)) from None
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(too_many_pixels(source, max_pixels, bomb=exc)) from None
     except UnidentifiedImageError:
         _refuse_multipage_tiff(data, source, "Pillow does not recognise it")
         raise BadImage(f"{source}: not a supported image (JPEG, PNG, GIF, BMP, TIFF or WebP)") from None
@@ -74,9 +75,12 @@ def _open(data: bytes, max_pixels: int, source: str) -> Image.Image:
     return im
 
 
-def too_many_pixels(source: str, max_pixels: int, size: tuple[int, int] | None = None) -> str:
-    """The 413 message: the size when the header gave it, and the limit in words."""
-    what = f"{size[0]}x{size[1]} pixels, " if size else ""
+def too_many_pixels(source: str, max_pixels: int, size: tuple[int, int] | None = None,
+                    bomb: Exception | None = None) -> str:
+    """The 413 message: the size (from the header, or from Pillow's own guard) and the limit in words."""
+    counted = re.search(r"\((\d+) pixels\)", str(bomb)) if bomb is not None else None
+    what = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, " if size else (
+        f"{int(counted.group(1)):,} pixels, " if counted else "")
     return (f"{source}: {what}larger than the {max_pixels:,}-pixel limit of this server "
             "(PATCHLIFE_MAX_IMAGE_PIXELS); send a smaller image")
 
@@ -130,8 +134,8 @@ def decode_image(data: bytes, max_pixels: int, *, min_side: int | None = None,
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # honours the EXIF orientation tag
         rgb = to_rgb(im)
-    except Image.DecompressionBombError:
-        raise TooManyPixels(too_many_pixels(source, max_pixels)) from None
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(too_many_pixels(source, max_pixels, bomb=exc)) from None
     except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, ...
         _refuse_multipage_tiff(data, source, f"{type(exc).__name__}: {exc}")
         raise BadImage(f"{source}: could not decode the image ({type(exc).__name__}: {exc})") from None

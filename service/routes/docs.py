@@ -38,6 +38,17 @@ def assets_dir() -> Path | None:
 
 ASSETS = assets_dir()
 SWAGGER_PARAMETERS = {"validatorUrl": None}  # Swagger UI would ask validator.swagger.io about the spec
+# Both pages may load from this server only (ReDoc's sidebar would fetch a logo from its CDN). Their
+# bootstrap script and the styles their bundles inject are inline; ReDoc's search runs in a blob: worker.
+DOCS_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                                           "style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+                                           "worker-src 'self' blob:; object-src 'none'; base-uri 'none'",
+                "X-Content-Type-Options": "nosniff"}
+
+
+def _with_headers(response: HTMLResponse) -> HTMLResponse:
+    response.headers.update(DOCS_HEADERS)
+    return response
 
 
 def _base(request: Request) -> str:
@@ -47,20 +58,22 @@ def _base(request: Request) -> str:
 @router.get("/docs", include_in_schema=False)
 def swagger_ui(request: Request) -> HTMLResponse:
     base, extra = _base(request), request.app.swagger_ui_parameters or {}
-    return get_swagger_ui_html(openapi_url=f"{base}{request.app.openapi_url}",
+    return _with_headers(get_swagger_ui_html(openapi_url=f"{base}{request.app.openapi_url}",
                                title=f"{request.app.title}: API (Swagger UI)",
                                swagger_js_url=f"{base}{ASSETS_URL}/swagger-ui-bundle.js",
                                swagger_css_url=f"{base}{ASSETS_URL}/swagger-ui.css",
                                swagger_favicon_url=f"{base}{ASSETS_URL}/favicon.png",
-                               swagger_ui_parameters={**SWAGGER_PARAMETERS, **extra})
+                               swagger_ui_parameters={**SWAGGER_PARAMETERS, **extra}))
 
 
 @router.get("/redoc", include_in_schema=False)
 def redoc(request: Request) -> HTMLResponse:
     base = _base(request)
-    return get_redoc_html(openapi_url=f"{base}{request.app.openapi_url}", title=f"{request.app.title}: API (ReDoc)",
-                          redoc_js_url=f"{base}{ASSETS_URL}/redoc.standalone.js",
-                          redoc_favicon_url=f"{base}{ASSETS_URL}/favicon.png", with_google_fonts=False)
+    return _with_headers(get_redoc_html(openapi_url=f"{base}{request.app.openapi_url}",
+                                        title=f"{request.app.title}: API (ReDoc)",
+                                        redoc_js_url=f"{base}{ASSETS_URL}/redoc.standalone.js",
+                          redoc_favicon_url=f"{base}{ASSETS_URL}/favicon.png",
+                                        with_google_fonts=False))
 
 
 @router.get(ASSETS_URL + "/{name}", include_in_schema=False)
