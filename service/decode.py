@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
@@ -88,14 +89,17 @@ def too_many_pixels(source: str, max_pixels: int, size: tuple[int, int] | None =
 def tiff_pages(data: bytes, most: int = 2) -> int:
     """How many pages (IFDs) a TIFF or BigTIFF has, counted up to ``most`` from the offsets alone;
     0 when ``data`` is not a TIFF."""
-    order = {b"II": "<", b"MM": ">"}.get(data[:2])
-    if order is None or len(data) < 8:
+    endian: Literal["little", "big"]
+    if data[:2] == b"II":
+        endian = "little"
+    elif data[:2] == b"MM":
+        endian = "big"
+    else:
         return 0
-    magic = int.from_bytes(data[2:4], "little" if order == "<" else "big")
+    magic = int.from_bytes(data[2:4], endian)
     big = magic == 43
-    if magic not in (42, 43):
+    if magic not in (42, 43) or len(data) < 8:
         return 0
-    endian = "little" if order == "<" else "big"
     off_size, count_size, entry_size = (8, 8, 20) if big else (4, 2, 12)
     start = 8 if big else 4
     offset, pages = int.from_bytes(data[start:start + off_size], endian), 0

@@ -8,7 +8,8 @@
 const ANCHORS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 const OVERLAY_ALPHA = 0.55;  // colour over photo, as the server's /explain PNG
 const PATCH_HINT = "Colour: how many layers a patch lives. From the life module on, each stage runs " +
-  "the patches with the longest lives, as many as the budget kept; the others are dimmed. " +
+  "the patches with the longest lives, as many as the budget kept; patches only its batch ran are " +
+  "half-dimmed, the others dimmed. " +
   "Point at a patch to read its life.";
 
 function colour(t) {
