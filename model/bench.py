@@ -20,7 +20,7 @@ import torch
 
 from .baselines import oracle_forward, topk_forward
 from .checkpoint import create_lifevit, load_checkpoint
-from .device import DTYPES, resolve_device, resolve_dtype
+from .device import resolve_device, resolve_dtype
 from .flops import dense_gflops, slimmed_gflops
 from .lifevit import LifeViT
 
@@ -99,24 +99,6 @@ def run_bench(args: argparse.Namespace) -> list[Variant]:
     med = {n: statistics.median(ts) for n, ts in times.items()}
     return [Variant(n, round(flops[n], 6), round(args.batch_size / med[n], 2), round(1e3 * med[n], 2),
                     round(med["dense"] / med[n], 3), round(med["oracle"] / med[n], 3)) for n in fns]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="deit_small_patch16_224", help="timm name or small config")
-    p.add_argument("--checkpoint", default=None, help="a patchlife checkpoint instead of --backbone")
-    p.add_argument("--pretrained", default=None, help="local weights file (speed does not depend on it)")
-    p.add_argument("--keep-rate", type=float, default=0.7)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: bfloat16 on a GPU that supports it, else float32")
-    p.add_argument("--served", action="store_true",
-                   help="time the service's engine as the server runs it (uint8 input, bucket grid, padding, "
-                        "CUDA graphs on a GPU) beside dense run the same way (graphed)")
-    p.add_argument("--no-graphs", action="store_true", help="--served: run both eagerly (PATCHLIFE_CUDA_GRAPHS=off)")
-    p.add_argument("--rounds", type=int, default=7, help="timed calls per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", action="store_true", help="print only a JSON object on stdout")
 
 
 def run(args: argparse.Namespace) -> int:

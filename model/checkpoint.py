@@ -17,14 +17,12 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from .backbones import create_backbone, preprocess_config
+from .layout import CONFIG_FILE, DEFAULT_CHECKPOINT, WEIGHTS_FILE  # noqa: F401  (re-exported)
 from .life import Normalization
 from .lifevit import LifeViT
 from .schedule import KeepSchedule
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-# The embedded default model (made by `patchlife ensure-default`, shipped in the package).
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "default"
 
 
 @dataclass

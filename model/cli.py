@@ -1,7 +1,10 @@
-"""The ``patchlife`` command. Each subcommand lives in its own module, imported only when used,
-so ``patchlife bench`` never loads the web stack and ``patchlife serve`` never loads training code.
+"""The ``patchlife`` command. Each subcommand's code is imported only when it runs, so that
+``patchlife --help``, ``patchlife CMD --help`` and ``patchlife --version`` never import torch (or the
+web stack), and ``patchlife bench`` never loads training code.
 
-A subcommand module provides ``add_arguments(parser)`` and ``run(args) -> int``.
+A command is one :class:`Command` row: the module holding ``run(args) -> int`` and where its options
+are defined: a torch-free function (``model/options.py``) for modules that import torch at the top,
+else the module's own ``add_arguments(parser)``.
 """
 
 from __future__ import annotations
@@ -9,23 +12,67 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("service.serve", "run the HTTP service"),
-    "bench": ("model.bench", "time dense vs LifeViT vs oracle truncation vs attention top-k"),
-    "train": ("model.train", "two-stage life-regression training"),
-    "eval": ("model.evaluate", "accuracy/GFLOPs/speed table against random and top-k token choice"),
-    "ensure-default": ("model.default_model", "train the embedded default model if it is missing"),
-    "loadtest": ("service.loadtest", "closed-loop load test: budget vs FIFO vs unbatched"),
-    "bench-overhead": ("service.overhead", "single-request overhead of the service vs batch-1 compute"),
-    "gpu-check": ("model.gpu_check", "on a CUDA machine: the gpu tests, bench and a load test, in one table"),
+from . import options
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str  # provides run(args) -> int (and add_arguments(parser) when options is None)
+    help: str
+    options: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+COMMANDS: dict[str, Command] = {
+    "serve": Command("service.serve", "run the HTTP service", options.serve),
+    "bench": Command("model.bench", "time dense vs LifeViT vs oracle truncation vs attention top-k", options.bench),
+    "train": Command("model.train", "two-stage life-regression training", options.train),
+    "eval": Command("model.evaluate", "accuracy/GFLOPs/speed table against random and top-k token choice",
+                    options.evaluate),
+    "ensure-default": Command("model.default_model", "train the embedded default model if it is missing"),
+    "loadtest": Command("service.loadtest", "closed-loop load test: budget vs FIFO vs unbatched"),
+    "bench-overhead": Command("service.overhead", "single-request overhead of the service vs batch-1 compute",
+                              options.bench_overhead),
+    "gpu-check": Command("model.gpu_check", "on a CUDA machine: the gpu tests, bench and a load test, in one table"),
 }
 
 
+def package_version() -> str:
+    try:
+        return version("patchlife")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none (None, or a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and "%(default)" not in text and "default:" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _usage() -> str:
-    lines = ["usage: patchlife COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines = ["usage: patchlife COMMAND [options]    (patchlife COMMAND --help: its options)", "", "commands:"]
+    lines += [f"  {name:<15} {c.help}" for name, c in COMMANDS.items()]
+    lines += ["", "  --version       print patchlife's version", "  -h, --help      this list"]
     return "\n".join(lines)
+
+
+def parser_for(name: str) -> argparse.ArgumentParser:
+    """The command's argument parser, built without importing its module when its options are
+    defined torch-free (every command of this table today)."""
+    command = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"patchlife {name}", description=command.help, formatter_class=_Formatter)
+    add = command.options or importlib.import_module(command.module).add_arguments
+    add(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,14 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"patchlife {package_version()}")
+        return 0
     name = argv[0]
     if name not in COMMANDS:
         print(f"patchlife: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"patchlife {name}", description=COMMANDS[name][1])
-    module.add_arguments(parser)
-    return int(module.run(parser.parse_args(argv[1:])) or 0)
+    args = parser_for(name).parse_args(argv[1:])  # --help exits here, before the command's code loads
+    module = importlib.import_module(COMMANDS[name].module)
+    return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CONFIG_FILE, DEFAULT_CHECKPOINT, WEIGHTS_FILE
+from .layout import CONFIG_FILE, DEFAULT_CHECKPOINT, METRICS_FILE, WEIGHTS_FILE
 
 # The exact training command of the shipped checkpoint (plus --out).
 RECIPE: list[str] = [
@@ -116,12 +116,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else (
         DEFAULT_CHECKPOINT if variant == "default" else Path("out") / variant)
     if exists(out) and not args.force:
-        metrics = out / "metrics.json"
-        how = ""
-        if metrics.is_file():
-            body = json.loads(metrics.read_text())
-            how = f", trained by `{body.get('command', '?')}` in {body.get('wall_seconds', '?')} s"
-        print(f"patchlife: the {variant} model exists at {out}{how}")
+        print(f"patchlife: the {variant} model exists at {_rel(out)}; {provenance(out)}")
         return 0
     from . import train  # training code only when needed
 
@@ -157,6 +152,34 @@ def run(args: argparse.Namespace) -> int:
     if variant == "default":
         write_examples(out)
     return 0
+
+
+def provenance(out: Path) -> str:
+    """What ``metrics.json`` says about how the model at ``out`` was made, in one sentence.
+
+    The shipped default model was trained in two steps (stage 0 saved with ``--save-dense``, then
+    stages 1-2 ``--init-from`` it); ``one_command_run`` records the whole recipe run again in one go,
+    which gave the same weights: that is the command and the time a clone would see.
+    """
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return f"it has no {METRICS_FILE}, so how it was trained is not recorded"
+    body = json.loads(path.read_text())
+    what = body.get("description") or body.get("name", "")
+    whole = body.get("one_command_run")
+    if whole:
+        cpu, threads = whole.get("process_cpu_seconds"), whole.get("threads")
+        took = f"{whole['wall_seconds']:.0f} s wall" + (f", {cpu:.0f} s CPU" if cpu else "") + (
+            f" on {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+        same = " and gave these weights bit for bit" if whole.get("bit_identical_weights") else ""
+        return (f"{what}\n  Trained from scratch by this command's recipe (model/default_model.py); the whole "
+                f"recipe, run in one go as `{whole['command']}`, took {took}{same}.\n"
+                f"  Its training step: `{whole['train_command']}`")
+    how = f"trained by `{body.get('command', '?')}` in {body.get('wall_seconds', '?')} s"
+    dense = body.get("dense_from")
+    if dense:
+        how += f", starting from the dense weights of `{dense.get('command', '?')}` (its time not included)"
+    return f"{what}\n  {how}."
 
 
 def record_dense_provenance(out: Path, dense_from: Path) -> None:

@@ -35,10 +35,11 @@ from .device import resolve_device
 from .flops import dense_gflops, slimmed_gflops
 from .life import Normalization
 from .lifevit import LifeViT
+from .options import EVAL_KEEP_RATES as KEEP_RATES
+from .options import evaluate as add_arguments  # noqa: F401  (torch-free, for --help)
 from .schedule import BucketGrid
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-KEEP_RATES = (0.3, 0.5, 0.7, 0.9)
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -220,21 +221,6 @@ def evaluate_model(model: LifeViT, batches: Batches, keep_rates: Sequence[float]
 
 
 # --- command line -----------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: embedded model)")
-    p.add_argument("--data", type=Path, default=None, help="ImageFolder root: evaluates its val/ split")
-    p.add_argument("--synthetic", action="store_true", help="the synthetic task's held-out split")
-    p.add_argument("--val-size", type=int, default=None, help="synthetic: held-out images")
-    p.add_argument("--seed", type=int, default=None, help="synthetic: data seed (default: the training one)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
-    p.add_argument("--keep-rates", default=",".join(map(str, KEEP_RATES)), help="comma-separated keep rates")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--buckets", type=int, default=8,
-                   help="calibrated mode: points of the bucket grid fitted to the model's budgets (as served)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--json", action="store_true", help="print only the JSON object on stdout")
-
-
 def held_out_split(args: argparse.Namespace, cfg: LifeViTConfig) -> tuple[DataSplit, str]:
     """The split to evaluate and a one-line description of it."""
     spec = dict(cfg.metadata.get("data", {}))

@@ -23,7 +23,7 @@ from .context import RequestContextMiddleware
 from .engine import Engine
 from .errors import install_error_handlers
 from .metrics import HttpMetricsMiddleware, Metrics, PrometheusHooks
-from .routes import classify, explain, health, metrics, models, ui, v2
+from .routes import classify, docs, explain, health, metrics, models, ui, v2
 from .routes.common import Runtime
 from .settings import Settings, get_settings
 from .worker import Worker
@@ -119,14 +119,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if rt.worker is not None:
                 await rt.worker.stop()
 
-    app = FastAPI(title="patchlife", version=package_version(), lifespan=lifespan,
+    app = FastAPI(title="patchlife", version=package_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   summary="Vision transformers that slim their patches by life regression, served with "
                           "token-budget batching.")
     app.state.runtime = rt
     install_error_handlers(app, rt.metrics.reject)
     app.add_middleware(HttpMetricsMiddleware, metrics=rt.metrics)
     app.add_middleware(RequestContextMiddleware, in_flight=rt.in_flight)  # outermost: arrival stamped first
-    for module in (classify, explain, health, models, metrics, ui):
+    for module in (classify, explain, health, models, metrics, ui, docs):  # docs: /docs, /redoc offline
         app.include_router(module.router)
     app.include_router(v2.router)  # Open Inference Protocol v2 (KServe, Triton clients)
     return app

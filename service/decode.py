@@ -7,7 +7,8 @@ Rules (documented in docs/api.md):
   * Bytes that are not a decodable JPEG/PNG/GIF/BMP/TIFF/WebP (unknown format, truncated, corrupt)
     are 400. Only these Pillow plugins are tried, to keep the attack surface small.
   * The pixel count is checked from the header, before any pixel is decoded: over the limit is 413.
-  * EXIF orientation is applied; the first frame of animations and multi-page files is used; CMYK,
+  * EXIF orientation is applied; the first frame of animations and multi-page files is used (a
+    multi-page TIFF whose first page cannot be read is refused as such, not as "not an image"); CMYK,
     palette, 1-bit, 16/32-bit integer and float images become 8-bit RGB (high bit depths scaled,
     not clipped); transparency is composited over white.
   * Extreme aspect ratios are centre-cropped to at most ``MAX_ASPECT``:1 before preprocessing. The
@@ -18,7 +19,9 @@ Rules (documented in docs/api.md):
 from __future__ import annotations
 
 import io
+import re
 import warnings
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
@@ -58,18 +61,61 @@ def _open(data: bytes, max_pixels: int, source: str) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise TooManyPixels(f"{source}: {exc}") from None
+        raise TooManyPixels(too_many_pixels(source, max_pixels, bomb=exc)) from None
     except UnidentifiedImageError:
+        _refuse_multipage_tiff(data, source, "Pillow does not recognise it")
         raise BadImage(f"{source}: not a supported image (JPEG, PNG, GIF, BMP, TIFF or WebP)") from None
     except Exception as exc:  # Pillow raises many types on crafted headers
+        _refuse_multipage_tiff(data, source, f"{type(exc).__name__}: {exc}")
         raise BadImage(f"{source}: unreadable image header ({type(exc).__name__}: {exc})") from None
     width, height = im.size
     if width * height > max_pixels:
-        raise TooManyPixels(f"{source}: {width}x{height} = {width * height} pixels, over the limit of "
-                            f"{max_pixels} (PATCHLIFE_MAX_IMAGE_PIXELS)")
+        raise TooManyPixels(too_many_pixels(source, max_pixels, (width, height)))
     if width < 1 or height < 1:
         raise BadImage(f"{source}: image has no pixels ({width}x{height})")
     return im
+
+
+def too_many_pixels(source: str, max_pixels: int, size: tuple[int, int] | None = None,
+                    bomb: Exception | None = None) -> str:
+    """The 413 message: the size (from the header, or from Pillow's own guard) and the limit in words."""
+    counted = re.search(r"\((\d+) pixels\)", str(bomb)) if bomb is not None else None
+    what = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, " if size else (
+        f"{int(counted.group(1)):,} pixels, " if counted else "")
+    return (f"{source}: {what}larger than the {max_pixels:,}-pixel limit of this server "
+            "(PATCHLIFE_MAX_IMAGE_PIXELS); send a smaller image")
+
+
+def tiff_pages(data: bytes, most: int = 2) -> int:
+    """How many pages (IFDs) a TIFF or BigTIFF has, counted up to ``most`` from the offsets alone;
+    0 when ``data`` is not a TIFF."""
+    endian: Literal["little", "big"]
+    if data[:2] == b"II":
+        endian = "little"
+    elif data[:2] == b"MM":
+        endian = "big"
+    else:
+        return 0
+    magic = int.from_bytes(data[2:4], endian)
+    big = magic == 43
+    if magic not in (42, 43) or len(data) < 8:
+        return 0
+    off_size, count_size, entry_size = (8, 8, 20) if big else (4, 2, 12)
+    start = 8 if big else 4
+    offset, pages = int.from_bytes(data[start:start + off_size], endian), 0
+    while offset and pages < most and offset + count_size <= len(data):
+        pages += 1
+        entries = int.from_bytes(data[offset:offset + count_size], endian)
+        at = offset + count_size + entries * entry_size
+        offset = int.from_bytes(data[at:at + off_size], endian) if at + off_size <= len(data) else 0
+    return pages
+
+
+def _refuse_multipage_tiff(data: bytes, source: str, why: str) -> None:
+    """A multi-page TIFF that failed to open or decode: say so, rather than "not an image"."""
+    if tiff_pages(data) > 1:
+        raise BadImage(f"{source}: multi-page TIFF is not supported: its first page could not be read ({why}); "
+                       "save the page you mean as a single-page image (PNG or JPEG)")
 
 
 def decode_image(data: bytes, max_pixels: int, *, min_side: int | None = None,
@@ -93,8 +139,9 @@ def decode_image(data: bytes, max_pixels: int, *, min_side: int | None = None,
         ImageOps.exif_transpose(im, in_place=True)  # honours the EXIF orientation tag
         rgb = to_rgb(im)
     except Image.DecompressionBombError as exc:
-        raise TooManyPixels(f"{source}: {exc}") from None
+        raise TooManyPixels(too_many_pixels(source, max_pixels, bomb=exc)) from None
     except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, ...
+        _refuse_multipage_tiff(data, source, f"{type(exc).__name__}: {exc}")
         raise BadImage(f"{source}: could not decode the image ({type(exc).__name__}: {exc})") from None
     return limit_aspect(rgb)
 

@@ -393,7 +393,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix-size", type=int, default=256, help="distinct images in the mix (and distinct requests)")
     p.add_argument("--images-per-request", type=int, default=1,
                    help="images in one multipart request (spreads the HTTP cost; the throughput is in images/s)")
-    p.add_argument("--keep-rates", type=_rates, default=_rates("default,0.5,0.7,0.9"),
+    p.add_argument("--keep-rates", type=_rates, default="default,0.5,0.7,0.9",  # argparse applies type
                    help="keep rates the requests cycle through ('default': the model's)")
     p.add_argument("--rate-fraction", type=float, default=0.0,
                    help="also run open-loop at this fraction of the closed-loop throughput (e.g. 0.7)")

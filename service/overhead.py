@@ -36,19 +36,6 @@ from .settings import Settings
 from .worker import set_torch_threads
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: a random-weight "
-                                                        "LifeViT of --backbone in a temporary directory)")
-    parser.add_argument("--backbone", default="deit_small_patch16_224")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--requests", type=int, default=60, help="timed requests (and compute runs)")
-    parser.add_argument("--rounds", type=int, default=6, help="alternating compute / request rounds")
-    parser.add_argument("--image-size", default="500x375", help="WxH of the JPEG sent")
-    parser.add_argument("--max-delay-ms", type=float, help="PATCHLIFE_MAX_DELAY_MS of the server "
-                                                           "(default: the settings default)")
-    parser.add_argument("--json", action="store_true", help="print only a JSON object")
-
-
 def _photo_jpeg(width: int, height: int) -> bytes:
     """A smooth, photo-like JPEG (gradients + blobs), deterministic."""
     rng = np.random.default_rng(0)

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import socket
 import sys
-from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -22,14 +21,6 @@ from .app import begin_shutdown, create_app, drain, load_engine
 from .context import configure_logging
 from .routes.common import Runtime
 from .settings import Settings
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="bind address (PATCHLIFE_HOST)")
-    parser.add_argument("--port", type=int, help="bind port (PATCHLIFE_PORT)")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint directory (PATCHLIFE_CHECKPOINT); "
-                                                        "default: the embedded model")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 class _Server(uvicorn.Server):

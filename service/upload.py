@@ -46,7 +46,7 @@ class UploadLimits:
 class RawImage:
     data: bytes
     content_type: str | None  # as declared by the client; None when not declared
-    source: str  # how error messages name it: "files[1]", "images[0]", "body"
+    source: str  # how error messages name it: the file's name, else "files[1]", "images[0]", "body"
 
 
 @dataclass
@@ -110,6 +110,7 @@ class _Parts:
         self._header = [b"", b""]
         self._headers: dict[bytes, bytes] = {}
         self._name = ""
+        self._filename: str | None = None
         self._buf = bytearray()
         self._counts: dict[str, int] = {}
 
@@ -137,6 +138,7 @@ class _Parts:
         if b"name" not in params:
             raise InvalidRequest("a multipart part has no name in its Content-Disposition", status=400)
         name = self._name = params[b"name"].decode("utf-8", "replace")
+        self._filename = shown_filename(params.get(b"filename"))
         if name in IMAGE_FIELDS:
             if len(self.images) >= self.limits.max_images:
                 raise TooManyImages(f"more than {self.limits.max_images} images in one request "
@@ -151,7 +153,8 @@ class _Parts:
                                  "top_k, keep_rate")
 
     def _source(self) -> str:
-        return f"{self._name}[{self._counts.get(self._name, 0)}]"
+        """The file's name as the client sent it, else the part's place (``files[1]``)."""
+        return self._filename or f"{self._name}[{self._counts.get(self._name, 0)}]"
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
         if self._name in IMAGE_FIELDS:
@@ -173,6 +176,18 @@ class _Parts:
 
     def end(self) -> None:
         self.finished = True
+
+
+def shown_filename(raw: bytes | None, limit: int = 80) -> str | None:
+    """A multipart part's filename fit for a message: printable, at most ``limit`` characters, the
+    folders a browser may send dropped; None when there is none."""
+    if not raw:
+        return None
+    name = raw.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()
+    if not name:
+        return None
+    return name if len(name) <= limit else name[:limit - 1] + "…"
 
 
 async def _read_multipart(request: Request, declared: str, limits: UploadLimits) -> Payload:

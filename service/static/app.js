@@ -1,17 +1,16 @@
-// patchlife page: talks only to the public API (GET /v1/models, GET /v1/examples, POST /classify)
-// and draws the lifespan heatmap itself from the per-patch lives /classify returns.
+// patchlife page: talks only to the public API (GET /v1/models, GET /v1/examples, POST /classify);
+// heatmap.js draws the lifespan heatmap from the per-patch lives /classify returns.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-// Anchor colours of the viridis ramp, as in service/explain.py (and --viridis in style.css).
-const ANCHORS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
-const OVERLAY_ALPHA = 0.55;  // colour over photo, as the server's /explain PNG
 
 const state = {
   model: null,     // GET /v1/models
   result: null,    // results[0] of the last /classify answer
+  rank: [],        // each patch's rank by life in that answer (0: the longest)
+  sent: null,      // what that request sent: {name, keepRate} (for the curl line)
   photo: null,     // ImageBitmap of the last image (null when the browser cannot decode it)
-  blob: null, name: "",
+  blob: null, name: "", exampleUrl: null,
   seq: 0,          // the newest request; older answers are dropped
   playTimer: null,
 };
@@ -60,13 +59,31 @@ async function loadModel() {
     }
   }
   const m = state.model, s = m.schedule;
-  $("model-line").textContent = `Model ${m.name} · ${m.backbone} · ${m.grid[0]}×${m.grid[1]} patches · ` +
-    `${s.depth} blocks, pruning from block ${s.stage_starts[0]} · ${m.device}`;
+  showAbout(m);
   const rate = s.keep_rate;
   $("default-rate-value").textContent = rate ? `(${rate.toFixed(2)})` : `(${s.patch_counts.join("/")} patches)`;
-  if (rate) { $("rate").value = rate; $("rate-out").textContent = Number($("rate").value).toFixed(2); }
+  showDefaultRate();
   $("block").max = String(s.depth - 1);
   setStatus("");
+}
+
+/** What the model recognises (its own description and classes) and what it is, under the title. */
+function showAbout(m) {
+  const s = m.schedule;
+  const show = (id, text) => { $(id).textContent = text; $(id).hidden = !text; };
+  show("model-description", m.description ? `What it recognises: ${m.description}` : "");
+  const classes = m.classes || [];
+  show("model-classes", classes.length ? `Its ${classes.length} classes: ` +
+    (classes.length > 12 ? `${classes.slice(0, 12).join(", ")}, … (${classes.length - 12} more)` : classes.join(", ")) : "");
+  $("model-facts").textContent = `Model ${m.name} · ${m.backbone} · ${m.grid[0]}×${m.grid[1]} patches · ` +
+    `${s.depth} blocks, pruning from block ${s.stage_starts[0]} · ${m.device}`;
+}
+
+/** The disabled slider shows the model's own keep rate (when it has one). */
+function showDefaultRate() {
+  const rate = state.model && state.model.schedule.keep_rate;
+  if (rate && $("default-rate").checked) $("rate").value = String(rate);
+  $("rate-out").textContent = Number($("rate").value).toFixed(2);
 }
 
 async function loadExamples() {
@@ -95,20 +112,21 @@ async function classifyExample(ex) {
   try {
     const response = await fetch(ex.url);
     if (!response.ok) throw new ApiError(`could not load the example ${ex.file} (${response.status})`, "example", response.status);
-    classify(await response.blob(), ex.file);
+    classify(await response.blob(), ex.file, ex.url);
   } catch (err) { showError(err); }
 }
 
 // -- classify -------------------------------------------------------------------------------------
-async function classify(blob, name) {
+async function classify(blob, name, exampleUrl) {
   if (!state.model) return;
   const seq = ++state.seq;
-  state.blob = blob; state.name = name;
+  state.blob = blob; state.name = name; state.exampleUrl = exampleUrl || null;
   setStatus(`Classifying ${name}…`);
   showError(null);
   const form = new FormData();
   form.append("file", blob, name);
-  if (!$("default-rate").checked) form.append("keep_rate", $("rate").value);
+  const keepRate = $("default-rate").checked ? null : $("rate").value;
+  if (keepRate !== null) form.append("keep_rate", keepRate);
   const photo = createImageBitmap(blob, { imageOrientation: "from-image" }).catch(() => null);
   const t0 = performance.now();
   let body;
@@ -117,6 +135,7 @@ async function classify(blob, name) {
   } catch (err) {
     if (seq !== state.seq) return;
     state.result = null;
+    resetView();
     setStatus("");
     showError(err);
     showResult(false);
@@ -126,15 +145,52 @@ async function classify(blob, name) {
   const bitmap = await photo;
   if (seq !== state.seq) return;
   state.result = body.results[0];
+  state.rank = lifeRanks(state.result.lifespans.values);
+  state.sent = { name, keepRate, example: state.exampleUrl };
   state.photo = bitmap;
   const top = state.result.labels[0];
   setStatus(`${name}: ${top ? `${top.label} (${(100 * top.probability).toFixed(1)}%), ` : ""}` +
     `answered in ${roundTrip.toFixed(0)} ms` +
     (bitmap ? "" : " (this browser cannot display the image itself; the heatmap is drawn without it)"));
   renderAnswer(state.result, roundTrip);
+  showCurl();
+  resetView();
   showResult(true);
   setupCanvas();
   drawHeatmap();
+  scrollToResult();
+}
+
+/** On a one-column (narrow) layout the result is far below the input: bring it into view. */
+function scrollToResult() {
+  if (!window.matchMedia("(max-width: 859px)").matches) return;
+  const still = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  $("life").scrollIntoView({ behavior: still ? "auto" : "smooth", block: "start" });
+}
+
+function shellQuote(text) { return `'${String(text).replace(/'/g, "'\\''")}'`; }
+
+/** The curl command that sends what the page just sent (for an example, fetching it first). */
+function showCurl() {
+  const { name, keepRate, example } = state.sent, origin = window.location.origin, lines = [];
+  if (example) lines.push(`curl -s -o ${shellQuote(name)} ${shellQuote(origin + example)}`);
+  const rate = keepRate === null ? "" : ` -F keep_rate=${keepRate}`;
+  lines.push(`curl -s -F file=@${shellQuote(name)}${rate} ${shellQuote(origin + "/classify")} | python3 -m json.tool`);
+  $("curl").textContent = lines.join("\n");
+  $("copied").textContent = "";
+}
+
+async function copyCurl() {
+  const text = $("curl").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    $("copied").textContent = "copied";
+  } catch (_) {  // no clipboard access (plain http from another host): select it for Ctrl+C
+    const range = document.createRange();
+    range.selectNodeContents($("curl"));
+    const sel = window.getSelection(); sel.removeAllRanges(); sel.addRange(range);
+    $("copied").textContent = "selected: press Ctrl+C to copy";
+  }
 }
 
 function showResult(shown) {
@@ -191,7 +247,8 @@ function renderAnswer(r, roundTrip) {
   }));
 
   const b = r.budget, n = r.lifespans.rows * r.lifespans.cols, starts = state.model.schedule.stage_starts;
-  const rows = [[`blocks 0–${model.K - 1}`, n, n, "all patches, before the life module"]];
+  const dense = model.K > 1 ? `blocks 0–${model.K - 1}` : "block 0";
+  const rows = [[dense, n, n, "all patches, before the life module"]];
   b.patch_counts.forEach((count, s) => {
     const first = starts.length === b.patch_counts.length ? starts[s] : null;
     const last = first === null ? null : (s + 1 < starts.length ? starts[s + 1] - 1 : model.L - 1);
@@ -217,144 +274,6 @@ function renderAnswer(r, roundTrip) {
 
 function fmt(x) { return x >= 0.1 ? x.toFixed(2) : x.toPrecision(2); }
 
-// -- the heatmap ----------------------------------------------------------------------------------
-function colour(t) {
-  t = Math.min(1, Math.max(0, Number.isFinite(t) ? t : 0)) * (ANCHORS.length - 1);
-  const lo = Math.min(Math.floor(t), ANCHORS.length - 2), f = t - lo;
-  return ANCHORS[lo].map((a, i) => Math.round(a * (1 - f) + ANCHORS[lo + 1][i] * f));
-}
-
-/** The part of a w x h photo the preprocessing keeps (timm's centre crop), as service/explain.py. */
-function modelView(w, h) {
-  const size = state.model.input_size.slice(-2), hIn = size[0], wIn = size[1];
-  const pct = state.model.crop_pct || 0.875;
-  const sh = Math.floor(hIn / pct), sw = Math.floor(wIn / pct);
-  let cw, ch;
-  if (sh === sw) {
-    const f = sh / Math.min(w, h);
-    cw = Math.min(w, wIn / f); ch = Math.min(h, hIn / f);
-  } else {
-    cw = w * wIn / sw; ch = h * hIn / sh;
-  }
-  return { x: (w - cw) / 2, y: (h - ch) / 2, w: cw, h: ch };
-}
-
-function setupCanvas() {
-  const canvas = $("heatmap"), { rows, cols } = state.result.lifespans;
-  const side = Math.round(448 * Math.min(2, window.devicePixelRatio || 1));
-  const px = Math.max(1, Math.round(side / Math.max(rows, cols)));  // canvas pixels per patch
-  if (canvas.width !== cols * px || canvas.height !== rows * px) {
-    canvas.width = cols * px; canvas.height = rows * px;
-  }
-  const ticks = $("ticks"), K = model.K, L = model.L, step = Math.max(1, Math.ceil((L - K) / 6));
-  const layers = [];
-  for (let l = K; l < L; l += step) layers.push(l);
-  layers.push(L);
-  ticks.replaceChildren(...layers.map((l) => {
-    const s = cell("span", "", String(l)); s.style.left = `${100 * (l - K) / (L - K)}%`; return s;
-  }));
-}
-
-/** Start of the stage block ``l`` belongs to (0 before the life module). The model decides which
- * patches a stage runs at its first block: block l runs the patches with life > stageStart(l), so
- * the count shown is the budget's patch count for that stage. */
-function stageStart(block) {
-  let start = 0;
-  for (const s of state.model.schedule.stage_starts) if (s <= block) start = s;
-  return start;
-}
-
-/** The last block a patch of this life takes part in. */
-function lastBlock(life) {
-  const starts = state.model.schedule.stage_starts;
-  let last = model.K - 1;
-  starts.forEach((s, i) => { if (life > s) last = i + 1 < starts.length ? starts[i + 1] - 1 : model.L - 1; });
-  return last;
-}
-
-function aliveCount(block) {
-  const start = stageStart(block);
-  return state.result.lifespans.values.flat().filter((life) => block < model.K || life > start).length;
-}
-
-function drawHeatmap() {
-  if (!state.result) return;
-  const canvas = $("heatmap"), ctx = canvas.getContext("2d");
-  const { rows, cols, values } = state.result.lifespans;
-  const block = Number($("block").value), K = model.K, L = model.L, start = stageStart(block);
-  const cw = canvas.width / cols, ch = canvas.height / rows;
-  ctx.fillStyle = "#808080";
-  ctx.fillRect(0, 0, canvas.width, canvas.height);
-  if (state.photo) {
-    const v = modelView(state.photo.width, state.photo.height);
-    ctx.imageSmoothingQuality = "high";
-    ctx.drawImage(state.photo, v.x, v.y, v.w, v.h, 0, 0, canvas.width, canvas.height);
-  }
-  for (let r = 0; r < rows; r++) {
-    for (let c = 0; c < cols; c++) {
-      const life = values[r][c];
-      if (block < K || life > start) {
-        const [red, green, blue] = colour((life - K) / (L - K));
-        ctx.fillStyle = `rgba(${red},${green},${blue},${OVERLAY_ALPHA})`;
-      } else {
-        ctx.fillStyle = "rgba(16,16,24,0.72)";
-      }
-      ctx.fillRect(Math.round(c * cw), Math.round(r * ch), Math.round((c + 1) * cw) - Math.round(c * cw),
-        Math.round((r + 1) * ch) - Math.round(r * ch));
-    }
-  }
-  if (cw >= 6) {  // patch borders
-    ctx.strokeStyle = "rgba(255,255,255,0.25)"; ctx.lineWidth = 1;
-    ctx.beginPath();
-    for (let c = 1; c < cols; c++) { const x = Math.round(c * cw) + 0.5; ctx.moveTo(x, 0); ctx.lineTo(x, canvas.height); }
-    for (let r = 1; r < rows; r++) { const y = Math.round(r * ch) + 0.5; ctx.moveTo(0, y); ctx.lineTo(canvas.width, y); }
-    ctx.stroke();
-  }
-  const alive = aliveCount(block), n = rows * cols;
-  const where = block < K ? "before the life module, every patch takes part" :
-    `life > ${start}; ${n - alive} pruned so far`;
-  const text = `Block ${block}: ${alive} of ${n} patches alive (${where})`;
-  $("block-out").textContent = String(block);
-  $("alive").textContent = text;
-  $("alive").dataset.alive = String(alive);
-  canvas.setAttribute("aria-label", `Lifespan heatmap of ${state.name}. ${text}.`);
-}
-
-function patchAt(event) {
-  const canvas = $("heatmap"), rect = canvas.getBoundingClientRect(), { rows, cols } = state.result.lifespans;
-  const c = Math.floor((event.clientX - rect.left) / rect.width * cols);
-  const r = Math.floor((event.clientY - rect.top) / rect.height * rows);
-  return r >= 0 && r < rows && c >= 0 && c < cols ? [r, c] : null;
-}
-
-function showPatch(event) {
-  if (!state.result) return;
-  const at = patchAt(event);
-  if (!at) return;
-  const life = state.result.lifespans.values[at[0]][at[1]];
-  const last = lastBlock(life);
-  const fate = last >= model.L - 1 ? "kept to the end" :
-    last < model.K ? "pruned right after the life module" : `last takes part in block ${last}`;
-  $("patch-info").textContent = `Patch row ${at[0] + 1}, column ${at[1] + 1}: life ${life.toFixed(2)} layers (${fate}).`;
-}
-
-function togglePlay() {
-  const button = $("play"), slider = $("block");
-  if (state.playTimer) {
-    clearInterval(state.playTimer); state.playTimer = null;
-    button.textContent = "Play"; button.setAttribute("aria-pressed", "false");
-    return;
-  }
-  if (Number(slider.value) >= Number(slider.max)) slider.value = "0";
-  button.textContent = "Pause"; button.setAttribute("aria-pressed", "true");
-  drawHeatmap();
-  state.playTimer = setInterval(() => {
-    if (Number(slider.value) >= Number(slider.max)) { togglePlay(); return; }
-    slider.value = String(Number(slider.value) + 1);
-    drawHeatmap();
-  }, 600);
-}
-
 // -- wiring ---------------------------------------------------------------------------------------
 function wire() {
   $("file").addEventListener("change", (e) => {
@@ -376,14 +295,17 @@ function wire() {
   for (const type of ["dragover", "drop"]) window.addEventListener(type, (e) => e.preventDefault());
 
   const rate = $("rate"), useDefault = $("default-rate");
-  const rerun = () => { if (state.blob) classify(state.blob, state.name); };
+  const rerun = () => { if (state.blob) classify(state.blob, state.name, state.exampleUrl); };
   rate.addEventListener("input", () => { $("rate-out").textContent = Number(rate.value).toFixed(2); });
   rate.addEventListener("change", rerun);
-  useDefault.addEventListener("change", () => { rate.disabled = useDefault.checked; rerun(); });
+  useDefault.addEventListener("change", () => { rate.disabled = useDefault.checked; showDefaultRate(); rerun(); });
   $("block").addEventListener("input", drawHeatmap);
   $("play").addEventListener("click", togglePlay);
   $("heatmap").addEventListener("pointermove", showPatch);
   $("heatmap").addEventListener("pointerdown", showPatch);
+  $("download").addEventListener("click", downloadHeatmap);
+  $("copy-curl").addEventListener("click", copyCurl);
+  $("patch-info").textContent = PATCH_HINT;
 }
 
 async function main() {

@@ -141,6 +141,7 @@ def test_narrow_viewport_fits_and_takes_a_dropped_file(browser: Any, service_url
     expected = api_answer(service_url, EXAMPLES[0]["file"])
     assert page.locator("#labels li .name").all_text_contents() == [lb["label"] for lb in expected["labels"]]
     assert page.locator("#live-queue").text_content().isdigit()
+    expect(page.locator("#heatmap")).to_be_in_viewport(timeout=5_000)  # scrolled to the result
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     box = page.locator("#heatmap").bounding_box()
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375

@@ -55,7 +55,7 @@ def test_page_is_served_at_root(client: TestClient) -> None:
 def test_every_file_the_page_references_is_served_with_its_type(client: TestClient) -> None:
     html = client.get("/").text
     refs = re.findall(r'(?:src|href)="(/static/[^"]+)"', html)
-    assert sorted(refs) == ["/static/app.js", "/static/live.js", "/static/style.css"]
+    assert sorted(refs) == ["/static/app.js", "/static/heatmap.js", "/static/live.js", "/static/style.css"]
     types = {".js": "text/javascript", ".css": "text/css"}
     for ref in refs:
         r = client.get(ref)
