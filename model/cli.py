@@ -36,7 +36,8 @@ COMMANDS: dict[str, Command] = {
     "loadtest": Command("service.loadtest", "closed-loop load test: budget vs FIFO vs unbatched"),
     "bench-overhead": Command("service.overhead", "single-request overhead of the service vs batch-1 compute",
                               options.bench_overhead),
-    "gpu-check": Command("model.gpu_check", "on a CUDA machine: the gpu tests, training, eval, bench and a load test, in one table"),
+    "gpu-check": Command("model.gpu_check",
+                         "on a CUDA machine: the gpu tests, training, eval, bench and a load test, in one table"),
 }
 
 
