@@ -20,7 +20,7 @@ from PIL import Image
 
 from .. import worker as worker_mod
 from ..context import ARRIVAL_KEY, InFlight
-from ..decode import check_media_type, decode_image, image_pixels
+from ..decode import check_media_type, decode_image, decode_stored, image_pixels
 from ..decode_budget import DecodeBudget, DecodeBusy
 from ..engine import Engine
 from ..errors import (
@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..explain import model_view
 from ..metrics import Metrics
+from ..preprocess import model_input, resize_side
 from ..schemas import Budget, Classification, Label, Lifespans, Timings
 from ..settings import Settings
 from ..upload import RawImage, UploadLimits
@@ -174,24 +175,17 @@ class Prepared:
     views: list[Image.Image]            # /explain only: the model's view, downsized (the decode is dropped)
 
 
-def _resize_side(engine: Engine) -> int | None:
-    """Shorter side the preprocessing resizes to (JPEG draft decoding may stop there)."""
-    pre = engine.config.preprocess
-    size, pct = pre.get("input_size"), pre.get("crop_pct") or 0.875
-    return math.floor(min(size[-2:]) / pct) if size else None
-
-
 def _decode_one(raw: RawImage, engine: Engine, max_pixels: int,
                 keep_view: bool) -> tuple[torch.Tensor, Image.Image | None]:
-    """Decode, preprocess and drop the full-resolution image; keep a small model view if asked."""
-    image = decode_image(raw.data, max_pixels, min_side=_resize_side(engine), source=raw.source)
-    pixels = engine.preprocess(image)
-    view = None
-    if keep_view:
-        pre = engine.config.preprocess
-        view = model_view(image, pre["input_size"], pre.get("crop_pct"))
-        view.thumbnail((EXPLAIN_VIEW_SIDE, EXPLAIN_VIEW_SIDE), Image.Resampling.BILINEAR)
-    return pixels, view
+    """Decode and preprocess (the full-resolution image is dropped); keep a small model view if asked."""
+    pre = engine.config.preprocess
+    if not keep_view:  # stored pixels -> model input in one resize (service/preprocess.py)
+        decoded = decode_stored(raw.data, max_pixels, min_side=resize_side(pre), source=raw.source)
+        return model_input(decoded, pre, engine.preprocess, raw.source), None
+    image = decode_image(raw.data, max_pixels, min_side=resize_side(pre), source=raw.source)
+    view = model_view(image, pre["input_size"], pre.get("crop_pct"))
+    view.thumbnail((EXPLAIN_VIEW_SIDE, EXPLAIN_VIEW_SIDE), Image.Resampling.BILINEAR)
+    return engine.preprocess(image), view
 
 
 def _header_pixels(raws: list[RawImage], max_image_pixels: int, max_request_pixels: int) -> list[int]:
