@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ensure-default": ("model.default_model", "train the embedded default model if it is missing"),
     "loadtest": ("service.loadtest", "closed-loop load test: budget vs FIFO vs unbatched"),
     "bench-overhead": ("service.overhead", "single-request overhead of the service vs batch-1 compute"),
+    "bench-decode": ("service.benchdecode", "ms per image from JPEG bytes to model input: CPU path, GPU batches"),
     "gpu-check": ("model.gpu_check", "on a CUDA machine: the gpu tests, bench and a load test, in one table"),
 }
 

@@ -8,7 +8,7 @@ Rules (documented in docs/api.md):
     are 400. Only these Pillow plugins are tried, to keep the attack surface small.
   * The pixel count is checked from the header, before any pixel is decoded: over the limit is 413.
   * Baseline and progressive JPEGs in YCbCr or grey go through libjpeg-turbo (simplejpeg), decoded at
-    the smallest DCT scale (M/8) that still covers the side the preprocessing resizes to; CMYK
+    the smallest DCT scale (M/8, at most 1/2) that still covers the side the preprocessing resizes to; CMYK
     JPEGs, every other format, and any JPEG simplejpeg refuses go through Pillow (JPEG ``draft``).
   * EXIF orientation is applied; the first frame of animations and multi-page files is used; CMYK,
     palette, 1-bit, 16/32-bit integer and float images become 8-bit RGB (high bit depths scaled,
@@ -57,11 +57,11 @@ def check_media_type(declared: str | None, source: str) -> None:
 
 def image_pixels(data: bytes, max_pixels: int, *, source: str = "image") -> int:
     """Width x height from the header alone (no pixel decoded); the same 400/413 as ``decode_image``."""
-    width, height = _open(data, max_pixels, source).size
+    width, height = open_header(data, max_pixels, source).size
     return int(width) * int(height)
 
 
-def _open(data: bytes, max_pixels: int, source: str) -> Image.Image:
+def open_header(data: bytes, max_pixels: int, source: str) -> Image.Image:
     """``Image.open`` (header only) with the format allow-list and the pixel limit checked."""
     if not data:
         raise BadImage(f"{source}: empty file")
@@ -94,7 +94,7 @@ class Decoded:
 def decode_stored(data: bytes, max_pixels: int, *, min_side: int | None = None,
                   source: str = "image") -> Decoded:
     """Decode ``data`` as stored; see ``decode_image`` for the arguments and errors."""
-    im = _open(data, max_pixels, source)
+    im = open_header(data, max_pixels, source)
     try:
         fast = _turbo(data, im, min_side)
         if fast is not None:
@@ -114,7 +114,8 @@ def _turbo(data: bytes, header: Image.Image, min_side: int | None) -> Image.Imag
     None for anything else, or when libjpeg-turbo refuses the file (Pillow then decodes it, or says why not)."""
     if header.format not in ("JPEG", "MPO") or header.mode not in ("RGB", "L"):
         return None
-    side = min_side or 0
+    # scale only by 2 or more: a 7/8 IDCT costs nearly a full decode and blurs more than the resize would
+    side = min_side if min_side and min(header.size) >= 2 * min_side else 0
     try:
         arr = simplejpeg.decode_jpeg(data, "RGB" if header.mode == "RGB" else "GRAY", min_height=side,
                                      min_width=side)
