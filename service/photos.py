@@ -3,7 +3,7 @@
 A camera photo decodes at a cost set by its entropy-coded size, so noise-free gradients (a few kB
 per megapixel) would flatter every decoder. These images mix smooth shading, hard-edged shapes,
 fine texture and sensor-like noise, and are saved at quality 90 with 4:2:0 chroma subsampling,
-like a phone: about 0.3-0.5 bytes per pixel.
+like a phone: 0.27-0.36 bytes per pixel from 3000x2000 down to 224 px.
 """
 
 from __future__ import annotations

@@ -177,3 +177,26 @@ def test_make_target_without_install_uses_the_given_python() -> None:
     assert p.returncode == 0 and p.stdout.strip() == "PYTHONPATH=. python3 -m model.cli gpu-check"
     p = subprocess.run([*make, "-B", "gpu-check"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "pip install" in p.stdout and p.stdout.strip().endswith("patchlife gpu-check")
+
+
+def test_decode_part_reads_bench_decode() -> None:
+    rows = [{"images": "224px", "cpu path": 0.9, "cuda b1": 0.5, "cuda b16": 0.08, "cuda b64": 0.05},
+            {"images": "640x480", "cpu path": 3.1, "cuda b1": 0.6, "cuda b16": 0.12, "cuda b64": 0.08}]
+    eq = {"images": 16, "max_pixel_diff": 30, "mean_pixel_diff": 0.4, "top1_agreement": 0.9375,
+          "max_budget_diff": 4, "patches": 196}
+    seen: list[list[str]] = []
+
+    def runner(argv: list[str], env: dict[str, str], timeout: float) -> Output:
+        seen.append(argv)
+        return Output(0, "some log line\n" + json.dumps({"device": "cuda", "rows": rows, "equivalence": eq}), "", 30.0)
+
+    speed, same = run_checks(["decode"], [64], 10.0, run=runner)
+    assert seen[0][2:5] == ["model.cli", "bench-decode", "--device"] and "--equivalence" in seen[0]
+    assert speed.ok and speed.result.startswith("12,500 img/s (target >= 10,000)")
+    assert same.ok and same.result.startswith("top-1 agreement 93.8% on 16 photos, largest budget difference 4 of 196")
+    rows[1]["cuda b64"] = 0.2  # 5,000/s
+    eq["top1_agreement"] = 0.5
+    speed, same = run_checks(["decode"], [64], 10.0, run=runner)
+    assert not speed.ok and not same.ok
+    broken = run_checks(["decode"], [64], 10.0, run=lambda a, e, t: Output(1, "", "RuntimeError: nvjpeg", 2.0))
+    assert [(c.name, c.ok, c.result) for c in broken] == [("decode", False, "exit 1: RuntimeError: nvjpeg")]
