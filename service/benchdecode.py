@@ -1,10 +1,11 @@
 """``patchlife bench-decode``: milliseconds per image from encoded bytes to the model's input.
 
 Paths, each where this machine has it:
-  * ``cpu``: what a request costs today, one image at a time on one thread: header check, decode
+  * ``cpu path``: what a request costs today, one image at a time on one thread: header check, decode
     (libjpeg-turbo with DCT scaling, or Pillow) and the one-resize preprocessing, to ``uint8 [3, H, W]``;
+    timed in the thread's CPU time, which other busy processes on the machine hardly change;
   * ``gpu bN``: :class:`service.gpu_decode.BatchDecoder` on CUDA, batches of N, end to end to a
-    normalised ``float32 [N, 3, H, W]`` on the device (synchronised). ``--device cpu`` times the same
+    normalised ``float32 [N, 3, H, W]`` on the device (synchronised), in wall time. ``--device cpu`` times the same
     batched code with torchvision's CPU decoder instead (how CI runs it).
 
 Images: generated photos (:mod:`service.photos`) of 224 px, 640x480, 1000 px and 3000x2000, or every
@@ -47,15 +48,17 @@ def _timm_only(_image: Any) -> torch.Tensor:
     raise ValueError("bench-decode times the one-resize preprocessing only (centre crop of a square input)")
 
 
-def time_per_item(run: Callable[[], object], items: int, seconds: float) -> float:
-    """Milliseconds per item of ``run`` (which handles ``items`` items), repeated for about ``seconds``."""
+def time_per_item(run: Callable[[], object], items: int, seconds: float,
+                  clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median milliseconds per item of ``run`` (which handles ``items`` items) on ``clock``, repeated
+    for about ``seconds`` of wall time."""
     run()  # warm-up: first CUDA call, allocations
     times: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 3:
-        t0 = time.perf_counter()
+        t0 = clock()
         run()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times) * 1000.0 / items
 
 
@@ -76,7 +79,7 @@ def bench(sets: dict[str, list[bytes]], preprocess: dict[str, Any], device: str 
     for name, images in sets.items():
         row: dict[str, Any] = {"images": name,
                                "cpu path": time_per_item(lambda imgs=images: [cpu_pixels(d, preprocess) for d in imgs],
-                                                    len(images), seconds)}
+                                                         len(images), seconds, time.thread_time)}
         for n in batch_sizes if decoder is not None else ():
             batch = [images[i % len(images)] for i in range(n)]
 
