@@ -143,7 +143,11 @@ def decode_image(data: bytes, max_pixels: int, *, min_side: int | None = None,
     Raises:
         BadImage (400), TooManyPixels (413).
     """
-    decoded = decode_stored(data, max_pixels, min_side=min_side, source=source)
+    return upright_rgb(decode_stored(data, max_pixels, min_side=min_side, source=source), source)
+
+
+def upright_rgb(decoded: Decoded, source: str = "image") -> Image.Image:
+    """``decode_image``'s result from a ``decode_stored`` one: upright, RGB, aspect limited."""
     try:
         rgb = to_rgb(upright(decoded))
     except Exception as exc:  # a mode Pillow cannot convert

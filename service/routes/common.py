@@ -20,7 +20,7 @@ from PIL import Image
 
 from .. import worker as worker_mod
 from ..context import ARRIVAL_KEY, InFlight
-from ..decode import check_media_type, decode_image, decode_stored, image_pixels
+from ..decode import check_media_type, decode_stored, image_pixels, upright_rgb
 from ..decode_budget import DecodeBudget, DecodeBusy
 from ..engine import Engine
 from ..errors import (
@@ -177,15 +177,16 @@ class Prepared:
 
 def _decode_one(raw: RawImage, engine: Engine, max_pixels: int,
                 keep_view: bool) -> tuple[torch.Tensor, Image.Image | None]:
-    """Decode and preprocess (the full-resolution image is dropped); keep a small model view if asked."""
+    """Decode, preprocess in one resize (service/preprocess.py) and drop the full-resolution image;
+    keep a small model view if asked."""
     pre = engine.config.preprocess
-    if not keep_view:  # stored pixels -> model input in one resize (service/preprocess.py)
-        decoded = decode_stored(raw.data, max_pixels, min_side=resize_side(pre), source=raw.source)
-        return model_input(decoded, pre, engine.preprocess, raw.source), None
-    image = decode_image(raw.data, max_pixels, min_side=resize_side(pre), source=raw.source)
-    view = model_view(image, pre["input_size"], pre.get("crop_pct"))
+    decoded = decode_stored(raw.data, max_pixels, min_side=resize_side(pre), source=raw.source)
+    pixels = model_input(decoded, pre, engine.preprocess, raw.source)
+    if not keep_view:
+        return pixels, None
+    view = model_view(upright_rgb(decoded, raw.source), pre["input_size"], pre.get("crop_pct"))
     view.thumbnail((EXPLAIN_VIEW_SIDE, EXPLAIN_VIEW_SIDE), Image.Resampling.BILINEAR)
-    return engine.preprocess(image), view
+    return pixels, view
 
 
 def _header_pixels(raws: list[RawImage], max_image_pixels: int, max_request_pixels: int) -> list[int]:
