@@ -8,8 +8,9 @@ Rules (documented in docs/api.md):
     are 400. Only these Pillow plugins are tried, to keep the attack surface small.
   * The pixel count is checked from the header, before any pixel is decoded: over the limit is 413.
   * Baseline and progressive JPEGs in YCbCr or grey go through libjpeg-turbo (simplejpeg), decoded at
-    the smallest DCT scale (M/8, at most 1/2) that still covers the side the preprocessing resizes to; CMYK
-    JPEGs, every other format, and any JPEG simplejpeg refuses go through Pillow (JPEG ``draft``).
+    the smallest DCT scale (M/8, used only at 1/2 or below) that covers the side the preprocessing
+    resizes to; CMYK JPEGs, every other format, and any JPEG simplejpeg refuses go through Pillow
+    (JPEGs with ``draft``).
   * EXIF orientation is applied; the first frame of animations and multi-page files is used; CMYK,
     palette, 1-bit, 16/32-bit integer and float images become 8-bit RGB (high bit depths scaled,
     not clipped); transparency is composited over white.

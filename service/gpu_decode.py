@@ -32,7 +32,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import InterpolationMode
 
 from .decode import decode_stored, exif_orientation, open_header
-from .preprocess import RESAMPLE, ViewGeometry, fast_config, model_input, resize_side, view_geometry
+from .preprocess import ViewGeometry, fast_config, model_input, resize_side, view_geometry
 
 DecodeMode = Literal["auto", "cpu", "gpu"]
 _TORCH_ORIENT = {  # EXIF orientation -> [.., H, W] tensor op equal to decode.UPRIGHT's Pillow transpose
@@ -67,7 +67,6 @@ class BatchDecoder:
         self.max_pixels = max_pixels
         self.side = int(preprocess["input_size"][-1])
         self.mode = InterpolationMode(preprocess.get("interpolation", "bilinear")).value
-        assert self.mode in RESAMPLE
         mean = torch.tensor(preprocess.get("mean", IMAGENET_DEFAULT_MEAN), dtype=torch.float32)
         std = torch.tensor(preprocess.get("std", IMAGENET_DEFAULT_STD), dtype=torch.float32)
         self._scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(self.device)

@@ -38,8 +38,8 @@ def resize_side(preprocess: dict[str, Any]) -> int | None:
 
 def fast_config(preprocess: dict[str, Any]) -> bool:
     """Whether ``view_geometry`` reproduces this configuration's timm transform (else: use timm's)."""
-    size = preprocess.get("input_size")
-    return (bool(size) and size[-1] == size[-2] and preprocess.get("crop_mode", "center") in (None, "center")
+    size = preprocess.get("input_size") or []
+    return (len(size) >= 2 and size[-1] == size[-2] and preprocess.get("crop_mode", "center") in (None, "center")
             and preprocess.get("interpolation", "bilinear") in RESAMPLE)
 
 
@@ -86,8 +86,9 @@ def view_geometry(width: int, height: int, orientation: int, preprocess: dict[st
     crop = (left, top, left + out, top + out)
     if not swap and orientation == 1:
         return ViewGeometry(region, resized, crop, orientation)
-    return ViewGeometry(_to_stored(region, uw, uh, orientation), resized[::-1] if swap else resized,  # type: ignore[arg-type]
-                        _to_stored(crop, *resized, orientation), orientation)
+    stored_size = (resized[1], resized[0]) if swap else resized
+    return ViewGeometry(_to_stored(region, uw, uh, orientation), stored_size, _to_stored(crop, *resized, orientation),
+                        orientation)
 
 
 def _aspect_region(w: int, h: int) -> Box:
