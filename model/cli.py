@@ -36,8 +36,10 @@ COMMANDS: dict[str, Command] = {
     "loadtest": Command("service.loadtest", "closed-loop load test: budget vs FIFO vs unbatched"),
     "bench-overhead": Command("service.overhead", "single-request overhead of the service vs batch-1 compute",
                               options.bench_overhead),
-    "gpu-check": Command("model.gpu_check",
-                         "on a CUDA machine: the gpu tests, training, eval, bench and a load test, in one table"),
+    "bench-decode": Command("service.benchdecode",
+                            "ms per image from JPEG bytes to model input: CPU path, GPU batches"),
+    "gpu-check": Command("model.gpu_check", "on a CUDA machine: the gpu tests, training, eval, bench, a load test "
+                         "and batched JPEG decoding, in one table"),
 }
 
 

@@ -1,6 +1,6 @@
 """``patchlife gpu-check``: one table for a CUDA machine.
 
-Five parts, each a subprocess of this interpreter (``sys.executable``) run from the repository root
+Six parts, each a subprocess of this interpreter (``sys.executable``) run from the repository root
 with a time limit of its own:
 
   * ``tests``:    the gpu test tier, ``pytest -m gpu tests/gpu`` (passed / failed / skipped);
@@ -10,11 +10,14 @@ with a time limit of its own:
     lie in the CPU row's 95% interval;
   * ``bench``:    ``patchlife bench --served --device cuda --dtype auto --json`` at batch 1, 16, 64, 256;
   * ``loadtest``: ``patchlife loadtest --json --modes budget,fifo --duration 10 --clients 32`` against
-    servers that pick the GPU (``PATCHLIFE_DEVICE=auto``).
+    servers that pick the GPU (``PATCHLIFE_DEVICE=auto``);
+  * ``decode``:   ``patchlife bench-decode --device cuda --equivalence --json``: batched nvJPEG images/s
+    for 640x480 JPEGs at batch 64, end to end to normalised device tensors (target >= 10,000/s), and
+    the GPU path's agreement with the CPU path.
 
 A part that fails, times out or prints nothing readable gets its error in the table; the others still
 run, and the command exits 1 at the end. Without a CUDA device it says so and exits 2 at once. About
-6 minutes on one GPU (the synthetic task's images are drawn on the CPU, which bounds ``train``).
+7 minutes on one GPU (the synthetic task's images are drawn on the CPU, which bounds ``train``).
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("tests", "train", "eval", "bench", "loadtest")
-TIMEOUT_S = {"tests": 300.0, "train": 150.0, "eval": 150.0, "bench": 90.0, "loadtest": 180.0}  # per subprocess
+PARTS = ("tests", "train", "eval", "bench", "loadtest", "decode")
+TIMEOUT_S = {"tests": 300.0, "train": 150.0, "eval": 150.0, "bench": 90.0, "loadtest": 180.0,
+             "decode": 180.0}  # per subprocess
 # ``train``: big enough for every stage to run a few dozen bf16 steps, small enough for about a minute
 TRAIN_ARGS = ["--synthetic", "--backbone", "vit_micro_patch8_64", "--train-size", "4096", "--val-size", "1024",
               "--batch-size", "128", "--stage0-steps", "30", "--stage1-steps", "30", "--stage2-steps", "30",
@@ -258,6 +262,34 @@ def check_loadtest(run: Runner, env: dict[str, str], duration: float) -> list[Ch
     return rows
 
 
+DECODE_TARGET_PER_S = 10_000  # 640x480 JPEGs at batch 64, bytes to normalised device tensors (H200 class)
+DECODE_MIN_TOP1 = 0.9         # the GPU path's top-1 agreement with the CPU path below which the row fails
+
+
+def check_decode(run: Runner, env: dict[str, str]) -> list[Check]:
+    """Batched nvJPEG throughput (640x480 at batch 64 against the target) and the equivalence with the CPU path."""
+    argv = [sys.executable, "-m", "model.cli", "bench-decode", "--device", "cuda", "--batch-sizes", "1,16,64",
+            "--seconds", "1", "--equivalence", "--json"]
+    out = run(argv, env, TIMEOUT_S["decode"])
+    body = parse_json(out.stdout) or {}
+    rows = {r.get("images"): r for r in body.get("rows", []) if isinstance(r, dict)}
+    vga, eq = rows.get("640x480") or {}, body.get("equivalence") or {}
+    try:
+        per_s = 1000.0 / vga["cuda b64"]
+        speed = Check("decode 640x480 b64", per_s >= DECODE_TARGET_PER_S,
+                      f"{per_s:,.0f} img/s (target >= {DECODE_TARGET_PER_S:,}); ms/img b1 {vga['cuda b1']:.3f}, "
+                      f"b16 {vga['cuda b16']:.3f}, b64 {vga['cuda b64']:.4f}, CPU path {vga['cpu path']:.2f}",
+                      out.seconds, {"rows": list(rows.values())})
+        same = Check("decode equivalence", eq["top1_agreement"] >= DECODE_MIN_TOP1,
+                     f"top-1 agreement {eq['top1_agreement']:.1%} on {eq['images']} photos, largest budget difference "
+                     f"{eq['max_budget_diff']} of {eq['patches']} patches, pixel |diff| max {eq['max_pixel_diff']}, "
+                     f"mean {eq['mean_pixel_diff']:.2f}", None, eq)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        why = failure(out, TIMEOUT_S["decode"]) if out.returncode != 0 else f"unexpected bench-decode output ({exc!r})"
+        return [Check("decode", False, why, out.seconds)]
+    return [speed, same]
+
+
 def run_checks(parts: Sequence[str], batch_sizes: Sequence[int], duration: float, run: Runner = run_subprocess,
                progress: Callable[[str], None] = lambda _msg: None) -> list[Check]:
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
@@ -279,6 +311,9 @@ def run_checks(parts: Sequence[str], batch_sizes: Sequence[int], duration: float
     if "loadtest" in parts:
         progress(f"patchlife loadtest, budget and fifo, {duration:g} s each")
         checks += check_loadtest(run, env, duration)
+    if "decode" in parts:
+        progress("patchlife bench-decode on cuda, with the CPU-vs-GPU equivalence")
+        checks += check_decode(run, env)
     return checks
 
 

@@ -7,6 +7,10 @@ Rules (documented in docs/api.md):
   * Bytes that are not a decodable JPEG/PNG/GIF/BMP/TIFF/WebP (unknown format, truncated, corrupt)
     are 400. Only these Pillow plugins are tried, to keep the attack surface small.
   * The pixel count is checked from the header, before any pixel is decoded: over the limit is 413.
+  * Baseline and progressive JPEGs in YCbCr or grey go through libjpeg-turbo (simplejpeg), decoded at
+    the smallest DCT scale (M/8, used only at 1/2 or below) that covers the side the preprocessing
+    resizes to; CMYK JPEGs, every other format, and any JPEG simplejpeg refuses go through Pillow
+    (JPEGs with ``draft``).
   * EXIF orientation is applied; the first frame of animations and multi-page files is used (a
     multi-page TIFF whose first page cannot be read is refused as such, not as "not an image"); CMYK,
     palette, 1-bit, 16/32-bit integer and float images become 8-bit RGB (high bit depths scaled,
@@ -21,10 +25,12 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+import simplejpeg
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from .errors import BadImage, TooManyPixels, UnsupportedMediaType
 
@@ -35,6 +41,11 @@ MAX_ASPECT = 4.0
 # global warning at 89M pixels would only add noise to the log.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 Image.init()  # register every plugin now: ``Image.open(formats=...)`` looks them up by name
+# EXIF orientation (tag 0x0112) -> the transpose that makes the stored image upright (as ImageOps.exif_transpose)
+UPRIGHT: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90}
 
 
 def check_media_type(declared: str | None, source: str) -> None:
@@ -50,11 +61,11 @@ def check_media_type(declared: str | None, source: str) -> None:
 
 def image_pixels(data: bytes, max_pixels: int, *, source: str = "image") -> int:
     """Width x height from the header alone (no pixel decoded); the same 400/413 as ``decode_image``."""
-    width, height = _open(data, max_pixels, source).size
+    width, height = open_header(data, max_pixels, source).size
     return int(width) * int(height)
 
 
-def _open(data: bytes, max_pixels: int, source: str) -> Image.Image:
+def open_header(data: bytes, max_pixels: int, source: str) -> Image.Image:
     """``Image.open`` (header only) with the format allow-list and the pixel limit checked."""
     if not data:
         raise BadImage(f"{source}: empty file")
@@ -118,6 +129,55 @@ def _refuse_multipage_tiff(data: bytes, source: str, why: str) -> None:
                        "save the page you mean as a single-page image (PNG or JPEG)")
 
 
+@dataclass
+class Decoded:
+    """Pixels as stored in the file: EXIF orientation not applied yet, mode as decoded (RGB or L from
+    libjpeg-turbo; any Pillow mode otherwise), so that a caller can rotate and convert after shrinking."""
+
+    image: Image.Image
+    orientation: int  # EXIF orientation 1-8; 1 is upright
+
+
+def decode_stored(data: bytes, max_pixels: int, *, min_side: int | None = None,
+                  source: str = "image") -> Decoded:
+    """Decode ``data`` as stored; see ``decode_image`` for the arguments and errors."""
+    im = open_header(data, max_pixels, source)
+    try:
+        fast = _turbo(data, im, min_side)
+        if fast is not None:
+            return Decoded(fast, exif_orientation(im))
+        if min_side and isinstance(im, JpegImagePlugin.JpegImageFile):
+            im.draft(im.mode, (min_side, min_side))
+        im.load()
+        return Decoded(im, exif_orientation(im))  # after load: a PNG's eXIf chunk may follow its pixels
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(too_many_pixels(source, max_pixels, bomb=exc)) from None
+    except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, ...
+        _refuse_multipage_tiff(data, source, f"{type(exc).__name__}: {exc}")
+        raise BadImage(f"{source}: could not decode the image ({type(exc).__name__}: {exc})") from None
+
+
+def _turbo(data: bytes, header: Image.Image, min_side: int | None) -> Image.Image | None:
+    """A YCbCr or grey JPEG decoded by libjpeg-turbo at the smallest M/8 scale covering ``min_side``;
+    None for anything else, or when libjpeg-turbo refuses the file (Pillow then decodes it, or says why not)."""
+    if header.format not in ("JPEG", "MPO") or header.mode not in ("RGB", "L"):
+        return None
+    # scale only by 2 or more: a 7/8 IDCT costs nearly a full decode and blurs more than the resize would
+    side = min_side if min_side and min(header.size) >= 2 * min_side else 0
+    try:
+        arr = simplejpeg.decode_jpeg(data, "RGB" if header.mode == "RGB" else "GRAY", min_height=side,
+                                     min_width=side)
+    except ValueError:
+        return None
+    return Image.fromarray(arr if arr.shape[2] == 3 else arr[:, :, 0])
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag, 1 when absent or out of range."""
+    value = im.getexif().get(0x0112, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def decode_image(data: bytes, max_pixels: int, *, min_side: int | None = None,
                  source: str = "image") -> Image.Image:
     """Decode ``data`` into an 8-bit RGB image, upright, aspect ratio at most ``MAX_ASPECT``.
@@ -125,25 +185,28 @@ def decode_image(data: bytes, max_pixels: int, *, min_side: int | None = None,
     Args:
         max_pixels: width x height limit checked from the header (decompression bombs).
         min_side: the shorter side the caller will resize to; JPEGs are then decoded at the
-            smallest DCT scale that still covers it (``Image.draft``), which is much faster for
-            photos and changes nothing visible after the resize.
+            smallest DCT scale that still covers it, which is much faster for photos and changes
+            nothing visible after the resize.
         source: how the caller names this image in error messages (``files[1]``).
     Raises:
         BadImage (400), TooManyPixels (413).
     """
-    im = _open(data, max_pixels, source)
+    return upright_rgb(decode_stored(data, max_pixels, min_side=min_side, source=source), source)
+
+
+def upright_rgb(decoded: Decoded, source: str = "image") -> Image.Image:
+    """``decode_image``'s result from a ``decode_stored`` one: upright, RGB, aspect limited."""
     try:
-        if min_side and isinstance(im, JpegImagePlugin.JpegImageFile):
-            im.draft(im.mode, (min_side, min_side))
-        im.load()
-        ImageOps.exif_transpose(im, in_place=True)  # honours the EXIF orientation tag
-        rgb = to_rgb(im)
-    except Image.DecompressionBombError as exc:
-        raise TooManyPixels(too_many_pixels(source, max_pixels, bomb=exc)) from None
-    except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, ...
-        _refuse_multipage_tiff(data, source, f"{type(exc).__name__}: {exc}")
+        rgb = to_rgb(upright(decoded))
+    except Exception as exc:  # a mode Pillow cannot convert
         raise BadImage(f"{source}: could not decode the image ({type(exc).__name__}: {exc})") from None
     return limit_aspect(rgb)
+
+
+def upright(decoded: Decoded) -> Image.Image:
+    """The decoded image turned as its EXIF orientation says."""
+    method = UPRIGHT.get(decoded.orientation)
+    return decoded.image if method is None else decoded.image.transpose(method)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
         "auto", description="auto: on a GPU, capture a CUDA graph at warm-up for the head at each batch-size class "
                             "(1, 2, 4, ... max_batch_size) and for the tail at each (bucket, class); batches are "
                             "padded up to their class and other shapes run eagerly. off: always eager.")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where JPEGs are decoded and preprocessed. gpu: in batches with nvJPEG on the model's "
+                            "CUDA device (service/gpu_decode.py; other formats and refused JPEGs on the CPU, per "
+                            "image); needs CUDA, refused with device=cpu. cpu: libjpeg-turbo/Pillow in the request "
+                            "handler. auto: gpu when the model runs on CUDA. Until the model runs in a process of its "
+                            "own (the API-process hand-off), the service decodes on the CPU whatever this says.")
     keep_rate: float | None = Field(
         None, gt=0, le=1, description="Default keep rate; empty: the checkpoint's own schedule.")
     warmup_batches: int = Field(2, ge=0, description="Forward passes run before /readyz turns ready.")
@@ -121,6 +127,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.decode == "gpu" and self.device == "cpu":
+            raise ValueError("PATCHLIFE_DECODE=gpu needs a CUDA device; use auto or cpu with device=cpu")
         if self.dtype in ("float16", "bfloat16") and self.device == "cpu":
             raise ValueError("PATCHLIFE_DTYPE=float16/bfloat16 needs a GPU; use float32 or auto with device=cpu")
         self.grid_keep_rates()  # raises on a malformed list

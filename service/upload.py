@@ -92,10 +92,7 @@ async def _stream(request: Request, limit: int, what: str) -> AsyncIterator[byte
 
 
 async def _read_body(request: Request, limit: int, what: str) -> bytes:
-    body = bytearray()
-    async for chunk in _stream(request, limit, what):
-        body += chunk
-    return bytes(body)
+    return b"".join([chunk async for chunk in _stream(request, limit, what)])  # one copy of the body
 
 
 # -- multipart -----------------------------------------------------------------------------------
@@ -111,7 +108,8 @@ class _Parts:
         self._headers: dict[bytes, bytes] = {}
         self._name = ""
         self._filename: str | None = None
-        self._buf = bytearray()
+        self._chunks: list[bytes | memoryview] = []  # the part's data: views into the body's chunks, joined once
+        self._size = 0
         self._counts: dict[str, int] = {}
 
     def callbacks(self) -> dict[str, Any]:
@@ -121,7 +119,7 @@ class _Parts:
                 "on_part_end": self.part_end, "on_end": self.end}
 
     def part_begin(self) -> None:
-        self._headers, self._buf, self._header = {}, bytearray(), [b"", b""]
+        self._headers, self._chunks, self._size, self._header = {}, [], 0, [b"", b""]
 
     def header_field(self, data: bytes, start: int, end: int) -> None:
         self._header[0] += data[start:end]
@@ -157,22 +155,24 @@ class _Parts:
         return self._filename or f"{self._name}[{self._counts.get(self._name, 0)}]"
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
+        self._size += end - start
         if self._name in IMAGE_FIELDS:
-            if len(self._buf) + end - start > self.limits.max_file_bytes:
+            if self._size > self.limits.max_file_bytes:
                 raise TooLarge(f"{self._source()} is over the limit of {self.limits.max_file_bytes} bytes "
                                "(PATCHLIFE_MAX_UPLOAD_BYTES)")
-        elif len(self._buf) + end - start > MAX_FIELD_BYTES:
+        elif self._size > MAX_FIELD_BYTES:
             raise InvalidRequest(f"form field {self._name!r} is longer than {MAX_FIELD_BYTES} bytes")
-        self._buf += data[start:end]
+        # a multi-MB image arrives in ~64 kB chunks: keep views of them (bytes never change) and copy once
+        self._chunks.append(memoryview(data)[start:end] if type(data) is bytes else bytes(data[start:end]))
 
     def part_end(self) -> None:
         if self._name in IMAGE_FIELDS:
             ctype = self._headers.get(b"content-type")
-            self.images.append(RawImage(bytes(self._buf), ctype.decode("latin-1") if ctype else None,
+            self.images.append(RawImage(b"".join(self._chunks), ctype.decode("latin-1") if ctype else None,
                                         self._source()))
             self._counts[self._name] = self._counts.get(self._name, 0) + 1
         else:
-            self.options[self._name] = self._buf.decode("utf-8", "replace").strip()
+            self.options[self._name] = b"".join(self._chunks).decode("utf-8", "replace").strip()
 
     def end(self) -> None:
         self.finished = True

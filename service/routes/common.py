@@ -20,7 +20,7 @@ from PIL import Image
 
 from .. import worker as worker_mod
 from ..context import ARRIVAL_KEY, InFlight
-from ..decode import check_media_type, decode_image, image_pixels
+from ..decode import check_media_type, decode_stored, image_pixels, upright_rgb
 from ..decode_budget import DecodeBudget, DecodeBusy
 from ..engine import Engine
 from ..errors import (
@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..explain import model_view
 from ..metrics import Metrics
+from ..preprocess import model_input, resize_side
 from ..schemas import Budget, Classification, Label, Lifespans, Timings
 from ..settings import Settings
 from ..upload import RawImage, UploadLimits
@@ -174,23 +175,17 @@ class Prepared:
     views: list[Image.Image]            # /explain only: the model's view, downsized (the decode is dropped)
 
 
-def _resize_side(engine: Engine) -> int | None:
-    """Shorter side the preprocessing resizes to (JPEG draft decoding may stop there)."""
-    pre = engine.config.preprocess
-    size, pct = pre.get("input_size"), pre.get("crop_pct") or 0.875
-    return math.floor(min(size[-2:]) / pct) if size else None
-
-
 def _decode_one(raw: RawImage, engine: Engine, max_pixels: int,
                 keep_view: bool) -> tuple[torch.Tensor, Image.Image | None]:
-    """Decode, preprocess and drop the full-resolution image; keep a small model view if asked."""
-    image = decode_image(raw.data, max_pixels, min_side=_resize_side(engine), source=raw.source)
-    pixels = engine.preprocess(image)
-    view = None
-    if keep_view:
-        pre = engine.config.preprocess
-        view = model_view(image, pre["input_size"], pre.get("crop_pct"))
-        view.thumbnail((EXPLAIN_VIEW_SIDE, EXPLAIN_VIEW_SIDE), Image.Resampling.BILINEAR)
+    """Decode, preprocess in one resize (service/preprocess.py) and drop the full-resolution image;
+    keep a small model view if asked."""
+    pre = engine.config.preprocess
+    decoded = decode_stored(raw.data, max_pixels, min_side=resize_side(pre), source=raw.source)
+    pixels = model_input(decoded, pre, engine.preprocess, raw.source)
+    if not keep_view:
+        return pixels, None
+    view = model_view(upright_rgb(decoded, raw.source), pre["input_size"], pre.get("crop_pct"))
+    view.thumbnail((EXPLAIN_VIEW_SIDE, EXPLAIN_VIEW_SIDE), Image.Resampling.BILINEAR)
     return pixels, view
 
 

@@ -206,3 +206,26 @@ def test_eval_outside_the_cpus_interval_fails_the_part() -> None:
     check = gpu_check.compare_eval(far, cpu, 1.0)
     assert not check.ok and check.result == "dense/1.0/dense: 85.0% not in 88.0-92.0"
     assert not gpu_check.compare_eval({("life", 0.7, "fixed"): row}, cpu, 1.0).ok  # a row missing
+
+
+def test_decode_part_reads_bench_decode() -> None:
+    rows = [{"images": "224px", "cpu path": 0.9, "cuda b1": 0.5, "cuda b16": 0.08, "cuda b64": 0.05},
+            {"images": "640x480", "cpu path": 3.1, "cuda b1": 0.6, "cuda b16": 0.12, "cuda b64": 0.08}]
+    eq = {"images": 16, "max_pixel_diff": 30, "mean_pixel_diff": 0.4, "top1_agreement": 0.9375,
+          "max_budget_diff": 4, "patches": 196}
+    seen: list[list[str]] = []
+
+    def runner(argv: list[str], env: dict[str, str], timeout: float) -> Output:
+        seen.append(argv)
+        return Output(0, "some log line\n" + json.dumps({"device": "cuda", "rows": rows, "equivalence": eq}), "", 30.0)
+
+    speed, same = run_checks(["decode"], [64], 10.0, run=runner)
+    assert seen[0][2:5] == ["model.cli", "bench-decode", "--device"] and "--equivalence" in seen[0]
+    assert speed.ok and speed.result.startswith("12,500 img/s (target >= 10,000)")
+    assert same.ok and same.result.startswith("top-1 agreement 93.8% on 16 photos, largest budget difference 4 of 196")
+    rows[1]["cuda b64"] = 0.2  # 5,000/s
+    eq["top1_agreement"] = 0.5
+    speed, same = run_checks(["decode"], [64], 10.0, run=runner)
+    assert not speed.ok and not same.ok
+    broken = run_checks(["decode"], [64], 10.0, run=lambda a, e, t: Output(1, "", "RuntimeError: nvjpeg", 2.0))
+    assert [(c.name, c.ok, c.result) for c in broken] == [("decode", False, "exit 1: RuntimeError: nvjpeg")]
