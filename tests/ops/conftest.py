@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from ops_support import DASHBOARD, REPO, Query, dashboard_queries
 
-from service.child import serve_child
+from service.child import ServeChild, serve_child
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +39,22 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def service_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``patchlife serve`` on a free loopback port; yields its base URL once /readyz answers 200."""
+def service(tiny_checkpoint: Path) -> Iterator[ServeChild]:
+    """``patchlife serve`` on free loopback ports (HTTP and gRPC), once /readyz answers 200."""
     env = {"PATCHLIFE_CHECKPOINT": str(tiny_checkpoint), "PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_DTYPE": "float32",
            "PATCHLIFE_WARMUP_BATCHES": "1", "OMP_NUM_THREADS": "1"}
-    with serve_child(env, startup_s=90, cwd=str(REPO)) as child:
-        yield child.url
+    with serve_child(env, startup_s=90, cwd=str(REPO), grpc=True) as child:
+        yield child
+
+
+@pytest.fixture(scope="session")
+def service_url(service: ServeChild) -> str:
+    """The running service's base URL."""
+    return service.url
+
+
+@pytest.fixture(scope="session")
+def grpc_target(service: ServeChild) -> str:
+    """The running service's gRPC ``host:port``."""
+    assert service.grpc_target is not None
+    return service.grpc_target
