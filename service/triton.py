@@ -5,14 +5,20 @@ Neither is written by hand: the configuration comes from the engine's descriptio
 statistics are read from the Prometheus registry, so they count exactly the events the
 ``patchlife_*`` series count (one source, nothing counted twice):
 
-  success / fail   inference requests answered 200 / anything else, and their duration from arrival:
-                   /classify, /explain and the v2 infer routes (``patchlife_http_request_duration_seconds``)
-                   plus gRPC ModelInfer (``patchlife_grpc_request_duration_seconds``)
-  queue            images (count) and their waits for the phase-A and phase-B batches (ns)
-  compute_input    images decoded + preprocessed (``patchlife_image_decode_seconds``)
-  compute_infer    model executions, i.e. phase-A batches (count), and model time of both phases (ns)
-  compute_output   v2 answers whose output tensors were encoded (``patchlife_output_encode_seconds``)
-  inference_count  images through the model; execution_count: phase-A batches
+  success / fail   inference requests answered 200 / anything else, and their time from arrival to
+                   answer: /classify, /explain and the v2 infer routes
+                   (``patchlife_http_request_duration_seconds``) plus gRPC ModelInfer
+                   (``patchlife_grpc_request_duration_seconds``)
+  inference_count  images the model answered (``patchlife_image_compute_seconds``)
+  execution_count  model executions: phase-A batches (``patchlife_batch_size``)
+  queue, compute_input, compute_infer, compute_output
+                   counted per image the model answered (perf_analyzer requires the three compute
+                   counts to be equal), with the time of: the waits for the phase-A and phase-B
+                   batches (``patchlife_queue_wait_seconds``); decoding + preprocessing
+                   (``patchlife_image_decode_seconds``, every image decoded); the two batches each
+                   image ran in, as Triton counts a batch's time for each of its requests
+                   (``patchlife_image_compute_seconds``); encoding v2 answers' output tensors
+                   (``patchlife_output_encode_seconds``; /classify's JSON is not counted).
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ def model_config(info: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return {
         "name": info["name"], "platform": PLATFORM, "backend": BACKEND,
         "max_batch_size": settings.max_images_per_request,
-        "input": [{"name": t.name, "data_type": DATA_TYPES[t.datatype], "dims": list(t.dims)} for t in inputs],
+        "input": [{"name": t.name, "data_type": DATA_TYPES[t.datatype], "dims": list(t.dims), "optional": True}
+                  for t in inputs],  # either input, or both
         "output": [{"name": t.name, "data_type": DATA_TYPES[t.datatype], "dims": list(t.dims)} for t in outputs],
         "dynamic_batching": {"preferred_batch_size": list(batch_classes(settings.max_batch_size)),
                              "max_queue_delay_microseconds": round(settings.max_delay_ms * 1000)},
@@ -87,18 +94,16 @@ def model_statistics(metrics: Metrics, name: str) -> dict[str, Any]:
                          s.total(f"{http}_sum", http_ok(ok)) + s.total(f"{grpc}_sum", grpc_ok(ok)))
 
     executions = s.total("patchlife_batch_size_count", head)
+    images = s.total("patchlife_image_compute_seconds_count")
     stats = {
         "success": answered(True), "fail": answered(False),
-        "queue": _duration(s.total("patchlife_queue_wait_seconds_count", head),
-                           s.total("patchlife_queue_wait_seconds_sum")),
-        "compute_input": _duration(s.total("patchlife_image_decode_seconds_count"),
-                                   s.total("patchlife_image_decode_seconds_sum")),
-        "compute_infer": _duration(executions, s.total("patchlife_model_compute_seconds_sum")),
-        "compute_output": _duration(s.total("patchlife_output_encode_seconds_count"),
-                                    s.total("patchlife_output_encode_seconds_sum")),
+        "queue": _duration(images, s.total("patchlife_queue_wait_seconds_sum")),
+        "compute_input": _duration(images, s.total("patchlife_image_decode_seconds_sum")),
+        "compute_infer": _duration(images, s.total("patchlife_image_compute_seconds_sum")),
+        "compute_output": _duration(images, s.total("patchlife_output_encode_seconds_sum")),
         "cache_hit": _duration(0, 0.0), "cache_miss": _duration(0, 0.0),  # no response cache
     }
     return {"name": name, "version": VERSION,
             "last_inference": int(s.total("patchlife_last_inference_timestamp_seconds") * 1000),
-            "inference_count": int(s.total("patchlife_batch_size_sum", head)),
-            "execution_count": int(executions), "inference_stats": stats, "batch_stats": []}
+            "inference_count": int(images), "execution_count": int(executions), "inference_stats": stats,
+            "batch_stats": []}

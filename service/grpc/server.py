@@ -67,10 +67,12 @@ class InferenceServicer:
         return convert.from_dict({"config": config}, pb.ModelConfigResponse())
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> Message:
-        if not request.name and self.rt.engine is None:
+        if request.name:
+            name = served_engine(self.rt, request.name, request.version or None).name
+        elif self.rt.engine is not None:  # no name: every model
+            name = self.rt.engine.name
+        else:
             return pb.ModelStatisticsResponse()
-        name = self.rt.engine.name if not request.name and self.rt.engine is not None else \
-            served_engine(self.rt, request.name, request.version or None).name
         stats = triton.model_statistics(self.rt.metrics, name)
         return convert.from_dict({"model_stats": [stats]}, pb.ModelStatisticsResponse())
 
@@ -117,8 +119,7 @@ def _wrap(rt: Runtime, method: str, handler: Handler) -> Handler:
                 return response
             except Exception as exc:  # noqa: BLE001 - every error becomes a status, as over REST
                 code, message, trailer = _failure(rt, exc)
-            context.set_trailing_metadata(trailer)
-            await context.abort(code, message)
+            await context.abort(code, message, trailer)
             raise AssertionError("unreachable: abort raises")
         finally:
             rt.in_flight.count -= 1

@@ -7,13 +7,17 @@ integration test both see exactly what a deployment exports.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
 import pytest
-from ops_support import DASHBOARD, REPO, Query, dashboard_queries
+from ops_support import DASHBOARD, N_IMAGES, REPO, Query, dashboard_queries
+from PIL import Image
 
 from service.child import ServeChild, serve_child
 
@@ -58,3 +62,34 @@ def grpc_target(service: ServeChild) -> str:
     """The running service's gRPC ``host:port``."""
     assert service.grpc_target is not None
     return service.grpc_target
+
+
+# -- what the v2 client checks send (tritonclient and kserve over REST, tritonclient over gRPC) --------
+@pytest.fixture(scope="session")
+def pixels() -> np.ndarray:
+    """20 synthetic task images, ``[20, 64, 64, 3]`` uint8."""
+    from model.data import render_synthetic
+
+    images, _ = render_synthetic(seed=7, indices=range(N_IMAGES), size=64)
+    return images.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+@pytest.fixture(scope="session")
+def pngs(pixels: np.ndarray) -> list[bytes]:
+    out = []
+    for arr in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.fixture(scope="session")
+def classify_top1(service_url: str, pngs: list[bytes]) -> list[str]:
+    """What the native API answers for the same files: the reference."""
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(pngs)]
+    r = httpx.post(f"{service_url}/classify", files=files, params={"top_k": 1}, timeout=60)
+    assert r.status_code == 200, r.text
+    labels = [res["labels"][0]["label"] for res in r.json()["results"]]
+    assert len(labels) == N_IMAGES
+    return labels

@@ -1,8 +1,8 @@
 """Open Inference Protocol v2 through clients nobody here wrote, against a real ``patchlife serve``.
 
 ``tritonclient[http]`` (Triton's Python client; binary tensor data by default) and the ``kserve`` SDK's
-REST client send 20 synthetic images (model.data's renderer, PNG-encoded, and the same pixels raw as
-UINT8) and must get the same top-1 labels as ``/classify`` on the same files; metadata, readiness and
+REST client send 20 synthetic images (tests/ops/conftest.py: model.data's renderer, PNG-encoded, and the same
+pixels raw as UINT8) and must get the same top-1 labels as ``/classify`` on the same files; metadata, readiness and
 errors go through the clients' own calls. Each client skips with the reason when it is not installed
 (both are in the ``dev`` extra).
 """
@@ -10,48 +10,16 @@ errors go through the clients' own calls. Each client skips with the reason when
 from __future__ import annotations
 
 import asyncio
-import io
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from ops_support import N_IMAGES
 
 pytestmark = pytest.mark.timeout(180)
 
 MODEL = "ops-tiny"  # tests/ops/conftest.py's checkpoint
-N_IMAGES = 20
-
-
-@pytest.fixture(scope="module")
-def pixels() -> np.ndarray:
-    """20 synthetic task images, ``[20, 64, 64, 3]`` uint8."""
-    from model.data import render_synthetic
-
-    images, _ = render_synthetic(seed=7, indices=range(N_IMAGES), size=64)
-    return images.permute(0, 2, 3, 1).contiguous().numpy()
-
-
-@pytest.fixture(scope="module")
-def pngs(pixels: np.ndarray) -> list[bytes]:
-    out = []
-    for arr in pixels:
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, "PNG")
-        out.append(buf.getvalue())
-    return out
-
-
-@pytest.fixture(scope="module")
-def classify_top1(service_url: str, pngs: list[bytes]) -> list[str]:
-    """What the native API answers for the same files: the reference."""
-    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(pngs)]
-    r = httpx.post(f"{service_url}/classify", files=files, params={"top_k": 1}, timeout=60)
-    assert r.status_code == 200, r.text
-    labels = [res["labels"][0]["label"] for res in r.json()["results"]]
-    assert len(labels) == N_IMAGES
-    return labels
 
 
 def _triton() -> Any:
