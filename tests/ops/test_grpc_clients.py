@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from ops_support import N_IMAGES, REPO
 
-from service.child import serve_child
+from service.child import serve_child, stop
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -86,5 +86,7 @@ def test_sigterm_exits_cleanly_with_grpc(tiny_checkpoint: Path) -> None:
         client = g.InferenceServerClient(child.grpc_target)
         assert client.is_model_ready(MODEL)
         client.close()
-    assert child.proc.returncode == 0, child.log()[-2000:]
-    assert "gRPC (Open Inference Protocol v2) on 127.0.0.1" in child.log()
+        stop(child.proc)  # SIGTERM
+        log = child.log()
+    assert child.proc.returncode == 0, log[-2000:]
+    assert "gRPC (Open Inference Protocol v2) on 127.0.0.1" in log
