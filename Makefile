@@ -56,3 +56,9 @@ endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+
+# The gRPC messages of the Open Inference Protocol (service/grpc/grpc_service.proto), generated once and
+# checked in so that installing patchlife needs no protoc (tests/service/test_grpc_proto.py checks they agree).
+.PHONY: grpc-stubs
+grpc-stubs: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. service/grpc/grpc_service.proto

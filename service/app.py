@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
@@ -92,6 +93,17 @@ async def drain(rt: Runtime, poll_s: float = 0.01) -> None:
     log.info("drained: %d requests still in flight", rt.in_flight.count)
 
 
+GRPC_STOP_GRACE_S = 1.0  # gRPC calls still writing their answer when the lifespan ends
+
+
+async def _start_grpc(rt: Runtime, version: str) -> Any:
+    """The gRPC listener (``service/grpc/``), imported only when it is served: a server with
+    PATCHLIFE_GRPC_PORT=0 never loads grpcio or the generated messages."""
+    from .grpc.server import start_server
+
+    return await start_server(rt, version)
+
+
 def begin_shutdown(rt: Runtime) -> None:
     """SIGTERM, first step (on the event loop): readiness false, batches stop waiting to fill."""
     rt.stopping = rt.in_flight.closing = True
@@ -110,6 +122,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             rt.engine = await anyio.to_thread.run_sync(load_engine, settings)
         info = rt.engine.info()
         rt.metrics.set_model(package_version(), info["name"], rt.engine.device, info["dtype"])
+        grpc_server = await _start_grpc(rt, app.version) if settings.grpc_port else None
         starting = asyncio.create_task(_warm_up_and_start(rt))
         try:
             yield
@@ -118,6 +131,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await starting  # a warm-up in its thread cannot be interrupted; it is short
             if rt.worker is not None:
                 await rt.worker.stop()
+            if grpc_server is not None:  # after the worker: its calls have been answered by then
+                await grpc_server.stop(GRPC_STOP_GRACE_S)
 
     app = FastAPI(title="patchlife", version=package_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   summary="Vision transformers that slim their patches by life regression, served with "

@@ -150,6 +150,17 @@ class Metrics:
                                   "Device memory reserved while capturing CUDA graphs.", registry=r)
         self.eager_fallbacks = Gauge("patchlife_eager_fallbacks", "Batches whose shape had no captured graph "
                                      "and ran eagerly (since start).", registry=r)
+        self.grpc_duration = Histogram(
+            "patchlife_grpc_request_duration_seconds", "gRPC call latency (Open Inference Protocol v2) by method "
+            "and status code.", ["method", "code"], buckets=LATENCY_BUCKETS, registry=r)
+        self.encode_seconds = Histogram("patchlife_output_encode_seconds", "Time to encode a v2 inference "
+                                        "answer's output tensors (REST and gRPC).", buckets=LATENCY_BUCKETS,
+                                        registry=r)
+        self.image_compute = Histogram("patchlife_image_compute_seconds", "Wall time of the two model batches "
+                                       "(phase A, phase B) an image ran in, per image answered.",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.last_inference = Gauge("patchlife_last_inference_timestamp_seconds", "Unix time at which the last "
+                                    "image was answered by the model.", registry=r)
         self.device_memory = DeviceMemoryCollector()
         r.register(self.device_memory)
         self._init_series()
@@ -249,6 +260,8 @@ class PrometheusHooks(WorkerHooks):
             self.m.cost_slope.labels(phase).set(fit.slope)
 
     def on_image_done(self, result: ImageResult) -> None:
+        self.m.last_inference.set(time.time())
+        self.m.image_compute.observe(result.compute_ms / 1000.0)
         self.m.kept_tokens.observe(result.counts[-1])
         self.m.image_flops.observe(result.gflops * 1e9)
         if self.dense_gflops > 0:

@@ -38,7 +38,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 VERSION = "1"
 IMAGES, PIXELS = "images", "pixels"
 OUTPUTS = ("probabilities", "labels", "lifespans", "budget")
-EXTENSIONS = ["binary_tensor_data", "classification"]
+PLATFORM = "pytorch_patchlife"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
 _LENGTH = struct.Struct("<I")
 
 
@@ -99,7 +100,13 @@ def parse_request(body: bytes, header_length: str | None, limits: UploadLimits, 
         request = InferRequest.model_validate_json(head)
     except ValidationError as exc:
         raise invalid_json(exc, "inference request") from None
-    chunks = _binary_chunks(request.inputs, binary)
+    return images_from_tensors(request, _binary_chunks(request.inputs, binary), limits, max_pixels)
+
+
+def images_from_tensors(request: InferRequest, chunks: list[bytes | None], limits: UploadLimits,
+                        max_pixels: int) -> Images:
+    """The request's images, each input read from its raw ``chunk`` (binary data, the gRPC
+    ``raw_input_contents``) or, where that is None, from its JSON ``data``. REST and gRPC share it."""
     _check_counts(request.inputs, limits)
     out = Images(request)
     for tensor, chunk in zip(request.inputs, chunks, strict=True):
@@ -321,16 +328,39 @@ def encode_response(model: str, request: InferRequest, specs: list[OutputSpec], 
 
 
 # -- metadata -----------------------------------------------------------------------------------
-def model_metadata(info: dict[str, Any]) -> dict[str, Any]:
-    """``GET /v2/models/{name}``, from ``Engine.info()``."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the served model; ``dims`` without the batch dimension (-1: any size)."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+
+
+def tensor_specs(info: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs, from ``Engine.info()``: the one table behind the model metadata and the
+    Triton model configuration (``service/triton.py``)."""
     rows, cols = info["grid"]
     stages = len(info["schedule"]["patch_counts"])
-    return {
-        "name": info["name"], "versions": [VERSION], "platform": "pytorch_patchlife",
-        "inputs": [{"name": IMAGES, "datatype": "BYTES", "shape": [-1]},
-                   {"name": PIXELS, "datatype": "UINT8", "shape": [-1, -1, -1, 3]}],
-        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, info["num_classes"]]},
-                    {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
-                    {"name": "lifespans", "datatype": "FP32", "shape": [-1, rows, cols]},
-                    {"name": "budget", "datatype": "INT32", "shape": [-1, stages]}],
-    }
+    inputs = [TensorSpec(IMAGES, "BYTES", (1,)), TensorSpec(PIXELS, "UINT8", (-1, -1, 3))]
+    outputs = [TensorSpec("probabilities", "FP32", (info["num_classes"],)), TensorSpec("labels", "BYTES", (-1,)),
+               TensorSpec("lifespans", "FP32", (rows, cols)), TensorSpec("budget", "INT32", (stages,))]
+    return inputs, outputs
+
+
+def model_metadata(info: dict[str, Any]) -> dict[str, Any]:
+    """``GET /v2/models/{name}``, from ``Engine.info()``: each tensor's shape is the batch dimension
+    (-1) followed by its dims."""
+    inputs, outputs = tensor_specs(info)
+
+    def entry(t: TensorSpec) -> dict[str, Any]:
+        return {"name": t.name, "datatype": t.datatype, "shape": [-1, *t.dims]}
+
+    return {"name": info["name"], "versions": [VERSION], "platform": PLATFORM,
+            "inputs": [entry(t) for t in inputs], "outputs": [entry(t) for t in outputs]}
+
+
+def raw_tensor(datatype: str, arr: np.ndarray) -> bytes:
+    """An output's raw bytes, as the binary tensor data extension and gRPC's ``raw_output_contents``
+    carry them (BYTES elements length-prefixed, numbers little-endian)."""
+    return _serialize(datatype, arr)

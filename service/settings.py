@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # --- HTTP --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 in the container).")
     port: int = Field(8000, ge=1, le=65535, description="Bind port.")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535, description="Port of the Open Inference Protocol v2 over gRPC (KServe's and Triton's "
+                                          "GRPCInferenceService), on the same host, worker and limits as HTTP; "
+                                          "0: no gRPC.")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted image file "
                                   "(one multipart part, one decoded base64 image, or a raw image body); "
                                   "checked while streaming, 413 past it.")

@@ -253,11 +253,13 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def run_model(request: Request, worker: Worker, pixels: list[torch.Tensor], keep_rate: float | None,
+async def run_model(request: Request | None, worker: Worker, pixels: list[torch.Tensor], keep_rate: float | None,
                     deadline: float) -> list[ImageResult]:
-    """``worker.submit`` raced against the client's disconnect; worker errors -> API errors."""
+    """``worker.submit`` raced against the client's disconnect; worker errors -> API errors. Without an
+    HTTP ``request`` (gRPC) nothing is raced: a cancelled call cancels the awaiting task itself."""
     submit = asyncio.ensure_future(worker.submit(pixels, keep_rate, deadline))
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(_disconnected(request)) if request is not None else \
+        asyncio.get_running_loop().create_future()
     try:
         await asyncio.wait({submit, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -76,7 +76,8 @@ def service(chromium_path: str, example_checkpoint: Path,
     env = {**os.environ, "PATCHLIFE_HOST": "127.0.0.1", "PATCHLIFE_PORT": str(port),
            "PATCHLIFE_CHECKPOINT": str(example_checkpoint), "PATCHLIFE_DEVICE": "cpu",
            "PATCHLIFE_DTYPE": "float32", "PATCHLIFE_WARMUP_BATCHES": "1", "OMP_NUM_THREADS": "1",
-           "PATCHLIFE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES), "PATCHLIFE_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
+           "PATCHLIFE_GRPC_PORT": "0", "PATCHLIFE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+           "PATCHLIFE_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve"], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)

@@ -24,7 +24,8 @@ K, L, GRID = 4, 12, 8
 @contextmanager
 def serving(**settings: Any) -> Iterator[TestClient]:
     """A TestClient whose app has passed /readyz (warm-up, and graph capture on a GPU, included)."""
-    app = create_app(Settings(warmup_batches=1, max_delay_ms=1.0, max_batch_size=8, **settings))
+    app = create_app(Settings(warmup_batches=1, max_delay_ms=1.0, max_batch_size=8, grpc_port=0,
+                                **settings))
     with TestClient(app) as client:
         end = time.monotonic() + 180
         while client.get("/readyz").status_code != 200:

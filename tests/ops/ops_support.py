@@ -27,6 +27,7 @@ DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "patchlife.json"
 PROMETHEUS_YML = REPO / "docker" / "prometheus" / "prometheus.yml"
 DATASOURCE_UID = "patchlife-prometheus"
 DASHBOARD_UID = "patchlife-overview"
+N_IMAGES = 20  # synthetic images the v2 client checks send (tests/ops/conftest.py's ``pngs``, ``pixels``)
 
 # Grafana's interval variables, in both spellings ($__x and ${__x}); any other "$" is an error.
 _GRAFANA_VARS = re.compile(r"\$(?:\{(__rate_interval|__interval|__range)\}|(__rate_interval|__interval|__range)\b)")

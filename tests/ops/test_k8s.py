@@ -267,18 +267,20 @@ def _dockerfile(pattern: str) -> str:
 
 def test_pods_match_the_image(rendered: dict[str, list[dict[str, Any]]]) -> None:
     uid = int(_dockerfile(r"^USER (\d+)"))
-    port = int(_dockerfile(r"PATCHLIFE_PORT=(\d+)"))
-    assert int(_dockerfile(r"^EXPOSE (\d+)")) == port
+    port, grpc_port = int(_dockerfile(r"PATCHLIFE_PORT=(\d+)")), int(_dockerfile(r"PATCHLIFE_GRPC_PORT=(\d+)"))
+    assert _dockerfile(r"^EXPOSE (.+)$").split() == [str(port), str(grpc_port)]
     cmd = json.loads(_dockerfile(r"^CMD (\[.*\])"))
     for name in ("base", "overlays/cpu", "overlays/gpu"):
         deployment = one(rendered[name], "Deployment")
         pod, c = deployment["spec"]["template"]["spec"], container(deployment)
         assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == uid
         assert c["args"] == cmd and port_number(c, "http") == port == int(env(c)["PATCHLIFE_PORT"])
+        assert port_number(c, "grpc") == grpc_port == int(env(c)["PATCHLIFE_GRPC_PORT"])
         _check_hardened(c, pod["volumes"])
         service = one(rendered[name], "Service")
         assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
         assert all(port_number(c, p["targetPort"]) for p in service["spec"]["ports"])
+        assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"http": "http", "grpc": "grpc"}
     runtime = one(rendered["kserve"], "ServingRuntime")["spec"]
     (c,) = runtime["containers"]
     assert c["args"] == cmd and c["securityContext"]["runAsUser"] == uid
@@ -303,10 +305,18 @@ def test_images_and_devices_match_compose(rendered: dict[str, list[dict[str, Any
     assert one(rendered["kserve"], "ServingRuntime")["spec"]["containers"][0]["image"] == cpu
 
 
-def test_kserve_runtime_serves_the_inference_service(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    runtime, isvc = one(rendered["kserve"], "ServingRuntime"), one(rendered["kserve"], "InferenceService")
-    model = isvc["spec"]["predictor"]["model"]
-    assert model["runtime"] == runtime["metadata"]["name"]
-    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
-    assert model["protocolVersion"] == "v2" and "v2" in runtime["spec"]["protocolVersions"]
-    assert env(model)["PATCHLIFE_CHECKPOINT"] == "/mnt/models"  # where KServe's storage initializer puts storageUri
+def test_kserve_runtime_serves_the_inference_services(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """One InferenceService per protocol, REST (v2) and gRPC (grpc-v2, on the runtime's gRPC port as h2c)."""
+    runtime = one(rendered["kserve"], "ServingRuntime")
+    (c,) = runtime["spec"]["containers"]
+    services = {d["spec"]["predictor"]["model"]["protocolVersion"]: d for d in rendered["kserve"]
+                if d["kind"] == "InferenceService"}
+    assert set(services) == {"v2", "grpc-v2"} <= set(runtime["spec"]["protocolVersions"])
+    for isvc in services.values():
+        model = isvc["spec"]["predictor"]["model"]
+        assert model["runtime"] == runtime["metadata"]["name"]
+        assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+        assert env(model)["PATCHLIFE_CHECKPOINT"] == "/mnt/models"  # where KServe's storage initializer puts it
+    (h2c,) = services["grpc-v2"]["spec"]["predictor"]["model"]["ports"]
+    assert h2c["name"] == "h2c" and h2c["containerPort"] == int(env(c)["PATCHLIFE_GRPC_PORT"])
+    assert "ports" not in services["v2"]["spec"]["predictor"]["model"]  # the runtime's HTTP port

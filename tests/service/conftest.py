@@ -15,8 +15,9 @@ from service.app import create_app
 from service.settings import Settings
 
 # Small limits so that the limit tests need small bodies; the batching delay short so tests are fast.
+# grpc_port=0: the apps stay open side by side for the whole session (gRPC is tested on real servers).
 BASE = dict(device="cpu", warmup_batches=1, max_delay_ms=1.0, max_upload_bytes=200_000,
-            max_request_bytes=1_000_000, max_images_per_request=4, max_top_k=5)
+            max_request_bytes=1_000_000, max_images_per_request=4, max_top_k=5, grpc_port=0)
 
 
 @pytest.fixture(scope="session")

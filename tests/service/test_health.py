@@ -48,7 +48,7 @@ def test_readyz_503_when_draining(make_client: Callable[..., TestClient]) -> Non
 
 
 def test_lifespan_shutdown_stops_the_worker(checkpoint_dir: Path) -> None:
-    app = create_app(Settings(checkpoint=checkpoint_dir, device="cpu", warmup_batches=0))
+    app = create_app(Settings(checkpoint=checkpoint_dir, device="cpu", warmup_batches=0, grpc_port=0))
     with TestClient(app) as c:
         wait_ready(c)
         worker = app.state.runtime.worker

@@ -38,7 +38,7 @@ def examples_client(checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFacto
     write_examples(ckpt, listed, {"simple.png": encode(photo(seed=1), "PNG"),
                                   "busy.jpg": encode(photo(seed=2), "JPEG"),
                                   "unlisted.png": encode(photo(seed=3), "PNG")})
-    settings = Settings(checkpoint=ckpt, device="cpu", warmup_batches=1, max_delay_ms=1.0)
+    settings = Settings(checkpoint=ckpt, device="cpu", warmup_batches=1, max_delay_ms=1.0, grpc_port=0)
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         yield client

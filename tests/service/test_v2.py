@@ -81,7 +81,7 @@ def test_model_metadata_describes_the_tensors(client: TestClient) -> None:
     meta = client.get(f"/v2/models/{MODEL}").json()
     assert meta["name"] == MODEL and meta["versions"] == ["1"]
     assert {(t["name"], t["datatype"], tuple(t["shape"])) for t in meta["inputs"]} == {
-        ("images", "BYTES", (-1,)), ("pixels", "UINT8", (-1, -1, -1, 3))}
+        ("images", "BYTES", (-1, 1)), ("pixels", "UINT8", (-1, -1, -1, 3))}
     out = {t["name"]: (t["datatype"], t["shape"]) for t in meta["outputs"]}
     assert out == {"probabilities": ("FP32", [-1, len(CLASSES)]), "labels": ("BYTES", [-1, -1]),
                    "lifespans": ("FP32", [-1, *info["grid"]]),

@@ -1,0 +1,161 @@
+"""The Open Inference Protocol v2 over gRPC: KServe's ``inference.GRPCInferenceService``, with Triton's
+ModelConfig and ModelStatistics, on ``PATCHLIFE_GRPC_PORT`` beside the HTTP API.
+
+It runs in the app's event loop (``grpc.aio``, started and stopped by the app's lifespan) and is a
+second transport, not a second service: model checks, decoding, the worker call, limits, the
+deadline and the metrics are the REST routes' own (``routes/v2.py``'s ``check_model`` and
+``infer_images``), and its calls count in the requests the shutdown drain waits for. Errors carry
+the REST message with the gRPC code of the HTTP status (``GRPC_CODES``); ``Retry-After`` travels as
+trailing metadata. The request deadline is the call's gRPC deadline, else ``PATCHLIFE_DEADLINE_MS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import grpc
+from google.protobuf.message import Message
+
+from .. import oip, triton
+from ..errors import ApiError
+from ..routes.common import Runtime
+from ..routes.v2 import check_model, infer_images, not_ready_reason, served_engine
+from . import convert
+from . import grpc_service_pb2 as pb
+
+log = logging.getLogger("patchlife.grpc")
+SERVICE = "inference.GRPCInferenceService"  # the protocol's name (the messages' package differs, see the .proto)
+GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT,
+              422: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+              413: grpc.StatusCode.RESOURCE_EXHAUSTED, 499: grpc.StatusCode.CANCELLED,
+              503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+
+
+class InferenceServicer:
+    """One method per RPC of the .proto's service, each answering from the runtime the routes use."""
+
+    def __init__(self, rt: Runtime, version: str) -> None:
+        self.rt = rt
+        self.version = version
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=not_ready_reason(self.rt) is None)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        engine = self.rt.engine  # an unknown model is not ready (tritonclient's is_model_ready, as over REST)
+        known = engine is not None and request.name == engine.name and request.version in ("", oip.VERSION)
+        return pb.ModelReadyResponse(ready=known and not_ready_reason(self.rt) is None)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="patchlife", version=self.version, extensions=oip.EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> Message:
+        engine = served_engine(self.rt, request.name, request.version or None)
+        return convert.from_dict(oip.model_metadata(engine.info()), pb.ModelMetadataResponse())
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> Message:
+        engine = served_engine(self.rt, request.name, request.version or None)
+        config = triton.model_config(engine.info(), self.rt.settings)
+        return convert.from_dict({"config": config}, pb.ModelConfigResponse())
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> Message:
+        if request.name:
+            name = served_engine(self.rt, request.name, request.version or None).name
+        elif self.rt.engine is not None:  # no name: every model
+            name = self.rt.engine.name
+        else:
+            return pb.ModelStatisticsResponse()
+        stats = triton.model_statistics(self.rt.metrics, name)
+        return convert.from_dict({"model_stats": [stats]}, pb.ModelStatisticsResponse())
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        rt = self.rt
+        remaining = context.time_remaining()
+        budget_s = rt.settings.deadline_ms / 1000.0 if remaining is None else remaining
+        deadline = rt.clock()() + budget_s
+        engine, worker = check_model(rt, request.model_name, request.model_version or None)
+        parsed = await anyio.to_thread.run_sync(convert.infer_request, request, rt.limits(),
+                                                rt.settings.max_image_pixels)
+        done = await infer_images(rt, engine, worker, parsed, deadline, None)
+        t0 = time.perf_counter()
+        outputs = [(spec.name, *oip.output_tensor(spec, done.results, engine.class_names, done.top_k))
+                   for spec in done.specs]
+        response = convert.infer_response(engine.name, request.id, outputs)
+        rt.metrics.encode_seconds.observe(time.perf_counter() - t0)
+        return response
+
+
+def _failure(rt: Runtime, exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """An exception of a call -> (code, message, trailing metadata), counted like the REST error."""
+    if isinstance(exc, ApiError):
+        if exc.reason:
+            rt.metrics.reject(exc.reason)
+        retry = exc.headers.get("Retry-After")
+        return GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message, \
+            (("retry-after", retry),) if retry else ()
+    log.exception("gRPC call failed")
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log", ()
+
+
+def _wrap(rt: Runtime, method: str, handler: Handler) -> Handler:
+    """Counts the call in flight (the drain waits for it) and in the latency metric; errors -> status."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Message:
+        code = grpc.StatusCode.CANCELLED  # what is recorded if the call is cancelled (client gone, deadline)
+        rt.in_flight.count += 1
+        t0 = time.perf_counter()
+        try:
+            try:
+                response = await handler(request, context)
+                code = grpc.StatusCode.OK
+                return response
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status, as over REST
+                code, message, trailer = _failure(rt, exc)
+            await context.abort(code, message, trailer)
+            raise AssertionError("unreachable: abort raises")
+        finally:
+            rt.in_flight.count -= 1
+            rt.metrics.grpc_duration.labels(method, code.name).observe(time.perf_counter() - t0)
+
+    return call
+
+
+def generic_handler(rt: Runtime, version: str) -> grpc.GenericRpcHandler:
+    """Every RPC the .proto declares, served under the protocol's service name."""
+    servicer = InferenceServicer(rt, version)
+    methods = {}
+    for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        request_cls, response_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        methods[m.name] = grpc.unary_unary_rpc_method_handler(
+            _wrap(rt, m.name, getattr(servicer, m.name)), request_deserializer=request_cls.FromString,
+            response_serializer=response_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE, methods)
+
+
+async def start_server(rt: Runtime, version: str) -> grpc.aio.Server:
+    """Bind ``PATCHLIFE_HOST:PATCHLIFE_GRPC_PORT`` and start serving (RuntimeError if the port is taken).
+
+    Messages are capped at ``PATCHLIFE_MAX_REQUEST_BYTES`` (gRPC answers RESOURCE_EXHAUSTED past it);
+    ``so_reuseport`` is off so that a second server on the same port fails instead of sharing it."""
+    s = rt.settings
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", s.max_request_bytes),
+                                      ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((generic_handler(rt, version),))
+    host = f"[{s.host}]" if ":" in s.host else s.host
+    try:
+        port = server.add_insecure_port(f"{host}:{s.grpc_port}")
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot listen for gRPC on {host}:{s.grpc_port} (PATCHLIFE_GRPC_PORT): {exc}") from None
+    if port == 0:
+        raise RuntimeError(f"cannot listen for gRPC on {host}:{s.grpc_port} (PATCHLIFE_GRPC_PORT)")
+    await server.start()
+    log.info("gRPC (Open Inference Protocol v2) on %s:%d", host, port)
+    return server
