@@ -37,7 +37,7 @@ COMMANDS: dict[str, Command] = {
     "bench-overhead": Command("service.overhead", "single-request overhead of the service vs batch-1 compute",
                               options.bench_overhead),
     "bench-decode": Command("service.benchdecode",
-                            "ms per image from JPEG bytes to model input: CPU path, GPU batches"),
+                            "ms per image from JPEG bytes to model input: CPU path, GPU batches", options.bench_decode),
     "gpu-check": Command("model.gpu_check", "on a CUDA machine: the gpu tests, training, eval, bench, a load test "
                          "and batched JPEG decoding, in one table"),
 }

@@ -136,3 +136,20 @@ def bench_overhead(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-delay-ms", type=float,
                    help="PATCHLIFE_MAX_DELAY_MS of the server (default: the settings default)")
     p.add_argument("--json", action="store_true", help="print only a JSON object")
+
+
+def bench_decode(p: argparse.ArgumentParser) -> None:
+    from service.photos import PHOTO_SIZES  # numpy and Pillow only
+
+    p.add_argument("--images", type=Path, help="a folder of images to time instead of the generated photos")
+    p.add_argument("--sizes", default=",".join(n for n, _, _ in PHOTO_SIZES),
+                   help="generated photo sizes to time (comma-separated)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "none"), default="auto",
+                   help="where the batched decoder runs: auto is cuda when there is one, else none (CPU path only)")
+    p.add_argument("--batch-sizes", default="1,16,64", help="batched decoder batch sizes (comma-separated)")
+    p.add_argument("--seconds", type=float, default=1.0, help="time spent on each measurement")
+    p.add_argument("--checkpoint", type=Path, help="take the preprocessing (and, with --equivalence, the model) "
+                                                   "from this checkpoint; default: a timm ViT at 224 px")
+    p.add_argument("--equivalence", action="store_true",
+                   help="also compare the batched decoder with the CPU path through a model (top-1, budgets)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -147,21 +147,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", type=Path, help="a folder of images to time instead of the generated photos")
-    p.add_argument("--sizes", default=",".join(n for n, _, _ in PHOTO_SIZES),
-                   help="generated photo sizes to time (comma-separated)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "none"), default="auto",
-                   help="where the batched decoder runs: auto is cuda when there is one, else none (CPU path only)")
-    p.add_argument("--batch-sizes", default="1,16,64", help="batched decoder batch sizes (comma-separated)")
-    p.add_argument("--seconds", type=float, default=1.0, help="time spent on each measurement")
-    p.add_argument("--checkpoint", type=Path, help="take the preprocessing (and, with --equivalence, the model) "
-                                                   "from this checkpoint; default: a timm ViT at 224 px")
-    p.add_argument("--equivalence", action="store_true",
-                   help="also compare the batched decoder with the CPU path through a model (top-1, budgets)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
 def run(args: argparse.Namespace) -> int:
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     try:
