@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..explain import model_view
 from ..metrics import Metrics
+from ..numbers import parse_float, parse_int
 from ..schemas import Budget, Classification, Label, Lifespans, Timings
 from ..settings import Settings
 from ..upload import RawImage, UploadLimits
@@ -104,22 +105,49 @@ async def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-async def request_deadline(request: Request, rt: RuntimeDep, x_request_deadline_ms: Annotated[float | None, Header(
-        gt=0, le=3_600_000, description="Per-request deadline in ms (default PATCHLIFE_DEADLINE_MS); "
-                                        "a request not started by then is answered 504.")] = None) -> float:
+MAX_DEADLINE_MS = 3_600_000
+DEADLINE_KEY = "patchlife.deadline"  # scope key: the request's deadline on time.monotonic (body reads stop there)
+
+
+def documented_as(**schema: Any) -> Callable[[dict[str, Any]], None]:
+    """``json_schema_extra`` that replaces a ``str`` parameter's schema by what it accepts: the value
+    is read as text by service/numbers.py, the clients (and Schemathesis) see the number it must be."""
+
+    def replace(out: dict[str, Any]) -> None:
+        title = out.get("title")
+        out.clear()
+        out.update(schema, **({"title": title} if title else {}))
+
+    return replace
+
+
+async def request_deadline(request: Request, rt: RuntimeDep, x_request_deadline_ms: Annotated[str | None, Header(
+        description="Per-request deadline in ms (default PATCHLIFE_DEADLINE_MS), 0 < ms <= 3600000; it covers "
+                    "reading the body too. A request not started by then is answered 504.",
+        json_schema_extra=documented_as(type="number", exclusiveMinimum=0, maximum=MAX_DEADLINE_MS))] = None,
+        ) -> float:
     """The request's deadline on the worker clock, counted from its arrival (stamped by
-    ``RequestContextMiddleware`` before anything else ran)."""
-    ms = rt.settings.deadline_ms if x_request_deadline_ms is None else x_request_deadline_ms
+    ``RequestContextMiddleware`` before anything else ran). Also stored in the scope on the monotonic
+    clock, where the body reader (``service/bodyread.py``) stops waiting for the client."""
+    ms = rt.settings.deadline_ms if x_request_deadline_ms is None else \
+        parse_float(x_request_deadline_ms, DEADLINE_HEADER, 0.0, MAX_DEADLINE_MS, low_open=True)
     arrival = request.scope.get(ARRIVAL_KEY)
-    waited = max(0.0, time.monotonic() - arrival) if arrival is not None else 0.0
+    now = time.monotonic()
+    waited = max(0.0, now - arrival) if arrival is not None else 0.0
+    request.scope[DEADLINE_KEY] = now - waited + ms / 1000.0
     return rt.clock()() - waited + ms / 1000.0
 
 
 DeadlineDep = Annotated[float, Depends(request_deadline)]
-TopKQuery = Annotated[int | None, Query(description="Labels per image, 1..PATCHLIFE_MAX_TOP_K (default 5); "
-                                                    "also accepted as a form/JSON field.")]
-KeepRateQuery = Annotated[float | None, Query(description="Keep rate for this request, 0 < r <= 1 "
-                                                          "(default: the model's); also a form/JSON field.")]
+# Typed str so that one parser (service/numbers.py) reads query, form, JSON and header numbers alike;
+# the schema still says what is accepted.
+TopKQuery = Annotated[str | None, Query(description="Labels per image, 1..PATCHLIFE_MAX_TOP_K (default 5); "
+                                                    "also accepted as a form/JSON field.",
+                                        json_schema_extra=documented_as(type="integer", minimum=1))]
+KeepRateQuery = Annotated[str | None, Query(description="Keep rate for this request, 0 < r <= 1 "
+                                                        "(default: the model's); also a form/JSON field.",
+                                            json_schema_extra=documented_as(type="number", exclusiveMinimum=0,
+                                                                            maximum=1))]
 
 
 @dataclass(frozen=True)
@@ -128,39 +156,20 @@ class Options:
     keep_rate: float | None
 
 
-def _pick(name: str, query: Any, body: dict[str, Any]) -> Any:
-    if query is not None and name in body and str(body[name]) != str(query):
+def _pick(name: str, query: Any, body: dict[str, Any], parse: Callable[[Any], Any]) -> Any:
+    """The option from the query or the body, parsed; 422 if both are given and differ."""
+    from_query = None if query is None else parse(query)
+    from_body = parse(body[name]) if body.get(name) is not None else None
+    if from_query is not None and from_body is not None and from_query != from_body:
         raise InvalidRequest(f"{name} given twice with different values (query and body)")
-    return query if query is not None else body.get(name)
+    return from_query if from_query is not None else from_body
 
 
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) < 12:
-        return int(value)
-    return None
-
-
-def _as_rate(value: Any) -> float | None:
-    try:
-        r = float(value)
-    except (TypeError, ValueError):
-        return None
-    return r if 0.0 < r <= 1.0 else None  # NaN fails the comparison too
-
-
-def resolve_options(top_k: int | None, keep_rate: float | None, body: dict[str, Any],
-                    settings: Settings) -> Options:
-    """Merge query and body options and check their ranges (422 saying the allowed range)."""
-    raw_k, raw_r = _pick("top_k", top_k, body), _pick("keep_rate", keep_rate, body)
-    k = min(5, settings.max_top_k) if raw_k is None else _as_int(raw_k)
-    if k is None or not 1 <= k <= settings.max_top_k:
-        raise InvalidRequest(f"top_k must be an integer from 1 to {settings.max_top_k}, got {raw_k!r}")
-    r = None if raw_r is None else _as_rate(raw_r)
-    if raw_r is not None and r is None:
-        raise InvalidRequest(f"keep_rate must be a number with 0 < keep_rate <= 1, got {raw_r!r}")
-    return Options(k, r)
+def resolve_options(top_k: Any, keep_rate: Any, body: dict[str, Any], settings: Settings) -> Options:
+    """Merge query and body options, each read by the strict parser (422 naming the field and its range)."""
+    k = _pick("top_k", top_k, body, lambda v: parse_int(v, "top_k", 1, settings.max_top_k))
+    r = _pick("keep_rate", keep_rate, body, lambda v: parse_float(v, "keep_rate", 0.0, 1.0, low_open=True))
+    return Options(min(5, settings.max_top_k) if k is None else k, r)
 
 
 # -- decoding ------------------------------------------------------------------------------------
