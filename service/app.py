@@ -19,9 +19,10 @@ from importlib.metadata import PackageNotFoundError, version
 import anyio
 from fastapi import FastAPI
 
+from .bodyread import BodyReadMiddleware
 from .context import RequestContextMiddleware
 from .engine import Engine
-from .errors import install_error_handlers
+from .errors import LastResortMiddleware, install_error_handlers
 from .metrics import HttpMetricsMiddleware, Metrics, PrometheusHooks
 from .routes import classify, explain, health, metrics, models, ui, v2
 from .routes.common import Runtime
@@ -124,8 +125,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                           "token-budget batching.")
     app.state.runtime = rt
     install_error_handlers(app, rt.metrics.reject)
+    # Each add_middleware wraps the ones before it: the last added runs first.
+    app.add_middleware(LastResortMiddleware)  # innermost: a bug's 500 is still counted and carries the request id
     app.add_middleware(HttpMetricsMiddleware, metrics=rt.metrics)
-    app.add_middleware(RequestContextMiddleware, in_flight=rt.in_flight)  # outermost: arrival stamped first
+    app.add_middleware(RequestContextMiddleware, in_flight=rt.in_flight)  # arrival stamped before any app code
+    app.add_middleware(BodyReadMiddleware, runtime=rt)  # outermost: sees every answer that closes the connection
     for module in (classify, explain, health, models, metrics, ui):
         app.include_router(module.router)
     app.include_router(v2.router)  # Open Inference Protocol v2 (KServe, Triton clients)

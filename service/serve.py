@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import select
 import socket
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 
 from .app import begin_shutdown, create_app, drain, load_engine
 from .context import configure_logging
+from .protocol import timed_protocol
 from .routes.common import Runtime
 from .settings import Settings
 
@@ -72,12 +74,42 @@ class _Server(uvicorn.Server):
     async def _drain_then_exit(self, sig: int) -> None:
         try:
             await drain(self.runtime)
+            await self._answer_backlog()
         except Exception:
             logging.getLogger("patchlife.serve").exception("shutdown drain failed")
         finally:
             if not self.should_exit:
                 super().handle_exit(sig, None)
                 self._captured_signals.clear()
+
+
+    async def _answer_backlog(self, quiet_s: float = 0.1, limit_s: float = 2.0, poll_s: float = 0.02) -> None:
+        """Before the listener closes: wait until nothing is left to answer (bounded by ``limit_s``).
+
+        Closing a listening socket resets the connections still in its backlog, and closing an
+        accepted connection resets a request on its way. So wait while a connection is in the backlog
+        (the event loop accepts it), a request is in flight (it is answered 503, Connection: close), or
+        a connection accepted in the last second has not sent its request yet; until that has held for
+        ``quiet_s``.
+        """
+        loop = asyncio.get_running_loop()
+        end = quiet = loop.time()
+        end += limit_s
+        while loop.time() < end:
+            now = loop.time()
+            fresh = any(getattr(c, "awaiting_request", False) and now - getattr(c, "accepted_at", 0.0) < 1.0
+                        for c in self.server_state.connections)
+            if self.runtime.in_flight.count > 0 or fresh or _backlog(self.servers):
+                quiet = now
+            elif now - quiet >= quiet_s:
+                return
+            await asyncio.sleep(poll_s)
+
+
+def _backlog(servers: list[asyncio.base_events.Server]) -> bool:
+    """Whether a listening socket has a connection waiting to be accepted (it polls readable)."""
+    fds = [sock.fileno() for server in servers for sock in server.sockets]
+    return bool(fds) and bool(select.select(fds, [], [], 0)[0])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,8 +128,11 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(settings, engine)
     # log_config=None: uvicorn's loggers go through our handler (format, X-Request-ID). Our drain has
     # already waited for the requests in flight, so uvicorn's own graceful timeout only covers stragglers.
+    # The protocol class adds the header and idle timeouts (service/protocol.py); timeout_keep_alive is the
+    # same idle limit between requests.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                            log_config=None, timeout_graceful_shutdown=5)
+                            log_config=None, timeout_graceful_shutdown=5, http=timed_protocol(settings),
+                            timeout_keep_alive=settings.keepalive_timeout_s)
     server = _Server(config, app.state.runtime)
     server.run()
     return 0 if server.started else 1

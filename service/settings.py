@@ -57,6 +57,14 @@ class Settings(BaseSettings):
     decode_wait_ms: float = Field(
         10_000, gt=0, description="Longest an image waits for room to decode (PATCHLIFE_MAX_DECODE_PIXELS) "
                                   "before its request is answered 503 overloaded with Retry-After.")
+    read_timeout_s: float = Field(
+        10.0, gt=0, description="Slow clients: a request's headers must arrive within this many seconds of its first "
+                                "byte, and each wait for the next piece of its body is bounded by it too (the "
+                                "request's deadline also bounds the whole body); 408 request_timeout with "
+                                "Connection: close past it.")
+    keepalive_timeout_s: float = Field(
+        5.0, gt=0, description="An open connection with no request in progress (new, or kept alive after an "
+                               "answer) is closed after this many idle seconds.")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or one JSON object per line (time, level, logger, message, "
                             "request_id, exception); both carry the request's X-Request-ID.")

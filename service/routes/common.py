@@ -19,6 +19,7 @@ from fastapi import Depends, Header, Query, Request
 from PIL import Image
 
 from .. import worker as worker_mod
+from ..bodyread import DEADLINE_KEY
 from ..context import ARRIVAL_KEY, InFlight
 from ..decode import check_media_type, decode_image, image_pixels
 from ..decode_budget import DecodeBudget, DecodeBusy
@@ -106,7 +107,6 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
 MAX_DEADLINE_MS = 3_600_000
-DEADLINE_KEY = "patchlife.deadline"  # scope key: the request's deadline on time.monotonic (body reads stop there)
 
 
 def documented_as(**schema: Any) -> Callable[[dict[str, Any]], None]:
