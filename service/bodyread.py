@@ -54,8 +54,7 @@ class BodyReader:
         if by_deadline:
             end = deadline
         while True:
-            if self.rt.grace_over:
-                self.stalled = True
+            if self.rt.grace_over:  # the client is still sending: the 503 waits for the rest (LINGER_S)
                 self.rt.metrics.reject("shutdown")
                 raise ShuttingDown("server is shutting down; the request body was not read in time")
             left = end - time.monotonic()
