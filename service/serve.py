@@ -40,9 +40,12 @@ class _Server(uvicorn.Server):
     Order of events (docs/ops.md): /readyz turns 503 at once and the worker stops waiting for
     batches to fill; requests are still served for ``shutdown_delay_s``; then new requests are
     answered 503 with ``Connection: close`` while the listener stays open and the requests in flight
-    finish within ``shutdown_grace_s`` (what the worker still holds then is answered 503); only then
-    does uvicorn's own shutdown close the listener and the idle connections. So every connection
-    that was accepted gets an answer, and the drain and the stop grace do not add up. The command
+    finish within ``shutdown_grace_s`` (what the worker still holds then is answered 503, and so is a
+    request still uploading); the connections in the listen backlog are accepted and answered; only
+    then does uvicorn's own shutdown close the listener and the idle connections. Every answer that
+    closes a connection waits for the unread rest of its body (``service/bodyread.py``), so every
+    connection that was accepted gets an answer it can read, and the drain and the stop grace do not
+    add up. The command
     then exits 0 (uvicorn alone would re-raise the signal and end with 143). A second signal starts
     uvicorn's shutdown at once; a third SIGINT forces the exit.
     """
