@@ -50,10 +50,12 @@ class Settings(BaseSettings):
         200_000_000, ge=1, description="Most pixels one request may ask to decode: width x height summed over its "
                                        "images, read from their headers before any is decoded; 413 past it.")
     max_decode_pixels: int = Field(
-        80_000_000, ge=1, description="Pixels being decoded at once, all requests together (each image holds its "
-                                      "header's width x height while it decodes; a larger image holds the whole "
-                                      "budget): bounds the memory of decoding. An image waits for room in arrival "
-                                      "order.")
+        80_000_000, ge=1, description="Pixels of 8-bit RGB being decoded at once, all requests together: bounds the "
+                                      "memory of decoding (4 bytes a pixel, 320 MB by default). Each image holds "
+                                      "what its decode costs, from its header: width x height times the bytes per "
+                                      "pixel of its mode (about 2x an RGB pixel for 16-bit grey, 3x for float, 5x "
+                                      "with alpha; service/decode_budget.py); a larger image holds the whole budget. "
+                                      "An image waits for room in arrival order.")
     decode_wait_ms: float = Field(
         10_000, gt=0, description="Longest an image waits for room to decode (PATCHLIFE_MAX_DECODE_PIXELS) "
                                   "before its request is answered 503 overloaded with Retry-After.")

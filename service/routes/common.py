@@ -21,8 +21,8 @@ from PIL import Image
 from .. import worker as worker_mod
 from ..bodyread import DEADLINE_KEY
 from ..context import ARRIVAL_KEY, InFlight
-from ..decode import check_media_type, decode_image, image_pixels
-from ..decode_budget import DecodeBudget, DecodeBusy
+from ..decode import check_media_type, decode_image, header_info
+from ..decode_budget import DecodeBudget, DecodeBusy, decode_capacity, decode_cost
 from ..engine import Engine
 from ..errors import (
     ClientDisconnected,
@@ -64,7 +64,7 @@ class Runtime:
     decode_budget: DecodeBudget = field(init=False)
 
     def __post_init__(self) -> None:
-        self.decode_budget = DecodeBudget(self.settings.max_decode_pixels)
+        self.decode_budget = DecodeBudget(decode_capacity(self.settings.max_decode_pixels))
 
     def check_ready(self) -> tuple[Engine, Worker]:
         """Raise what /readyz answers (NotReady, ShuttingDown) unless the model can serve."""
@@ -203,14 +203,16 @@ def _decode_one(raw: RawImage, engine: Engine, max_pixels: int,
     return pixels, view
 
 
-def _header_pixels(raws: list[RawImage], max_image_pixels: int, max_request_pixels: int) -> list[int]:
-    """Every image's width x height from its header (no pixel decoded); 413 past the request budget."""
-    sizes = [image_pixels(raw.data, max_image_pixels, source=raw.source) for raw in raws]
-    if sum(sizes) > max_request_pixels:
-        raise RequestTooManyPixels(f"the request's images have {sum(sizes)} pixels together, over the limit of "
+def _decode_costs(raws: list[RawImage], max_image_pixels: int, max_request_pixels: int) -> list[int]:
+    """Every image's decode cost in bytes (service/decode_budget.py) from its header (no pixel decoded);
+    413 past the request's pixel budget."""
+    headers = [header_info(raw.data, max_image_pixels, source=raw.source) for raw in raws]
+    pixels = sum(h.pixels for h in headers)
+    if pixels > max_request_pixels:
+        raise RequestTooManyPixels(f"the request's images have {pixels} pixels together, over the limit of "
                                    f"{max_request_pixels} (PATCHLIFE_MAX_REQUEST_PIXELS); send fewer or smaller "
                                    "images per request")
-    return sizes
+    return [decode_cost(h.pixels, h.mode, h.format, h.transparent) for h in headers]
 
 
 def _check_deadline(rt: Runtime, now: float, deadline: float) -> None:
@@ -229,9 +231,9 @@ async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep
     clock = rt.clock()
     for raw in raws:
         check_media_type(raw.content_type, raw.source)
-    sizes = await anyio.to_thread.run_sync(_header_pixels, raws, s.max_image_pixels, s.max_request_pixels)
+    costs = await anyio.to_thread.run_sync(_decode_costs, raws, s.max_image_pixels, s.max_request_pixels)
     out = Prepared([], [], [])
-    for raw, size in zip(raws, sizes, strict=True):
+    for raw, cost in zip(raws, costs, strict=True):
         wait_s = s.decode_wait_ms / 1000.0
         if rt.grace_over:
             rt.metrics.reject("shutdown")
@@ -240,7 +242,7 @@ async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep
             _check_deadline(rt, clock(), deadline)
             wait_s = min(wait_s, deadline - clock())
         try:
-            async with rt.decode_budget.hold(size, wait_s):
+            async with rt.decode_budget.hold(cost, wait_s):
                 t0 = time.perf_counter()
                 pixels, view = await anyio.to_thread.run_sync(_decode_one, raw, engine, s.max_image_pixels,
                                                               keep_view)
