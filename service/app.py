@@ -24,6 +24,7 @@ from .context import RequestContextMiddleware
 from .engine import Engine
 from .errors import LastResortMiddleware, install_error_handlers
 from .metrics import HttpMetricsMiddleware, Metrics, PrometheusHooks
+from .openapi import install_openapi
 from .routes import classify, explain, health, metrics, models, ui, v2
 from .routes.common import Runtime
 from .settings import Settings, get_settings
@@ -133,4 +134,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     for module in (classify, explain, health, models, metrics, ui):
         app.include_router(module.router)
     app.include_router(v2.router)  # Open Inference Protocol v2 (KServe, Triton clients)
+    install_openapi(app, rt)  # /openapi.json describes the bodies parsed by hand, with this server's limits
     return app

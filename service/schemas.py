@@ -169,8 +169,8 @@ _FORM_SCHEMA = {
         "file": {"type": "string", "format": "binary", "description": "One image."},
         "files": {"type": "array", "items": {"type": "string", "format": "binary"},
                   "description": "Several images (repeat the field)."},
-        "top_k": {"type": "integer"},
-        "keep_rate": {"type": "number"},
+        "top_k": {"type": "integer", "minimum": 1},  # the server's maximum: service/openapi.py
+        "keep_rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
     },
 }
 # The body is parsed by service/upload.py (streamed, with limits), so OpenAPI is told its shape here.
