@@ -48,10 +48,10 @@ class BodyReader:
         if self.body_done:
             return await self._receive()
         timeout = self.rt.settings.read_timeout_s
-        deadline = self.scope.get(DEADLINE_KEY)
+        deadline: float | None = self.scope.get(DEADLINE_KEY)
         end = time.monotonic() + timeout
         by_deadline = deadline is not None and deadline < end
-        if by_deadline:
+        if deadline is not None and by_deadline:
             end = deadline
         while True:
             if self.rt.grace_over:  # the client is still sending: the 503 waits for the rest (LINGER_S)

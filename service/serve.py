@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     # same idle limit between requests.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             log_config=None, timeout_graceful_shutdown=5, http=timed_protocol(settings),
-                            timeout_keep_alive=settings.keepalive_timeout_s)
+                            timeout_keep_alive=settings.keepalive_timeout_s)  # type: ignore[arg-type]  # a float works
     server = _Server(config, app.state.runtime)
     server.run()
     return 0 if server.started else 1
