@@ -7,8 +7,8 @@
   the app (``service/bodyread.py``), where the deadline and the drain are known.
 
 ``timed_protocol(settings)`` returns the class to pass as ``uvicorn.Config(http=...)``. The connections
-it made know when they were accepted and whether a request is in progress: the shutdown drain uses
-that to answer connections that were accepted but had not yet sent their request.
+it made know when they were accepted or last answered and whether a request is in progress: the
+shutdown drain uses that to answer connections whose client may be sending a request at that moment.
 """
 
 from __future__ import annotations
@@ -39,10 +39,14 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.accepted_at = self.loop.time()
+        self.accepted_at = self.answered_at = self.loop.time()
         self._header_timer: asyncio.TimerHandle | None = None
         # the same handle uvicorn uses between requests: data_received cancels it
         self.timeout_keep_alive_task = self.loop.call_later(self.idle_timeout_s, self.timeout_keep_alive_handler)
+
+    def on_response_complete(self) -> None:
+        self.answered_at = self.loop.time()
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -71,10 +75,12 @@ class TimedHttpProtocol(HttpToolsProtocol):
         self.transport.write(_timeout_answer())
         self.transport.close()
 
-    @property
-    def awaiting_request(self) -> bool:
-        """Accepted, open, and no request seen yet (a client may be about to send one)."""
-        return self.cycle is None and not self.transport.is_closing()
+    def expecting_request(self, within_s: float) -> bool:
+        """Open, no request in progress, and accepted or last answered (kept alive) less than ``within_s``
+        ago: its client may be sending a request right now, which a close would reset."""
+        idle = self.cycle is None or self.cycle.response_complete
+        recent = self.loop.time() - self.answered_at < within_s
+        return idle and recent and not self.transport.is_closing()
 
 
 def timed_protocol(settings: Settings) -> type[TimedHttpProtocol]:

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from .app import begin_shutdown, create_app, drain, load_engine
 from .context import configure_logging
-from .protocol import timed_protocol
+from .protocol import TimedHttpProtocol, timed_protocol
 from .routes.common import Runtime
 from .settings import Settings
 
@@ -86,25 +86,34 @@ class _Server(uvicorn.Server):
                 self._captured_signals.clear()
 
 
-    async def _answer_backlog(self, quiet_s: float = 0.1, limit_s: float = 2.0, poll_s: float = 0.02) -> None:
-        """Before the listener closes: wait until nothing is left to answer (bounded by ``limit_s``).
+    async def _answer_backlog(self, quiet_s: float = 0.1, limit_s: float = 2.0) -> None:
+        """Close the listener only when nothing is left to answer, then answer what it had accepted.
 
         Closing a listening socket resets the connections still in its backlog, and closing an
-        accepted connection resets a request on its way. So wait while a connection is in the backlog
-        (the event loop accepts it), a request is in flight (it is answered 503, Connection: close), or
-        a connection accepted in the last second has not sent its request yet; until that has held for
-        ``quiet_s``.
+        accepted connection resets a request on its way. So first wait (event loop still accepting)
+        until, for ``quiet_s``, no connection is in the backlog, no request is in flight (those get
+        503 + Connection: close) and no connection accepted or answered in the last second is idle
+        (its client may be sending a request); close the listeners in that same instant (uvicorn would
+        only notice ``should_exit`` up to 0.1 s later, accepting meanwhile); then wait the same way for
+        the connections accepted before the close. ``limit_s`` bounds each wait.
         """
+        await self._until_quiet(quiet_s, limit_s, then_close=True)
+        await self._until_quiet(quiet_s, limit_s, then_close=False)
+
+    async def _until_quiet(self, quiet_s: float, limit_s: float, then_close: bool, poll_s: float = 0.02) -> None:
         loop = asyncio.get_running_loop()
         end = quiet = loop.time()
         end += limit_s
-        while loop.time() < end:
+        while True:
             now = loop.time()
-            fresh = any(getattr(c, "awaiting_request", False) and now - getattr(c, "accepted_at", 0.0) < 1.0
+            fresh = any(isinstance(c, TimedHttpProtocol) and c.expecting_request(1.0)
                         for c in self.server_state.connections)
-            if self.runtime.in_flight.count > 0 or fresh or _backlog(self.servers):
+            if self.runtime.in_flight.count > 0 or fresh or (then_close and _backlog(self.servers)):
                 quiet = now
-            elif now - quiet >= quiet_s:
+            if now - quiet >= quiet_s or now >= end:
+                if then_close:  # no await since the check above: nothing can have been accepted since
+                    for server in self.servers:
+                        server.close()
                 return
             await asyncio.sleep(poll_s)
 
