@@ -20,10 +20,12 @@ from typing import Any
 import anyio
 from fastapi import FastAPI
 
+from .bodyread import BodyReadMiddleware
 from .context import RequestContextMiddleware
 from .engine import Engine
-from .errors import install_error_handlers
+from .errors import LastResortMiddleware, install_error_handlers
 from .metrics import HttpMetricsMiddleware, Metrics, PrometheusHooks
+from .openapi import install_openapi
 from .routes import classify, docs, explain, health, metrics, models, ui, v2
 from .routes.common import Runtime
 from .settings import Settings, get_settings
@@ -139,9 +141,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                           "token-budget batching.")
     app.state.runtime = rt
     install_error_handlers(app, rt.metrics.reject)
+    # Each add_middleware wraps the ones before it: the last added runs first.
+    app.add_middleware(LastResortMiddleware)  # innermost: a bug's 500 is still counted and carries the request id
     app.add_middleware(HttpMetricsMiddleware, metrics=rt.metrics)
-    app.add_middleware(RequestContextMiddleware, in_flight=rt.in_flight)  # outermost: arrival stamped first
+    app.add_middleware(RequestContextMiddleware, in_flight=rt.in_flight)  # arrival stamped before any app code
+    app.add_middleware(BodyReadMiddleware, runtime=rt)  # outermost: sees every answer that closes the connection
     for module in (classify, explain, health, models, metrics, ui, docs):  # docs: /docs, /redoc offline
         app.include_router(module.router)
     app.include_router(v2.router)  # Open Inference Protocol v2 (KServe, Triton clients)
+    install_openapi(app, rt)  # /openapi.json describes the bodies parsed by hand, with this server's limits
     return app

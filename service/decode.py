@@ -61,8 +61,24 @@ def check_media_type(declared: str | None, source: str) -> None:
 
 def image_pixels(data: bytes, max_pixels: int, *, source: str = "image") -> int:
     """Width x height from the header alone (no pixel decoded); the same 400/413 as ``decode_image``."""
-    width, height = open_header(data, max_pixels, source).size
-    return int(width) * int(height)
+    return header_info(data, max_pixels, source=source).pixels
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    """What the header says, before any pixel is decoded: enough to price the decode."""
+
+    pixels: int
+    mode: str
+    format: str | None
+    transparent: bool  # a palette image with a transparent colour (decoded through RGBA)
+
+
+def header_info(data: bytes, max_pixels: int, *, source: str = "image") -> HeaderInfo:
+    """The header's size, mode and format; the same 400/413 as ``decode_image``."""
+    im = open_header(data, max_pixels, source)
+    width, height = im.size
+    return HeaderInfo(int(width) * int(height), im.mode, im.format, im.mode == "P" and "transparency" in im.info)
 
 
 def open_header(data: bytes, max_pixels: int, source: str) -> Image.Image:
@@ -222,16 +238,32 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted handled by Pillow), YCbCr, LAB, HSV, RGBX
 
 
+_BLOCK_PIXELS = 1 << 20  # rows converted at a time by _to_uint8: the int64/float temporaries stay ~8 MB
+
+
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """High-bit-depth grey ``[H, W]`` -> uint8, scaling by the type's range instead of clipping."""
+    """High-bit-depth grey ``[H, W]`` -> uint8, scaling by the type's range instead of clipping.
+
+    Row blocks at a time, so that the wide temporaries (int64, float32) cost a few MB instead of
+    8 bytes per pixel of a 40-megapixel image (the decode budget charges what is left, see
+    ``service/decode_budget.py``)."""
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, _BLOCK_PIXELS // max(1, arr.shape[-1]))
+    blocks = [slice(r, r + rows) for r in range(0, arr.shape[0], rows)]
     if arr.dtype.kind == "f":
-        a = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        scale = 255.0 if float(a.max(initial=0.0)) <= 1.0 else 1.0  # [0, 1] floats or [0, 255] floats
-        return np.clip(a * scale, 0, 255).astype(np.uint8)
-    a = arr.astype(np.int64)
-    if arr.dtype.itemsize >= 2 and int(a.max(initial=0)) > 255:  # 16-bit data (also in 32-bit "I")
-        return (np.clip(a, 0, 65535) // 256).astype(np.uint8)
-    return np.clip(a, 0, 255).astype(np.uint8)
+        def finite(block: np.ndarray) -> np.ndarray:
+            return np.nan_to_num(block.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+        top = max((float(finite(arr[b]).max(initial=0.0)) for b in blocks), default=0.0)
+        scale = 255.0 if top <= 1.0 else 1.0  # [0, 1] floats or [0, 255] floats
+        for b in blocks:
+            out[b] = np.clip(finite(arr[b]) * scale, 0, 255).astype(np.uint8)
+        return out
+    wide = arr.dtype.itemsize >= 2 and int(arr.max(initial=0)) > 255  # 16-bit data (also in 32-bit "I")
+    for b in blocks:
+        a = arr[b].astype(np.int64)
+        out[b] = (np.clip(a, 0, 65535) // 256 if wide else np.clip(a, 0, 255)).astype(np.uint8)
+    return out
 
 
 def limit_aspect(im: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:

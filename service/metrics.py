@@ -30,7 +30,7 @@ from .worker import ImageResult, WorkerHooks
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REJECT_REASONS = ("bad_image", "unsupported_media_type", "invalid_request", "too_large", "too_many_images",
                   "image_too_many_pixels", "request_too_many_pixels", "overloaded", "deadline", "disconnected",
-                  "shutdown", "model_error")
+                  "shutdown", "model_error", "read_timeout")
 FAILURE_REASONS = ("out_of_memory", "batch_error", "worker_died")
 PHASES = ("head", "tail")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

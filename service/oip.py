@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ApiError, BadImage, InvalidRequest, TooLarge, TooManyImages, TooManyPixels, invalid_json
+from .numbers import parse_int
 from .upload import RawImage, UploadLimits, _from_base64
 from .worker import ImageResult
 
@@ -86,10 +87,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON header and the binary part after it (empty without the header-length header)."""
     if header_length is None:
         return body, b""
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
-        raise InvalidRequest(f"{HEADER_LENGTH} must be a byte count within the body "
-                             f"({len(body)} bytes), got {header_length!r}", status=400)
-    n = int(header_length)
+    n = parse_int(header_length, HEADER_LENGTH, 0, len(body), status=400)  # a framing error: 400
     return body[:n], body[n:]
 
 

@@ -17,9 +17,12 @@ class ImagesJson(BaseModel):
 
     images: list[str] = Field(min_length=1, description="Images as base64, or data URLs "
                                                         "(data:image/png;base64,...), in the order wanted back.")
-    top_k: int | None = Field(None, description="Labels to return per image (1..PATCHLIFE_MAX_TOP_K).")
-    keep_rate: float | None = Field(None, description="Keep schedule for this request, 0 < r <= 1; "
-                                                      "default: the model's.")
+    # Any: read by the one strict number parser (service/numbers.py) with the query and form values.
+    top_k: Any = Field(None, description="Labels to return per image (1..PATCHLIFE_MAX_TOP_K).",
+                       json_schema_extra={"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]})
+    keep_rate: Any = Field(None, description="Keep schedule for this request, 0 < r <= 1; default: the model's.",
+                           json_schema_extra={"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                                                        {"type": "null"}]})
 
 
 class Label(BaseModel):
@@ -166,8 +169,8 @@ _FORM_SCHEMA = {
         "file": {"type": "string", "format": "binary", "description": "One image."},
         "files": {"type": "array", "items": {"type": "string", "format": "binary"},
                   "description": "Several images (repeat the field)."},
-        "top_k": {"type": "integer"},
-        "keep_rate": {"type": "number"},
+        "top_k": {"type": "integer", "minimum": 1},  # the server's maximum: service/openapi.py
+        "keep_rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
     },
 }
 # The body is parsed by service/upload.py (streamed, with limits), so OpenAPI is told its shape here.

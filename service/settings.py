@@ -60,13 +60,23 @@ class Settings(BaseSettings):
         200_000_000, ge=1, description="Most pixels one request may ask to decode: width x height summed over its "
                                        "images, read from their headers before any is decoded; 413 past it.")
     max_decode_pixels: int = Field(
-        80_000_000, ge=1, description="Pixels being decoded at once, all requests together (each image holds its "
-                                      "header's width x height while it decodes; a larger image holds the whole "
-                                      "budget): bounds the memory of decoding. An image waits for room in arrival "
-                                      "order.")
+        80_000_000, ge=1, description="Pixels of 8-bit RGB being decoded at once, all requests together: bounds the "
+                                      "memory of decoding (4 bytes a pixel, 320 MB by default). Each image holds "
+                                      "what its decode costs, from its header: width x height times the bytes per "
+                                      "pixel of its mode (about 2x an RGB pixel for 16-bit grey, 3x for float, 5x "
+                                      "with alpha; service/decode_budget.py); a larger image holds the whole budget. "
+                                      "An image waits for room in arrival order.")
     decode_wait_ms: float = Field(
         10_000, gt=0, description="Longest an image waits for room to decode (PATCHLIFE_MAX_DECODE_PIXELS) "
                                   "before its request is answered 503 overloaded with Retry-After.")
+    read_timeout_s: float = Field(
+        10.0, gt=0, description="Slow clients: a request's headers must arrive within this many seconds of its first "
+                                "byte, and each wait for the next piece of its body is bounded by it too (the "
+                                "request's deadline also bounds the whole body); 408 request_timeout with "
+                                "Connection: close past it.")
+    keepalive_timeout_s: float = Field(
+        5.0, gt=0, description="An open connection with no request in progress (new, or kept alive after an "
+                               "answer) is closed after this many idle seconds.")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or one JSON object per line (time, level, logger, message, "
                             "request_id, exception); both carry the request's X-Request-ID.")

@@ -19,9 +19,10 @@ from fastapi import Depends, Header, Query, Request
 from PIL import Image
 
 from .. import worker as worker_mod
+from ..bodyread import DEADLINE_KEY
 from ..context import ARRIVAL_KEY, InFlight
-from ..decode import check_media_type, decode_stored, image_pixels, upright_rgb
-from ..decode_budget import DecodeBudget, DecodeBusy
+from ..decode import check_media_type, decode_stored, header_info, upright_rgb
+from ..decode_budget import DecodeBudget, DecodeBusy, decode_capacity, decode_cost
 from ..engine import Engine
 from ..errors import (
     ClientDisconnected,
@@ -36,6 +37,7 @@ from ..errors import (
 )
 from ..explain import model_view
 from ..metrics import Metrics
+from ..numbers import parse_float, parse_int
 from ..preprocess import model_input, resize_side
 from ..schemas import Budget, Classification, Label, Lifespans, Timings
 from ..settings import Settings
@@ -63,7 +65,7 @@ class Runtime:
     decode_budget: DecodeBudget = field(init=False)
 
     def __post_init__(self) -> None:
-        self.decode_budget = DecodeBudget(self.settings.max_decode_pixels)
+        self.decode_budget = DecodeBudget(decode_capacity(self.settings.max_decode_pixels))
 
     def check_ready(self) -> tuple[Engine, Worker]:
         """Raise what /readyz answers (NotReady, ShuttingDown) unless the model can serve."""
@@ -105,22 +107,48 @@ async def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-async def request_deadline(request: Request, rt: RuntimeDep, x_request_deadline_ms: Annotated[float | None, Header(
-        gt=0, le=3_600_000, description="Per-request deadline in ms (default PATCHLIFE_DEADLINE_MS); "
-                                        "a request not started by then is answered 504.")] = None) -> float:
+MAX_DEADLINE_MS = 3_600_000
+
+
+def documented_as(**schema: Any) -> Callable[[dict[str, Any]], None]:
+    """``json_schema_extra`` that replaces a ``str`` parameter's schema by what it accepts: the value
+    is read as text by service/numbers.py, the clients (and Schemathesis) see the number it must be."""
+
+    def replace(out: dict[str, Any]) -> None:
+        title = out.get("title")
+        out.clear()
+        out.update(schema, **({"title": title} if title else {}))
+
+    return replace
+
+
+async def request_deadline(request: Request, rt: RuntimeDep, x_request_deadline_ms: Annotated[str | None, Header(
+        description="Per-request deadline in ms (default PATCHLIFE_DEADLINE_MS), 0 < ms <= 3600000; it covers "
+                    "reading the body too. A request not started by then is answered 504.",
+        json_schema_extra=documented_as(type="number", exclusiveMinimum=0, maximum=MAX_DEADLINE_MS))] = None,
+        ) -> float:
     """The request's deadline on the worker clock, counted from its arrival (stamped by
-    ``RequestContextMiddleware`` before anything else ran)."""
-    ms = rt.settings.deadline_ms if x_request_deadline_ms is None else x_request_deadline_ms
+    ``RequestContextMiddleware`` before anything else ran). Also stored in the scope on the monotonic
+    clock, where the body reader (``service/bodyread.py``) stops waiting for the client."""
+    ms = rt.settings.deadline_ms if x_request_deadline_ms is None else \
+        parse_float(x_request_deadline_ms, DEADLINE_HEADER, 0.0, MAX_DEADLINE_MS, low_open=True)
     arrival = request.scope.get(ARRIVAL_KEY)
-    waited = max(0.0, time.monotonic() - arrival) if arrival is not None else 0.0
+    now = time.monotonic()
+    waited = max(0.0, now - arrival) if arrival is not None else 0.0
+    request.scope[DEADLINE_KEY] = now - waited + ms / 1000.0
     return rt.clock()() - waited + ms / 1000.0
 
 
 DeadlineDep = Annotated[float, Depends(request_deadline)]
-TopKQuery = Annotated[int | None, Query(description="Labels per image, 1..PATCHLIFE_MAX_TOP_K (default 5); "
-                                                    "also accepted as a form/JSON field.")]
-KeepRateQuery = Annotated[float | None, Query(description="Keep rate for this request, 0 < r <= 1 "
-                                                          "(default: the model's); also a form/JSON field.")]
+# Typed str so that one parser (service/numbers.py) reads query, form, JSON and header numbers alike;
+# the schema still says what is accepted.
+TopKQuery = Annotated[str | None, Query(description="Labels per image, 1..PATCHLIFE_MAX_TOP_K (default 5); "
+                                                    "also accepted as a form/JSON field.",
+                                        json_schema_extra=documented_as(type="integer", minimum=1))]
+KeepRateQuery = Annotated[str | None, Query(description="Keep rate for this request, 0 < r <= 1 "
+                                                        "(default: the model's); also a form/JSON field.",
+                                            json_schema_extra=documented_as(type="number", exclusiveMinimum=0,
+                                                                            maximum=1))]
 
 
 @dataclass(frozen=True)
@@ -129,39 +157,20 @@ class Options:
     keep_rate: float | None
 
 
-def _pick(name: str, query: Any, body: dict[str, Any]) -> Any:
-    if query is not None and name in body and str(body[name]) != str(query):
+def _pick(name: str, query: Any, body: dict[str, Any], parse: Callable[[Any], Any]) -> Any:
+    """The option from the query or the body, parsed; 422 if both are given and differ."""
+    from_query = None if query is None else parse(query)
+    from_body = parse(body[name]) if body.get(name) is not None else None
+    if from_query is not None and from_body is not None and from_query != from_body:
         raise InvalidRequest(f"{name} given twice with different values (query and body)")
-    return query if query is not None else body.get(name)
+    return from_query if from_query is not None else from_body
 
 
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) < 12:
-        return int(value)
-    return None
-
-
-def _as_rate(value: Any) -> float | None:
-    try:
-        r = float(value)
-    except (TypeError, ValueError):
-        return None
-    return r if 0.0 < r <= 1.0 else None  # NaN fails the comparison too
-
-
-def resolve_options(top_k: int | None, keep_rate: float | None, body: dict[str, Any],
-                    settings: Settings) -> Options:
-    """Merge query and body options and check their ranges (422 saying the allowed range)."""
-    raw_k, raw_r = _pick("top_k", top_k, body), _pick("keep_rate", keep_rate, body)
-    k = min(5, settings.max_top_k) if raw_k is None else _as_int(raw_k)
-    if k is None or not 1 <= k <= settings.max_top_k:
-        raise InvalidRequest(f"top_k must be an integer from 1 to {settings.max_top_k}, got {raw_k!r}")
-    r = None if raw_r is None else _as_rate(raw_r)
-    if raw_r is not None and r is None:
-        raise InvalidRequest(f"keep_rate must be a number with 0 < keep_rate <= 1, got {raw_r!r}")
-    return Options(k, r)
+def resolve_options(top_k: Any, keep_rate: Any, body: dict[str, Any], settings: Settings) -> Options:
+    """Merge query and body options, each read by the strict parser (422 naming the field and its range)."""
+    k = _pick("top_k", top_k, body, lambda v: parse_int(v, "top_k", 1, settings.max_top_k))
+    r = _pick("keep_rate", keep_rate, body, lambda v: parse_float(v, "keep_rate", 0.0, 1.0, low_open=True))
+    return Options(min(5, settings.max_top_k) if k is None else k, r)
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -189,14 +198,16 @@ def _decode_one(raw: RawImage, engine: Engine, max_pixels: int,
     return pixels, view
 
 
-def _header_pixels(raws: list[RawImage], max_image_pixels: int, max_request_pixels: int) -> list[int]:
-    """Every image's width x height from its header (no pixel decoded); 413 past the request budget."""
-    sizes = [image_pixels(raw.data, max_image_pixels, source=raw.source) for raw in raws]
-    if sum(sizes) > max_request_pixels:
-        raise RequestTooManyPixels(f"the request's images have {sum(sizes)} pixels together, over the limit of "
+def _decode_costs(raws: list[RawImage], max_image_pixels: int, max_request_pixels: int) -> list[int]:
+    """Every image's decode cost in bytes (service/decode_budget.py) from its header (no pixel decoded);
+    413 past the request's pixel budget."""
+    headers = [header_info(raw.data, max_image_pixels, source=raw.source) for raw in raws]
+    pixels = sum(h.pixels for h in headers)
+    if pixels > max_request_pixels:
+        raise RequestTooManyPixels(f"the request's images have {pixels} pixels together, over the limit of "
                                    f"{max_request_pixels} (PATCHLIFE_MAX_REQUEST_PIXELS); send fewer or smaller "
                                    "images per request")
-    return sizes
+    return [decode_cost(h.pixels, h.mode, h.format, h.transparent) for h in headers]
 
 
 def _check_deadline(rt: Runtime, now: float, deadline: float) -> None:
@@ -215,9 +226,9 @@ async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep
     clock = rt.clock()
     for raw in raws:
         check_media_type(raw.content_type, raw.source)
-    sizes = await anyio.to_thread.run_sync(_header_pixels, raws, s.max_image_pixels, s.max_request_pixels)
+    costs = await anyio.to_thread.run_sync(_decode_costs, raws, s.max_image_pixels, s.max_request_pixels)
     out = Prepared([], [], [])
-    for raw, size in zip(raws, sizes, strict=True):
+    for raw, cost in zip(raws, costs, strict=True):
         wait_s = s.decode_wait_ms / 1000.0
         if rt.grace_over:
             rt.metrics.reject("shutdown")
@@ -226,7 +237,7 @@ async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep
             _check_deadline(rt, clock(), deadline)
             wait_s = min(wait_s, deadline - clock())
         try:
-            async with rt.decode_budget.hold(size, wait_s):
+            async with rt.decode_budget.hold(cost, wait_s):
                 t0 = time.perf_counter()
                 pixels, view = await anyio.to_thread.run_sync(_decode_one, raw, engine, s.max_image_pixels,
                                                               keep_view)

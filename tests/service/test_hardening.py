@@ -54,7 +54,7 @@ def test_no_room_to_decode_is_503_with_retry_after(make_client: Callable[..., Te
                                                    metric: Callable[..., float]) -> None:
     c = make_client(max_decode_pixels=10_000, decode_wait_ms=300)
     budget = c.app.state.runtime.decode_budget  # type: ignore[attr-defined]
-    c.portal.call(budget._acquire, 10_000, 1.0)  # type: ignore[union-attr]  # another decode holds it all
+    c.portal.call(budget._acquire, budget.capacity, 1.0)  # type: ignore[union-attr]  # another decode holds it all
     try:
         r = post(c, PNG)
         assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
@@ -63,7 +63,7 @@ def test_no_room_to_decode_is_503_with_retry_after(make_client: Callable[..., Te
         r = post(c, PNG, headers={"X-Request-Deadline-Ms": "30"})  # the deadline ends the wait first
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
     finally:
-        c.portal.call(budget._release, 10_000)  # type: ignore[union-attr]
+        c.portal.call(budget._release, budget.capacity)  # type: ignore[union-attr]
     assert post(c, PNG).status_code == 200 and budget.in_use == 0
 
 
