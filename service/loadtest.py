@@ -55,61 +55,9 @@ from PIL import Image
 from . import loadreport as report
 from .child import serve_child
 from .loaddrive import ProcessDriver, busy_share, run_wrk, wrk_available
+from .loadmix import MIX_KINDS, LoadRequest, Mix, make_mix, make_requests
 
 MODES = ("budget", "fifo", "unbatched")
-Mix = list[tuple[bytes, float | None]]  # (PNG, keep rate), one per image
-
-
-# -- the request mix ---------------------------------------------------------------------------
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _synthetic_images(n: int, seed: int) -> list[Image.Image]:
-    """The synthetic counting task's scenes (0-11 objects): budgets vary with their content."""
-    from model.data import SyntheticShapes  # the package ships with the service: always there
-
-    data = SyntheticShapes(n, seed=seed)
-    return [data.image(i)[0] for i in range(n)]
-
-
-def make_mix(n: int, keep_rates: list[float | None], seed: int = 7) -> Mix:
-    """``n`` (PNG bytes, keep rate) pairs; keep rates cycle so each meets every kind of image."""
-    images = _synthetic_images(n, seed)
-    return [(_png(img), keep_rates[i % len(keep_rates)]) for i, img in enumerate(images)]
-
-
-@dataclass(frozen=True)
-class LoadRequest:
-    """One request, encoded once: POST ``path`` with ``body`` (multipart, ``images`` files)."""
-
-    path: str
-    body: bytes
-    headers: dict[str, str]
-    images: int
-    mix: Mix  # the (PNG, keep rate) of each image it carries
-
-
-def make_requests(mix: Mix, per_request: int) -> list[LoadRequest]:
-    """``len(mix)`` requests of ``per_request`` images each.
-
-    Request ``k`` carries images ``k*n .. k*n+n-1`` of the mix (cyclically) at the keep rate of mix
-    entry ``k``: with one image per request that is the mix itself, and with more the keep rates
-    still cycle from request to request.
-    """
-    out = []
-    for k in range(len(mix)):
-        rate = mix[k][1]
-        pngs = [mix[(k * per_request + j) % len(mix)][0] for j in range(per_request)]
-        files = [("files", (f"{j}.png", png, "image/png")) for j, png in enumerate(pngs)]
-        params = {} if rate is None else {"keep_rate": str(rate)}
-        request = httpx.Request("POST", "http://loadtest/classify", params=params, files=files)
-        path = request.url.raw_path.decode()
-        out.append(LoadRequest(path, request.read(), {"content-type": request.headers["content-type"]},
-                           len(pngs), [(png, rate) for png in pngs]))
-    return out
 
 
 # -- one pass of load ---------------------------------------------------------------------------
@@ -391,6 +339,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=30.0, help="most seconds per pass")
     p.add_argument("--warmup", type=int, default=64, help="requests sent before measuring")
     p.add_argument("--mix-size", type=int, default=256, help="distinct images in the mix (and distinct requests)")
+    p.add_argument("--mix", default="scenes",
+                   help=f"kinds of image in the mix, cycled image by image (comma-separated, from "
+                        f"{','.join(MIX_KINDS)}): the synthetic task's PNG scenes and photo-like JPEGs of 224x224, "
+                        "640x480 and 1500x1000 made by code")
     p.add_argument("--images-per-request", type=int, default=1,
                    help="images in one multipart request (spreads the HTTP cost; the throughput is in images/s)")
     p.add_argument("--keep-rates", type=_rates, default="default,0.5,0.7,0.9",  # argparse applies type
@@ -435,9 +387,15 @@ def _offline_reference(payloads: list[LoadRequest], args: argparse.Namespace) ->
     return round(offline_images_per_s(sent, args.checkpoint, s.max_batch_size, args.offline_seconds, threads), 2)
 
 
+def _kinds(text: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
 def _check(args: argparse.Namespace, modes: list[str]) -> str | None:
     if unknown := sorted(set(modes) - set(MODES)):
         return f"unknown modes {unknown}; choose from {list(MODES)}"
+    if not _kinds(args.mix) or (unknown := sorted(set(_kinds(args.mix)) - set(MIX_KINDS))):
+        return f"--mix: kinds from {','.join(MIX_KINDS)} (got {args.mix!r})"
     if min(args.images_per_request, args.clients, args.mix_size, args.repeat, args.processes) < 1:
         return "--images-per-request, --clients, --mix-size, --repeat and --processes must be >= 1"
     if args.driver == "wrk" and not wrk_available():
@@ -452,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
     if problem := _check(args, modes):
         print(f"patchlife loadtest: {problem}", file=sys.stderr)
         return 2
-    payloads = make_requests(make_mix(args.mix_size, args.keep_rates), args.images_per_request)
+    payloads = make_requests(make_mix(args.mix_size, args.keep_rates, kinds=_kinds(args.mix)), args.images_per_request)
     order = ["server"] * args.repeat if args.url else report.pass_order(modes, args.repeat)
     passes: dict[str, list[dict[str, Any]]] = {}
     with contextlib.ExitStack() as stack:

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from service import loaddrive, loadreport, loadtest
+from service import loaddrive, loadmix, loadreport, loadtest
 
 RESULT = b'{"labels": [], "timings_ms": {"decode": 1.0}}'
 
@@ -70,7 +70,7 @@ def test_split_shares_out_everything() -> None:
 
 
 def test_client_processes_share_the_load_and_report_their_cpu(url: str) -> None:
-    payloads = loadtest.make_requests(loadtest.make_mix(8, [None, 0.7]), 2)
+    payloads = loadmix.make_requests(loadmix.make_mix(8, [None, 0.7]), 2)
     before = Handler.classified
     with loaddrive.ProcessDriver(2) as driver:
         result = asyncio.run(loadtest.measure(url, payloads, args(clients=4, requests=40, warmup=6, processes=2),
@@ -119,7 +119,7 @@ def test_wrk_output_is_parsed() -> None:
 
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="the wrk tool is not installed (Debian: apt-get install wrk)")
 def test_wrk_drives_the_server_with_the_prebuilt_body(url: str) -> None:
-    payloads = loadtest.make_requests(loadtest.make_mix(4, [None]), 3)
+    payloads = loadmix.make_requests(loadmix.make_mix(4, [None]), 3)
     before = Handler.classified
     result = asyncio.run(loadtest.measure(url, payloads, args(clients=4, warmup=2, duration=1.0, driver="wrk")))
     assert result["errors"] == 0 and result["requests"] > 0 and result["images"] == 3 * result["requests"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -13,8 +14,9 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
-from service import loadreport, loadtest
+from service import loadmix, loadreport, loadtest
 
 RESULT = '{"labels": [], "timings_ms": {"decode": 1.0, "queue": 0.0, "compute": 2.0}}'
 
@@ -80,20 +82,31 @@ def args(**kw: object) -> argparse.Namespace:
 
 
 def test_mix_is_fixed_png_images_cycling_keep_rates() -> None:
-    mix = loadtest.make_mix(6, [None, 0.5, 0.9])
+    mix = loadmix.make_mix(6, [None, 0.5, 0.9])
     assert [r for _, r in mix] == [None, 0.5, 0.9, None, 0.5, 0.9]
     assert all(png.startswith(b"\x89PNG") for png, _ in mix)
-    assert [png for png, _ in mix] == [png for png, _ in loadtest.make_mix(6, [None, 0.5, 0.9])]
+    assert [png for png, _ in mix] == [png for png, _ in loadmix.make_mix(6, [None, 0.5, 0.9])]
     assert len({png for png, _ in mix}) == 6
 
 
+def test_the_mix_holds_photo_jpegs_of_each_size_beside_the_scenes() -> None:
+    mix = loadmix.make_mix(8, [None], kinds=("scenes", "photo224", "photo640", "photo1500"))
+    kinds = [Image.open(io.BytesIO(data)) for data, _ in mix]
+    assert [im.format for im in kinds] == ["PNG", "JPEG", "JPEG", "JPEG"] * 2
+    assert [im.size for im in kinds[1:4]] == [(224, 224), (640, 480), (1500, 1000)]
+    assert mix[1][0] != mix[5][0]  # distinct photos of one size
+    request = loadmix.make_requests(mix[1:3], 2)[0]
+    assert request.body.count(b"Content-Type: image/jpeg") == 2 and b'filename="0.jpg"' in request.body
+    assert loadtest.run(args(mix="scenes,photo9000")) == 2  # an unknown kind is refused before anything starts
+
+
 def test_payloads_are_encoded_once_and_carry_the_mix() -> None:
-    mix = loadtest.make_mix(6, [None, 0.5, 0.9])
-    single = loadtest.make_requests(mix, 1)
+    mix = loadmix.make_mix(6, [None, 0.5, 0.9])
+    single = loadmix.make_requests(mix, 1)
     assert [p.mix for p in single] == [[m] for m in mix]
     assert [p.path for p in single] == ["/classify", "/classify?keep_rate=0.5", "/classify?keep_rate=0.9"] * 2
     assert all(p.body.count(mix[i][0]) == 1 and p.images == 1 for i, p in enumerate(single))
-    quad = loadtest.make_requests(mix, 4)
+    quad = loadmix.make_requests(mix, 4)
     assert len(quad) == 6 and all(p.images == 4 and p.body.count(b'name="files"') == 4 for p in quad)
     assert [p.mix[0][1] for p in quad] == [None, 0.5, 0.9] * 2  # keep rates still cycle per request
     assert [png for png, _ in quad[1].mix] == [mix[(4 + j) % 6][0] for j in range(4)]
@@ -103,9 +116,9 @@ def test_payloads_are_encoded_once_and_carry_the_mix() -> None:
 @pytest.mark.parametrize("per_request", [1, 4])
 def test_closed_loop_pass_counts_requests_images_errors_and_waste(per_request: int) -> None:
     fake = FakeServer()
-    mix = loadtest.make_mix(8, [None, 0.7, 0.5, 0.9])
+    mix = loadmix.make_mix(8, [None, 0.7, 0.5, 0.9])
     a = args(clients=4, requests=40, warmup=8, duration=60.0)
-    payloads = loadtest.make_requests(mix, per_request)
+    payloads = loadmix.make_requests(mix, per_request)
     result = asyncio.run(loadtest.measure("http://fake", payloads, a, httpx.MockTransport(fake.handler)))
     assert result["requests"] == 40 and len(fake.keep_rates) == 48  # warm-up + measured
     assert set(fake.images) == {per_request}
@@ -127,7 +140,7 @@ def test_closed_loop_pass_counts_requests_images_errors_and_waste(per_request: i
 
 def test_an_answer_with_the_wrong_number_of_results_is_an_error() -> None:
     fake = FakeServer()
-    payloads = loadtest.make_requests(loadtest.make_mix(4, [0.25, 0.7]), 2)
+    payloads = loadmix.make_requests(loadmix.make_mix(4, [0.25, 0.7]), 2)
     result = asyncio.run(loadtest.measure("http://fake", payloads, args(clients=2, requests=20, warmup=0),
                                           httpx.MockTransport(fake.handler)))
     assert result["error_statuses"] == {"wrong_result_count": 10} and result["images"] == 20
@@ -135,7 +148,7 @@ def test_an_answer_with_the_wrong_number_of_results_is_an_error() -> None:
 
 def test_open_loop_pass_at_a_fraction_of_the_closed_loop_rate() -> None:
     fake = FakeServer()
-    payloads = loadtest.make_requests(loadtest.make_mix(4, [None]), 1)
+    payloads = loadmix.make_requests(loadmix.make_mix(4, [None]), 1)
     a = args(clients=2, requests=30, warmup=0, duration=30.0, rate_fraction=0.5)
     result = asyncio.run(loadtest.measure("http://fake", payloads, a, httpx.MockTransport(fake.handler)))
     opened = result["open_loop"]
@@ -150,7 +163,7 @@ COST = {"head": {"fixed_ms": 1.5, "per_row_ms": 0.25}, "tail": {"fixed_ms": 2.0,
 
 def test_new_metrics_and_batching_info_explain_the_pass() -> None:
     fake = FakeServer(batching={"bucket_grid": [[8, 4], [12, 8], [16, 12]], "cost_model": COST})
-    payloads = loadtest.make_requests(loadtest.make_mix(4, [None]), 1)
+    payloads = loadmix.make_requests(loadmix.make_mix(4, [None]), 1)
     a = args(clients=2, requests=40, warmup=0, idle_requests=6)
     result = asyncio.run(loadtest.measure("http://fake", payloads, a, httpx.MockTransport(fake.handler),
                                           pid=os.getpid()))
@@ -351,7 +364,7 @@ def test_without_a_batching_key_the_model_buckets_graphs_and_cost_gauges_are_use
             return httpx.Response(200, text=fake.metrics() + gauges)
         return fake.handler(request)
 
-    payloads = loadtest.make_requests(loadtest.make_mix(2, [None]), 1)
+    payloads = loadmix.make_requests(loadmix.make_mix(2, [None]), 1)
     result = asyncio.run(loadtest.measure("http://fake", payloads, args(clients=1, requests=4, warmup=0),
                                           httpx.MockTransport(handler)))
     assert result["batching"] == {"buckets": 2, "graphs": graphs, "cost_model": {
