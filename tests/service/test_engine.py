@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.schedule import BucketGrid
 from service.engine import Engine
 from service.graphs import batch_classes
+from service.handoff import Rows
 from service.settings import Settings
 
 
@@ -51,10 +53,21 @@ def test_bucket_grid_is_fitted_and_small(eager: Engine) -> None:
     points = eager.buckets.points
     assert 2 <= len(points) <= 9  # 8 fitted (fewer if they coincide) + the full budget
     assert points[-1] == (eager.model.num_patches,) * len(points[0])
-    items = eager.head(pixels(16), [None, 0.5, 0.7, 0.9] * 4)
-    for it in items:
-        counts = eager.bucket(it.budget)
-        assert counts in points and all(c >= b for c, b in zip(counts, it.budget, strict=True))
+    hb = eager.head(pixels(16), [None, 0.5, 0.7, 0.9] * 4)
+    for budget, bucket in zip(hb.budgets.tolist(), hb.buckets.tolist(), strict=True):
+        counts = eager.bucket(budget)  # the host rule, one budget at a time
+        assert tuple(bucket) == counts  # ... is what the head assigned to the whole batch at once
+        assert counts in points and all(c >= b for c, b in zip(counts, budget, strict=True))
+
+
+def test_vectorised_round_up_equals_the_rule_on_every_budget(eager: Engine) -> None:
+    g = torch.Generator().manual_seed(0)
+    S, P = len(eager.buckets.weights), eager.model.num_patches
+    budgets = torch.randint(1, P + 1, (500, S), generator=g).sort(dim=1, descending=True).values
+    for grid in (eager.buckets, BucketGrid.stepped(eager.model.schedule, 4)):
+        rows = grid.round_up_rows(budgets)
+        assert rows.dtype == torch.int64 and [tuple(r) for r in rows.tolist()] == \
+            [grid.round_up(b) for b in budgets.tolist()]
 
 
 def test_head_runs_one_lives_pass_per_distinct_keep_rate(eager: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,9 +79,14 @@ def test_head_runs_one_lives_pass_per_distinct_keep_rate(eager: Engine, monkeypa
         return real(scores, schedule)  # type: ignore[arg-type]
 
     monkeypatch.setattr(eager.model, "lives", counting)
-    eager.head(pixels(6), [0.9, 0.5, 0.9, 0.9, None, 0.5])
-    # Three values (0.9, 0.5, default), each schedule_for(0.9) a new object: grouped by value.
-    assert sorted(calls) == [1, 2, 3]
+    hb = eager.head(pixels(6), [0.9, 0.5, 0.9, 0.9, None, 0.5])
+    # The default pass covers every row (inside the head's graph on a GPU), then one pass per other
+    # value (0.9, 0.5), each schedule_for(0.9) a new object: grouped by value.
+    assert calls == [6, 3, 2] and hb.keep_rates == [0.9, 0.5, 0.9, 0.9, 0.7, 0.5]
+    for rate, row in ((0.9, 0), (0.5, 1), (None, 4)):  # each row's plan is its own rate's
+        alone = eager.head(pixels(6)[row:row + 1], [rate])
+        assert torch.equal(hb.budgets[row], alone.budgets[0]) and torch.equal(hb.buckets[row], alone.buckets[0])
+        torch.testing.assert_close(hb.lives[row], alone.lives[0], rtol=0, atol=1e-5)
     calls.clear()
     eager.head(pixels(3), [0.7, None, 0.7])  # the default schedule is keep 0.7: same counts, one pass
     assert calls == [3]
@@ -82,27 +100,36 @@ def test_padded_shapes_equal_eager_for_every_captured_class(eager: Engine, padde
         x, rates = pixels(n, seed=n), [None] * n
         a, b = eager.head(x, rates), padded.head(x, rates)
         assert len(b) == n and padded.padded_rows(n) == next(c for c in (1, 2, 4, 8) if c >= n)
-        for ia, ib in zip(a, b, strict=True):
-            assert ia.budget == ib.budget
-            torch.testing.assert_close(ib.tokens, ia.tokens, rtol=0, atol=1e-5)
-            torch.testing.assert_close(ib.lives, ia.lives, rtol=0, atol=1e-5)
-        for counts in {padded.bucket(it.budget) for it in b} | {points[0], points[-1]}:
+        assert torch.equal(a.budgets, b.budgets) and torch.equal(a.buckets, b.buckets)
+        torch.testing.assert_close(b.tokens, a.tokens, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b.lives, a.lives, rtol=0, atol=1e-5)
+        every = torch.arange(n)
+        shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        for counts in {padded.bucket(bb) for bb in b.budgets.tolist()} | {points[0], points[-1]}:
             # The emulated replay fills the padding rows with NaN: any leak would show in the answer.
-            pb = padded.tail(b, counts)
+            pb = padded.tail([Rows(b, every)], counts).get()
             assert pb.shape[0] == n and torch.isfinite(pb).all()
-            torch.testing.assert_close(pb, eager.tail(a, counts), rtol=0, atol=1e-5)
+            torch.testing.assert_close(pb, eager.tail([Rows(a, every)], counts).get(), rtol=0, atol=1e-5)
+            # rows gathered in any order, from two head batches, into one replay: each row its own answer
+            half = n // 2
+            mixed = padded.tail([Rows(b, shuffled[:half]), Rows(a, shuffled[half:])], counts).get()
+            torch.testing.assert_close(mixed, pb[shuffled], rtol=0, atol=1e-5)
+        by_bucket = padded.tail_by_bucket(b).get()
+        ref = eager.model(eager.normalize(x), None, eager.buckets).softmax(-1)
+        torch.testing.assert_close(by_bucket, ref, rtol=0, atol=1e-5)
     assert padded.runner.eager_fallbacks == 0
 
 
 def test_uncaptured_shapes_fall_back_to_eager_and_are_counted(eager: Engine, padded: Engine) -> None:
     before = padded.runner.eager_fallbacks
     x = pixels(9, seed=9)  # larger than the largest class (8)
-    items = padded.head(x, [None] * 9)
+    hb = padded.head(x, [None] * 9)
     assert padded.runner.eager_fallbacks == before + 1 and padded.padded_rows(9) == 9
     odd = tuple(p - 1 for p in padded.buckets.points[-1])  # not a grid point
-    probs = padded.tail(items[:2], odd)
+    probs = padded.tail([Rows(hb, torch.arange(2))], odd).get()
     assert padded.runner.eager_fallbacks == before + 2
-    torch.testing.assert_close(probs, eager.tail(eager.head(x[:2], [None, None]), odd), rtol=0, atol=1e-5)
+    reference = eager.tail([Rows(eager.head(x[:2], [None, None]), torch.arange(2))], odd).get()
+    torch.testing.assert_close(probs, reference, rtol=0, atol=1e-5)
     assert padded.info()["graphs"]["eager_fallbacks"] == before + 2
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from service.engine import HeadItem
+from service.handoff import HeadBatch, HostCopy, Rows
 from service.settings import Settings
 from service.worker import (
     DeadlinePassed,
@@ -44,6 +44,7 @@ class StubEngine:
         self.threads: list[int] = []        # torch.get_num_threads() in the thread that runs head
 
     head_tokens = 0
+    asynchronous = False
 
     def schedule_counts(self, keep_rate: float | None) -> tuple[int, ...]:
         r = 0.5 if keep_rate is None else keep_rate
@@ -66,29 +67,32 @@ class StubEngine:
         r = 0.5 if keep_rate is None else keep_rate
         return (int(32 * r) - ident % 7, int(16 * r) - ident % 3)
 
-    def head(self, pixels: torch.Tensor, keep_rates: Sequence[float | None]) -> list[HeadItem]:
+    def head(self, pixels: Sequence[torch.Tensor], keep_rates: Sequence[float | None]) -> HeadBatch:
         self.entered.set()
         self.threads.append(torch.get_num_threads())
         assert self.gate.wait(10), "test gate never opened"
         time.sleep(self.head_s)
-        out = []
+        tokens, budgets = [], []
         for x, r in zip(pixels, keep_rates, strict=True):
             ident = int(x[0, 0, 0])
             if ident == self.fail_on:
                 raise RuntimeError("stub engine failure")
             self.headed.append(ident)
-            lives = torch.full((2, 2), float(ident))
-            out.append(HeadItem(torch.tensor([float(ident), r or 0.0]), lives, self.budget_of(ident, r),
-                                r or 0.5, 0.0))
-        return out
+            tokens.append([float(ident), r or 0.0])
+            budgets.append(self.budget_of(ident, r))
+        idents = torch.tensor(tokens)[:, 0]
+        return HeadBatch.of(torch.tensor(tokens), idents.view(-1, 1, 1).expand(-1, 2, 2),
+                            torch.tensor(budgets), torch.tensor([self.bucket(b) for b in budgets]),
+                            [r or 0.5 for r in keep_rates])
 
-    def tail(self, items: Sequence[HeadItem], counts: Sequence[int]) -> torch.Tensor:
+    def tail(self, parts: Sequence[Rows], counts: Sequence[int]) -> HostCopy:
         time.sleep(self.tail_s)
-        for it in items:  # the counts run must cover every image's budget
-            assert all(c >= b for c, b in zip(counts, it.budget, strict=True))
-        self.tails.append((tuple(counts), [int(it.tokens[0]) for it in items]))
-        rows = [torch.cat([it.tokens, torch.tensor([float(c) for c in counts])]) for it in items]
-        return torch.stack(rows)
+        for part in parts:  # the counts run must cover every image's budget
+            for budget in part.batch.budgets[part.index].tolist():
+                assert all(c >= b for c, b in zip(counts, budget, strict=True))
+        tokens = torch.cat([p.batch.tokens[p.index] for p in parts])
+        self.tails.append((tuple(counts), [int(t[0]) for t in tokens]))
+        return HostCopy(torch.cat([tokens, torch.tensor([[float(c) for c in counts]] * len(tokens))], dim=1))
 
 
 class Recorder(WorkerHooks):

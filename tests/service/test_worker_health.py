@@ -14,7 +14,7 @@ import torch
 from test_worker import Recorder, StubEngine, images, later, settings, wait_until
 
 import service.worker as worker_mod
-from service.engine import HeadItem
+from service.handoff import HeadBatch
 from service.worker import ModelFailed, Worker
 
 
@@ -114,9 +114,9 @@ class OomEngine(StubEngine):
         self.fits = fits
         self.head_sizes: list[int] = []
 
-    def head(self, pixels: torch.Tensor, keep_rates: Sequence[float | None]) -> list[HeadItem]:
-        self.head_sizes.append(pixels.shape[0])
-        if pixels.shape[0] > self.fits:
+    def head(self, pixels: Sequence[torch.Tensor], keep_rates: Sequence[float | None]) -> HeadBatch:
+        self.head_sizes.append(len(pixels))
+        if len(pixels) > self.fits:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return super().head(pixels, keep_rates)
 
