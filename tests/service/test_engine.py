@@ -4,9 +4,12 @@ shape path that CUDA graphs use (emulated: same buffers and padding, no graphs).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.schedule import BucketGrid
 from service.engine import Engine
@@ -148,3 +151,37 @@ def test_calibration_statistics_stay_float32_whatever_the_model_dtype(checkpoint
     life = engine.model.life
     assert life.score_quantiles.dtype == torch.float32 and life.score_samples.dtype == torch.float32
     assert life.score_samples.shape[0] > 0
+
+
+class OneDevice(TorchDispatchMode):
+    """Fails any op but an explicit copy that is handed tensors of two devices (0-dim CPU scalars
+    aside). Some ops (``index_select`` on ``meta``) accept a CPU index silently; on a GPU that is a
+    wrong-device error or a copy the host waits for."""
+
+    COPIES = {"aten._to_copy", "aten.copy_", "aten.lift_fresh"}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if str(func.overloadpacket) not in self.COPIES:
+            tensors = [t for t in pytree.tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+            devices = {t.device.type for t in tensors if t.dim() > 0 or t.device.type != "cpu"}
+            assert len(devices) <= 1, f"{func} mixes devices {sorted(devices)}"
+        return func(*args, **(kwargs or {}))
+
+
+def test_head_and_tail_only_queue_device_work(checkpoint_dir: Path) -> None:
+    """The engine on PyTorch's ``meta`` device (see tests/model/test_meta_device.py): a CPU tensor
+    meeting the model's (an index, a constant) is caught, and any host read of a device value
+    (``.tolist()``, ``.item()``) raises: what on a GPU would be a wrong-device error or a hidden sync."""
+    engine = Engine(checkpoint_dir, device="cpu").to("meta")
+    n, P, S = 5, engine.model.num_patches, len(engine.default_schedule.patch_counts)
+    with torch.inference_mode(), OneDevice():
+        hb = engine.head(list(pixels(n)), [None, 0.5, None, 0.9, 0.5])  # mixed rates: the indexed path
+        hb2 = engine.head(pixels(3), [0.9] * 3)
+    T, D = engine.model.num_prefix_tokens, engine.model.backbone.embed_dim
+    assert hb.tokens.device.type == "meta" and tuple(hb.tokens.shape) == (n, T + P, D)
+    assert hb.plan.tensor.device.type == "meta" and tuple(hb.plan.tensor.shape) == (n, P + 2 * S)
+    counts = engine.buckets.points[0]
+    parts = [Rows(hb, torch.tensor([4, 0, 2])), Rows(hb2, torch.tensor([1]))]  # host indices, as the worker sends
+    with OneDevice():
+        probs = engine.tail(parts, counts).tensor
+    assert probs.device.type == "meta" and tuple(probs.shape) == (4, len(engine.class_names))
