@@ -4,7 +4,9 @@ Three parts, each a subprocess of this interpreter (``sys.executable``) run from
 with a time limit:
 
   * ``tests``:    the gpu test tier, ``pytest -m gpu tests/gpu`` (passed / failed / skipped);
-  * ``bench``:    ``patchlife bench --served --device cuda --dtype auto --json`` at batch 1, 16, 64, 256;
+  * ``bench``:    ``patchlife bench --served --device cuda --dtype auto --json`` at batch 1, 16, 64, 256
+                  (per-image: one bucket), and with ``--calibrated`` (budgets vary, several buckets per
+                  batch, as a server runs) at the batch sizes from 64 up;
   * ``loadtest``: ``patchlife loadtest --json --modes budget,fifo --duration 10 --clients 32`` against
     servers that pick the GPU (``PATCHLIFE_DEVICE=auto``).
 
@@ -32,7 +34,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PARTS = ("tests", "bench", "loadtest")
-TIMEOUT_S = {"tests": 300.0, "bench": 90.0, "loadtest": 180.0}  # per subprocess
+TIMEOUT_S = {"tests": 300.0, "bench": 60.0, "loadtest": 180.0}  # per subprocess
+CALIBRATED_MIN_BATCH = 64  # bench sizes from which a calibrated row runs too
 
 
 @dataclass
@@ -144,10 +147,10 @@ def junit_counts(xml_text: str) -> dict[str, Any]:
             "failing": failing}
 
 
-def check_bench(run: Runner, env: dict[str, str], batch_size: int) -> Check:
-    name = f"bench batch {batch_size}"
+def check_bench(run: Runner, env: dict[str, str], batch_size: int, calibrated: bool = False) -> Check:
+    name = f"bench batch {batch_size}" + (" calibrated" if calibrated else "")
     argv = [sys.executable, "-m", "model.cli", "bench", "--served", "--device", "cuda", "--dtype", "auto",
-            "--batch-size", str(batch_size), "--json"]
+            "--batch-size", str(batch_size), "--json", *(["--calibrated"] if calibrated else [])]
     out = run(argv, env, TIMEOUT_S["bench"])
     body = parse_json(out.stdout) or {}
     variants = {v.get("name"): v for v in body.get("variants", []) if isinstance(v, dict)}
@@ -162,7 +165,10 @@ def check_bench(run: Runner, env: dict[str, str], batch_size: int) -> Check:
                   f"{d['images_per_s']:.0f} img/s)")
     except (KeyError, TypeError, ValueError) as exc:
         return Check(name, False, f"unexpected bench output ({exc!r}): {json.dumps(s)[:150]}", out.seconds)
-    return Check(name, True, result, out.seconds, {"variants": list(variants.values())})
+    if calibrated:
+        result += f", {body.get('buckets_per_batch', '?')} buckets per batch"
+    return Check(name, True, result, out.seconds, {"variants": list(variants.values()),
+                                                   "buckets_per_batch": body.get("buckets_per_batch")})
 
 
 def check_loadtest(run: Runner, env: dict[str, str], duration: float) -> list[Check]:
@@ -200,6 +206,9 @@ def run_checks(parts: Sequence[str], batch_sizes: Sequence[int], duration: float
         for n in batch_sizes:
             progress(f"patchlife bench --served, batch {n}")
             checks.append(check_bench(run, env, n))
+            if n >= CALIBRATED_MIN_BATCH:
+                progress(f"patchlife bench --served --calibrated, batch {n}")
+                checks.append(check_bench(run, env, n, calibrated=True))
     if "loadtest" in parts:
         progress(f"patchlife loadtest, budget and fifo, {duration:g} s each")
         checks += check_loadtest(run, env, duration)

@@ -219,7 +219,8 @@ class Engine:
             staged = torch.empty((len(pixels), *first.shape), dtype=first.dtype, pin_memory=True)
             torch.stack(list(pixels), out=staged)
         compute = torch.cuda.current_stream(self.device)
-        self._upload_stream.wait_stream(compute)  # the buffer it lands in may be one compute just freed
+        # No wait on compute first: the upload stream allocates from its own pool, so the copy runs
+        # while the batch before it computes; the host block stays held until its copy has run.
         with torch.cuda.stream(self._upload_stream):
             on_device = staged.to(self.device, non_blocking=True)
         compute.wait_stream(self._upload_stream)
