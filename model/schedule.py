@@ -193,7 +193,9 @@ class BucketGrid:
 
     def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The points as ``int64 [G, S]`` on ``device``, cheapest first (what ``round_up_rows`` reads)."""
-        return torch.tensor(self.points, dtype=torch.long, device=device).reshape(len(self.points), -1)
+        if not self.points:  # a stepped grid: no points
+            return torch.zeros(0, len(self.weights), dtype=torch.long, device=device)
+        return torch.tensor(self.points, dtype=torch.long, device=device)
 
     def round_up_rows(self, budgets: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """``round_up`` of every row of ``budgets [B, S]`` at once, on their device, without a host

@@ -32,7 +32,8 @@ class HostCopy:
     @classmethod
     def start(cls, t: torch.Tensor) -> HostCopy:
         """Queue ``t``'s copy to the host. A CPU tensor is cloned (it may be a buffer that the next
-        replay overwrites); a ``meta`` one is kept as it is (shapes only, for tests)."""
+        replay overwrites: under inference mode a view does not say so by its ``_base``); a ``meta``
+        one is kept as it is (shapes only, for tests)."""
         if t.device.type == "cuda":
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)

@@ -508,15 +508,18 @@ class Worker:
                 self._fail_locked(image.request, error, "model_error")
 
     def _next_locked(self, block: bool = True) -> tuple[Batch | None, list[_Image]]:
-        """Wait (releasing the lock) until a batch is due; take its images out of the queues. With
-        ``block`` False, return (None, []) at once when nothing is due."""
+        """Wait (releasing the lock) until a batch is due; take its images out of the queues.
+
+        With ``block`` False (a batch is in flight), return (None, []) at once when nothing is due,
+        and leave batches that are due only because the device would idle (reason ``idle``): it is
+        busy with the batch in flight, whose images the queues do not show yet."""
         while not self._exit:
             now = self.clock()
             next_deadline = self._expire_locked(now)
             decision = plan([i.wait for i in self._head.values()], [i.wait for i in self._tail.values()],
                             now, self.limits, self.engine.tail_tokens, drain=self._draining,
                             cost=self.batch_seconds if self.cost.ready else None)
-            if isinstance(decision, Batch):
+            if isinstance(decision, Batch) and (block or decision.reason != "idle"):
                 queue = self._head if decision.phase == "head" else self._tail
                 images = [queue[k] for k in decision.keys]
                 for image in images:

@@ -67,8 +67,10 @@ def test_vectorised_round_up_equals_the_rule_on_every_budget(eager: Engine) -> N
     g = torch.Generator().manual_seed(0)
     S, P = len(eager.buckets.weights), eager.model.num_patches
     budgets = torch.randint(1, P + 1, (500, S), generator=g).sort(dim=1, descending=True).values
-    for grid in (eager.buckets, BucketGrid.stepped(eager.model.schedule, 4)):
-        rows = grid.round_up_rows(budgets)
+    stepped = BucketGrid.stepped(eager.model.schedule, 4)  # a checkpoint stored without a budget sample
+    assert tuple(stepped.table().shape) == (0, S)
+    for grid in (eager.buckets, stepped):
+        rows = grid.round_up_rows(budgets, grid.table())
         assert rows.dtype == torch.int64 and [tuple(r) for r in rows.tolist()] == \
             [grid.round_up(b) for b in budgets.tolist()]
 
