@@ -11,7 +11,7 @@ the ratio compares like with like on CPU and GPU.
 
 Without ``--checkpoint`` a LifeViT of ``--backbone`` with random weights is written to a temporary
 directory: per-image normalisation (every image has the schedule's counts: one bucket), or with
-``--calibrated`` calibrated on noise images at five contrasts and timed on a batch of such images,
+``--calibrated`` calibrated on noise images at five contrasts and timed on a batch at the middle one,
 so budgets vary per image and the tail runs once per bucket, as served (the batch's bucket count is
 printed). A calibrated ``--checkpoint`` behaves likewise.
 """
@@ -34,13 +34,15 @@ from .handoff import HeadBatch
 from .settings import Settings
 
 CONTRASTS = (4.0, 12.0, 30.0, 60.0, 110.0)  # std of the noise images around mid-grey, in uint8 steps
+TIMED_CONTRASTS = CONTRASTS[2:3]  # the timed batch: one level; budgets still vary image by image
 
 
-def contrast_pixels(n: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
-    """``uint8 [n, C, H, W]`` noise around mid-grey, image ``i`` at contrast ``CONTRASTS[i % 5]``: the
+def contrast_pixels(n: int, shape: tuple[int, int, int], seed: int = 0,
+                    contrasts: tuple[float, ...] = CONTRASTS) -> torch.Tensor:
+    """``uint8 [n, C, H, W]`` noise around mid-grey, image ``i`` at contrast ``contrasts[i % len]``: the
     life scores, hence the calibrated budgets, differ between them."""
     g = torch.Generator().manual_seed(seed)
-    scale = torch.tensor(CONTRASTS)[torch.arange(n) % len(CONTRASTS)].view(n, 1, 1, 1)
+    scale = torch.tensor(contrasts)[torch.arange(n) % len(contrasts)].view(n, 1, 1, 1)
     return (128.0 + scale * torch.randn(n, *shape, generator=g)).clamp(0, 255).to(torch.uint8)
 
 
@@ -82,7 +84,7 @@ def run_served(args: argparse.Namespace) -> tuple[list[Variant], dict[str, Any]]
     c, h, w = (int(v) for v in engine.config.preprocess.get("input_size", [3, 224, 224]))
     with torch.inference_mode():
         runner.capture(("dense",), dense_fn, (torch.zeros(1, c, h, w, dtype=torch.uint8, device=engine.device),))
-    pixels = contrast_pixels(args.batch_size, (c, h, w)) if args.calibrated else \
+    pixels = contrast_pixels(args.batch_size, (c, h, w), contrasts=TIMED_CONTRASTS) if args.calibrated else \
         torch.randint(0, 256, (args.batch_size, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     if engine.device.type == "cuda":
         pixels = pixels.pin_memory()
