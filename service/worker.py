@@ -397,10 +397,10 @@ class Worker:
 
     # -- the worker thread -------------------------------------------------------------------
     def _loop(self) -> None:
+        flight: list[_Flight] = []   # launched, answers not read yet (oldest first)
         try:
             set_torch_threads(self.settings.torch_threads)
             ahead = bool(self.engine.asynchronous)
-            flight: list[_Flight] = []   # launched, answers not read yet (oldest first)
             while True:
                 with self._cond:
                     batch, images = self._next_locked(block=not flight)
@@ -426,12 +426,12 @@ class Worker:
                 self._accepting = False
             self.hooks.on_model_failure("worker_died")
         finally:
-            self._fail_queued()
+            self._fail_queued([im for f in flight for images, _, _ in f.parts for im in images])
 
-    def _fail_queued(self) -> None:
-        """The thread is ending: answer whatever is still queued (it will not run)."""
+    def _fail_queued(self, in_flight: Sequence[_Image] = ()) -> None:
+        """The thread is ending: answer whatever is still queued or launched (it will not run or be read)."""
         with self._cond:
-            for image in [*self._head.values(), *self._tail.values()]:
+            for image in [*self._head.values(), *self._tail.values(), *in_flight]:
                 if self._fatal is not None:
                     self._fail_locked(image.request, ModelFailed(f"model unavailable: {self._fatal}", 5.0),
                                       "model_error")

@@ -27,9 +27,11 @@ class FailureRecorder(Recorder):
         self.failures.append(reason)
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["cpu", "launch-ahead"])
 def test_a_crash_in_planning_answers_every_waiting_request_and_turns_unhealthy(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    engine, hooks = StubEngine(), FailureRecorder()
+        monkeypatch: pytest.MonkeyPatch, asynchronous: bool) -> None:
+    """Launching ahead, the crash comes while request 0's head batch is in flight: it is answered too."""
+    engine, hooks = StubEngine(asynchronous=asynchronous), FailureRecorder()
     engine.gate.clear()  # the first head batch blocks until the crash is armed
     real_plan, armed = worker_mod.plan, threading.Event()
 
