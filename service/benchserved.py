@@ -52,8 +52,9 @@ def _engine(args: argparse.Namespace, workdir: Path) -> Engine:
         torch.manual_seed(0)
         model = create_lifevit(args.backbone, args.keep_rate, pretrained=args.pretrained or False).eval()
         if args.calibrated:
-            c, h, w = model.backbone.patch_embed.proj.in_channels, *model.backbone.patch_embed.img_size
-            cfg = model.backbone.pretrained_cfg
+            h, w = (int(v) for v in model.backbone.patch_embed.img_size)
+            c = 3
+            cfg: dict[str, Any] = dict(getattr(model.backbone, "pretrained_cfg", None) or {})
             mean = torch.tensor(cfg.get("mean", (0.5,) * c)).view(1, -1, 1, 1)
             std = torch.tensor(cfg.get("std", (0.5,) * c)).view(1, -1, 1, 1)
             calib = contrast_pixels(8 * len(CONTRASTS), (c, h, w), seed=1).float() / 255.0

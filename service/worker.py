@@ -519,7 +519,9 @@ class Worker:
             decision = plan([i.wait for i in self._head.values()], [i.wait for i in self._tail.values()],
                             now, self.limits, self.engine.tail_tokens, drain=self._draining,
                             cost=self.batch_seconds if self.cost.ready else None)
-            if isinstance(decision, Batch) and (block or decision.reason != "idle"):
+            if isinstance(decision, Batch):
+                if not block and decision.reason == "idle":
+                    break
                 queue = self._head if decision.phase == "head" else self._tail
                 images = [queue[k] for k in decision.keys]
                 for image in images:
