@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from service.benchserved import served_forward
 from service.engine import Engine
+from service.handoff import Rows
 
 
 class OpCounter(TorchDispatchMode):
@@ -76,3 +77,20 @@ def test_ops_per_batch_differ_only_by_the_buckets(engine: Engine) -> None:
     assert rest == 0 and per_bucket > 0
     assert sum(ops64.values()) - sum(ops8.values()) == (b64 - b8) * per_bucket, \
         f"8 images: {sum(ops8.values())} ops in {b8} buckets; 64: {sum(ops64.values())} in {b64}"
+
+
+def test_the_workers_calls_dispatch_the_same_ops_at_8_and_64(engine: Engine) -> None:
+    """As the worker calls the engine: one ``[3, H, W]`` tensor per image into the head, then a tail
+    batch gathered from two head batches (one ``index_select`` each) at one bucket's counts."""
+    counts = engine.buckets.points[-1]
+    totals = []
+    for n in (8, 64):
+        images = list(varied(n, seed=4))
+        with OpCounter() as head_ops:
+            first, second = engine.head(images, [None] * n), engine.head(images, [0.5] * n)
+        with OpCounter() as tail_ops:
+            engine.tail([Rows(first, torch.arange(0, n, 2)), Rows(second, torch.arange(1, n, 2))], counts).get()
+        totals.append((head_ops.ops, tail_ops.ops))
+    (head8, tail8), (head64, tail64) = totals
+    assert head8 == head64 and tail8 == tail64, (sum(head8.values()), sum(head64.values()),
+                                                 sum(tail8.values()), sum(tail64.values()))
