@@ -10,7 +10,9 @@ Pixels arrive as ``uint8`` (resized and cropped on the CPU, normalised on the de
 a quarter of the bytes, from pinned memory). Phase A is one replay on a GPU: blocks ``0..K-1``, the
 life scores, and for the default keep rate the lives, budgets and buckets (``BucketGrid.round_up_rows``),
 packed into one tensor whose copy to the host is queued, not waited for; its answer is a
-:class:`HeadBatch` of arrays, never an object per image. Phase B gathers each bucket's rows with one
+:class:`HeadBatch` of arrays, never an object per image (with per-image normalisation every image
+keeps its rate's counts, so budgets and buckets are known on the host at once, and the tail can be
+launched before the head has run). Phase B gathers each bucket's rows with one
 ``index_select`` straight into the captured graph's input buffer and queues the probabilities' copy
 to the host. So a batch costs the host a fixed number of ops whatever its size (a CI test counts
 them), and nothing here waits for the GPU: the caller does, when it reads a copy. Budgets run at the
@@ -115,6 +117,7 @@ class Engine:
                 if v is not None}  # unset: LifeViT.bucket_grid's defaults (Settings gives all three)
         self.buckets = self.model.bucket_grid(**grid, default=self.default_schedule)  # type: ignore[arg-type]
         self._points = self.buckets.table(self.device)  # made once: a table per call would be a blocking copy
+        self._host_points = self.buckets.table()
         mode: GraphMode = ("graphs" if self.device.type == "cuda" else "off") if cuda_graphs == "auto" else \
             "off" if cuda_graphs == "off" else "emulate"
         self.runner = ShapeRunner(self.device, max_batch_size, mode)
@@ -239,6 +242,8 @@ class Engine:
             tokens = tokens.clone()  # the tail reads it after later replays have reused the buffer
         default = self.default_schedule
         rates = [float(default.keep_rate or 0.0)] * n
+        static = self.model.normalization == "per_image"  # budgets = each rate's counts: known now
+        budgets = torch.tensor(default.patch_counts).expand(n, -1).clone() if static else None
         for rate, rows in _rows_by_rate(keep_rates).items():  # one pass per rate besides the default
             schedule = self.schedule(rate)
             value = float(schedule.keep_rate or 0.0)
@@ -250,7 +255,10 @@ class Engine:
             if schedule.patch_counts != default.patch_counts:  # by value: schedule_for makes new objects
                 index = host_to_device(torch.tensor(rows), self.device)
                 plan[index] = self._plan(scores[index], schedule)
-        return HeadBatch(tokens, HostCopy.start(plan), rates, self.grid)
+                if budgets is not None:
+                    budgets[rows] = torch.tensor(schedule.patch_counts)
+        known = None if budgets is None else (budgets, self.buckets.round_up_rows(budgets, self._host_points))
+        return HeadBatch(tokens, HostCopy.start(plan), rates, self.grid, known)
 
     def _tail_probs(self, parts: Sequence[Rows], counts: tuple[int, ...]) -> torch.Tensor:
         """Probabilities ``[n, K]`` on the device for the rows of ``parts`` (in order) at ``counts``: each

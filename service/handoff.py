@@ -63,12 +63,15 @@ class HeadBatch:
         rounded up to the grid). Integers below 2**24 are exact in float32.
     keep_rates: the keep rate each image ran at (the default schedule's for None).
     grid: the patch grid ``(rows, cols)``.
+    known: ``(budgets, buckets)`` on the host when they did not need the device (per-image
+        normalisation: every image keeps its rate's counts), so reading them waits for nothing.
     """
 
     tokens: torch.Tensor
     plan: HostCopy
     keep_rates: list[float]
     grid: tuple[int, int]
+    known: tuple[torch.Tensor, torch.Tensor] | None = None
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -87,6 +90,8 @@ class HeadBatch:
         return (self.plan.tensor.shape[1] - self.grid[0] * self.grid[1]) // 2
 
     def _part(self, name: str) -> torch.Tensor:
+        if name != "lives" and self.known is not None:
+            return self.known[0 if name == "budgets" else 1]
         if name not in self._cache:
             host, p, s = self.plan.get(), self.grid[0] * self.grid[1], self.stages
             self._cache.update(lives=host[:, :p].reshape(-1, *self.grid), budgets=host[:, p:p + s].long(),
@@ -100,12 +105,12 @@ class HeadBatch:
 
     @property
     def budgets(self) -> torch.Tensor:
-        """``[B, S]`` int64 on the CPU: each image's own patches per stage (waits for the copy)."""
+        """``[B, S]`` int64 on the CPU: each image's own patches per stage (waits for the copy unless known)."""
         return self._part("budgets")
 
     @property
     def buckets(self) -> torch.Tensor:
-        """``[B, S]`` int64 on the CPU: the budgets rounded up to the bucket grid (waits for the copy)."""
+        """``[B, S]`` int64 on the CPU: the budgets rounded up to the bucket grid (waits for the copy unless known)."""
         return self._part("buckets")
 
 

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from model.schedule import BucketGrid
 from service.engine import Engine
 from service.graphs import batch_classes
-from service.handoff import Rows
+from service.handoff import HostCopy, Rows
 from service.settings import Settings
 
 
@@ -187,3 +187,32 @@ def test_head_and_tail_only_queue_device_work(checkpoint_dir: Path) -> None:
     with OneDevice():
         probs = engine.tail(parts, counts).tensor
     assert probs.device.type == "meta" and tuple(probs.shape) == (4, len(engine.class_names))
+
+
+class NeverLands:
+    """An event for a copy that never completes: waiting on it is a test failure."""
+
+    def query(self) -> bool:
+        return False
+
+    def synchronize(self) -> None:
+        raise AssertionError("waited for the device's copy")
+
+
+def test_per_image_budgets_are_known_without_waiting_for_the_device(tmp_path: Path) -> None:
+    from model import create_lifevit, save_checkpoint
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(create_lifevit("vit_nano_patch8_32", 0.7, num_classes=5).eval(), tmp_path / "per-image")
+    engine = Engine(ckpt, device="cpu")
+    assert engine.model.normalization == "per_image"
+    rates = [None, 0.5, None, 0.9]
+    hb = engine.head(pixels(4), rates)
+    plan = hb.plan.tensor
+    hb.plan = HostCopy(plan, NeverLands())  # as on a GPU still computing: budgets must not need it
+    expected = torch.tensor([engine.schedule_counts(r) for r in rates])
+    assert torch.equal(hb.budgets, expected)
+    assert [tuple(b) for b in hb.buckets.tolist()] == [engine.bucket(b) for b in expected.tolist()]
+    P, S = engine.model.num_patches, expected.shape[1]
+    assert torch.equal(plan[:, P:P + S].long(), expected) and torch.equal(plan[:, P + S:].long(), hb.buckets)
+    with pytest.raises(AssertionError, match="waited"):
+        hb.lives  # noqa: B018 - the lives do come from the device
