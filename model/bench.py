@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.keep_rate <= 1 or args.batch_size < 1 or args.rounds < 1:
         print("patchlife bench: need 0 < --keep-rate <= 1, --batch-size >= 1, --rounds >= 1", file=sys.stderr)
         return 2
+    if args.calibrated and (not args.served or args.checkpoint):
+        print("patchlife bench: --calibrated goes with --served and without --checkpoint", file=sys.stderr)
+        return 2
     extra: dict[str, object] = {}
     if args.served:  # the service's engine: imported only here, model/ does not depend on service/
         from service.benchserved import run_served
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
           f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()}")
     if extra:
         g = extra["graphs"]
-        print(f"served on {extra['device']} {extra['dtype']}: {extra['buckets']} buckets "
+        print(f"served on {extra['device']} {extra['dtype']}, {extra['normalization']}: {extra['buckets']} buckets "
               f"({extra['buckets_per_batch']} in this batch); CUDA graphs {g['mode']}, "  # type: ignore[index]
               f"{g['captured']} captured, {g['eager_fallbacks']} eager fallbacks")  # type: ignore[index]
     print(f"{'variant':<8} {'GFLOPs':>8} {'img/s':>9} {'ms/batch':>9} {'vs dense':>9} {'vs oracle':>10}")

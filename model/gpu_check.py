@@ -8,7 +8,9 @@ with a time limit of its own:
     calibration and the held-out evaluation, each stage's images/s;
   * ``eval``:     ``patchlife eval`` of the embedded model on CUDA and on the CPU: every CUDA top-1 must
     lie in the CPU row's 95% interval;
-  * ``bench``:    ``patchlife bench --served --device cuda --dtype auto --json`` at batch 1, 16, 64, 256;
+  * ``bench``:    ``patchlife bench --served --device cuda --dtype auto --json`` at batch 1, 16, 64, 256
+                  (per-image: one bucket), and with ``--calibrated`` (budgets vary, several buckets per
+                  batch, as a server runs) at the batch sizes from 64 up;
   * ``loadtest``: ``patchlife loadtest --json --modes budget,fifo --duration 10 --clients 32`` against
     servers that pick the GPU (``PATCHLIFE_DEVICE=auto``);
   * ``decode``:   ``patchlife bench-decode --device cuda --equivalence --json``: batched nvJPEG images/s
@@ -40,13 +42,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PARTS = ("tests", "train", "eval", "bench", "loadtest", "decode")
-TIMEOUT_S = {"tests": 300.0, "train": 150.0, "eval": 150.0, "bench": 90.0, "loadtest": 180.0,
+TIMEOUT_S = {"tests": 300.0, "train": 150.0, "eval": 150.0, "bench": 60.0, "loadtest": 180.0,
              "decode": 180.0}  # per subprocess
 # ``train``: big enough for every stage to run a few dozen bf16 steps, small enough for about a minute
 TRAIN_ARGS = ["--synthetic", "--backbone", "vit_micro_patch8_64", "--train-size", "4096", "--val-size", "1024",
               "--batch-size", "128", "--stage0-steps", "30", "--stage1-steps", "30", "--stage2-steps", "30",
               "--calibrate", "1024", "--device", "cuda", "--amp", "bf16"]
 EVAL_ARGS = ["--synthetic", "--val-size", "1200", "--keep-rates", "0.5,0.7", "--json"]
+CALIBRATED_MIN_BATCH = 64  # bench sizes from which a calibrated row runs too
 
 
 @dataclass
@@ -218,10 +221,10 @@ def compare_eval(cuda: dict[tuple[Any, ...], dict[str, Any]], cpu: dict[tuple[An
     return Check("eval cuda vs cpu", not outside, result, seconds, {"largest_top1_difference": largest})
 
 
-def check_bench(run: Runner, env: dict[str, str], batch_size: int) -> Check:
-    name = f"bench batch {batch_size}"
+def check_bench(run: Runner, env: dict[str, str], batch_size: int, calibrated: bool = False) -> Check:
+    name = f"bench batch {batch_size}" + (" calibrated" if calibrated else "")
     argv = [sys.executable, "-m", "model.cli", "bench", "--served", "--device", "cuda", "--dtype", "auto",
-            "--batch-size", str(batch_size), "--json"]
+            "--batch-size", str(batch_size), "--json", *(["--calibrated"] if calibrated else [])]
     out = run(argv, env, TIMEOUT_S["bench"])
     body = parse_json(out.stdout) or {}
     variants = {v.get("name"): v for v in body.get("variants", []) if isinstance(v, dict)}
@@ -236,7 +239,10 @@ def check_bench(run: Runner, env: dict[str, str], batch_size: int) -> Check:
                   f"{d['images_per_s']:.0f} img/s)")
     except (KeyError, TypeError, ValueError) as exc:
         return Check(name, False, f"unexpected bench output ({exc!r}): {json.dumps(s)[:150]}", out.seconds)
-    return Check(name, True, result, out.seconds, {"variants": list(variants.values())})
+    if calibrated:
+        result += f", {body.get('buckets_per_batch', '?')} buckets per batch"
+    return Check(name, True, result, out.seconds, {"variants": list(variants.values()),
+                                                   "buckets_per_batch": body.get("buckets_per_batch")})
 
 
 def check_loadtest(run: Runner, env: dict[str, str], duration: float) -> list[Check]:
@@ -308,6 +314,9 @@ def run_checks(parts: Sequence[str], batch_sizes: Sequence[int], duration: float
         for n in batch_sizes:
             progress(f"patchlife bench --served, batch {n}")
             checks.append(check_bench(run, env, n))
+            if n >= CALIBRATED_MIN_BATCH:
+                progress(f"patchlife bench --served --calibrated, batch {n}")
+                checks.append(check_bench(run, env, n, calibrated=True))
     if "loadtest" in parts:
         progress(f"patchlife loadtest, budget and fifo, {duration:g} s each")
         checks += check_loadtest(run, env, duration)

@@ -39,6 +39,9 @@ def bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served", action="store_true",
                    help="time the service's engine as the server runs it (uint8 input, bucket grid, padding, "
                         "CUDA graphs on a GPU) beside dense run the same way (graphed)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="--served without --checkpoint: calibrate the random model on noise images at five "
+                        "contrasts and time such a batch, so budgets vary and the tail runs once per bucket")
     p.add_argument("--no-graphs", action="store_true", help="--served: run both eagerly (PATCHLIFE_CUDA_GRAPHS=off)")
     p.add_argument("--rounds", type=int, default=7, help="timed calls per variant (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first")

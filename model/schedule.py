@@ -191,6 +191,26 @@ class BucketGrid:
         covering = [p for p in self.points if all(c >= v for c, v in zip(p, values, strict=True))]
         return min(covering, key=self.cost)
 
+    def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The points as ``int64 [G, S]`` on ``device``, cheapest first (what ``round_up_rows`` reads)."""
+        if not self.points:  # a stepped grid: no points
+            return torch.zeros(0, len(self.weights), dtype=torch.long, device=device)
+        return torch.tensor(self.points, dtype=torch.long, device=device)
+
+    def round_up_rows(self, budgets: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """``round_up`` of every row of ``budgets [B, S]`` at once, on their device, without a host
+        sync: ``[B, S]`` int64. ``table``: ``self.table(device)`` made once by the caller.
+
+        With points, a budget's point is the first covering one in cost order, i.e. the cheapest
+        (ties: the first, as ``round_up``'s ``min``); with one stage this is a ``searchsorted``.
+        """
+        if not self.points:
+            up = torch.div(budgets + (self.step - 1), self.step, rounding_mode="floor") * self.step
+            return up.clamp(max=self.num_patches).long()
+        table = self.table(budgets.device) if table is None else table
+        covering = (table[None] >= budgets[:, None]).all(dim=-1)  # [B, G]; the full point covers all
+        return table[covering.to(torch.int32).argmax(dim=1)]     # argmax: the first maximum
+
     @classmethod
     def stepped(cls, schedule: KeepSchedule, step: int) -> BucketGrid:
         if step < 1:

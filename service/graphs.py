@@ -8,10 +8,13 @@ warm-up and afterwards only copies the inputs into the captured buffers and repl
     runner = ShapeRunner("cuda", max_batch=32, mode="graphs")
     runner.capture(("tail", counts), fn, example_inputs)   # every class, largest first, one pool
     out = runner.run(("tail", counts), fn, inputs)          # padded to its class; eager if uncaptured
+    (buf,) = runner.static_inputs(key, n)                   # or write the inputs in place yourself ...
+    out = runner.replay(key, n)                             # ... and replay
 
 Rows are independent in a ViT (no op mixes images), so the padding rows, which hold whatever the
 last replay left in the buffers, never touch a real row, and only the first ``n`` output rows are
-returned (cloned: the next replay overwrites the buffers). Shapes outside the captured set, e.g.
+returned: views of the output buffers, valid until the next replay of that shape (work queued on
+the same stream, such as a copy to the host, runs before it). Shapes outside the captured set, e.g.
 batches larger than the largest class, run eagerly and are counted.
 
 ``mode="emulate"`` runs the same padding and buffer path on any device without CUDA graphs (the
@@ -100,25 +103,45 @@ class ShapeRunner:
             outputs = tuple(fn(*inputs))
         return _Shape(inputs, outputs, graph, fn)
 
-    def run(self, key: Hashable, fn: Fn, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """``fn(*inputs)`` for a batch of ``n = inputs[0].shape[0]`` rows, through its captured shape."""
-        n = inputs[0].shape[0]
+    def holds(self, key: Hashable, n: int) -> bool:
+        """Whether a batch of ``n`` rows at ``key`` replays a captured shape (else it runs eagerly)."""
+        return (key, self.padded_rows(n)) in self.shapes
+
+    def static_inputs(self, key: Hashable, n: int) -> tuple[torch.Tensor, ...] | None:
+        """The captured input buffers (``[class, ...]`` each) a batch of ``n`` rows is replayed from, for a
+        caller that writes its first ``n`` rows in place; None when no captured shape holds it."""
         shape = self.shapes.get((key, self.padded_rows(n)))
-        if shape is None:
-            if self.enabled:
-                self.eager_fallbacks += 1
-            return tuple(fn(*inputs))
-        for static, x in zip(shape.inputs, inputs, strict=True):
-            static[:n].copy_(x, non_blocking=True)
+        return None if shape is None else shape.inputs
+
+    def replay(self, key: Hashable, n: int) -> tuple[torch.Tensor, ...]:
+        """Replay the shape holding ``n`` rows on what its input buffers hold; the first ``n`` output rows."""
+        shape = self.shapes[(key, self.padded_rows(n))]
         if shape.graph is not None:
             shape.graph.replay()
         else:  # emulated: poison the padding rows, then recompute into the output buffers
             for static in shape.inputs:
                 if static.is_floating_point():
                     static[n:].fill_(float("nan"))
-            for out, new in zip(shape.outputs, fn(*shape.inputs), strict=True):
+            for out, new in zip(shape.outputs, shape.fn(*shape.inputs), strict=True):
                 out.copy_(new)
-        return tuple(out[:n].clone() for out in shape.outputs)
+        return tuple(out[:n] for out in shape.outputs)
+
+    def count_eager(self) -> None:
+        """A caller ran a batch eagerly because no captured shape held it."""
+        if self.enabled:
+            self.eager_fallbacks += 1
+
+    def run(self, key: Hashable, fn: Fn, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``fn(*inputs)`` for a batch of ``n = inputs[0].shape[0]`` rows, through its captured shape
+        (outputs are then views of its buffers: see the module docstring)."""
+        n = inputs[0].shape[0]
+        statics = self.static_inputs(key, n)
+        if statics is None:
+            self.count_eager()
+            return tuple(fn(*inputs))
+        for static, x in zip(statics, inputs, strict=True):
+            static[:n].copy_(x, non_blocking=True)
+        return self.replay(key, n)
 
     def describe(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "mode": self.mode, "captured": len(self.shapes),

@@ -295,7 +295,6 @@ def offline_images_per_s(mix: Mix, checkpoint: str | None, batch_size: int, seco
 
 
 def _offline(mix: Mix, checkpoint: str | None, batch_size: int, seconds: float, threads: int) -> float:
-    import torch
 
     from service.engine import Engine
     from service.settings import Settings
@@ -309,12 +308,7 @@ def _offline(mix: Mix, checkpoint: str | None, batch_size: int, seconds: float, 
 
     def one_pass() -> int:
         for i in range(0, len(pixels), batch_size):
-            items = engine.head(torch.stack(pixels[i:i + batch_size]), rates[i:i + batch_size])
-            groups: dict[tuple[int, ...], list[Any]] = {}
-            for it in items:
-                groups.setdefault(engine.bucket(it.budget), []).append(it)
-            for counts, group in groups.items():
-                engine.tail(group, counts)
+            engine.tail_by_bucket(engine.head(pixels[i:i + batch_size], rates[i:i + batch_size])).get()
         return len(pixels)
 
     one_pass()  # warm-up

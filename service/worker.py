@@ -7,6 +7,12 @@ Each image goes through two queues. Phase A (``Engine.head``) yields its lives a
 decides what runs next). The thread wakes on every enqueue and at the policy's next due time. It
 sizes torch's CPU thread team (``Settings.torch_threads``) before its first batch.
 
+A batch is launched, then finished: the engine queues the device work and the copy of its answer
+to the host (:mod:`service.handoff`), and reading that copy is what waits. On an asynchronous engine
+(a GPU) the thread launches the next due batch before it waits for the current one's copy, so the
+device is fed while the host reads answers; at most two batches are in flight. On the CPU each batch
+is finished before the next is planned, exactly as if launching and finishing were one call.
+
 Admission: a request is refused at once with :class:`QueueFull` when the queued images or queued
 tail tokens would pass their capacity (an image not yet through phase A is counted at its keep
 rate's schedule counts). A request whose deadline passes before one of its images starts a phase is
@@ -16,11 +22,12 @@ work with :class:`WorkerStopping`, runs what is queued (without waiting for batc
 ``shutdown_grace_s``, fails the rest and joins the thread; ``begin_drain()`` (at SIGTERM) stops waiting
 for batches to fill while still accepting the requests already on their way.
 
-Failures: a batch whose model call raises fails its requests with :class:`ModelFailed` (503 +
-Retry-After); a device out-of-memory error first splits the batch in two and retries each half
-once. ``health()`` says why the worker cannot serve (None while it can): the model thread ended on
-an unexpected error (its queued requests are answered at once), ``unhealthy_after_failures``
-consecutive failed batches, or a batch running past ``watchdog_batch_s``; ``/readyz`` reports it.
+Failures: a batch whose model call raises (at launch or when its copy is read) fails its requests
+with :class:`ModelFailed` (503 + Retry-After); a device out-of-memory error at launch first splits
+the batch in two and retries each half once. ``health()`` says why the worker cannot serve (None
+while it can): the model thread ended on an unexpected error (its queued requests are answered at
+once), ``unhealthy_after_failures`` consecutive failed batches, or a batch running past
+``watchdog_batch_s``; ``/readyz`` reports it.
 
 Metrics go through :class:`WorkerHooks`; its methods may be called from the worker thread.
 """
@@ -34,13 +41,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from service.batching import Batch, BatchLimits, Counts, Phase, Waiting, plan
 from service.costmodel import CostModel
-from service.engine import HeadItem, Timing
+from service.engine import Timing
+from service.handoff import HeadBatch, HostCopy, Rows
 from service.settings import Settings
 
 log = logging.getLogger("patchlife.worker")
@@ -137,10 +145,25 @@ class _Image:
     pixels: torch.Tensor | None  # [3, H, W] until phase A
     tokens: int                  # tail tokens it holds in the queue (estimate before phase A)
     wait: Waiting
-    item: HeadItem | None = None
+    head: HeadBatch | None = None  # after phase A: its batch's arrays, and its row there
+    row: int = -1
+    budget: Counts = ()
     queue_s: float = 0.0         # both phases so far
     phase_wait_s: float = 0.0    # the last phase only (for the per-phase histogram)
     compute_s: float = 0.0
+
+
+@dataclass(eq=False)
+class _Flight:
+    """A launched batch whose answers have not been read: one part, or two after an OOM split, each
+    (its images in answer order, the engine's handle, host seconds its launch took)."""
+
+    batch: Batch
+    parts: list[tuple[list[_Image], Any, float]]
+    started: float               # worker clock, for the watchdog
+
+    def add(self, images: list[_Image], handle: Any, launch_s: float) -> None:
+        self.parts.append((images, handle, launch_s))
 
 
 def set_torch_threads(threads: int) -> int:
@@ -165,13 +188,17 @@ class ModelEngine(Protocol):
     def head_tokens(self) -> int:
         """Tokens one image costs in phase A (prefix + patches, times the first K blocks)."""
 
-    def head(self, pixels: torch.Tensor, keep_rates: Sequence[float | None]) -> list[HeadItem]: ...
+    @property
+    def asynchronous(self) -> bool:
+        """True when ``head``/``tail`` only queue work and their copies are waited for when read."""
 
-    def tail(self, items: Sequence[HeadItem], counts: Sequence[int]) -> torch.Tensor: ...
+    def head(self, pixels: Sequence[torch.Tensor], keep_rates: Sequence[float | None]) -> HeadBatch:
+        """Phase A for one ``uint8 [3, H, W]`` tensor per image; buckets assigned with the budgets."""
+
+    def tail(self, parts: Sequence[Rows], counts: Sequence[int]) -> HostCopy:
+        """Phase B at ``counts``: probabilities ``[n, K]``, rows in part order."""
 
     def schedule_counts(self, keep_rate: float | None) -> Counts: ...
-
-    def bucket(self, budget: Sequence[int]) -> Counts: ...
 
     def tail_tokens(self, counts: Counts) -> int: ...
 
@@ -194,7 +221,7 @@ class Worker:
         self._head: dict[int, _Image] = {}   # insertion order = arrival order
         self._tail: dict[int, _Image] = {}
         self._queued_tokens = 0
-        self._busy = False
+        self._busy = False                   # a batch is in flight
         self._accepting = False
         self._draining = False
         self._exit = False
@@ -370,19 +397,28 @@ class Worker:
 
     # -- the worker thread -------------------------------------------------------------------
     def _loop(self) -> None:
+        flight: list[_Flight] = []   # launched, answers not read yet (oldest first)
         try:
             set_torch_threads(self.settings.torch_threads)
+            ahead = bool(self.engine.asynchronous)
             while True:
                 with self._cond:
-                    batch, images = self._next_locked()
-                    if batch is None:
+                    batch, images = self._next_locked(block=not flight)
+                    if batch is None and not flight:
                         break
-                    self._busy, self._busy_since = True, self.clock()
+                    if batch is not None and not flight:
+                        self._busy, self._busy_since = True, self.clock()
                 try:
-                    self._run_batch(batch, images)
+                    if batch is not None:
+                        flight.append(self._launch(batch, images))
+                    # A GPU keeps the newest batch in flight while the older one's answers are read.
+                    keep = 1 if ahead and batch is not None else 0
+                    while len(flight) > keep:
+                        self._finish(flight.pop(0))
                 finally:
                     with self._cond:
-                        self._busy, self._busy_since = False, None
+                        self._busy = bool(flight)
+                        self._busy_since = flight[0].started if flight else None
         except BaseException as exc:  # a bug outside the model calls (planning, bookkeeping): never silent
             log.critical("the model thread stopped on an unexpected error", exc_info=exc)
             with self._cond:  # under the lock: a submit either sees it or is answered by _fail_queued
@@ -390,12 +426,12 @@ class Worker:
                 self._accepting = False
             self.hooks.on_model_failure("worker_died")
         finally:
-            self._fail_queued()
+            self._fail_queued([im for f in flight for images, _, _ in f.parts for im in images])
 
-    def _fail_queued(self) -> None:
-        """The thread is ending: answer whatever is still queued (it will not run)."""
+    def _fail_queued(self, in_flight: Sequence[_Image] = ()) -> None:
+        """The thread is ending: answer whatever is still queued or launched (it will not run or be read)."""
         with self._cond:
-            for image in [*self._head.values(), *self._tail.values()]:
+            for image in [*self._head.values(), *self._tail.values(), *in_flight]:
                 if self._fatal is not None:
                     self._fail_locked(image.request, ModelFailed(f"model unavailable: {self._fatal}", 5.0),
                                       "model_error")
@@ -403,38 +439,60 @@ class Worker:
                     self._fail_locked(image.request, WorkerStopping("server shut down before the request ran"),
                                       "shutdown")
 
-    def _run_phase(self, batch: Batch, images: list[_Image]) -> None:
+    def _launch_phase(self, batch: Batch, images: list[_Image]) -> tuple[list[_Image], Any]:
+        """Queue one batch on the engine: (its images in the order of the answer's rows, the handle)."""
         if batch.phase == "head":
-            self._run_head(images)
-        else:
-            assert batch.counts is not None
-            self._run_tail(images, batch.counts)
+            return images, self.engine.head([im.pixels for im in images],  # type: ignore[misc]
+                                            [im.keep_rate for im in images])
+        assert batch.counts is not None
+        parts: dict[int, tuple[HeadBatch, list[int], list[_Image]]] = {}
+        for im in images:  # rows grouped by the head batch they came from: one gather each
+            assert im.head is not None, "every image in phase B went through phase A"
+            parts.setdefault(id(im.head), (im.head, [], []))[1].append(im.row)
+            parts[id(im.head)][2].append(im)
+        ordered = [im for _, _, ims in parts.values() for im in ims]
+        rows = [Rows(hb, torch.tensor(idx)) for hb, idx, _ in parts.values()]
+        return ordered, self.engine.tail(rows, batch.counts)
 
-    def _run_batch(self, batch: Batch, images: list[_Image]) -> None:
-        """Run one planned batch. A device out-of-memory error splits it in two halves, each tried
+    def _launch(self, batch: Batch, images: list[_Image]) -> _Flight:
+        """Launch one planned batch. A device out-of-memory error splits it in two halves, each tried
         once more; any other model error (or a second OOM) fails the requests of what failed."""
+        flight = _Flight(batch, [], self.clock())
+        t0 = self.clock()
         try:
-            self._run_phase(batch, images)
+            flight.add(*self._launch_phase(batch, images), self.clock() - t0)
         except DEVICE_OOM as exc:
             self.hooks.on_model_failure("out_of_memory")
             if len(images) < 2:
                 self._batch_failed(batch, images, exc)
-                return
+                return flight
             log.warning("%s batch of %d images ran out of device memory; retrying it in two halves",
                         batch.phase, len(images))
             _free_device_cache()
             half = len(images) // 2
             for part in (images[:half], images[half:]):
+                t0 = self.clock()
                 try:
-                    self._run_phase(batch, part)
+                    flight.add(*self._launch_phase(batch, part), self.clock() - t0)
                 except Exception as again:  # a model error: answer 503, never end the thread
                     self._batch_failed(batch, part, again)
-                else:
-                    self._batch_succeeded()
         except Exception as exc:  # a model error fails its batch, never the worker
             self._batch_failed(batch, images, exc)
-        else:
-            self._batch_succeeded()
+        return flight
+
+    def _finish(self, flight: _Flight) -> None:
+        """Read each launched part's answer (this waits for its copy) and hand it on."""
+        for images, handle, launch_s in flight.parts:
+            try:
+                if flight.batch.phase == "head":
+                    self._finish_head(images, handle, launch_s)
+                else:
+                    assert flight.batch.counts is not None
+                    self._finish_tail(images, handle, flight.batch.counts, launch_s)
+            except Exception as exc:  # e.g. a device error surfacing when the copy is waited for
+                self._batch_failed(flight.batch, images, exc)
+            else:
+                self._batch_succeeded()
 
     def _batch_succeeded(self) -> None:
         self._failures = 0
@@ -449,8 +507,12 @@ class Worker:
             for image in images:
                 self._fail_locked(image.request, error, "model_error")
 
-    def _next_locked(self) -> tuple[Batch | None, list[_Image]]:
-        """Wait (releasing the lock) until a batch is due; take its images out of the queues."""
+    def _next_locked(self, block: bool = True) -> tuple[Batch | None, list[_Image]]:
+        """Wait (releasing the lock) until a batch is due; take its images out of the queues.
+
+        With ``block`` False (a batch is in flight), return (None, []) at once when nothing is due,
+        and leave batches that are due only because the device would idle (reason ``idle``): it is
+        busy with the batch in flight, whose images the queues do not show yet."""
         while not self._exit:
             now = self.clock()
             next_deadline = self._expire_locked(now)
@@ -458,6 +520,8 @@ class Worker:
                             now, self.limits, self.engine.tail_tokens, drain=self._draining,
                             cost=self.batch_seconds if self.cost.ready else None)
             if isinstance(decision, Batch):
+                if not block and decision.reason == "idle":
+                    break
                 queue = self._head if decision.phase == "head" else self._tail
                 images = [queue[k] for k in decision.keys]
                 for image in images:
@@ -466,41 +530,40 @@ class Worker:
                     image.queue_s += image.phase_wait_s
                 self._depth_changed()
                 return decision, images
+            if not block:
+                break
             wake = [t for t in (decision, next_deadline) if t is not None]
             self._cond.wait(max(0.0, min(wake) - now) if wake else None)
         return None, []
 
-    def _run_head(self, images: list[_Image]) -> None:
-        pixels = torch.stack([im.pixels for im in images])  # type: ignore[misc]
+    def _finish_head(self, images: list[_Image], hb: HeadBatch, launch_s: float) -> None:
         t0 = self.clock()
-        items = self.engine.head(pixels, [im.keep_rate for im in images])
-        compute = self.clock() - t0
+        budgets, buckets = hb.budgets.tolist(), hb.buckets.tolist()  # waits for the plan's copy
+        compute = launch_s + self.clock() - t0
         self._learn("head", len(images), 0, compute)
         self.hooks.on_batch("head", len(images), len(images) * self._head_tokens, None,
                             [im.phase_wait_s for im in images], compute)
         now = self.clock()
+        tail_tokens = self.engine.tail_tokens
         with self._cond:
-            for image, item in zip(images, items, strict=True):
+            for row, (image, budget, bucket) in enumerate(zip(images, budgets, buckets, strict=True)):
                 if image.request.finished:
                     continue
-                bucket = tuple(self.engine.bucket(item.budget))
-                image.pixels, image.item = None, item
+                image.pixels, image.head, image.row, image.budget = None, hb, row, tuple(budget)
                 image.compute_s += compute
-                image.tokens = self.engine.tail_tokens(bucket)
-                image.wait = Waiting(image.wait.key, image.wait.submitted, now, bucket,
-                                     self.engine.tail_tokens(tuple(item.budget)))
+                image.tokens = tail_tokens(tuple(bucket))
+                image.wait = Waiting(image.wait.key, image.wait.submitted, now, tuple(bucket),
+                                     tail_tokens(image.budget))
                 self._tail[image.wait.key] = image
                 self._queued_tokens += image.tokens
             self._depth_changed()
 
-    def _run_tail(self, images: list[_Image], counts: Counts) -> None:
-        items = [im.item for im in images if im.item is not None]
-        assert len(items) == len(images), "every image in phase B went through phase A"
+    def _finish_tail(self, images: list[_Image], copy: HostCopy, counts: Counts, launch_s: float) -> None:
         t0 = self.clock()
-        probs = self.engine.tail(items, counts)
-        compute = self.clock() - t0
+        probs = copy.get()  # waits for the probabilities' copy
+        compute = launch_s + self.clock() - t0
         per_image = self.engine.tail_tokens(counts)
-        needed = sum(self.engine.tail_tokens(tuple(it.budget)) for it in items)
+        needed = sum(self.engine.tail_tokens(im.budget) for im in images)
         merged = sum(1 for im in images if im.wait.bucket != tuple(counts))
         rows = self._learn("tail", len(images), per_image, compute, merged)
         self.hooks.on_batch("tail", len(images), per_image * len(images), "-".join(map(str, counts)),
@@ -511,9 +574,12 @@ class Worker:
             self._rate_tokens_per_s = rate if self._rate_tokens_per_s == 0 else (
                 0.8 * self._rate_tokens_per_s + 0.2 * rate)
         gflops = self.engine.gflops(tuple(counts))
-        for image, item, p in zip(images, items, probs, strict=True):
-            result = ImageResult(p.clone(), item.lives, tuple(item.budget), tuple(counts), gflops,
-                                 item.keep_rate, image.queue_s * 1000.0, (image.compute_s + compute) * 1000.0)
+        for image, p in zip(images, probs, strict=True):
+            hb = image.head
+            assert hb is not None
+            result = ImageResult(p, hb.lives[image.row], image.budget, tuple(counts), gflops,
+                                 hb.keep_rates[image.row], image.queue_s * 1000.0,
+                                 (image.compute_s + compute) * 1000.0)
             self._deliver(image, result)
 
     def _learn(self, phase: Phase, images: int, tokens_per_row: int, seconds: float, merged: int = 0) -> int:

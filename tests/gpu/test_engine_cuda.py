@@ -1,16 +1,19 @@
-"""The engine on CUDA against the same engine on the CPU in float32 (the reference), and CUDA-graph
-replay against eager.
+"""The engine on CUDA against the same engine on the CPU in float32 (the reference), CUDA-graph
+replay against eager, and the launch/wait split the worker overlaps batches with.
 
-Written against the engine contract of issue #9: ``Engine.from_settings(Settings)``; ``preprocess``
-gives uint8 ``[3, H, W]``; ``head(uint8 [B, 3, H, W], keep_rates)``; ``tail(items, counts)`` gives
-CPU float32 probabilities; ``Settings.dtype`` "auto" and ``Settings.cuda_graphs`` "auto" | "off";
-``info()["graphs"]`` has ``enabled``, ``captured`` and ``eager_fallbacks``.
+Written against the engine contract of issue #21: ``Engine.from_settings(Settings)``; ``preprocess``
+gives uint8 ``[3, H, W]``; ``head(uint8 [B, 3, H, W], keep_rates)`` gives a ``HeadBatch`` (tokens on
+the device, lives/budgets/buckets on their way to the host); ``tail([Rows(hb, index)], counts)`` and
+``tail_by_bucket(hb)`` give a ``HostCopy`` of CPU float32 probabilities; ``Settings.dtype`` "auto"
+and ``Settings.cuda_graphs`` "auto" | "off"; ``info()["graphs"]`` has ``enabled``, ``captured`` and
+``eager_fallbacks``.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch
 from PIL import Image
 
 from service.engine import Engine
+from service.handoff import HeadBatch, Rows
 from service.settings import Settings
 
 pytestmark = pytest.mark.gpu
@@ -46,15 +50,40 @@ def pixels_of(engine: Engine, photos: Sequence[Image.Image]) -> torch.Tensor:
     return torch.stack([engine.preprocess(p) for p in photos])
 
 
-def head_all(engine: Engine, pixels: torch.Tensor, rates: Sequence[float | None]) -> list[Any]:
+@dataclass
+class Item:
+    """One image's view of a head batch (for comparisons image by image)."""
+
+    hb: HeadBatch
+    row: int
+
+    @property
+    def budget(self) -> tuple[int, ...]:
+        return tuple(self.hb.budgets[self.row].tolist())
+
+    @property
+    def lives(self) -> torch.Tensor:
+        return self.hb.lives[self.row]
+
+
+def head_all(engine: Engine, pixels: torch.Tensor, rates: Sequence[float | None]) -> list[Item]:
     """``engine.head`` in chunks of at most ``MAX_BATCH`` images, as the worker calls it."""
-    items: list[Any] = []
+    items: list[Item] = []
     for i in range(0, len(rates), MAX_BATCH):
-        items += engine.head(pixels[i : i + MAX_BATCH], list(rates[i : i + MAX_BATCH]))
+        hb = engine.head(pixels[i : i + MAX_BATCH], list(rates[i : i + MAX_BATCH]))
+        items += [Item(hb, r) for r in range(len(hb))]
     return items
 
 
-def common_counts(engine: Engine, items: Sequence[Any]) -> tuple[int, ...]:
+def tail(engine: Engine, items: Sequence[Item], counts: Sequence[int]) -> torch.Tensor:
+    """Phase B for ``items`` (rows of one or more head batches) at ``counts``, read on the host."""
+    parts: dict[int, tuple[HeadBatch, list[int]]] = {}
+    for it in items:
+        parts.setdefault(id(it.hb), (it.hb, []))[1].append(it.row)
+    return engine.tail([Rows(hb, torch.tensor(rows)) for hb, rows in parts.values()], counts).get()
+
+
+def common_counts(engine: Engine, items: Sequence[Item]) -> tuple[int, ...]:
     """One static shape that holds every item: the bucket of the per-stage maximum budget."""
     return tuple(engine.bucket([max(col) for col in zip(*(it.budget for it in items))]))
 
@@ -81,9 +110,10 @@ def test_head_and_tail_on_cuda_match_the_cpu(checkpoints: dict[str, Path], cpu_e
     items_ref, items = head_all(ref, px_ref, RATES), head_all(gpu, px, RATES)
 
     for it, it_ref in zip(items, items_ref, strict=True):
-        assert it.tokens.device.type == "cuda"
+        assert it.hb.tokens.device.type == "cuda"
         assert it.lives.device.type == "cpu" and it.lives.dtype == torch.float32 and tuple(it.lives.shape) == GRID
-        assert it.keep_rate == it_ref.keep_rate and it.gflops > 0
+        assert it.hb.keep_rates[it.row] == it_ref.hb.keep_rates[it_ref.row]
+        assert tuple(it.hb.buckets[it.row].tolist()) == gpu.bucket(it.budget)  # assigned on the device
     lives, lives_ref = torch.stack([it.lives for it in items]), torch.stack([it.lives for it in items_ref])
     assert lives.min() >= K and lives.max() <= L
     assert (lives - lives_ref).abs().mean() <= LIFE_TOL[dtype]
@@ -97,7 +127,7 @@ def test_head_and_tail_on_cuda_match_the_cpu(checkpoints: dict[str, Path], cpu_e
         assert ((budgets - budgets_ref).abs().mean(dim=0) <= BUDGET_TOL[dtype]).all(), (budgets, budgets_ref)
 
     counts = common_counts(ref, items_ref)
-    probs_ref, probs = ref.tail(items_ref, counts), gpu.tail(items, counts)
+    probs_ref, probs = tail(ref, items_ref, counts), tail(gpu, items, counts)
     assert probs.device.type == "cpu" and probs.dtype == torch.float32 and probs.shape == probs_ref.shape
     assert torch.isfinite(probs).all() and torch.allclose(probs.sum(dim=1), torch.ones(len(items)), atol=1e-3)
     assert probs_ref.std(dim=0).max() > 0.05, "the reference barely depends on the image: the check below is void"
@@ -108,9 +138,9 @@ def test_explain_heatmap_from_cuda_lives(checkpoints: dict[str, Path], photos: l
     from service.routes.explain import heatmap_png
 
     gpu = make_engine(checkpoints["calibrated"], device="cuda", dtype="auto", max_batch_size=MAX_BATCH)
-    item = gpu.head(gpu.preprocess(photos[3])[None], [None])[0]
-    assert item.lives.device.type == "cpu" and tuple(item.lives.shape) == GRID
-    png = heatmap_png(photos[3], item.lives, gpu)
+    lives = gpu.head(gpu.preprocess(photos[3])[None], [None]).lives[0]
+    assert lives.device.type == "cpu" and tuple(lives.shape) == GRID
+    png = heatmap_png(photos[3], lives, gpu)
     im = Image.open(io.BytesIO(png))
     assert im.format == "PNG" and im.size[0] > im.size[1] > 64
 
@@ -136,8 +166,8 @@ def test_graph_replay_equals_eager_for_every_captured_shape(graph_pair: tuple[En
     assert len(buckets) >= 2
     for counts in sorted(buckets):
         for b in range(1, MAX_BATCH + 1):
-            graphed.tail(items_g[:b], counts)  # the first call at a shape may capture; the second replays
-            p_graph, p_eager = graphed.tail(items_g[:b], counts), eager.tail(items_e[:b], counts)
+            tail(graphed, items_g[:b], counts)  # the first call at a shape may capture; the second replays
+            p_graph, p_eager = tail(graphed, items_g[:b], counts), tail(eager, items_e[:b], counts)
             assert p_graph.shape == p_eager.shape and p_graph.shape[0] == b
             diff = float((p_graph - p_eager).abs().max())
             assert diff <= GRAPH_TOL, f"graph replay differs from eager by {diff:.4f} at batch {b}, counts {counts}"
@@ -153,14 +183,14 @@ def test_an_uncaptured_batch_shape_falls_back_to_eager(graph_pair: tuple[Engine,
     items_e = head_all(eager, pixels_of(eager, photos), rates)
     counts = eager.bucket(eager.info()["schedule"]["patch_counts"])
 
-    graphed.tail(items_g[:4], counts)  # captured (or replayed) ...
+    tail(graphed, items_g[:4], counts)  # captured (or replayed) ...
     before = graphed.info()["graphs"]["eager_fallbacks"]
-    graphed.tail(items_g[:4], counts)  # ... so the same shape again replays: no fallback
+    tail(graphed, items_g[:4], counts)  # ... so the same shape again replays: no fallback
     assert graphed.info()["graphs"]["eager_fallbacks"] == before
 
     big = MAX_BATCH + 1  # past the largest batch class: no graph holds it
-    p_graph = graphed.tail(items_g[:big], counts)
+    p_graph = tail(graphed, items_g[:big], counts)
     assert graphed.info()["graphs"]["eager_fallbacks"] > before
-    p_eager = eager.tail(items_e[:big], counts)
+    p_eager = tail(eager, items_e[:big], counts)
     assert p_graph.shape == p_eager.shape and p_graph.shape[0] == big
     assert float((p_graph - p_eager).abs().max()) <= GRAPH_TOL

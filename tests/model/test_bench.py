@@ -73,3 +73,13 @@ def test_served_bench_times_the_engine_beside_dense(capsys, tmp_path):
     served = out["variants"][1]
     assert served["ms_per_batch"] > 0 and 0 < served["gflops"] <= out["variants"][0]["gflops"]
     assert out["buckets"] >= 2 and out["buckets_per_batch"] >= 1
+
+
+def test_served_bench_calibrates_a_random_model_so_batches_hold_several_buckets(capsys):
+    assert main(["bench", "--served", "--calibrated", "--backbone", "vit_nano_patch8_32", "--batch-size", "32",
+                 "--rounds", "1", "--warmup", "0", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["normalization"] == "calibrated" and out["buckets_per_batch"] >= 2
+    served, dense = out["variants"][1], out["variants"][0]
+    assert served["ms_per_batch"] > 0 and 0 < served["gflops"] < dense["gflops"]
+    assert main(["bench", "--calibrated", "--backbone", "vit_nano_patch8_32"]) == 2  # --served only

@@ -28,7 +28,7 @@ message="assert 0.2 &lt;= 0.03"/></testcase><testcase classname="tests.gpu.test_
 
 def bench_json(batch: int) -> str:
     dense_ms, served_ms = 2.0 + batch / 10, 1.0 + batch / 20
-    return json.dumps({"variants": [
+    return json.dumps({"buckets_per_batch": 3, "variants": [
         {"name": "dense", "ms_per_batch": dense_ms, "images_per_s": 1e3 * batch / dense_ms, "speedup_vs_dense": 1.0},
         {"name": "served", "ms_per_batch": served_ms, "images_per_s": 1e3 * batch / served_ms,
          "speedup_vs_dense": dense_ms / served_ms}]})
@@ -66,8 +66,9 @@ def test_the_table_from_fake_outputs_shows_numbers_and_failures() -> None:
     fake = FakeRunner()
     checks = run_checks(["tests", "bench", "loadtest"], [1, 16, 64, 256], 10.0, run=fake)
     assert [c.name for c in checks] == ["gpu tests", "bench batch 1", "bench batch 16", "bench batch 64",
-                                        "bench batch 256", "loadtest budget", "loadtest fifo"]
-    assert [c.ok for c in checks] == [False, True, True, True, False, True, False]
+                                        "bench batch 64 calibrated", "bench batch 256",
+                                        "bench batch 256 calibrated", "loadtest budget", "loadtest fifo"]
+    assert [c.ok for c in checks] == [False, True, True, True, True, False, False, True, False]
     by = {c.name: c for c in checks}
     assert by["gpu tests"].result == "15 passed, 1 failed, 1 skipped, 0 errors: test_engine_cuda::test_graph_replay"
     assert by["bench batch 16"].result == "served 1.80 ms/batch, 8889 img/s, 2.00x dense (dense 3.60 ms, 4444 img/s)"
@@ -83,6 +84,8 @@ def test_the_table_from_fake_outputs_shows_numbers_and_failures() -> None:
     assert tests_env["PATCHLIFE_REQUIRE_GPU"] == "1"
     assert fake.calls[1][0][2:] == ["model.cli", "bench", "--served", "--device", "cuda", "--dtype", "auto",
                                     "--batch-size", "1", "--json"]
+    assert fake.calls[4][0][-3:] == ["64", "--json", "--calibrated"]  # beside the per-image row at 64
+    assert by["bench batch 64 calibrated"].result.endswith(", 3 buckets per batch")
     load_argv, load_env, _ = fake.calls[-1]
     assert load_argv[2:] == ["model.cli", "loadtest", "--json", "--modes", "budget,fifo", "--duration", "10",
                              "--clients", "32", "--repeat", "1"]
@@ -94,8 +97,8 @@ def test_the_table_from_fake_outputs_shows_numbers_and_failures() -> None:
     assert lines[0] == "patchlife gpu-check on Fake GPU"
     rows = [ln for ln in lines if ln.startswith("| ")]
     assert len(rows) == 1 + len(checks) and len({len(r) for r in rows}) == 1  # header + one row each, aligned
-    assert re.match(r"\| bench batch 256 +\| FAIL +\| exit 1: torch.OutOfMemoryError", rows[5])
-    assert lines[-1] == "FAILED: gpu tests, bench batch 256, loadtest fifo"
+    assert re.match(r"\| bench batch 256 +\| FAIL +\| exit 1: torch.OutOfMemoryError", rows[6])
+    assert lines[-1] == "FAILED: gpu tests, bench batch 256, bench batch 256 calibrated, loadtest fifo"
 
 
 def test_timeouts_and_unreadable_outputs_are_failures_not_crashes() -> None:
@@ -107,11 +110,13 @@ def test_timeouts_and_unreadable_outputs_are_failures_not_crashes() -> None:
         return Output(2, "", "patchlife loadtest: error: unrecognized arguments: --repeat 1\n", 1.0)
 
     checks = run_checks(["tests", "bench", "loadtest"], [64], 10.0, run=runner)
-    assert [(c.name, c.ok) for c in checks] == [("gpu tests", False), ("bench batch 64", False), ("loadtest", False)]
+    assert [(c.name, c.ok) for c in checks] == [("gpu tests", False), ("bench batch 64", False),
+                                                ("bench batch 64 calibrated", False), ("loadtest", False)]
     assert checks[0].result == "timed out after 300 s"
     assert checks[1].result.startswith("no 'dense' and 'served' variants")
-    assert checks[2].result == "exit 2: patchlife loadtest: error: unrecognized arguments: --repeat 1"
-    assert table(checks, "t").splitlines()[-1] == "FAILED: gpu tests, bench batch 64, loadtest"
+    assert checks[3].result == "exit 2: patchlife loadtest: error: unrecognized arguments: --repeat 1"
+    assert table(checks, "t").splitlines()[-1] == \
+        "FAILED: gpu tests, bench batch 64, bench batch 64 calibrated, loadtest"
     ok = table([gpu_check.Check("bench batch 1", True, "fine", 1.0)], "t")
     assert ok.splitlines()[-1] == "all 1 checks passed"
 

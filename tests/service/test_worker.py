@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from service.engine import HeadItem
+from service.handoff import HeadBatch, HostCopy, Rows
 from service.settings import Settings
 from service.worker import (
     DeadlinePassed,
@@ -30,11 +30,30 @@ from service.worker import (
 STEP = 4
 
 
-class StubEngine:
-    """Budget = f(identity, keep rate); tail returns [identity, keep rate, *counts] as 'probs'."""
+class LoggedCopy(HostCopy):
+    """A host copy that records when the worker reads it (the moment a GPU worker would wait)."""
 
-    def __init__(self, head_s: float = 0.0, tail_s: float = 0.0) -> None:
+    def __init__(self, tensor: torch.Tensor, log: list[tuple[str, str, tuple[int, ...]]], what: str,
+                 idents: tuple[int, ...]) -> None:
+        super().__init__(tensor)
+        self.log, self.what, self.idents = log, what, idents
+
+    def get(self) -> torch.Tensor:
+        self.log.append(("read", self.what, self.idents))
+        return super().get()
+
+
+class StubEngine:
+    """Budget = f(identity, keep rate); tail returns [identity, keep rate, *counts] as 'probs'.
+
+    ``asynchronous``: whether the worker may launch a batch before reading the previous one's copy;
+    ``log`` records launches and reads in order.
+    """
+
+    def __init__(self, head_s: float = 0.0, tail_s: float = 0.0, asynchronous: bool = False) -> None:
         self.head_s, self.tail_s = head_s, tail_s
+        self.asynchronous = asynchronous
+        self.log: list[tuple[str, str, tuple[int, ...]]] = []
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()    # set when a head batch starts (gate tests)
@@ -66,29 +85,39 @@ class StubEngine:
         r = 0.5 if keep_rate is None else keep_rate
         return (int(32 * r) - ident % 7, int(16 * r) - ident % 3)
 
-    def head(self, pixels: torch.Tensor, keep_rates: Sequence[float | None]) -> list[HeadItem]:
+    def head(self, pixels: Sequence[torch.Tensor], keep_rates: Sequence[float | None]) -> HeadBatch:
         self.entered.set()
         self.threads.append(torch.get_num_threads())
         assert self.gate.wait(10), "test gate never opened"
         time.sleep(self.head_s)
-        out = []
+        tokens, budgets = [], []
         for x, r in zip(pixels, keep_rates, strict=True):
             ident = int(x[0, 0, 0])
             if ident == self.fail_on:
                 raise RuntimeError("stub engine failure")
             self.headed.append(ident)
-            lives = torch.full((2, 2), float(ident))
-            out.append(HeadItem(torch.tensor([float(ident), r or 0.0]), lives, self.budget_of(ident, r),
-                                r or 0.5, 0.0))
-        return out
+            tokens.append([float(ident), r or 0.0])
+            budgets.append(self.budget_of(ident, r))
+        idents = torch.tensor(tokens)[:, 0]
+        hb = HeadBatch.of(torch.tensor(tokens), idents.view(-1, 1, 1).expand(-1, 2, 2),
+                          torch.tensor(budgets), torch.tensor([self.bucket(b) for b in budgets]),
+                          [r or 0.5 for r in keep_rates])
+        who = tuple(int(i) for i in idents)
+        self.log.append(("launch", "head", who))
+        hb.plan = LoggedCopy(hb.plan.tensor, self.log, "head", who)
+        return hb
 
-    def tail(self, items: Sequence[HeadItem], counts: Sequence[int]) -> torch.Tensor:
+    def tail(self, parts: Sequence[Rows], counts: Sequence[int]) -> HostCopy:
         time.sleep(self.tail_s)
-        for it in items:  # the counts run must cover every image's budget
-            assert all(c >= b for c, b in zip(counts, it.budget, strict=True))
-        self.tails.append((tuple(counts), [int(it.tokens[0]) for it in items]))
-        rows = [torch.cat([it.tokens, torch.tensor([float(c) for c in counts])]) for it in items]
-        return torch.stack(rows)
+        for part in parts:  # the counts run must cover every image's budget
+            for budget in part.batch.budgets[part.index].tolist():
+                assert all(c >= b for c, b in zip(counts, budget, strict=True))
+        tokens = torch.cat([p.batch.tokens[p.index] for p in parts])
+        who = tuple(int(t[0]) for t in tokens)
+        self.tails.append((tuple(counts), list(who)))
+        self.log.append(("launch", "tail", who))
+        probs = torch.cat([tokens, torch.tensor([[float(c) for c in counts]] * len(tokens))], dim=1)
+        return LoggedCopy(probs, self.log, "tail", who)
 
 
 class Recorder(WorkerHooks):
@@ -137,9 +166,10 @@ async def wait_until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-unt
         await asyncio.sleep(0.002)
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["cpu", "launch-ahead"])
 @pytest.mark.parametrize("mode,waste", [("budget", 0.0), ("budget", 0.25), ("fifo", 0.0), ("unbatched", 0.0)])
-def test_concurrent_requests_get_their_own_results_in_order(mode: str, waste: float) -> None:
-    engine, hooks = StubEngine(head_s=0.002, tail_s=0.002), Recorder()
+def test_concurrent_requests_get_their_own_results_in_order(mode: str, waste: float, asynchronous: bool) -> None:
+    engine, hooks = StubEngine(head_s=0.002, tail_s=0.002, asynchronous=asynchronous), Recorder()
 
     async def main() -> None:
         worker = Worker(engine, settings(batching=mode, max_batch_waste=waste), hooks)
@@ -395,3 +425,33 @@ def test_worker_thread_runs_the_model_with_the_configured_torch_threads() -> Non
     engine = StubEngine()  # 0 leaves torch's default alone
     asyncio.run(one_image(Worker(engine, settings(torch_threads=0))))
     assert engine.threads == [before]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["cpu", "launch-ahead"])
+def test_an_asynchronous_engine_gets_the_next_batch_before_the_worker_waits(asynchronous: bool) -> None:
+    """With head batches of two queued back to back, a GPU worker launches the second head before it
+    reads the first one's copy; on the CPU it reads first (every batch finished before the next)."""
+    engine, hooks = StubEngine(asynchronous=asynchronous), Recorder()
+
+    async def main() -> list[list[ImageResult]]:
+        worker = Worker(engine, settings(max_batch_size=2, max_delay_ms=200), hooks)
+        await worker.start()
+        engine.gate.clear()
+        first = asyncio.create_task(worker.submit(images(1, 2), None, later()))
+        await wait_until(engine.entered.is_set)  # head (1, 2) is launching
+        second = asyncio.create_task(worker.submit(images(3, 4), 0.75, later()))
+        await wait_until(lambda: worker._queued_tokens > 0 and len(worker._head) == 2)
+        engine.gate.set()
+        out = [await first, await second]
+        await worker.stop()
+        return out
+
+    results = asyncio.run(main())
+    assert [[int(r.probs[0]) for r in rs] for rs in results] == [[1, 2], [3, 4]]
+    assert [r.budget for r in results[1]] == [engine.budget_of(i, 0.75) for i in (3, 4)]
+    log = engine.log
+    launch_second, read_first = log.index(("launch", "head", (3, 4))), log.index(("read", "head", (1, 2)))
+    assert (launch_second < read_first) == asynchronous, log
+    assert all(log.count(("read", what, who)) == 1 for kind, what, who in log if kind == "launch"), log
+    assert hooks.done == 4
+

@@ -19,6 +19,7 @@ import torch
 from tiny_models import tiny_checkpoint
 
 from service.engine import Engine
+from service.handoff import Rows
 from service.settings import Settings
 from service.worker import ImageResult, Worker, WorkerHooks
 
@@ -118,10 +119,11 @@ def test_mixed_batches_route_each_answer_to_its_image(engine: Engine, pixels: li
     together = run(engine, mode, reqs, concurrent=True, waste=waste)
     widened = 0
     for (px, rate), results in zip(reqs, together, strict=True):
-        items = engine.head(torch.stack(px), [rate] * len(px))
-        for item, r in zip(items, results, strict=True):
-            assert r.budget == item.budget
+        hb = engine.head(torch.stack(px), [rate] * len(px))
+        for row, (budget, r) in enumerate(zip(hb.budgets.tolist(), results, strict=True)):
+            assert r.budget == tuple(budget)
             assert all(c >= b for c, b in zip(r.counts, engine.bucket(r.budget), strict=True))
             widened += r.counts != engine.bucket(r.budget)
-            torch.testing.assert_close(r.probs, engine.tail([item], r.counts)[0], rtol=0, atol=1e-6)
+            alone = engine.tail([Rows(hb, torch.tensor([row]))], r.counts).get()[0]
+            torch.testing.assert_close(r.probs, alone, rtol=0, atol=1e-6)
     assert widened > 0, "these batches mix budgets, so some images run above their own bucket"

@@ -14,7 +14,7 @@ import torch
 from test_worker import Recorder, StubEngine, images, later, settings, wait_until
 
 import service.worker as worker_mod
-from service.engine import HeadItem
+from service.handoff import HeadBatch
 from service.worker import ModelFailed, Worker
 
 
@@ -27,9 +27,11 @@ class FailureRecorder(Recorder):
         self.failures.append(reason)
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["cpu", "launch-ahead"])
 def test_a_crash_in_planning_answers_every_waiting_request_and_turns_unhealthy(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    engine, hooks = StubEngine(), FailureRecorder()
+        monkeypatch: pytest.MonkeyPatch, asynchronous: bool) -> None:
+    """Launching ahead, the crash comes while request 0's head batch is in flight: it is answered too."""
+    engine, hooks = StubEngine(asynchronous=asynchronous), FailureRecorder()
     engine.gate.clear()  # the first head batch blocks until the crash is armed
     real_plan, armed = worker_mod.plan, threading.Event()
 
@@ -114,9 +116,9 @@ class OomEngine(StubEngine):
         self.fits = fits
         self.head_sizes: list[int] = []
 
-    def head(self, pixels: torch.Tensor, keep_rates: Sequence[float | None]) -> list[HeadItem]:
-        self.head_sizes.append(pixels.shape[0])
-        if pixels.shape[0] > self.fits:
+    def head(self, pixels: Sequence[torch.Tensor], keep_rates: Sequence[float | None]) -> HeadBatch:
+        self.head_sizes.append(len(pixels))
+        if len(pixels) > self.fits:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return super().head(pixels, keep_rates)
 
