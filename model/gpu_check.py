@@ -174,7 +174,8 @@ def check_train(run: Runner, env: dict[str, str]) -> list[Check]:
     history = metrics.get("history", [])
     stages = [h for h in history if "images_per_s" in h]
     evals = {h.get("after"): h for h in history if "after" in h}
-    rows, seconds = [], out.seconds
+    rows: list[Check] = []
+    seconds: float | None = out.seconds  # on the first row only: one subprocess ran them all
     for h in stages:
         after = evals.get(h.get("name"), {})
         top1 = after.get("val_top1_life", after.get("val_top1_dense"))
