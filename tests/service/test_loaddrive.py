@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import shutil
 import threading
@@ -11,6 +10,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from test_loadtest import args  # the tool's parser with overrides
 
 from service import loaddrive, loadmix, loadreport, loadtest
 
@@ -54,15 +54,6 @@ def url() -> Iterator[str]:
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
-
-
-def args(**kw: object) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    loadtest.add_arguments(parser)
-    ns = parser.parse_args([])
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return ns
 
 
 def test_split_shares_out_everything() -> None:
