@@ -135,8 +135,11 @@ def _near_null(directory: Path) -> Path:
 
 def _predict(engine: Any, pixels: torch.Tensor) -> list[tuple[int, tuple[int, ...]]]:
     """(top-1 class, budget) per image, each tail run at the image's own budget as the served path does."""
-    items = engine.head(pixels, [None] * len(pixels))
-    return [(int(engine.tail([it], it.budget)[0].argmax()), it.budget) for it in items]
+    from .handoff import Rows
+
+    hb = engine.head(pixels, [None] * len(pixels))
+    budgets = [tuple(int(c) for c in b) for b in hb.budgets.tolist()]
+    return [(int(engine.tail([Rows(hb, torch.tensor([i]))], b).get()[0].argmax()), b) for i, b in enumerate(budgets)]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
