@@ -36,8 +36,8 @@ chromium:
 	@scripts/apt-best-effort browser "command -v chromium" chromium
 
 lint: $(STAMP)
-	$(BIN)/ruff check model service tests
-	$(BIN)/mypy model service
+	$(BIN)/ruff check model service bench cli tests
+	$(BIN)/mypy model service bench cli
 
 bench: $(STAMP)
 	$(BIN)/patchlife bench --backbone deit_small_patch16_224 --keep-rate 0.7 --batch-size 32

@@ -3,7 +3,7 @@
 web stack), and ``patchlife bench`` never loads training code.
 
 A command is one :class:`Command` row: the module holding ``run(args) -> int`` and where its options
-are defined: a torch-free function (``cli/options.py``) for modules that import torch at the top,
+are defined: a torch-free function (``cli/options.py``, ``model/options.py``) for modules that import torch at the top,
 else the module's own ``add_arguments(parser)``.
 """
 
@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+
+from model import options as method_options  # train and eval: the method's own programs
 
 from . import options
 
@@ -30,9 +32,9 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("service.serve", "run the HTTP service", options.serve),
     "bench": Command("bench.speed", "time dense vs LifeViT vs oracle truncation vs attention top-k",
                      options.bench),
-    "train": Command("model.training.train", "two-stage life-regression training", options.train),
+    "train": Command("model.training.train", "two-stage life-regression training", method_options.train),
     "eval": Command("model.evaluation.evaluate", "accuracy/GFLOPs/speed table against random and top-k token choice",
-                    options.evaluate),
+                    method_options.evaluate),
     "ensure-default": Command("model.training.default_model", "train the embedded default model if it is missing"),
     "loadtest": Command("bench.loadtest", "closed-loop load test: budget vs FIFO vs unbatched"),
     "bench-overhead": Command("bench.overhead", "single-request overhead of the service vs batch-1 compute",

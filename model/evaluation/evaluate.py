@@ -27,15 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cli.options import EVAL_KEEP_RATES as KEEP_RATES
-from cli.options import evaluate as add_arguments  # noqa: F401  (torch-free, for --help)
-
 from ..baselines import random_forward, topk_forward
 from ..checkpoint import CONFIG_FILE, DEFAULT_CHECKPOINT, LifeViTConfig, load_checkpoint
 from ..device import resolve_device
 from ..flops import dense_gflops, slimmed_gflops
 from ..life import Normalization
 from ..lifevit import LifeViT
+from ..options import EVAL_KEEP_RATES as KEEP_RATES
+from ..options import evaluate as add_arguments  # noqa: F401  (torch-free, for --help)
 from ..schedule import BucketGrid
 from ..training.data import DataConfigError, DataSplit, SyntheticShapes, folder_splits, synthetic_splits
 from .bench import topk_gflops

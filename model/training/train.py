@@ -30,11 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cli.options import train as add_arguments  # torch-free, for --help; re-exported for main()
-
 from ..checkpoint import save_checkpoint
 from ..device import resolve_device
 from ..lifevit import LifeViT
+from ..options import train as add_arguments  # torch-free, for --help; re-exported for main()
 from ..schedule import host_to_device
 from .data import TASK_DESCRIPTION, DataSplit
 from .setup import (

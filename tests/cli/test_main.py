@@ -11,13 +11,13 @@ import time
 import pytest
 from ops_support import REPO
 
-from model import cli
+from cli import main as cli
 from model.layout import DEFAULT_CHECKPOINT, METRICS_FILE
 
 HEAVY = ("torch", "timm", "fastapi", "uvicorn")
 IMPORTED_BY_HELP = """
 import sys
-from model import cli
+from cli import main as cli
 for name in cli.COMMANDS:
     cli.parser_for(name).format_help()
 print(",".join(sorted(m for m in {heavy} if m in sys.modules)))
