@@ -100,8 +100,11 @@ class ModelUnavailable(ApiError):
 
 
 class NotReady(ApiError):
-    """The model is still loading or warming up."""
+    """The model is still loading or warming up: ``Retry-After: 1`` unless the caller says otherwise."""
     status, code = 503, "not_ready"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "1", **(headers or {})})
 
 
 class Overloaded(ApiError):

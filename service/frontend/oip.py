@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..runtime.worker import ImageResult
+from ..protocol import ImageResult
 from .errors import ApiError, BadImage, InvalidRequest, TooLarge, TooManyImages, TooManyPixels, invalid_json
 from .numbers import parse_int
 from .upload import RawImage, UploadLimits, _from_base64

@@ -45,10 +45,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:
-    from service.settings import Settings
+from service.settings import Settings
 
 Mode = Literal["budget", "fifo", "unbatched"]
 Phase = Literal["head", "tail"]
@@ -58,16 +57,19 @@ Counts = tuple[int, ...]
 BatchCost = Callable[[Phase, int, "Counts | None"], float]
 
 
+_DEFAULT = {name: field.default for name, field in Settings.model_fields.items()}  # one home: the settings
+
+
 @dataclass(frozen=True)
 class BatchLimits:
-    """The knobs of the policy (from :class:`service.settings.Settings`)."""
+    """The knobs of the policy (from :class:`service.settings.Settings`, whose defaults these are)."""
 
-    max_batch_size: int = 32
-    max_delay_s: float = 0.010
-    max_batch_tokens: int = 200_000
-    mode: Mode = "budget"
-    max_waste: float = 0.10
-    work_conserving: bool = False  # run the oldest batch rather than leave the device idle
+    max_batch_size: int = _DEFAULT["max_batch_size"]
+    max_delay_s: float = _DEFAULT["max_delay_ms"] / 1000.0
+    max_batch_tokens: int = _DEFAULT["max_batch_tokens"]
+    mode: Mode = _DEFAULT["batching"]
+    max_waste: float = _DEFAULT["max_batch_waste"]
+    work_conserving: bool = _DEFAULT["work_conserving"]  # run the oldest batch rather than leave the device idle
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_batch_tokens < 1 or self.max_delay_s < 0 or self.max_waste < 0:

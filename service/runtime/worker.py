@@ -45,6 +45,7 @@ from typing import Any, Protocol
 
 import torch
 
+from service.protocol import DeadlinePassed, ImageResult, ModelFailed, QueueFull, WorkerStopping
 from service.runtime.batching import Batch, BatchLimits, Counts, Phase, Waiting, plan
 from service.runtime.costmodel import CostModel
 from service.runtime.engine import Timing
@@ -52,47 +53,6 @@ from service.runtime.handoff import HeadBatch, HostCopy, Rows
 from service.settings import Settings
 
 log = logging.getLogger("patchlife.worker")
-
-
-@dataclass
-class ImageResult:
-    probs: torch.Tensor          # [num_classes] float32 CPU
-    lives: torch.Tensor          # [rows, cols] float32 CPU, layer units
-    budget: tuple[int, ...]      # the image's own patch counts per stage
-    counts: tuple[int, ...]      # the counts its phase-B batch actually ran at (>= budget)
-    gflops: float                # GFLOPs of the image at `counts`
-    keep_rate: float
-    queue_ms: float              # total time waiting in queues (phase A + phase B)
-    compute_ms: float            # wall time of the phase-A batch + the phase-B batch it ran in
-
-
-class WorkerError(Exception):
-    """Why the worker could not answer a request; the routes turn each into its API error
-    (:mod:`service.frontend.errors`: 503 overloaded / shutting down / model unavailable, 504)."""
-
-
-class QueueFull(WorkerError):
-    """The queue is full; try again in ``retry_after_s`` seconds (503 + Retry-After)."""
-
-    def __init__(self, retry_after_s: float, message: str = "") -> None:
-        super().__init__(message or f"server overloaded; retry after {retry_after_s:.1f} s")
-        self.retry_after_s = retry_after_s
-
-
-class DeadlinePassed(WorkerError):
-    """The request's deadline passed before its work started (504)."""
-
-
-class WorkerStopping(WorkerError):
-    """The worker is stopping and accepts no new work (503)."""
-
-
-class ModelFailed(WorkerError):
-    """The model failed this request's batch, or the model thread is down (503 + Retry-After)."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 # torch >= 2.5 names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class there.

@@ -18,10 +18,11 @@ import torch
 from fastapi import Depends, Header, Query, Request
 from PIL import Image
 
+from ... import protocol
 from ...metrics import Metrics
-from ...runtime import worker as worker_mod
+from ...protocol import ImageResult
 from ...runtime.engine import Engine
-from ...runtime.worker import ImageResult, Worker
+from ...runtime.worker import Worker
 from ...settings import Settings
 from ..bodyread import DEADLINE_KEY
 from ..context import ARRIVAL_KEY, InFlight
@@ -74,7 +75,7 @@ class Runtime:
         if not self.ready or self.engine is None or self.worker is None:
             msg = f"model failed to start: {self.startup_error}" if self.startup_error else \
                 "model is loading or warming up; retry shortly"
-            raise NotReady(msg, headers={"Retry-After": "1"})
+            raise NotReady(msg)
         problem = self.worker.health()
         if problem is not None:
             raise NotReady(f"model unavailable: {problem}", headers={"Retry-After": "5"})
@@ -88,7 +89,7 @@ class Runtime:
             raise ShuttingDown("server is shutting down; retry on another instance")
         if not self.ready or self.engine is None or self.worker is None:
             raise NotReady("model is loading or warming up; retry shortly" if self.startup_error is None else
-                           f"model failed to start: {self.startup_error}", headers={"Retry-After": "1"})
+                           f"model failed to start: {self.startup_error}")
         return self.engine, self.worker
 
     def clock(self) -> Callable[[], float]:
@@ -282,14 +283,14 @@ async def run_model(request: Request | None, worker: Worker, pixels: list[torch.
         raise ClientDisconnected("client disconnected before the answer was ready")
     try:
         return submit.result()
-    except worker_mod.QueueFull as exc:
+    except protocol.QueueFull as exc:
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         raise Overloaded(str(exc), headers={"Retry-After": retry}) from None
-    except worker_mod.DeadlinePassed as exc:
+    except protocol.DeadlinePassed as exc:
         raise DeadlineExceeded(f"{exc} ({DEADLINE_HEADER} or PATCHLIFE_DEADLINE_MS)") from None
-    except worker_mod.WorkerStopping as exc:
+    except protocol.WorkerStopping as exc:
         raise ShuttingDown(str(exc)) from None
-    except worker_mod.ModelFailed as exc:
+    except protocol.ModelFailed as exc:
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         raise ModelUnavailable(str(exc), headers={"Retry-After": retry}) from None
 

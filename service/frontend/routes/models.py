@@ -15,7 +15,7 @@ router = APIRouter(tags=["models"])
             summary="The served model and what it recognises")
 async def models(rt: RuntimeDep) -> ModelInfo:
     if rt.engine is None:
-        raise NotReady("model is loading", headers={"Retry-After": "1"})
+        raise NotReady("model is loading")
     info = rt.engine.info()
     info["batching"] = {"bucket_grid": info.pop("buckets"), "mode": rt.settings.batching,
                         "cost_model": rt.worker.cost.describe() if rt.worker is not None else None}

@@ -98,7 +98,7 @@ def read_examples(checkpoint: Path) -> list[dict[str, Any]]:
 
 def _checkpoint(rt: Runtime) -> Path:
     if rt.engine is None:
-        raise NotReady("model is loading", headers={"Retry-After": "1"})
+        raise NotReady("model is loading")
     return Path(rt.engine.checkpoint)
 
 

@@ -23,8 +23,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from PIL import Image
 
+from ...protocol import ImageResult
 from ...runtime.engine import Engine
-from ...runtime.worker import ImageResult, Worker
+from ...runtime.worker import Worker
 from .. import oip, triton
 from ..decode import limit_aspect
 from ..errors import ApiError, NotReady, RequestTooManyPixels
@@ -61,7 +62,7 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown mod
 def served_engine(rt: Runtime, name: str, version: str | None = None) -> Engine:
     """The engine, if ``name`` (and ``version``) is the served model: 404 otherwise, 503 while loading."""
     if rt.engine is None:
-        raise NotReady("model is loading", headers={"Retry-After": "1"})
+        raise NotReady("model is loading")
     if name != rt.engine.name or version not in (None, oip.VERSION):
         served = f"{rt.engine.name!r} version {oip.VERSION!r}"
         raise oip.ModelNotFound(f"unknown model {name!r}" + (f" version {version!r}" if version else "")
@@ -88,7 +89,7 @@ async def live() -> dict[str, bool]:
 async def ready(rt: RuntimeDep) -> dict[str, bool]:
     reason = not_ready_reason(rt)
     if reason:  # not rt.serving(): that would count a readiness poll during drain as a rejected request
-        raise NotReady(reason, headers={"Retry-After": "1"})
+        raise NotReady(reason)
     return {"ready": True}
 
 
@@ -130,7 +131,7 @@ async def model_ready(rt: RuntimeDep, name: str, version: str | None = None) -> 
     served_engine(rt, name, version)
     reason = not_ready_reason(rt)
     if reason:
-        raise NotReady(reason, headers={"Retry-After": "1"})
+        raise NotReady(reason)
     return {"name": name, "ready": True}
 
 

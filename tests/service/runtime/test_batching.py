@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from service.runtime.batching import Batch, BatchCost, BatchLimits, Waiting, max_counts, plan
+from service.settings import Settings
 
 Counts = tuple[int, ...]
 A: Counts = (48, 40, 32)
@@ -84,7 +85,7 @@ def test_token_limit_caps_the_batch_and_flushes_it() -> None:
 
 def test_oldest_due_bucket_goes_before_newer_full_buckets() -> None:
     """No starvation: a rare bucket past its delay runs before full buckets of newer images."""
-    lim = BatchLimits(max_batch_size=2, max_delay_s=0.010)
+    lim = BatchLimits(max_batch_size=2, max_delay_s=0.010, max_waste=0.10)
     q = tail_q((1.000, B), (1.005, A), (1.006, A), (1.007, C), (1.008, C))
     head = head_q(1.008)
     batch = plan(head, q, 1.010, lim, cost)
@@ -383,3 +384,8 @@ def test_simulation_with_costs_runs_every_image_once_and_never_starves(fixed: fl
                                                 for bk in own), "the counts run cover every image"
     # Every wait is bounded by the delay plus the batches older than it (here a few 2 ms batches).
     assert max(max(w) for w in waits.values()) <= limits.max_delay_s + 4 * 0.002 + 1e-9
+
+
+def test_the_policys_defaults_are_the_settings_defaults() -> None:
+    """One home for each default: ``BatchLimits()`` is what the service runs with when nothing is set."""
+    assert BatchLimits() == BatchLimits.from_settings(Settings.model_construct())

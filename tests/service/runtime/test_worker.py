@@ -15,16 +15,9 @@ from typing import Any
 import pytest
 import torch
 
+from service.protocol import DeadlinePassed, ImageResult, ModelFailed, QueueFull, WorkerStopping
 from service.runtime.handoff import HeadBatch, HostCopy, Rows
-from service.runtime.worker import (
-    DeadlinePassed,
-    ImageResult,
-    ModelFailed,
-    QueueFull,
-    Worker,
-    WorkerHooks,
-    WorkerStopping,
-)
+from service.runtime.worker import Worker, WorkerHooks
 from service.settings import Settings
 
 STEP = 4

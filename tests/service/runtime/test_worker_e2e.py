@@ -18,9 +18,10 @@ import pytest
 import torch
 from tiny_models import tiny_checkpoint
 
+from service.protocol import ImageResult
 from service.runtime.engine import Engine
 from service.runtime.handoff import Rows
-from service.runtime.worker import ImageResult, Worker, WorkerHooks
+from service.runtime.worker import Worker, WorkerHooks
 from service.settings import Settings
 
 RATES = (None, 0.5, 0.9, None, 0.7)

@@ -14,8 +14,9 @@ import torch
 from test_worker import Recorder, StubEngine, images, later, settings, wait_until
 
 import service.runtime.worker as worker_mod
+from service.protocol import ModelFailed
 from service.runtime.handoff import HeadBatch
-from service.runtime.worker import ModelFailed, Worker
+from service.runtime.worker import Worker
 
 
 class FailureRecorder(Recorder):
