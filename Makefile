@@ -36,8 +36,8 @@ chromium:
 	@scripts/apt-best-effort browser "command -v chromium" chromium
 
 lint: $(STAMP)
-	$(BIN)/ruff check model service tests
-	$(BIN)/mypy model service
+	$(BIN)/ruff check model service bench cli tests
+	$(BIN)/mypy model service bench cli
 
 bench: $(STAMP)
 	$(BIN)/patchlife bench --backbone deit_small_patch16_224 --keep-rate 0.7 --batch-size 32
@@ -48,7 +48,7 @@ bench: $(STAMP)
 # options on (e.g. GPU_CHECK_ARGS="--json" or "--parts bench,loadtest").
 ifeq ($(NO_INSTALL),1)
 gpu-check:
-	PYTHONPATH=. $(PYTHON) -m model.cli gpu-check $(GPU_CHECK_ARGS)
+	PYTHONPATH=. $(PYTHON) -m cli gpu-check $(GPU_CHECK_ARGS)
 else
 gpu-check: $(STAMP)
 	$(BIN)/patchlife gpu-check $(GPU_CHECK_ARGS)
@@ -57,8 +57,8 @@ endif
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
-# The gRPC messages of the Open Inference Protocol (service/grpc/grpc_service.proto), generated once and
-# checked in so that installing patchlife needs no protoc (tests/service/test_grpc_proto.py checks they agree).
+# The gRPC messages of the Open Inference Protocol (service/frontend/grpc/grpc_service.proto), generated once and
+# checked in so that installing patchlife needs no protoc (tests/service/frontend/test_grpc_proto.py checks they agree).
 .PHONY: grpc-stubs
 grpc-stubs: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. service/grpc/grpc_service.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. service/frontend/grpc/grpc_service.proto

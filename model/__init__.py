@@ -1,6 +1,6 @@
 """patchlife's model: life-regression patch slimming on timm ViT/DeiT backbones.
 
-The names below load on first use (PEP 562), so that ``import model.cli`` and the commands'
+The names below load on first use (PEP 562), so that ``import cli.main`` and the commands'
 ``--help`` never import torch.
 """
 

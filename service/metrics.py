@@ -23,8 +23,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .costmodel import CostModel
-from .worker import ImageResult, WorkerHooks
+from .protocol import ImageResult
+from .runtime.costmodel import CostModel
+from .runtime.worker import WorkerHooks
 
 # Text exposition format 0.0.4: understood by every Prometheus (the client's default now says 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -1,89 +1,55 @@
-"""uvicorn's httptools protocol with the timeouts a slow or silent client needs, below the ASGI app.
+"""What crosses between the front end and the runtime: plain records and the runtime's refusals.
 
-* A new connection that sends nothing for ``PATCHLIFE_KEEPALIVE_TIMEOUT_S`` is closed, like one kept
-  alive after an answer (uvicorn's own ``timeout_keep_alive`` only starts after a first answer).
-* A request's headers must be complete within ``PATCHLIFE_READ_TIMEOUT_S`` of its first byte
-  (slowloris): past it the client gets a JSON 408 with ``Connection: close``. Body reads are timed in
-  the app (``service/bodyread.py``), where the deadline and the drain are known.
-
-``timed_protocol(settings)`` returns the class to pass as ``uvicorn.Config(http=...)``. The connections
-it made know when they were accepted or last answered and whether a request is in progress: the
-shutdown drain uses that to answer connections whose client may be sending a request at that moment.
+The front end (``service/frontend/``) reads these and never the worker's module; the runtime
+(``service/runtime/worker.py``) makes them. Torch is named only for type checking: an
+:class:`ImageResult` carries CPU tensors in this in-process transport.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-from .settings import Settings
-
-log = logging.getLogger("patchlife.protocol")
+if TYPE_CHECKING:
+    import torch
 
 
-def _timeout_answer() -> bytes:
-    body = json.dumps({"error": {"code": "request_timeout", "message": "request headers not complete in time "
-                                                                       "(PATCHLIFE_READ_TIMEOUT_S)"}}).encode()
-    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+@dataclass
+class ImageResult:
+    probs: torch.Tensor          # [num_classes] float32 CPU
+    lives: torch.Tensor          # [rows, cols] float32 CPU, layer units
+    budget: tuple[int, ...]      # the image's own patch counts per stage
+    counts: tuple[int, ...]      # the counts its phase-B batch actually ran at (>= budget)
+    gflops: float                # GFLOPs of the image at `counts`
+    keep_rate: float
+    queue_ms: float              # total time waiting in queues (phase A + phase B)
+    compute_ms: float            # wall time of the phase-A batch + the phase-B batch it ran in
 
 
-class TimedHttpProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol plus the idle timer of a new connection and the header timer of each request."""
-
-    read_timeout_s: float = 10.0
-    idle_timeout_s: float = 5.0
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.accepted_at = self.answered_at = self.loop.time()
-        self._header_timer: asyncio.TimerHandle | None = None
-        # the same handle uvicorn uses between requests: data_received cancels it
-        self.timeout_keep_alive_task = self.loop.call_later(self.idle_timeout_s, self.timeout_keep_alive_handler)
-
-    def on_response_complete(self) -> None:
-        self.answered_at = self.loop.time()
-        super().on_response_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
-        super().connection_lost(exc)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._cancel_header_timer()
-        self._header_timer = self.loop.call_later(self.read_timeout_s, self._headers_timed_out)
-
-    def on_headers_complete(self) -> None:
-        self._cancel_header_timer()
-        super().on_headers_complete()
-
-    def _cancel_header_timer(self) -> None:
-        timer = getattr(self, "_header_timer", None)
-        if timer is not None:
-            timer.cancel()
-            self._header_timer = None
-
-    def _headers_timed_out(self) -> None:
-        self._header_timer = None
-        if self.transport.is_closing():
-            return
-        log.info("request headers from %s not complete after %.1f s: 408", self.client, self.read_timeout_s)
-        self.transport.write(_timeout_answer())
-        self.transport.close()
-
-    def expecting_request(self, within_s: float) -> bool:
-        """Open, no request in progress, and accepted or last answered (kept alive) less than ``within_s``
-        ago: its client may be sending a request right now, which a close would reset."""
-        idle = self.cycle is None or self.cycle.response_complete
-        recent = self.loop.time() - self.answered_at < within_s
-        return idle and recent and not self.transport.is_closing()
+class WorkerError(Exception):
+    """Why the worker could not answer a request; the routes turn each into its API error
+    (:mod:`service.frontend.errors`: 503 overloaded / shutting down / model unavailable, 504)."""
 
 
-def timed_protocol(settings: Settings) -> type[TimedHttpProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)`` with ``settings``' timeouts."""
-    return type("PatchlifeHttpProtocol", (TimedHttpProtocol,), {
-        "read_timeout_s": settings.read_timeout_s, "idle_timeout_s": settings.keepalive_timeout_s})
+class QueueFull(WorkerError):
+    """The queue is full; try again in ``retry_after_s`` seconds (503 + Retry-After)."""
+
+    def __init__(self, retry_after_s: float, message: str = "") -> None:
+        super().__init__(message or f"server overloaded; retry after {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlinePassed(WorkerError):
+    """The request's deadline passed before its work started (504)."""
+
+
+class WorkerStopping(WorkerError):
+    """The worker is stopping and accepts no new work (503)."""
+
+
+class ModelFailed(WorkerError):
+    """The model failed this request's batch, or the model thread is down (503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -18,10 +18,10 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from .app import begin_shutdown, create_app, drain, load_engine
-from .context import configure_logging
-from .protocol import TimedHttpProtocol, timed_protocol
-from .routes.common import Runtime
+from .frontend.app import begin_shutdown, create_app, drain, load_engine
+from .frontend.context import configure_logging
+from .frontend.http_protocol import TimedHttpProtocol, timed_protocol
+from .frontend.routes.common import Runtime
 from .settings import Settings
 
 
@@ -34,7 +34,7 @@ class _Server(uvicorn.Server):
     finish within ``shutdown_grace_s`` (what the worker still holds then is answered 503, and so is a
     request still uploading); the connections in the listen backlog are accepted and answered; only
     then does uvicorn's own shutdown close the listener and the idle connections. Every answer that
-    closes a connection waits for the unread rest of its body (``service/bodyread.py``), so every
+    closes a connection waits for the unread rest of its body (``service/frontend/bodyread.py``), so every
     connection that was accepted gets an answer it can read, and the drain and the stop grace do not
     add up. The command
     then exits 0 (uvicorn alone would re-raise the signal and end with 143). A second signal starts
@@ -131,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(settings, engine)
     # log_config=None: uvicorn's loggers go through our handler (format, X-Request-ID). Our drain has
     # already waited for the requests in flight, so uvicorn's own graceful timeout only covers stragglers.
-    # The protocol class adds the header and idle timeouts (service/protocol.py); timeout_keep_alive is the
-    # same idle limit between requests.
+    # The protocol class adds the header and idle timeouts (service/frontend/http_protocol.py);
+    # timeout_keep_alive is the same idle limit between requests.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             log_config=None, timeout_graceful_shutdown=5, http=timed_protocol(settings),
                             timeout_keep_alive=settings.keepalive_timeout_s)  # type: ignore[arg-type]  # a float works

@@ -31,8 +31,8 @@ class Settings(BaseSettings):
                             "(1, 2, 4, ... max_batch_size) and for the tail at each (bucket, class); batches are "
                             "padded up to their class and other shapes run eagerly. off: always eager.")
     decode: Literal["auto", "cpu", "gpu"] = Field(
-        "auto", description="Where JPEGs are decoded and preprocessed. gpu: in batches with nvJPEG on the model's "
-                            "CUDA device (service/gpu_decode.py; other formats and refused JPEGs on the CPU, per "
+        "auto", description="Where JPEGs are decoded and preprocessed. gpu: in batches with nvJPEG on the model's CUDA"
+                            " device (service/frontend/gpu_decode.py; other formats and refused JPEGs on the CPU, per "
                             "image); needs CUDA, refused with device=cpu. cpu: libjpeg-turbo/Pillow in the request "
                             "handler. auto: gpu when the model runs on CUDA. Until the model runs in a process of its "
                             "own (the API-process hand-off), the service decodes on the CPU whatever this says.")
@@ -64,7 +64,8 @@ class Settings(BaseSettings):
                                       "memory of decoding (4 bytes a pixel, 320 MB by default). Each image holds "
                                       "what its decode costs, from its header: width x height times the bytes per "
                                       "pixel of its mode (about 2x an RGB pixel for 16-bit grey, 3x for float, 5x "
-                                      "with alpha; service/decode_budget.py); a larger image holds the whole budget. "
+                                      "with alpha; service/frontend/decode_budget.py); a larger image holds the whole "
+                                      "budget. "
                                       "An image waits for room in arrival order.")
     decode_wait_ms: float = Field(
         10_000, gt=0, description="Longest an image waits for room to decode (PATCHLIFE_MAX_DECODE_PIXELS) "

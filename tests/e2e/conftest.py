@@ -79,7 +79,7 @@ def service(chromium_path: str, example_checkpoint: Path,
            "PATCHLIFE_GRPC_PORT": "0", "PATCHLIFE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
            "PATCHLIFE_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "model.cli", "serve"], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         yield Service(proc, f"http://127.0.0.1:{port}", log)

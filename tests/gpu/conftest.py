@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from model import create_lifevit, save_checkpoint
-from model.data import synthetic_class_names
+from model.training.data import synthetic_class_names
 
 CLASSES = synthetic_class_names()  # so `patchlife eval --synthetic` accepts the checkpoints
 BACKBONE = "vit_micro_patch8_64"  # 8x8 patches, 12 blocks (stages at 4/7/10), 64x64 input

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import create_lifevit
 from model.lifevit import LifeViT
-from model.train import RunState, Stage, TrainContext, add_arguments, run_stage, trainable_parameters
+from model.training.train import RunState, Stage, TrainContext, add_arguments, run_stage, trainable_parameters
 
 pytestmark = pytest.mark.gpu
 

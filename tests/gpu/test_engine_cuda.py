@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.engine import Engine
-from service.handoff import HeadBatch, Rows
+from service.runtime.engine import Engine
+from service.runtime.handoff import HeadBatch, Rows
 from service.settings import Settings
 
 pytestmark = pytest.mark.gpu
@@ -135,7 +135,7 @@ def test_head_and_tail_on_cuda_match_the_cpu(checkpoints: dict[str, Path], cpu_e
 
 
 def test_explain_heatmap_from_cuda_lives(checkpoints: dict[str, Path], photos: list[Image.Image]) -> None:
-    from service.routes.explain import heatmap_png
+    from service.frontend.routes.explain import heatmap_png
 
     gpu = make_engine(checkpoints["calibrated"], device="cuda", dtype="auto", max_batch_size=MAX_BATCH)
     lives = gpu.head(gpu.preprocess(photos[3])[None], [None]).lives[0]

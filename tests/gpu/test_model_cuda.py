@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from model import load_checkpoint
-from model.data import synthetic_splits
-from model.evaluate import add_arguments as eval_arguments
-from model.evaluate import run as eval_run
+from model.evaluation.evaluate import add_arguments as eval_arguments
+from model.evaluation.evaluate import run as eval_run
 from model.lifevit import LifeViT
 from model.schedule import host_to_device
-from model.train import RunState, Stage, StageRunner, TrainContext, _Meter, add_arguments, main, run_stage
-from model.train_setup import build_model
+from model.training.data import synthetic_splits
+from model.training.setup import build_model
+from model.training.train import RunState, Stage, StageRunner, TrainContext, _Meter, add_arguments, main, run_stage
 
 pytestmark = pytest.mark.gpu
 

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import torch
 
-from service.engine import Engine
-from service.handoff import HeadBatch, HostCopy, Rows
+from service.runtime.engine import Engine
+from service.runtime.handoff import HeadBatch, HostCopy, Rows
+from service.runtime.worker import Worker
 from service.settings import Settings
-from service.worker import Worker
 
 pytestmark = pytest.mark.gpu
 

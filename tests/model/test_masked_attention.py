@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from model import create_lifevit
 from model import lifevit as lifevit_module
 from model.lifevit import LifeViT
-from model.train import Stage, StageRunner, add_arguments, trainable_parameters
+from model.training.train import Stage, StageRunner, add_arguments, trainable_parameters
 
 
 @dataclass

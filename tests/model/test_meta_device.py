@@ -27,7 +27,7 @@ from model import create_lifevit
 from model.baselines import oracle_forward, random_forward, topk_forward
 from model.lifevit import LifeViT
 from model.schedule import round_up_budget
-from model.train import STAGES, Stage, StageRunner, add_arguments, make_optimizer, trainable_parameters
+from model.training.train import STAGES, Stage, StageRunner, add_arguments, make_optimizer, trainable_parameters
 
 META = torch.device("meta")
 B = 3

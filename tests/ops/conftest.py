@@ -19,7 +19,7 @@ import pytest
 from ops_support import DASHBOARD, N_IMAGES, REPO, Query, dashboard_queries
 from PIL import Image
 
-from service.child import ServeChild, serve_child
+from bench.child import ServeChild, serve_child
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +70,7 @@ def grpc_target(service: ServeChild) -> str:
 @pytest.fixture(scope="session")
 def pixels() -> np.ndarray:
     """20 synthetic task images, ``[20, 64, 64, 3]`` uint8."""
-    from model.data import render_synthetic
+    from model.training.data import render_synthetic
 
     images, _ = render_synthetic(seed=7, indices=range(N_IMAGES), size=64)
     return images.permute(0, 2, 3, 1).contiguous().numpy()

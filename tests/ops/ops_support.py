@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.child import free_port, stop  # noqa: F401 - free_port re-exported for the ops and e2e tests
+from bench.child import free_port, stop  # noqa: F401 - free_port re-exported for the ops and e2e tests
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "patchlife.json"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from ops_support import N_IMAGES, REPO
 
-from service.child import serve_child, stop
+from bench.child import serve_child, stop
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from ops_support import REPO
 
-from service.perf_inputs import input_data
+from bench.perf_inputs import input_data
 
 MODEL = "ops-tiny"
 WRAPPER = REPO.parent / "shared" / "tools" / "perf-analyzer"

@@ -1,7 +1,7 @@
 """Open Inference Protocol v2 through clients nobody here wrote, against a real ``patchlife serve``.
 
 ``tritonclient[http]`` (Triton's Python client; binary tensor data by default) and the ``kserve`` SDK's
-REST client send 20 synthetic images (tests/ops/conftest.py: model.data's renderer, PNG-encoded, and the same
+REST client send 20 synthetic images (tests/ops/conftest.py: model.training.data's renderer, PNG-encoded, and the same
 pixels raw as UINT8) and must get the same top-1 labels as ``/classify`` on the same files; metadata, readiness and
 errors go through the clients' own calls. Each client skips with the reason when it is not installed
 (both are in the ``dev`` extra).

@@ -15,7 +15,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.child import ServeChild, serve_child
+from bench.child import ServeChild, serve_child
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]  # of the test checkpoint
@@ -149,7 +149,7 @@ class _Log:
 @contextlib.contextmanager
 def serve_process(checkpoint: Path, env: dict[str, str] | None = None, timeout: float = 180.0,
                   log_level: str = "warning") -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``patchlife serve`` (:func:`service.child.serve_child`) on the CPU with one warm-up batch; yields
+    """``patchlife serve`` (:func:`bench.child.serve_child`) on the CPU with one warm-up batch; yields
     the process (``proc.stderr.read()`` gives its whole log) and its base URL."""
     full_env = {"PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_WARMUP_BATCHES": "1", **(env or {})}
     args = ["--checkpoint", str(checkpoint), "--log-level", log_level]

@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from service_support import encode, photo, serve_process
 
-from service import oip
+from service.frontend import oip
 
 PNG = encode(photo((48, 40)), "PNG")
 INFER = "/v2/models/nano-test/infer"

@@ -16,13 +16,13 @@ import torch
 from service_support import encode, photo, serve_process
 from starlette.requests import Request
 
-from model.cli import main
-from service.engine import Engine
-from service.errors import ClientDisconnected
+from cli.main import main
+from service.frontend.errors import ClientDisconnected
+from service.frontend.routes.common import run_model
 from service.metrics import Metrics, PrometheusHooks
-from service.routes.common import run_model
+from service.runtime.engine import Engine
+from service.runtime.worker import Worker
 from service.settings import Settings
-from service.worker import Worker
 
 
 def test_serve_without_a_checkpoint_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

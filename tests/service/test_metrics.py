@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_support import encode, photo
 
 from service.metrics import REJECT_REASONS, Metrics, PrometheusHooks
-from service.worker import ImageResult
+from service.protocol import ImageResult
 
 CONTRACT = {
     "patchlife_http_request_duration_seconds": "histogram", "patchlife_http_requests_in_flight": "gauge",

@@ -1,0 +1,1 @@
+"""Measuring the method: accuracy/GFLOPs tables and the model-only speed bench."""

@@ -1,0 +1,228 @@
+"""Every error the service answers, as one JSON shape:
+
+    {"error": {"code": "bad_image", "message": "files[1]: ...", "details": [...]}}
+
+``code`` is stable and machine-readable; ``message`` says what was wrong in words; ``details`` is
+present only for request validation errors (one entry per offending field). Errors that reject a
+request for a reason listed in the ``patchlife_rejected_requests_total`` metric carry that reason
+and are counted by the handler; the worker counts its own rejections (overload, deadline,
+disconnect, shutdown) through its hooks, so those are not counted twice here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .context import current_request_id
+
+log = logging.getLogger("patchlife.errors")
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, a stable code and (optionally) a rejection reason for metrics."""
+
+    status: int = 400
+    code: str = "bad_request"
+    reason: str | None = None  # label of patchlife_rejected_requests_total, None: not counted here
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+
+class BadImage(ApiError):
+    """The bytes claim to be an image (or are sent as one) but do not decode: 400."""
+    status, code, reason = 400, "bad_image", "bad_image"
+
+
+class UnsupportedMediaType(ApiError):
+    """The declared content type (of the body or of a part) is not one we accept: 415."""
+    status, code, reason = 415, "unsupported_media_type", "unsupported_media_type"
+
+
+class InvalidRequest(ApiError):
+    """A missing/unknown/duplicate field or an out-of-range parameter (422), or a malformed body (400)."""
+    status, code, reason = 422, "invalid_request", "invalid_request"
+
+
+def invalid_json(exc: ValidationError, what: str) -> InvalidRequest:
+    """A pydantic error on a JSON body as the API's error: 400 for broken JSON, else 422 naming the
+    first few fields that are wrong (``what`` names the body in the message)."""
+    errors = exc.errors(include_url=False)
+    if any(e["type"] == "json_invalid" for e in errors):
+        return InvalidRequest(f"body is not valid JSON: {errors[0]['msg']}", status=400)
+    where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5])
+    return InvalidRequest(f"invalid {what}: {where}")
+
+
+class TooLarge(ApiError):
+    """A file or the whole body is over its byte limit: 413."""
+    status, code, reason = 413, "too_large", "too_large"
+
+
+class TooManyImages(ApiError):
+    status, code, reason = 413, "too_many_images", "too_many_images"
+
+
+class TooManyPixels(ApiError):
+    """Decompression-bomb guard: width x height over the limit, found from the header alone."""
+    status, code, reason = 413, "image_too_many_pixels", "image_too_many_pixels"
+
+
+class RequestTooManyPixels(ApiError):
+    """The request's images together are over the per-request pixel budget, found from their headers."""
+    status, code, reason = 413, "request_too_many_pixels", "request_too_many_pixels"
+
+
+class DecodeOverloaded(ApiError):
+    """No room to decode (PATCHLIFE_MAX_DECODE_PIXELS) within PATCHLIFE_DECODE_WAIT_MS: 503 + Retry-After."""
+    status, code, reason = 503, "overloaded", "overloaded"
+
+
+class ModelUnavailable(ApiError):
+    """The model failed the request's batch or its thread is down (the worker counts it): 503 + Retry-After."""
+    status, code = 503, "model_unavailable"
+
+
+class NotReady(ApiError):
+    """The model is still loading or warming up: ``Retry-After: 1`` unless the caller says otherwise."""
+    status, code = 503, "not_ready"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "1", **(headers or {})})
+
+
+class Overloaded(ApiError):
+    status, code = 503, "overloaded"
+
+
+class ShuttingDown(ApiError):
+    """Shutdown has begun; ``Connection: close`` so that the client does not reuse the connection."""
+    status, code = 503, "shutting_down"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={"Connection": "close", **(headers or {})})
+
+
+class DeadlineExceeded(ApiError):
+    status, code = 504, "deadline_exceeded"
+
+
+class RequestTimeout(ApiError):
+    """The client stopped sending its body for PATCHLIFE_READ_TIMEOUT_S: 408, and the connection closes
+    (the rest of the body may still come; nothing after it could be read as a request)."""
+    status, code = 408, "request_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
+class ClientDisconnected(ApiError):
+    """Nobody reads this answer; 499 (nginx's "client closed request") keeps the access log honest."""
+    status, code = 499, "client_disconnected"
+
+
+def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        err["details"] = details
+    return {"error": err}
+
+
+def _status_code_name(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "http_error"
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "header", "body", "path")]
+        out.append({"field": ".".join(loc) or "request", "message": str(err.get("msg", "invalid"))})
+    return out
+
+
+def install_error_handlers(app: FastAPI, on_reject: Callable[[str], None]) -> None:
+    """Route every exception to the JSON error shape; ``on_reject(reason)`` feeds the metrics."""
+
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        if exc.reason:
+            on_reject(exc.reason)
+        return JSONResponse(error_body(exc.code, exc.message), exc.status, headers=exc.headers)
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        on_reject("invalid_request")
+        details = _validation_details(exc)
+        message = "; ".join(f"{d['field']}: {d['message']}" for d in details) or "invalid request"
+        return JSONResponse(error_body("invalid_request", message, details), 422)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return JSONResponse(error_body(_status_code_name(exc.status_code), str(exc.detail)),
+                            exc.status_code, headers=dict(exc.headers or {}))
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    # Anything else is a bug: LastResortMiddleware answers it (not an Exception handler here: Starlette
+    # runs that one in its outermost middleware, which then re-raises, so uvicorn logs the traceback a
+    # second time and drops the kept-alive connection without saying so).
+
+
+INTERNAL_MESSAGE = "internal server error; see the server log"
+
+
+class LastResortMiddleware:
+    """Any exception that escapes the app becomes a JSON 500 with ``Connection: close`` (the connection's
+    state is unknown after a bug, and the client must not reuse it unannounced) and one log record with
+    the request id (added by the log filter) and the traceback. Placed inside ``RequestContextMiddleware``,
+    so the answer carries the request's ``X-Request-ID``; /v2 answers in the protocol's error shape."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("unhandled error on %s %s (request %s)", scope.get("method"), scope.get("path"),
+                      current_request_id(), exc_info=exc)
+            if started:  # half an answer went out: uvicorn closes the connection when we return
+                return
+            body = {"error": INTERNAL_MESSAGE} if str(scope.get("path", "")).startswith("/v2") else \
+                error_body("internal_error", INTERNAL_MESSAGE)
+            content = json.dumps(body).encode()
+            await send({"type": "http.response.start", "status": 500, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
+                (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": content})

@@ -1,0 +1,314 @@
+"""What /classify and /explain share: the runtime, request options, decoding, and the worker call.
+
+Routes stay thin: ``serving()`` -> ``read_payload`` -> ``resolve_options`` -> ``prepare_images``
+-> ``run_model`` -> encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import anyio
+import torch
+from fastapi import Depends, Header, Query, Request
+from PIL import Image
+
+from ... import protocol
+from ...metrics import Metrics
+from ...protocol import ImageResult
+from ...runtime.engine import Engine
+from ...runtime.worker import Worker
+from ...settings import Settings
+from ..bodyread import DEADLINE_KEY
+from ..context import ARRIVAL_KEY, InFlight
+from ..decode import check_media_type, decode_stored, header_info, upright_rgb
+from ..decode_budget import DecodeBudget, DecodeBusy, decode_capacity, decode_cost
+from ..errors import (
+    ClientDisconnected,
+    DeadlineExceeded,
+    DecodeOverloaded,
+    InvalidRequest,
+    ModelUnavailable,
+    NotReady,
+    Overloaded,
+    RequestTooManyPixels,
+    ShuttingDown,
+)
+from ..explain import model_view
+from ..numbers import parse_float, parse_int
+from ..preprocess import model_input, resize_side
+from ..schemas import Budget, Classification, Label, Lifespans, Timings
+from ..upload import RawImage, UploadLimits
+
+DEADLINE_HEADER = "X-Request-Deadline-Ms"
+
+
+@dataclass
+class Runtime:
+    """Everything the routes need, held in ``app.state.runtime``; filled in by the app's lifespan."""
+
+    settings: Settings
+    metrics: Metrics
+    engine: Engine | None = None
+    worker: Worker | None = None
+    ready: bool = False        # model loaded and warmed up, worker running (until the lifespan ends)
+    stopping: bool = False     # SIGTERM: /readyz answers 503, requests are still served (shutdown_delay_s)
+    draining: bool = False     # then: new requests are refused (503, Connection: close)
+    grace_over: bool = False   # the drain's grace ended: requests still decoding stop (503)
+    startup_error: str | None = None
+    warmup_seconds: float | None = None   # graph capture + warm-up forwards + cost-model timings
+    in_flight: InFlight = field(default_factory=InFlight)
+    decode_budget: DecodeBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decode_budget = DecodeBudget(decode_capacity(self.settings.max_decode_pixels))
+
+    def check_ready(self) -> tuple[Engine, Worker]:
+        """Raise what /readyz answers (NotReady, ShuttingDown) unless the model can serve."""
+        if self.draining or self.stopping:
+            raise ShuttingDown("server is shutting down; retry on another instance")
+        if not self.ready or self.engine is None or self.worker is None:
+            msg = f"model failed to start: {self.startup_error}" if self.startup_error else \
+                "model is loading or warming up; retry shortly"
+            raise NotReady(msg)
+        problem = self.worker.health()
+        if problem is not None:
+            raise NotReady(f"model unavailable: {problem}", headers={"Retry-After": "5"})
+        return self.engine, self.worker
+
+    def serving(self) -> tuple[Engine, Worker]:
+        """For inference routes: requests are served until the drain, even while /readyz says 503
+        (stopping, or an unhealthy model whose batches answer 503 themselves)."""
+        if self.draining:  # the worker never sees this request: count it here
+            self.metrics.reject("shutdown")
+            raise ShuttingDown("server is shutting down; retry on another instance")
+        if not self.ready or self.engine is None or self.worker is None:
+            raise NotReady("model is loading or warming up; retry shortly" if self.startup_error is None else
+                           f"model failed to start: {self.startup_error}")
+        return self.engine, self.worker
+
+    def clock(self) -> Callable[[], float]:
+        return self.worker.clock if self.worker is not None else time.monotonic
+
+    def limits(self, max_images: int | None = None) -> UploadLimits:
+        s = self.settings
+        return UploadLimits(s.max_upload_bytes, s.max_request_bytes, max_images or s.max_images_per_request)
+
+
+async def get_runtime(request: Request) -> Runtime:
+    """``async``: plain ``def`` dependencies run in the thread pool, queued behind image decodes."""
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+MAX_DEADLINE_MS = 3_600_000
+
+
+def documented_as(**schema: Any) -> Callable[[dict[str, Any]], None]:
+    """``json_schema_extra`` that replaces a ``str`` parameter's schema by what it accepts: the value
+    is read as text by service/frontend/numbers.py, the clients (and Schemathesis) see the number it must be."""
+
+    def replace(out: dict[str, Any]) -> None:
+        title = out.get("title")
+        out.clear()
+        out.update(schema, **({"title": title} if title else {}))
+
+    return replace
+
+
+async def request_deadline(request: Request, rt: RuntimeDep, x_request_deadline_ms: Annotated[str | None, Header(
+        description="Per-request deadline in ms (default PATCHLIFE_DEADLINE_MS), 0 < ms <= 3600000; it covers "
+                    "reading the body too. A request not started by then is answered 504.",
+        json_schema_extra=documented_as(type="number", exclusiveMinimum=0, maximum=MAX_DEADLINE_MS))] = None,
+        ) -> float:
+    """The request's deadline on the worker clock, counted from its arrival (stamped by
+    ``RequestContextMiddleware`` before anything else ran). Also stored in the scope on the monotonic
+    clock, where the body reader (``service/frontend/bodyread.py``) stops waiting for the client."""
+    ms = rt.settings.deadline_ms if x_request_deadline_ms is None else \
+        parse_float(x_request_deadline_ms, DEADLINE_HEADER, 0.0, MAX_DEADLINE_MS, low_open=True)
+    arrival = request.scope.get(ARRIVAL_KEY)
+    now = time.monotonic()
+    waited = max(0.0, now - arrival) if arrival is not None else 0.0
+    request.scope[DEADLINE_KEY] = now - waited + ms / 1000.0
+    return rt.clock()() - waited + ms / 1000.0
+
+
+DeadlineDep = Annotated[float, Depends(request_deadline)]
+# Typed str so that one parser (service/frontend/numbers.py) reads query, form, JSON and header numbers alike;
+# the schema still says what is accepted.
+TopKQuery = Annotated[str | None, Query(description="Labels per image, 1..PATCHLIFE_MAX_TOP_K (default 5); "
+                                                    "also accepted as a form/JSON field.",
+                                        json_schema_extra=documented_as(type="integer", minimum=1))]
+KeepRateQuery = Annotated[str | None, Query(description="Keep rate for this request, 0 < r <= 1 "
+                                                        "(default: the model's); also a form/JSON field.",
+                                            json_schema_extra=documented_as(type="number", exclusiveMinimum=0,
+                                                                            maximum=1))]
+
+
+@dataclass(frozen=True)
+class Options:
+    top_k: int
+    keep_rate: float | None
+
+
+def _pick(name: str, query: Any, body: dict[str, Any], parse: Callable[[Any], Any]) -> Any:
+    """The option from the query or the body, parsed; 422 if both are given and differ."""
+    from_query = None if query is None else parse(query)
+    from_body = parse(body[name]) if body.get(name) is not None else None
+    if from_query is not None and from_body is not None and from_query != from_body:
+        raise InvalidRequest(f"{name} given twice with different values (query and body)")
+    return from_query if from_query is not None else from_body
+
+
+def resolve_options(top_k: Any, keep_rate: Any, body: dict[str, Any], settings: Settings) -> Options:
+    """Merge query and body options, each read by the strict parser (422 naming the field and its range)."""
+    k = _pick("top_k", top_k, body, lambda v: parse_int(v, "top_k", 1, settings.max_top_k))
+    r = _pick("keep_rate", keep_rate, body, lambda v: parse_float(v, "keep_rate", 0.0, 1.0, low_open=True))
+    return Options(min(5, settings.max_top_k) if k is None else k, r)
+
+
+# -- decoding ------------------------------------------------------------------------------------
+EXPLAIN_VIEW_SIDE = 896  # the model's view kept for /explain is downsized to this (the PNG draws ~448)
+
+
+@dataclass
+class Prepared:
+    pixels: list[torch.Tensor]          # [3, H, W] each, preprocessed for the engine
+    decode_ms: list[float]
+    views: list[Image.Image]            # /explain only: the model's view, downsized (the decode is dropped)
+
+
+def _decode_one(raw: RawImage, engine: Engine, max_pixels: int,
+                keep_view: bool) -> tuple[torch.Tensor, Image.Image | None]:
+    """Decode, preprocess in one resize (service/frontend/preprocess.py) and drop the full-resolution image;
+    keep a small model view if asked."""
+    pre = engine.config.preprocess
+    decoded = decode_stored(raw.data, max_pixels, min_side=resize_side(pre), source=raw.source)
+    pixels = model_input(decoded, pre, engine.preprocess, raw.source)
+    if not keep_view:
+        return pixels, None
+    view = model_view(upright_rgb(decoded, raw.source), pre["input_size"], pre.get("crop_pct"))
+    view.thumbnail((EXPLAIN_VIEW_SIDE, EXPLAIN_VIEW_SIDE), Image.Resampling.BILINEAR)
+    return pixels, view
+
+
+def _decode_costs(raws: list[RawImage], max_image_pixels: int, max_request_pixels: int) -> list[int]:
+    """Every image's decode cost in bytes (service/frontend/decode_budget.py) from its header (no pixel decoded);
+    413 past the request's pixel budget."""
+    headers = [header_info(raw.data, max_image_pixels, source=raw.source) for raw in raws]
+    pixels = sum(h.pixels for h in headers)
+    if pixels > max_request_pixels:
+        raise RequestTooManyPixels(f"the request's images have {pixels} pixels together, over the limit of "
+                                   f"{max_request_pixels} (PATCHLIFE_MAX_REQUEST_PIXELS); send fewer or smaller "
+                                   "images per request")
+    return [decode_cost(h.pixels, h.mode, h.format, h.transparent) for h in headers]
+
+
+def _check_deadline(rt: Runtime, now: float, deadline: float) -> None:
+    if now >= deadline:
+        rt.metrics.reject("deadline")
+        raise DeadlineExceeded(f"the deadline passed while decoding the images ({DEADLINE_HEADER} or "
+                               "PATCHLIFE_DEADLINE_MS)")
+
+
+async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep_view: bool = False,
+                         deadline: float | None = None) -> Prepared:
+    """Decode + preprocess each image in a worker thread (the event loop never decodes), one at a time
+    per request, each holding its pixel count in the shared decode budget while it decodes. A request
+    whose ``deadline`` (worker clock) passes stops decoding: 504."""
+    s = rt.settings
+    clock = rt.clock()
+    for raw in raws:
+        check_media_type(raw.content_type, raw.source)
+    costs = await anyio.to_thread.run_sync(_decode_costs, raws, s.max_image_pixels, s.max_request_pixels)
+    out = Prepared([], [], [])
+    for raw, cost in zip(raws, costs, strict=True):
+        wait_s = s.decode_wait_ms / 1000.0
+        if rt.grace_over:
+            rt.metrics.reject("shutdown")
+            raise ShuttingDown("server is shutting down; retry on another instance")
+        if deadline is not None:
+            _check_deadline(rt, clock(), deadline)
+            wait_s = min(wait_s, deadline - clock())
+        try:
+            async with rt.decode_budget.hold(cost, wait_s):
+                t0 = time.perf_counter()
+                pixels, view = await anyio.to_thread.run_sync(_decode_one, raw, engine, s.max_image_pixels,
+                                                              keep_view)
+                seconds = time.perf_counter() - t0
+        except DecodeBusy:
+            if deadline is not None:
+                _check_deadline(rt, clock() + 0.001, deadline)  # the wait was cut short by the deadline: 504
+            retry = str(max(1, math.ceil(s.decode_wait_ms / 1000.0)))
+            raise DecodeOverloaded(f"{raw.source}: too many images being decoded (PATCHLIFE_MAX_DECODE_PIXELS); "
+                                   "retry later", headers={"Retry-After": retry}) from None
+        rt.metrics.decode_seconds.observe(seconds)
+        out.pixels.append(pixels)
+        out.decode_ms.append(seconds * 1000.0)
+        if view is not None:
+            out.views.append(view)
+    return out
+
+
+# -- the worker call -----------------------------------------------------------------------------
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away. The body is already read, so the next ASGI message the
+    server can send us is ``http.disconnect``: awaiting it costs nothing and reacts at once."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_model(request: Request | None, worker: Worker, pixels: list[torch.Tensor], keep_rate: float | None,
+                    deadline: float) -> list[ImageResult]:
+    """``worker.submit`` raced against the client's disconnect; worker errors -> API errors. Without an
+    HTTP ``request`` (gRPC) nothing is raced: a cancelled call cancels the awaiting task itself."""
+    submit = asyncio.ensure_future(worker.submit(pixels, keep_rate, deadline))
+    gone = asyncio.ensure_future(_disconnected(request)) if request is not None else \
+        asyncio.get_running_loop().create_future()
+    try:
+        await asyncio.wait({submit, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not submit.done():  # client gone (or we were cancelled): the worker drops the queued work
+            submit.cancel()
+            await asyncio.gather(submit, return_exceptions=True)
+    if submit.cancelled():
+        raise ClientDisconnected("client disconnected before the answer was ready")
+    try:
+        return submit.result()
+    except protocol.QueueFull as exc:
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        raise Overloaded(str(exc), headers={"Retry-After": retry}) from None
+    except protocol.DeadlinePassed as exc:
+        raise DeadlineExceeded(f"{exc} ({DEADLINE_HEADER} or PATCHLIFE_DEADLINE_MS)") from None
+    except protocol.WorkerStopping as exc:
+        raise ShuttingDown(str(exc)) from None
+    except protocol.ModelFailed as exc:
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        raise ModelUnavailable(str(exc), headers={"Retry-After": retry}) from None
+
+
+# -- encoding ------------------------------------------------------------------------------------
+def classification(result: ImageResult, decode_ms: float, engine: Engine, top_k: int) -> Classification:
+    probs = result.probs
+    values, indices = torch.topk(probs, k=min(top_k, probs.numel()))
+    names = engine.class_names
+    labels = [Label(label=names[i] if i < len(names) else str(i), index=i, probability=round(p, 6))
+              for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+    rows, cols = result.lives.shape
+    lives = result.lives.double().mul(1e4).round().div(1e4).tolist()
+    dense = float(engine.dense_gflops)
+    budget = Budget(patch_counts=list(result.budget), counts_run=list(result.counts), gflops=result.gflops,
+                    dense_gflops=dense, fraction_of_dense=result.gflops / dense if dense > 0 else 1.0,
+                    keep_rate=result.keep_rate)
+    timings = Timings(decode=round(decode_ms, 3), queue=round(result.queue_ms, 3),
+                      compute=round(result.compute_ms, 3))
+    return Classification(labels=labels, lifespans=Lifespans(rows=rows, cols=cols, values=lives),
+                          budget=budget, timings_ms=timings)

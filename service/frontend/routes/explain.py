@@ -1,0 +1,67 @@
+"""POST /explain: the lifespan heatmap of one image, as a PNG or as JSON with the PNG in base64."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Literal
+
+import anyio
+import torch
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from PIL import Image
+
+from ...runtime.engine import Engine
+from ..explain import render_heatmap
+from ..schemas import IMAGE_ERRORS, IMAGES_REQUEST_BODY, ExplainResponse
+from ..upload import read_payload
+from .common import (
+    DeadlineDep,
+    KeepRateQuery,
+    RuntimeDep,
+    TopKQuery,
+    classification,
+    prepare_images,
+    resolve_options,
+    run_model,
+)
+
+router = APIRouter(tags=["inference"])
+FormatQuery = Annotated[Literal["png", "json"] | None, Query(
+    description="png (default) or json; without it, `Accept: application/json` selects json.")]
+
+
+def heatmap_png(view: Image.Image, lives: torch.Tensor, engine: Engine) -> bytes:
+    """The heatmap over ``view``, the region the preprocessing kept (the lives' coordinates; made by
+    ``prepare_images(keep_view=True)`` right after decoding, so the full-size image is not kept)."""
+    schedule = engine.default_schedule
+    return render_heatmap(view, lives, schedule.first_block, schedule.depth)
+
+
+def wants_json(fmt: str | None, accept: str) -> bool:
+    if fmt is not None:
+        return fmt == "json"
+    accept = accept.lower()
+    return "application/json" in accept and "image/png" not in accept
+
+
+@router.post("/explain", responses={**IMAGE_ERRORS, 200: {
+    "content": {"image/png": {}, "application/json": {"schema": {"$ref": "#/components/schemas/ExplainResponse"}}},
+    "description": "The heatmap PNG, or JSON (format=json / Accept: application/json)."}},
+    response_model=ExplainResponse, openapi_extra=IMAGES_REQUEST_BODY, summary="Lifespan heatmap of one image")
+async def explain(request: Request, rt: RuntimeDep, deadline: DeadlineDep, top_k: TopKQuery = None,
+                  keep_rate: KeepRateQuery = None, format: FormatQuery = None) -> Response | ExplainResponse:
+    """Exactly one image (same inputs as /classify); a second image is 413 too_many_images.
+    The PNG shows the model's view of the photo, each patch coloured by its life (layers), with a
+    colour bar from K (pruned first) to L (kept to the end)."""
+    engine, worker = rt.serving()
+    payload = await read_payload(request, rt.limits(max_images=1))
+    options = resolve_options(top_k, keep_rate, payload.options, rt.settings)
+    prepared = await prepare_images(payload.images, engine, rt, keep_view=True, deadline=deadline)
+    (result,) = await run_model(request, worker, prepared.pixels, options.keep_rate, deadline)
+    png = await anyio.to_thread.run_sync(heatmap_png, prepared.views[0], result.lives, engine)
+    if not wants_json(format, request.headers.get("accept", "")):
+        return Response(png, media_type="image/png")
+    body = classification(result, prepared.decode_ms[0], engine, options.top_k)
+    return ExplainResponse(model=engine.name, png_base64=base64.b64encode(png).decode("ascii"),
+                           **body.model_dump())

@@ -1,0 +1,125 @@
+"""What the engine hands the worker: a batch as a few arrays, and host copies still in flight.
+
+    hb = engine.head(pixels, keep_rates)       # HeadBatch: tokens on the device, its plan on its way to the host
+    hb.budgets, hb.buckets                     # [B, S] int64 on the CPU: reading them waits for the copy
+    copy = engine.tail([Rows(hb, idx)], counts)   # HostCopy of the probabilities, rows in part order
+    probs = copy.get()                         # waits for that copy only
+
+No object per image: phase A's answer is one token tensor ``[B, N, D]`` and one packed host tensor
+(lives, budgets, buckets), so a batch of 64 costs the host what a batch of 8 does. On a GPU each
+host copy is queued from pinned memory and marked with an event, so the worker can launch the next
+batch before it waits for this one (:mod:`service.runtime.worker`); on the CPU the copy is done at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class HostCopy:
+    """A device tensor on its way to the host; ``get()`` waits until it has landed (at once on the CPU).
+
+    ``tensor``: the host tensor (pinned on a GPU), being written until ``event`` completes.
+    """
+
+    tensor: torch.Tensor
+    event: Any = None  # torch.cuda.Event recorded after the copy, or None when it is done
+
+    @classmethod
+    def start(cls, t: torch.Tensor) -> HostCopy:
+        """Queue ``t``'s copy to the host. A CPU tensor is cloned (it may be a buffer that the next
+        replay overwrites: under inference mode a view does not say so by its ``_base``); a ``meta``
+        one is kept as it is (shapes only, for tests)."""
+        if t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(t.device))
+            return cls(host, event)
+        return cls(t if t.device.type == "meta" else t.clone())
+
+    def ready(self) -> bool:
+        """Whether ``get()`` would return without waiting."""
+        return self.event is None or bool(self.event.query())
+
+    def get(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self.tensor
+
+
+@dataclass
+class HeadBatch:
+    """Phase A's answer for ``B`` images, as arrays.
+
+    tokens: ``[B, T+P, C]`` on the model's device, prefix first, patches by descending life.
+    plan: float32 ``[B, P + 2S]`` on its way to the host: lives (patch-grid order, layer units),
+        then each image's budget (patches per stage at its keep rate), then its bucket (the budget
+        rounded up to the grid). Integers below 2**24 are exact in float32.
+    keep_rates: the keep rate each image ran at (the default schedule's for None).
+    grid: the patch grid ``(rows, cols)``.
+    known: ``(budgets, buckets)`` on the host when they did not need the device (per-image
+        normalisation: every image keeps its rate's counts), so reading them waits for nothing.
+    """
+
+    tokens: torch.Tensor
+    plan: HostCopy
+    keep_rates: list[float]
+    grid: tuple[int, int]
+    known: tuple[torch.Tensor, torch.Tensor] | None = None
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, lives: torch.Tensor, budgets: torch.Tensor, buckets: torch.Tensor,
+           keep_rates: list[float]) -> HeadBatch:
+        """One from host tensors (tests' stub engines): ``lives [B, rows, cols]``, ``budgets/buckets [B, S]``."""
+        n = lives.shape[0]
+        plan = torch.cat([lives.reshape(n, -1).float(), budgets.float(), buckets.float()], dim=1)
+        return cls(tokens, HostCopy(plan), keep_rates, (int(lives.shape[1]), int(lives.shape[2])))
+
+    def __len__(self) -> int:
+        return len(self.keep_rates)
+
+    @property
+    def stages(self) -> int:
+        return (self.plan.tensor.shape[1] - self.grid[0] * self.grid[1]) // 2
+
+    def _part(self, name: str) -> torch.Tensor:
+        if name != "lives" and self.known is not None:
+            return self.known[0 if name == "budgets" else 1]
+        if name not in self._cache:
+            host, p, s = self.plan.get(), self.grid[0] * self.grid[1], self.stages
+            self._cache.update(lives=host[:, :p].reshape(-1, *self.grid), budgets=host[:, p:p + s].long(),
+                               buckets=host[:, p + s:].long())
+        return self._cache[name]
+
+    @property
+    def lives(self) -> torch.Tensor:
+        """``[B, rows, cols]`` float32 on the CPU (waits for the copy)."""
+        return self._part("lives")
+
+    @property
+    def budgets(self) -> torch.Tensor:
+        """``[B, S]`` int64 on the CPU: each image's own patches per stage (waits for the copy unless known)."""
+        return self._part("budgets")
+
+    @property
+    def buckets(self) -> torch.Tensor:
+        """``[B, S]`` int64 on the CPU: the budgets rounded up to the bucket grid (waits for the copy unless known)."""
+        return self._part("buckets")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Some rows of a head batch, for a tail call: ``index`` int64 ``[k]`` (CPU or the device)."""
+
+    batch: HeadBatch
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])

@@ -1,0 +1,121 @@
+"""Which layer may import which, read from the source with ``ast`` (every import, also those inside
+functions and under ``TYPE_CHECKING``): the folder tree is the architecture only while this holds.
+
+- model/ is the method: it imports nothing of service/, bench/ or cli/;
+- cli/ is the top: only tests import it (the tools spawn ``python -m cli`` instead);
+- bench/ measures from outside: nothing of model/ or service/ imports it;
+- service/runtime/ runs the model and imports nothing of service/frontend/;
+- service/frontend/ answers clients: it imports nothing of model/, and of service/runtime/ only the
+  crossings listed in ``FRONTEND_TO_RUNTIME`` (the app's wiring and the routes' typed handles on the
+  engine and worker), which the typed seam (``service/protocol.py``) is to remove: none may be added.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("model", "service", "bench", "cli", "scripts")
+
+# (importer prefix, forbidden prefix, why); a module "is in" a prefix when it equals it or lies below it
+RULES: list[tuple[str, str, str]] = [
+    ("model", "service", "the method does not depend on the service"),
+    ("model", "bench", "the method does not depend on the tools that measure it"),
+    ("model", "cli", "the method does not depend on the command line"),
+    ("service", "bench", "the service does not depend on the tools that measure it"),
+    ("service", "cli", "only tests import the command line"),
+    ("bench", "cli", "only tests import the command line (tools spawn `python -m cli`)"),
+    ("scripts", "cli", "only tests import the command line"),
+    ("service.runtime", "service.frontend", "the runtime does not depend on the front end"),
+    ("service.frontend", "model", "the front end never imports the model"),
+    ("service.frontend", "service.runtime", "the front end reads service/protocol.py, not the runtime"),
+]
+# The front end's remaining imports of the runtime, (importer, imported module): a ratchet, only to shrink.
+FRONTEND_TO_RUNTIME = {
+    ("service.frontend.app", "service.runtime.engine"),  # the wiring: loads the engine, starts the worker
+    ("service.frontend.app", "service.runtime.worker"),
+    ("service.frontend.routes.common", "service.runtime.engine"),  # Runtime holds the engine and the worker
+    ("service.frontend.routes.common", "service.runtime.worker"),
+    ("service.frontend.routes.explain", "service.runtime.engine"),  # the type of the served engine
+    ("service.frontend.routes.v2", "service.runtime.engine"),
+    ("service.frontend.routes.v2", "service.runtime.worker"),
+    ("service.frontend.triton", "service.runtime.graphs"),  # the batch-size classes, for Triton's config
+}
+
+
+def within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(path: Path, root: Path) -> Iterator[tuple[int, str]]:
+    """(line, absolute module) of every import in ``path``; ``from pkg import name`` yields
+    ``pkg.name`` too, since the name may be a submodule."""
+    module = module_name(path, root)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            yield node.lineno, target
+            for alias in node.names:
+                yield node.lineno, f"{target}.{alias.name}"
+
+
+def allowed(importer: str, target: str) -> bool:
+    """``target`` is, or is a name in, a module of ``FRONTEND_TO_RUNTIME`` for this importer."""
+    return any(importer == i and within(target, t) for i, t in FRONTEND_TO_RUNTIME)
+
+
+def violations(paths: list[Path], root: Path = REPO) -> list[str]:
+    found: dict[tuple[str, int, str], str] = {}  # one line per import statement and rule broken
+    for path in paths:
+        importer = module_name(path, root)
+        for line, target in imported(path, root):
+            for src, dst, why in RULES:
+                if within(importer, src) and within(target, dst) and not allowed(importer, target):
+                    where = str(path.relative_to(root))
+                    found.setdefault((where, line, why), f"{where}:{line} imports {target}: {why}")
+    return sorted(found.values())
+
+
+def sources() -> list[Path]:
+    return [p for top in SOURCES for p in sorted((REPO / top).rglob("*.py"))]
+
+
+def test_the_layers_import_only_what_they_may() -> None:
+    assert len(sources()) > 60  # the packages are where this test looks
+    assert violations(sources()) == []
+
+
+@pytest.mark.parametrize(("where", "line", "rule"), [
+    ("model/injected.py", "from service.runtime.engine import Engine", "the method does not depend on the service"),
+    ("model/training/injected.py", "from ...bench import photos", "the method does not depend on the tools"),
+    ("service/runtime/injected.py", "from ..frontend.errors import ApiError", "the runtime does not depend"),
+    ("service/frontend/injected.py", "import cli.main", "only tests import the command line"),
+    ("bench/injected.py", "def f():\n    from cli import options", "only tests import the command line"),
+    ("service/frontend/injected.py", "from model.schedule import KeepSchedule", "never imports the model"),
+    ("service/frontend/routes/health.py", "from ...runtime.graphs import batch_classes", "not the runtime"),
+])
+def test_a_forbidden_import_is_caught(tmp_path: Path, where: str, line: str, rule: str) -> None:
+    """The check reads relative imports and imports inside functions: each line here breaks one rule."""
+    path = tmp_path / where
+    path.parent.mkdir(parents=True)
+    path.write_text(line + "\n")
+    found = violations([path], tmp_path)
+    assert len(found) >= 1 and all(rule in v for v in found), found
