@@ -113,17 +113,17 @@ def _wrap(rt: Runtime, method: str, handler: Handler) -> Handler:
         rt.in_flight.count += 1
         t0 = time.perf_counter()
         try:
-            try:
-                response = await handler(request, context)
-                code = grpc.StatusCode.OK
-                return response
-            except Exception as exc:  # noqa: BLE001 - every error becomes a status, as over REST
-                code, message, trailer = _failure(rt, exc)
-            await context.abort(code, message, trailer)
-            raise AssertionError("unreachable: abort raises")
+            response = await handler(request, context)
+            code = grpc.StatusCode.OK
+            return response
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status, as over REST
+            code, message, trailer = _failure(rt, exc)
         finally:
+            # counted before the status leaves: a client that has its answer finds the call in /metrics
             rt.in_flight.count -= 1
             rt.metrics.grpc_duration.labels(method, code.name).observe(time.perf_counter() - t0)
+        await context.abort(code, message, trailer)
+        raise AssertionError("unreachable: abort raises")
 
     return call
 
