@@ -18,10 +18,13 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from .frontend.app import begin_shutdown, create_app, drain, load_engine
+from .app import create_app
+from .frontend.app import begin_shutdown, drain
 from .frontend.context import configure_logging
 from .frontend.http_protocol import TimedHttpProtocol, timed_protocol
 from .frontend.routes.common import Runtime
+from .protocol import Lifecycle
+from .runtime.engine import Engine
 from .settings import Settings
 
 
@@ -55,7 +58,7 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._signalled and self._loop is not None and self.started:
             self._signalled = True
-            self.runtime.stopping = True  # a plain store: safe in a signal handler; /readyz now 503
+            self.runtime.advance(Lifecycle.STOPPING)  # a plain store: safe in a signal handler; /readyz now 503
             self._loop.call_soon_threadsafe(self._start_drain, sig)
             return
         super().handle_exit(sig, frame)
@@ -124,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     configure_logging(args.log_level, settings.log_format)
     try:
-        engine = load_engine(settings)
+        engine = Engine.from_settings(settings)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"patchlife serve: {exc}", file=sys.stderr)
         return 1

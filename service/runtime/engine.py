@@ -31,8 +31,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from PIL import Image
-from timm.data import create_transform
-from torchvision.transforms import Compose, Normalize, PILToTensor
 
 from model import LifeViT, load_checkpoint, slimmed_gflops
 from model.checkpoint import DEFAULT_CHECKPOINT, LifeViTConfig
@@ -40,7 +38,9 @@ from model.device import resolve_device, resolve_dtype
 from model.flops import dense_gflops, tokens_per_block
 from model.schedule import KeepSchedule, host_to_device
 
-from .graphs import GraphMode, ShapeRunner
+from ..protocol import ModelCard
+from ..transforms import uint8_transform
+from .graphs import GraphMode, ShapeRunner, batch_classes
 from .handoff import HeadBatch, HostCopy, Rows
 
 if TYPE_CHECKING:
@@ -55,17 +55,6 @@ class Timing:
     rows: int                 # as run, padding included
     tokens_per_row: int       # tail tokens per image (0 for phase A)
     seconds: float
-
-
-def uint8_transform(preprocess: dict[str, Any]) -> tuple[Compose, torch.Tensor, torch.Tensor]:
-    """timm's eval transform split in two: resize/crop to ``uint8 [3, H, W]`` on the CPU, and the
-    (mean, std) the device applies after scaling to [0, 1] (what ToTensor + Normalize did)."""
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    pre: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items() if k in keys}
-    full = create_transform(**pre)
-    geometric = [t for t in full.transforms if not isinstance(t, Normalize) and "ToTensor" not in type(t).__name__]
-    norm = next(t for t in full.transforms if isinstance(t, Normalize))
-    return Compose([*geometric, PILToTensor()]), torch.as_tensor(norm.mean), torch.as_tensor(norm.std)
 
 
 class Engine:
@@ -120,6 +109,7 @@ class Engine:
         self._host_points = self.buckets.table()
         mode: GraphMode = ("graphs" if self.device.type == "cuda" else "off") if cuda_graphs == "auto" else \
             "off" if cuda_graphs == "off" else "emulate"
+        self.max_batch_size = max_batch_size
         self.runner = ShapeRunner(self.device, max_batch_size, mode)
         # uploads of pixels run on a stream of their own, so they overlap the batch computing before them
         self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -163,6 +153,14 @@ class Engine:
                 "dense_gflops": self.dense_gflops, "crop_pct": self.config.preprocess.get("crop_pct"),
                 "buckets": [list(p) for p in self.buckets.points] or {"step": self.buckets.step},
                 "graphs": self.runner.describe()}
+
+    def card(self) -> ModelCard:
+        """The plain description the front end reads (it crosses to the API processes)."""
+        info = {k: v for k, v in self.info().items() if k != "graphs"}  # graphs change at warm-up: ModelStatus
+        return ModelCard(name=self.name, info=info, class_names=tuple(self.class_names),
+                         preprocess=dict(self.config.preprocess), grid=self.grid, dense_gflops=float(self.dense_gflops),
+                         first_block=self.default_schedule.first_block, depth=self.default_schedule.depth,
+                         checkpoint=str(self.checkpoint), batch_classes=tuple(batch_classes(self.max_batch_size)))
 
     # -- preprocessing -----------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -20,9 +20,7 @@ from PIL import Image
 
 from ... import protocol
 from ...metrics import Metrics
-from ...protocol import ImageResult
-from ...runtime.engine import Engine
-from ...runtime.worker import Worker
+from ...protocol import ImageResult, Lifecycle, ModelCard, ModelClient, ModelStatus
 from ...settings import Settings
 from ..bodyread import DEADLINE_KEY
 from ..context import ARRIVAL_KEY, InFlight
@@ -41,7 +39,7 @@ from ..errors import (
 )
 from ..explain import model_view
 from ..numbers import parse_float, parse_int
-from ..preprocess import model_input, resize_side
+from ..preprocess import Preprocessor, resize_side
 from ..schemas import Budget, Classification, Label, Lifespans, Timings
 from ..upload import RawImage, UploadLimits
 
@@ -50,50 +48,84 @@ DEADLINE_HEADER = "X-Request-Deadline-Ms"
 
 @dataclass
 class Runtime:
-    """Everything the routes need, held in ``app.state.runtime``; filled in by the app's lifespan."""
+    """Everything the routes need, held in ``app.state.runtime``: the model behind its typed handle
+    (:class:`~service.protocol.ModelClient`, in this process or another) and this front end's own
+    lifecycle (one state; see :class:`~service.protocol.Lifecycle`). The card is set by the lifespan."""
 
     settings: Settings
     metrics: Metrics
-    engine: Engine | None = None
-    worker: Worker | None = None
-    ready: bool = False        # model loaded and warmed up, worker running (until the lifespan ends)
-    stopping: bool = False     # SIGTERM: /readyz answers 503, requests are still served (shutdown_delay_s)
-    draining: bool = False     # then: new requests are refused (503, Connection: close)
-    grace_over: bool = False   # the drain's grace ended: requests still decoding stop (503)
+    model: ModelClient
+    card: ModelCard | None = None
+    state: Lifecycle = Lifecycle.LOADING
     startup_error: str | None = None
-    warmup_seconds: float | None = None   # graph capture + warm-up forwards + cost-model timings
     in_flight: InFlight = field(default_factory=InFlight)
     decode_budget: DecodeBudget = field(init=False)
+    _preprocessor: Preprocessor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.decode_budget = DecodeBudget(decode_capacity(self.settings.max_decode_pixels))
 
-    def check_ready(self) -> tuple[Engine, Worker]:
+    @property
+    def draining(self) -> bool:
+        """New requests are refused (503, Connection: close)."""
+        return Lifecycle.DRAINING <= self.state <= Lifecycle.STOPPED
+
+    @property
+    def grace_over(self) -> bool:
+        """The drain's grace ended: requests still decoding or uploading stop (503)."""
+        return Lifecycle.GRACE_OVER <= self.state <= Lifecycle.STOPPED
+
+    def advance(self, state: Lifecycle) -> None:
+        """Move forward only: a late event (a warm-up ending during the drain) never undoes a later state."""
+        if state > self.state:
+            self.state = state
+
+    def preprocessor(self) -> Preprocessor:
+        if self._preprocessor is None:
+            self._preprocessor = Preprocessor(self.loaded().preprocess)
+        return self._preprocessor
+
+    def loaded(self) -> ModelCard:
+        """The card, or 503 while the model is loading."""
+        if self.card is None:
+            raise NotReady("model is loading")
+        return self.card
+
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz says 503 (None when ready): loading, failed, shutting down, or a model that cannot
+        serve (its thread died, batches keep failing, a batch hangs, its process is gone)."""
+        if self.state >= Lifecycle.STOPPING and self.state != Lifecycle.FAILED:
+            return "server is shutting down"
+        if self.state != Lifecycle.READY:
+            return f"model failed to start: {self.startup_error}" if self.startup_error else "model is loading"
+        return self.model.status().problem
+
+    def check_ready(self) -> ModelStatus:
         """Raise what /readyz answers (NotReady, ShuttingDown) unless the model can serve."""
-        if self.draining or self.stopping:
+        if self.state >= Lifecycle.STOPPING and self.state != Lifecycle.FAILED:
             raise ShuttingDown("server is shutting down; retry on another instance")
-        if not self.ready or self.engine is None or self.worker is None:
+        if self.state != Lifecycle.READY:
             msg = f"model failed to start: {self.startup_error}" if self.startup_error else \
                 "model is loading or warming up; retry shortly"
             raise NotReady(msg)
-        problem = self.worker.health()
-        if problem is not None:
-            raise NotReady(f"model unavailable: {problem}", headers={"Retry-After": "5"})
-        return self.engine, self.worker
+        status = self.model.status()
+        if status.problem is not None:
+            raise NotReady(f"model unavailable: {status.problem}", headers={"Retry-After": "5"})
+        return status
 
-    def serving(self) -> tuple[Engine, Worker]:
+    def serving(self) -> ModelCard:
         """For inference routes: requests are served until the drain, even while /readyz says 503
         (stopping, or an unhealthy model whose batches answer 503 themselves)."""
-        if self.draining:  # the worker never sees this request: count it here
+        if self.draining:  # the model never sees this request: count it here
             self.metrics.reject("shutdown")
             raise ShuttingDown("server is shutting down; retry on another instance")
-        if not self.ready or self.engine is None or self.worker is None:
+        if self.card is None or self.state not in (Lifecycle.READY, Lifecycle.STOPPING):
             raise NotReady("model is loading or warming up; retry shortly" if self.startup_error is None else
                            f"model failed to start: {self.startup_error}")
-        return self.engine, self.worker
+        return self.card
 
     def clock(self) -> Callable[[], float]:
-        return self.worker.clock if self.worker is not None else time.monotonic
+        return self.model.clock
 
     def limits(self, max_images: int | None = None) -> UploadLimits:
         s = self.settings
@@ -185,16 +217,15 @@ class Prepared:
     views: list[Image.Image]            # /explain only: the model's view, downsized (the decode is dropped)
 
 
-def _decode_one(raw: RawImage, engine: Engine, max_pixels: int,
+def _decode_one(raw: RawImage, pre: Preprocessor, max_pixels: int,
                 keep_view: bool) -> tuple[torch.Tensor, Image.Image | None]:
     """Decode, preprocess in one resize (service/frontend/preprocess.py) and drop the full-resolution image;
     keep a small model view if asked."""
-    pre = engine.config.preprocess
-    decoded = decode_stored(raw.data, max_pixels, min_side=resize_side(pre), source=raw.source)
-    pixels = model_input(decoded, pre, engine.preprocess, raw.source)
+    decoded = decode_stored(raw.data, max_pixels, min_side=resize_side(pre.config), source=raw.source)
+    pixels = pre.model_input(decoded, raw.source)
     if not keep_view:
         return pixels, None
-    view = model_view(upright_rgb(decoded, raw.source), pre["input_size"], pre.get("crop_pct"))
+    view = model_view(upright_rgb(decoded, raw.source), pre.config["input_size"], pre.config.get("crop_pct"))
     view.thumbnail((EXPLAIN_VIEW_SIDE, EXPLAIN_VIEW_SIDE), Image.Resampling.BILINEAR)
     return pixels, view
 
@@ -218,13 +249,14 @@ def _check_deadline(rt: Runtime, now: float, deadline: float) -> None:
                                "PATCHLIFE_DEADLINE_MS)")
 
 
-async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep_view: bool = False,
+async def prepare_images(raws: list[RawImage], rt: Runtime, keep_view: bool = False,
                          deadline: float | None = None) -> Prepared:
     """Decode + preprocess each image in a worker thread (the event loop never decodes), one at a time
     per request, each holding its pixel count in the shared decode budget while it decodes. A request
     whose ``deadline`` (worker clock) passes stops decoding: 504."""
     s = rt.settings
     clock = rt.clock()
+    pre = rt.preprocessor()
     for raw in raws:
         check_media_type(raw.content_type, raw.source)
     costs = await anyio.to_thread.run_sync(_decode_costs, raws, s.max_image_pixels, s.max_request_pixels)
@@ -240,7 +272,7 @@ async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep
         try:
             async with rt.decode_budget.hold(cost, wait_s):
                 t0 = time.perf_counter()
-                pixels, view = await anyio.to_thread.run_sync(_decode_one, raw, engine, s.max_image_pixels,
+                pixels, view = await anyio.to_thread.run_sync(_decode_one, raw, pre, s.max_image_pixels,
                                                               keep_view)
                 seconds = time.perf_counter() - t0
         except DecodeBusy:
@@ -265,11 +297,11 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def run_model(request: Request | None, worker: Worker, pixels: list[torch.Tensor], keep_rate: float | None,
-                    deadline: float) -> list[ImageResult]:
-    """``worker.submit`` raced against the client's disconnect; worker errors -> API errors. Without an
+async def run_model(request: Request | None, model: ModelClient, pixels: list[torch.Tensor],
+                    keep_rate: float | None, deadline: float) -> list[ImageResult]:
+    """``model.submit`` raced against the client's disconnect; worker errors -> API errors. Without an
     HTTP ``request`` (gRPC) nothing is raced: a cancelled call cancels the awaiting task itself."""
-    submit = asyncio.ensure_future(worker.submit(pixels, keep_rate, deadline))
+    submit = asyncio.ensure_future(model.submit(pixels, keep_rate, deadline))
     gone = asyncio.ensure_future(_disconnected(request)) if request is not None else \
         asyncio.get_running_loop().create_future()
     try:
@@ -296,15 +328,15 @@ async def run_model(request: Request | None, worker: Worker, pixels: list[torch.
 
 
 # -- encoding ------------------------------------------------------------------------------------
-def classification(result: ImageResult, decode_ms: float, engine: Engine, top_k: int) -> Classification:
+def classification(result: ImageResult, decode_ms: float, card: ModelCard, top_k: int) -> Classification:
     probs = result.probs
     values, indices = torch.topk(probs, k=min(top_k, probs.numel()))
-    names = engine.class_names
+    names = card.class_names
     labels = [Label(label=names[i] if i < len(names) else str(i), index=i, probability=round(p, 6))
               for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
     rows, cols = result.lives.shape
     lives = result.lives.double().mul(1e4).round().div(1e4).tolist()
-    dense = float(engine.dense_gflops)
+    dense = card.dense_gflops
     budget = Budget(patch_counts=list(result.budget), counts_run=list(result.counts), gflops=result.gflops,
                     dense_gflops=dense, fraction_of_dense=result.gflops / dense if dense > 0 else 1.0,
                     keep_rate=result.keep_rate)
