@@ -140,6 +140,19 @@ class Settings(BaseSettings):
                                "the listener stays open, so that a load balancer stops sending first; then new "
                                "requests are answered 503 and the drain (PATCHLIFE_SHUTDOWN_GRACE_S) runs.")
 
+
+    # --- processes ---------------------------------------------------------------------------
+    api_processes: str = Field(
+        "auto", pattern=r"^(auto|\d{1,3})$",
+        description="API processes beside the one model process: each runs the HTTP (and gRPC) front end on the "
+                    "same port and hands preprocessed pixels to the model process through shared memory. auto: "
+                    "the cores the model process does not need (on a GPU it needs 2, on the CPU its torch "
+                    "threads), at least 1. 0: one process does everything (tests, notebooks).")
+    pixel_slots: int = Field(
+        0, ge=0, description="Shared-memory pixel slots of each API process (one preprocessed image each); a "
+                             "request that finds too few free is answered 503 + Retry-After. 0: the queue's "
+                             "capacity over the API processes, plus one request's images.")
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.decode == "gpu" and self.device == "cpu":
@@ -148,6 +161,19 @@ class Settings(BaseSettings):
             raise ValueError("PATCHLIFE_DTYPE=float16/bfloat16 needs a GPU; use float32 or auto with device=cpu")
         self.grid_keep_rates()  # raises on a malformed list
         return self
+
+    def api_process_count(self, cuda: bool, cores: int) -> int:
+        """``api_processes`` resolved: ``auto`` leaves the model process what it needs (2 cores beside a
+        GPU: its event loop and its model thread; on the CPU, its torch threads)."""
+        if self.api_processes != "auto":
+            return int(self.api_processes)
+        needs = 2 if cuda else (self.torch_threads or cores)
+        return max(1, cores - needs)
+
+    def slots_per_process(self, processes: int) -> int:
+        if self.pixel_slots:
+            return self.pixel_slots
+        return -(-self.queue_capacity_images // max(1, processes)) + self.max_images_per_request
 
     def grid_keep_rates(self) -> tuple[float, ...]:
         try:

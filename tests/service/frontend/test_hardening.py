@@ -23,7 +23,8 @@ from starlette.requests import Request
 
 import service.runtime.worker as worker_mod
 from service.frontend.app import begin_shutdown
-from service.frontend.context import ARRIVAL_KEY, JsonFormatter, _request_id, _RequestIdFilter
+from service.frontend.context import ARRIVAL_KEY
+from service.logs import JsonFormatter, _request_id, _RequestIdFilter
 from service.frontend.decode_budget import DecodeBudget, DecodeBusy
 from service.frontend.routes.common import EXPLAIN_VIEW_SIDE, Runtime, prepare_images, request_deadline
 from service.frontend.upload import RawImage
