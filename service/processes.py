@@ -250,6 +250,9 @@ def api_main(spec: ApiSpec, sock: socket.socket) -> None:
     if spec.metrics_dir is not None:
         metrics_mod.enable_multiprocess(spec.metrics_dir)  # type: ignore[attr-defined]
     configure_logging(spec.log_level, spec.settings.log_format, f"api-{spec.index}")
+    import torch
+
+    torch.set_num_threads(1)  # no model here: a thread team would only spin beside the model process's
     from .frontend.app import create_app
     from .metrics import Metrics
     from .serve import make_server

@@ -58,8 +58,8 @@ class SlotPool:
     def write(self, slot: int, pixels: torch.Tensor) -> None:
         if tuple(pixels.shape) != self.shape or pixels.dtype != torch.uint8:
             raise ValueError(f"a slot holds uint8 {list(self.shape)}, got {pixels.dtype} {list(pixels.shape)}")
-        assert self.tensor is not None
-        self.tensor[slot].copy_(pixels)
+        assert self._array is not None
+        np.copyto(self._array[slot], pixels.numpy())  # numpy: a plain memcpy, no intra-op thread team
 
     def read(self, ids: list[int]) -> list[torch.Tensor]:
         """Views of the slots (no copy): valid until the answer for them is sent."""
