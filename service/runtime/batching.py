@@ -47,10 +47,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from service.runtime.costmodel import Phase
 from service.settings import Settings
 
 Mode = Literal["budget", "fifo", "unbatched"]
-Phase = Literal["head", "tail"]
 Counts = tuple[int, ...]
 # Predicted device seconds of a batch: (phase, images, counts or None for phase A). Padding to a
 # captured batch-size class is the caller's business (see Worker.batch_seconds).

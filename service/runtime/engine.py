@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -40,21 +39,12 @@ from model.device import resolve_device, resolve_dtype
 from model.flops import dense_gflops, tokens_per_block
 from model.schedule import KeepSchedule, host_to_device
 
+from .costmodel import Timing
 from .graphs import GraphMode, ShapeRunner
 from .handoff import HeadBatch, HostCopy, Rows
 
 if TYPE_CHECKING:
     from ..settings import Settings
-
-
-@dataclass(frozen=True)
-class Timing:
-    """One measured batch: what the cost model learns from (see :mod:`service.runtime.costmodel`)."""
-
-    phase: Literal["head", "tail"]
-    rows: int                 # as run, padding included
-    tokens_per_row: int       # tail tokens per image (0 for phase A)
-    seconds: float
 
 
 def uint8_transform(preprocess: dict[str, Any]) -> tuple[Compose, torch.Tensor, torch.Tensor]:

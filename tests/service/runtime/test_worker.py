@@ -433,7 +433,7 @@ def test_an_asynchronous_engine_gets_the_next_batch_before_the_worker_waits(asyn
         first = asyncio.create_task(worker.submit(images(1, 2), None, later()))
         await wait_until(engine.entered.is_set)  # head (1, 2) is launching
         second = asyncio.create_task(worker.submit(images(3, 4), 0.75, later()))
-        await wait_until(lambda: worker._queued_tokens > 0 and len(worker._head) == 2)
+        await wait_until(lambda: worker.queues.tokens > 0 and len(worker.queues.head) == 2)
         engine.gate.set()
         out = [await first, await second]
         await worker.stop()

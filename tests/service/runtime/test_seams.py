@@ -1,0 +1,25 @@
+"""The worker's modules load without the model, and the names the rest of the code imports from
+``service.runtime.worker`` (and ``Timing`` from the engine) are the ones their home modules define."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from service.runtime import costmodel, engine, seams, worker
+
+REPO = __file__.rsplit("/tests/", 1)[0]
+
+
+def test_the_worker_loads_without_the_model() -> None:
+    code = ("import sys, service.runtime.worker; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'model', 'timm', 'torchvision', 'PIL'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_re_exports_are_the_home_modules_names() -> None:
+    assert worker.WorkerHooks is seams.WorkerHooks and worker.ModelEngine is seams.ModelEngine
+    assert engine.Timing is costmodel.Timing
+    public = {"DEVICE_OOM", "ModelEngine", "Worker", "WorkerHooks", "set_torch_threads"}
+    assert set(worker.__all__) == public and all(hasattr(worker, name) for name in public)
