@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.defaults import GRID_KEEP_RATES, GRID_SIZE, GRID_STEP
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PATCHLIFE_", env_file=None, extra="ignore", env_ignore_empty=True)
@@ -84,28 +86,29 @@ class Settings(BaseSettings):
 
     # --- batching ----------------------------------------------------------------------------
     batching: Literal["budget", "fifo", "unbatched"] = Field(
-        "budget", description="budget: group phase B by token-budget bucket; fifo: one batch at the "
+        "budget", description="budget: group the tail by token-budget bucket; fifo: one batch at the "
                               "largest budget in it; unbatched: one image at a time.")
-    max_batch_size: int = Field(32, ge=1, description="Most images in one phase-A or phase-B batch.")
+    max_batch_size: int = Field(32, ge=1, description="Most images in one head or tail batch.")
     max_delay_ms: float = Field(
         10.0, ge=0, description="Longest an image waits for its batch to fill while the other phase has work "
                                 "queued (an otherwise idle worker runs a batch at once); no wait with "
                                 "work_conserving=true.")
     max_batch_tokens: int = Field(
-        200_000, ge=1, description="Token limit of one phase-B batch (sum over images of the tokens "
+        200_000, ge=1, description="Token limit of one tail batch (sum over images of the tokens "
                                    "every tail block sees), like TGI's max_batch_total_tokens.")
     buckets: int = Field(
-        8, ge=1, description="Budget buckets fitted to the model's budgets: this many points at quantiles of the "
-                             "budgets its calibration images get at the model's keep rate and at "
-                             "bucket_keep_rates (plus the full budget); a budget runs at the cheapest point "
-                             "covering it.")
+        GRID_SIZE, ge=1, description="Budget buckets fitted to the model's budgets: this many points at quantiles "
+                                     "of the budgets its calibration images get at the model's keep rate and at "
+                                     "bucket_keep_rates (plus the full budget); a budget runs at the cheapest "
+                                     "point covering it.")
     bucket_keep_rates: str = Field(
-        "0.5,0.7,0.9", description="Keep rates (comma-separated) whose budgets the bucket grid is fitted to, besides "
-                                   "the model's own.")
-    bucket_step: int = Field(4, ge=1, description="Fallback grid for checkpoints without a calibration sample: patch "
-                                                  "counts rounded up to multiples of this.")
+        ",".join(map(str, GRID_KEEP_RATES)), description="Keep rates (comma-separated) whose budgets the bucket grid "
+                                                         "is fitted to, besides the model's own.")
+    bucket_step: int = Field(
+        GRID_STEP, ge=1, description="Fallback grid for checkpoints without a calibration sample: patch counts "
+                                     "rounded up to multiples of this.")
     max_batch_waste: float = Field(
-        1.0, ge=0, description="budget mode: the cost model merges covered buckets into a phase-B batch when that "
+        1.0, ge=0, description="budget mode: the cost model merges covered buckets into a tail batch when that "
                                "saves device time, as long as the tokens computed beyond the images' own budgets "
                                "stay within this fraction of those budgets (0: never mix buckets, so an answer "
                                "never depends on what else is queued).")

@@ -260,7 +260,7 @@ class Worker:
         assert batch.counts is not None
         parts: dict[int, tuple[HeadBatch, list[int], list[QueuedImage]]] = {}
         for im in images:  # rows grouped by the head batch they came from: one gather each
-            assert im.head is not None, "every image in phase B went through phase A"
+            assert im.head is not None, "every image in the tail went through the head"
             parts.setdefault(id(im.head), (im.head, [], []))[1].append(im.row)
             parts[id(im.head)][2].append(im)
         ordered = [im for _, _, ims in parts.values() for im in ims]
