@@ -86,7 +86,7 @@ class Settings(BaseSettings):
 
     # --- batching ----------------------------------------------------------------------------
     batching: Literal["budget", "fifo", "unbatched"] = Field(
-        "budget", description="budget: group the tail by token-budget bucket; fifo: one batch at the "
+        "budget", description="budget: group the tail by budget bucket; fifo: one batch at the "
                               "largest budget in it; unbatched: one image at a time.")
     max_batch_size: int = Field(32, ge=1, description="Most images in one head or tail batch.")
     max_delay_ms: float = Field(
@@ -115,10 +115,8 @@ class Settings(BaseSettings):
     work_conserving: bool = Field(
         False, description="true: run the oldest queued batch whenever the model thread is free instead of letting "
                            "it fill for up to max_delay_ms while the other phase has work. Off by default: where a "
-                           "call has a large fixed cost, small batches run at once cost more than the wait (2-core "
-                           "machine, embedded model, Poisson arrivals at 160 requests/s: p50 1098 ms and p99 3878 "
-                           "ms work-conserving, 62 ms and 219 ms waiting; closed-loop throughput 231 vs 229 "
-                           "images/s).")
+                           "call has a large fixed cost, small batches run at once cost more than the wait "
+                           "(measured figures and their command: docs/ops.md).")
     queue_capacity_images: int = Field(256, ge=1, description="Queued images before 503.")
     queue_capacity_tokens: int = Field(2_000_000, ge=1, description="Queued tail tokens before 503.")
     deadline_ms: float = Field(30_000, gt=0, description="Default per-request deadline; header "
@@ -127,11 +125,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, description="Intra-op CPU threads of the model (torch.set_num_threads, applied in the worker "
                              "thread at start-up); 0: torch's default, one per core. Each batch waits for every thread "
-                             "of the team, so on cores shared with other busy processes fewer threads can be faster "
-                             "(2-core machine with other jobs running: batch-1 13.1 ms with 1 thread, 18.6 ms with "
-                             "2); on a machine of its own, all cores served more (2-core machine, patchlife "
-                             "loadtest, embedded model: 225 vs 204 images/s with 2 threads vs 1, the machine 19% "
-                             "vs 30% idle).")
+                             "of the team, so on cores shared with other busy processes fewer threads can be faster; "
+                             "on a machine of its own, all cores serve more (measured figures and their commands: "
+                             "docs/ops.md).")
     unhealthy_after_failures: int = Field(
         3, ge=1, description="Consecutive failed model batches after which /readyz answers 503 with the error "
                              "(the next batch that succeeds clears it).")
