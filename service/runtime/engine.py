@@ -1,4 +1,5 @@
-"""The engine owns the model: the only module of ``service/`` that imports ``model/``.
+"""The engine owns the model: the only module of ``service/`` that runs ``model/`` (the settings read
+only the grid's torch-free defaults, ``model/defaults.py``).
 
 It exposes the two halves the batching worker schedules separately (types in :mod:`service.runtime.handoff`):
 
