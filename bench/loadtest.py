@@ -308,7 +308,7 @@ def _offline(mix: Mix, checkpoint: str | None, batch_size: int, seconds: float, 
 
     def one_pass() -> int:
         for i in range(0, len(pixels), batch_size):
-            engine.tail_by_bucket(engine.head(pixels[i:i + batch_size], rates[i:i + batch_size])).get()
+            engine.run_batch(pixels[i:i + batch_size], rates[i:i + batch_size])
         return len(pixels)
 
     one_pass()  # warm-up

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.defaults import GRID_KEEP_RATES, GRID_SIZE, GRID_STEP
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PATCHLIFE_", env_file=None, extra="ignore", env_ignore_empty=True)
@@ -84,38 +86,37 @@ class Settings(BaseSettings):
 
     # --- batching ----------------------------------------------------------------------------
     batching: Literal["budget", "fifo", "unbatched"] = Field(
-        "budget", description="budget: group phase B by token-budget bucket; fifo: one batch at the "
+        "budget", description="budget: group the tail by budget bucket; fifo: one batch at the "
                               "largest budget in it; unbatched: one image at a time.")
-    max_batch_size: int = Field(32, ge=1, description="Most images in one phase-A or phase-B batch.")
+    max_batch_size: int = Field(32, ge=1, description="Most images in one head or tail batch.")
     max_delay_ms: float = Field(
         10.0, ge=0, description="Longest an image waits for its batch to fill while the other phase has work "
                                 "queued (an otherwise idle worker runs a batch at once); no wait with "
                                 "work_conserving=true.")
     max_batch_tokens: int = Field(
-        200_000, ge=1, description="Token limit of one phase-B batch (sum over images of the tokens "
+        200_000, ge=1, description="Token limit of one tail batch (sum over images of the tokens "
                                    "every tail block sees), like TGI's max_batch_total_tokens.")
     buckets: int = Field(
-        8, ge=1, description="Budget buckets fitted to the model's budgets: this many points at quantiles of the "
-                             "budgets its calibration images get at the model's keep rate and at "
-                             "bucket_keep_rates (plus the full budget); a budget runs at the cheapest point "
-                             "covering it.")
+        GRID_SIZE, ge=1, description="Budget buckets fitted to the model's budgets: this many points at quantiles "
+                                     "of the budgets its calibration images get at the model's keep rate and at "
+                                     "bucket_keep_rates (plus the full budget); a budget runs at the cheapest "
+                                     "point covering it.")
     bucket_keep_rates: str = Field(
-        "0.5,0.7,0.9", description="Keep rates (comma-separated) whose budgets the bucket grid is fitted to, besides "
-                                   "the model's own.")
-    bucket_step: int = Field(4, ge=1, description="Fallback grid for checkpoints without a calibration sample: patch "
-                                                  "counts rounded up to multiples of this.")
+        ",".join(map(str, GRID_KEEP_RATES)), description="Keep rates (comma-separated) whose budgets the bucket grid "
+                                                         "is fitted to, besides the model's own.")
+    bucket_step: int = Field(
+        GRID_STEP, ge=1, description="Fallback grid for checkpoints without a calibration sample: patch counts "
+                                     "rounded up to multiples of this.")
     max_batch_waste: float = Field(
-        1.0, ge=0, description="budget mode: the cost model merges covered buckets into a phase-B batch when that "
+        1.0, ge=0, description="budget mode: the cost model merges covered buckets into a tail batch when that "
                                "saves device time, as long as the tokens computed beyond the images' own budgets "
                                "stay within this fraction of those budgets (0: never mix buckets, so an answer "
                                "never depends on what else is queued).")
     work_conserving: bool = Field(
         False, description="true: run the oldest queued batch whenever the model thread is free instead of letting "
                            "it fill for up to max_delay_ms while the other phase has work. Off by default: where a "
-                           "call has a large fixed cost, small batches run at once cost more than the wait (2-core "
-                           "machine, embedded model, Poisson arrivals at 160 requests/s: p50 1098 ms and p99 3878 "
-                           "ms work-conserving, 62 ms and 219 ms waiting; closed-loop throughput 231 vs 229 "
-                           "images/s).")
+                           "call has a large fixed cost, small batches run at once cost more than the wait "
+                           "(measured figures and their command: docs/ops.md).")
     queue_capacity_images: int = Field(256, ge=1, description="Queued images before 503.")
     queue_capacity_tokens: int = Field(2_000_000, ge=1, description="Queued tail tokens before 503.")
     deadline_ms: float = Field(30_000, gt=0, description="Default per-request deadline; header "
@@ -124,11 +125,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, description="Intra-op CPU threads of the model (torch.set_num_threads, applied in the worker "
                              "thread at start-up); 0: torch's default, one per core. Each batch waits for every thread "
-                             "of the team, so on cores shared with other busy processes fewer threads can be faster "
-                             "(2-core machine with other jobs running: batch-1 13.1 ms with 1 thread, 18.6 ms with "
-                             "2); on a machine of its own, all cores served more (2-core machine, patchlife "
-                             "loadtest, embedded model: 225 vs 204 images/s with 2 threads vs 1, the machine 19% "
-                             "vs 30% idle).")
+                             "of the team, so on cores shared with other busy processes fewer threads can be faster; "
+                             "on a machine of its own, all cores serve more (measured figures and their commands: "
+                             "docs/ops.md).")
     unhealthy_after_failures: int = Field(
         3, ge=1, description="Consecutive failed model batches after which /readyz answers 503 with the error "
                              "(the next batch that succeeds clears it).")

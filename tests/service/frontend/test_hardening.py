@@ -24,10 +24,10 @@ from starlette.requests import Request
 import service.runtime.worker as worker_mod
 from service.frontend.app import begin_shutdown
 from service.frontend.context import ARRIVAL_KEY
-from service.logs import JsonFormatter, _request_id, _RequestIdFilter
 from service.frontend.decode_budget import DecodeBudget, DecodeBusy
 from service.frontend.routes.common import EXPLAIN_VIEW_SIDE, Runtime, prepare_images, request_deadline
 from service.frontend.upload import RawImage
+from service.logs import JsonFormatter, _request_id, _RequestIdFilter
 from service.metrics import Metrics
 from service.protocol import Lifecycle
 from service.runtime.local import LocalModel

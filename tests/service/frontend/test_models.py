@@ -20,7 +20,7 @@ def test_models_describes_the_checkpoint(client: TestClient) -> None:
     engine = client.app.state.runtime.model.engine  # type: ignore[attr-defined]
     batching = info.pop("batching")
     expected = engine.info()
-    assert batching["bucket_grid"] == expected.pop("buckets") == [list(p) for p in engine.buckets.points]
+    assert batching["bucket_grid"] == expected.pop("buckets") == [list(p) for p in engine.bucket_grid.points]
     assert info == expected
     # The scheduler's beliefs: the cost model was fitted from warm-up timings of both phases.
     cost = batching["cost_model"]
