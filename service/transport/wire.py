@@ -5,10 +5,11 @@ Only small things travel here: descriptors naming shared-memory slots, the model
 results (probabilities, lives, budgets: a few KiB per image); pixels never do (:mod:`.slots`). The
 socket lives in a directory only this user can enter, and both ends are processes of one ``serve``.
 
-Conversation: the model process sends :class:`Welcome` (the card, the status) on connect, the API
-process answers :class:`Hello` (its slot pool, sized by the card's input shape); the model process then sends :class:`Status` whenever it changes and at least
-every ``HEARTBEAT_S``; each :class:`Submit` is answered by exactly one :class:`Done` or
-:class:`Failed` (a :class:`Cancel` makes it a ``Failed("cancelled")`` unless the answer was on its way).
+Conversation: the model process sends :class:`Welcome` (the card, the status) on connect; the API
+process answers :class:`Hello` (its slot pool, sized by the card's input shape); the model process then
+sends :class:`Status` whenever it changes and at least every ``HEARTBEAT_S``; each :class:`Submit` is
+answered by exactly one :class:`Done` or :class:`Failed` (a :class:`Cancel` makes it a
+``Failed("cancelled")`` unless the answer was on its way).
 """
 
 from __future__ import annotations
