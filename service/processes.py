@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -41,6 +42,7 @@ from pathlib import Path
 from . import metrics as metrics_mod
 from .logs import configure_logging
 from .settings import Settings
+from .transport.slots import shm_free_bytes
 
 log = logging.getLogger("patchlife.serve")
 MAX_QUICK_DEATHS = 5        # API processes that die within QUICK_DEATH_S of their start, in a row: give up
@@ -72,6 +74,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def shm_problem(pool_bytes: int) -> str | None:
+    """Why the pixel slots cannot fit in /dev/shm (None when they can): a slot written past the end of
+    a full tmpfs kills its API process with SIGBUS, so this is refused at start-up instead."""
+    free = shm_free_bytes()
+    if free is None or pool_bytes <= free:
+        return None
+    return (f"the pixel slots need {pool_bytes / 2**20:.0f} MiB of shared memory and /dev/shm has "
+            f"{free / 2**20:.0f} MiB free: mount a larger /dev/shm (docker: --shm-size, Kubernetes: an emptyDir "
+            "with medium Memory, see docs/ops.md) or lower PATCHLIFE_PIXEL_SLOTS / PATCHLIFE_API_PROCESSES")
+
+
 def run(args: argparse.Namespace, settings: Settings, processes: int) -> int:
     """The model process: load, bind, start the API processes, serve them until SIGTERM."""
     from .runtime.engine import Engine  # after the metrics directory is chosen: see metrics_mod
@@ -89,13 +102,18 @@ def run(args: argparse.Namespace, settings: Settings, processes: int) -> int:
         except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
             print(f"patchlife serve: {exc}", file=sys.stderr)
             return 1
+        slots = settings.slots_per_process(processes)
+        problem = shm_problem(processes * slots * math.prod(engine.card().input_shape))
+        if problem:
+            print(f"patchlife serve: {problem}", file=sys.stderr)
+            return 1
         try:
             sock = bind(settings.host, settings.port)
         except OSError as exc:
             print(f"patchlife serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
             return 1
         spec = ApiSpec(0, settings, workdir / "model.sock", metrics_dir if multiprocess else None,
-                       settings.slots_per_process(processes), args.log_level)
+                       slots, args.log_level)
         return asyncio.run(_model_process(engine, settings, spec, sock, processes))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
