@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from service.protocol import DeadlinePassed, ImageResult, ModelFailed, WorkerStopping
+from service.protocol import DeadlinePassed, ImageResult, Lifecycle, ModelFailed, WorkerStopping
 from service.runtime.admission import QueuedImage, Queues, Request
 from service.runtime.batching import Batch, BatchLimits, Counts, Phase, plan
 from service.runtime.costmodel import CostModel, Timing
@@ -104,13 +104,11 @@ class Worker:
         self.queues = Queues(engine, settings, self.hooks)
         self._cond = self.queues.cond        # one lock: the queues and the thread's state below
         self._busy = False                   # a batch is in flight
-        self._accepting = False
-        self._draining = False
-        self._exit = False
+        self.state = Lifecycle.LOADING       # READY (accepting) -> STOPPING (drain) -> DRAINING (refusing) -> STOPPED
         self._thread: threading.Thread | None = None
         self._failures = 0                   # consecutive failed batches
         self._last_error = ""
-        self._fatal: str | None = None       # why the model thread ended, if it did on an error
+        self._fatal: str | None = None       # FAILED: why the model thread ended on an error
         self._busy_since: float | None = None
         self._head_tokens = engine.head_tokens
         self.cost = CostModel()  # what a batch costs on this device, learnt from the batches run
@@ -126,7 +124,7 @@ class Worker:
     async def start(self) -> None:
         if self._thread is not None:
             return
-        self._accepting = True
+        self.state = Lifecycle.READY
         self._thread = threading.Thread(target=self._loop, name="patchlife-worker", daemon=True)
         self._thread.start()
 
@@ -134,25 +132,31 @@ class Worker:
         """Shutdown has begun: run queued batches without waiting for them to fill. Work is still
         accepted (requests already reading their body or decoding finish normally). Thread-safe."""
         with self._cond:
-            self._draining = True
+            self._advance(Lifecycle.STOPPING)
             self._cond.notify_all()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new work, finish what is queued within ``grace_s`` (default ``shutdown_grace_s``),
         then join the thread; what is still queued then is answered WorkerStopping."""
-        self._accepting = False
+        with self._cond:
+            self._advance(Lifecycle.DRAINING)
+            self._cond.notify_all()
         thread = self._thread
         if thread is None:
             return
-        self.begin_drain()
         end = time.monotonic() + (self.settings.shutdown_grace_s if grace_s is None else grace_s)
         while time.monotonic() < end and self._pending():
             await asyncio.sleep(0.005)
         with self._cond:
-            self._exit = True
+            self._advance(Lifecycle.STOPPED)
             self._cond.notify_all()
         await asyncio.to_thread(thread.join)  # a running batch cannot be interrupted
         self._thread = None
+
+    def _advance(self, state: Lifecycle) -> None:
+        """Forward only (a stop after a failure keeps FAILED)."""
+        if self.state != Lifecycle.FAILED and state > self.state:
+            self.state = state
 
     def health(self) -> str | None:
         """None while the worker can serve; otherwise why not (``/readyz`` answers 503 with it)."""
@@ -182,7 +186,7 @@ class Worker:
         if self._fatal is not None:
             self.hooks.on_reject("model_error")
             raise ModelFailed(f"model unavailable: {self._fatal}", 5.0)
-        if not self._accepting:
+        if self.state not in (Lifecycle.READY, Lifecycle.STOPPING):
             self.hooks.on_reject("shutdown")
             raise WorkerStopping("server is shutting down")
         if not pixels:
@@ -236,7 +240,7 @@ class Worker:
             log.critical("the model thread stopped on an unexpected error", exc_info=exc)
             with self._cond:  # under the lock: a submit either sees it or is answered by _fail_queued
                 self._fatal = f"the model thread stopped: {type(exc).__name__}: {exc}"
-                self._accepting = False
+                self.state = Lifecycle.FAILED
             self.hooks.on_model_failure("worker_died")
         finally:
             self._fail_queued([im for f in flight for images, _, _ in f.parts for im in images])
@@ -326,12 +330,12 @@ class Worker:
         With ``block`` False (a batch is in flight), return (None, []) at once when nothing is due,
         and leave batches that are due only because the device would idle (reason ``idle``): it is
         busy with the batch in flight, whose images the queues do not show yet."""
-        while not self._exit:
+        while self.state not in (Lifecycle.STOPPED, Lifecycle.FAILED):
             now = self.clock()
             next_deadline = self.queues.expire_locked(now)
             queues = self.queues
             decision = plan([i.wait for i in queues.head.values()], [i.wait for i in queues.tail.values()], now,
-                            self.limits, self.engine.tail_tokens, drain=self._draining,
+                            self.limits, self.engine.tail_tokens, drain=self.state >= Lifecycle.STOPPING,
                             cost=self.batch_seconds if self.cost.ready else None)
             if isinstance(decision, Batch):
                 if not block and decision.reason == "idle":
