@@ -1,6 +1,6 @@
 """Closed-loop drivers for ``patchlife loadtest`` that do not become the bottleneck.
 
-The in-process driver (``loadtest.closed_loop``: asyncio + httpx in this process) costs several ms
+The in-process driver (``loadpass.closed_loop``: asyncio + httpx in this process) costs several ms
 of CPU per request on one core; on a fast server it measures itself. Two others:
 
   * ``processes``: ``--processes N`` client processes, each running the in-process driver with its
@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from .loadpass import Pass, closed_loop
+
 
 def busy_share(cpu_s: float, elapsed_s: float) -> float | None:
     return round(cpu_s / elapsed_s, 3) if elapsed_s > 0 else None
@@ -42,8 +44,6 @@ def _client_process(url: str, payloads: list[Any], clients: int, warmup: int, re
                     start: int, timeout: float, barrier: Any) -> dict[str, Any]:
     """One client process: warm up its connections, wait for the others (and the parent's scrape),
     then run its closed loop. Returns the pass and this process's own CPU seconds and busy share."""
-    from .loadtest import closed_loop  # a spawned process imports what it needs
-
     async def main() -> dict[str, Any]:
         limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
         async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
@@ -84,8 +84,6 @@ class ProcessDriver:
     def run(self, url: str, payloads: list[Any], clients: int, warmup: int, requests: int, duration_s: float,
             timeout: float, between: Any = None) -> tuple[Any, list[float | None]]:
         """(the merged pass, each client process's busy share)."""
-        from .loadtest import Pass
-
         n = min(self.processes, clients)
         barrier = self.manager.Barrier(n + 1)
         shares, quotas, warmups = split(clients, n), split(requests, n), split(warmup, n)
