@@ -41,6 +41,8 @@ COMMANDS: dict[str, Command] = {
                               options.bench_overhead),
     "bench-decode": Command("bench.decode",
                             "ms per image from JPEG bytes to model input: CPU path, GPU batches", options.bench_decode),
+    "bench-http": Command("bench.httpbench", "requests/s and server CPU per request under wrk, per file, settings "
+                          "side by side (e.g. PATCHLIFE_API_PROCESSES=0 against auto)"),
     "gpu-check": Command("bench.gpu_check", "on a CUDA machine: the gpu tests, training, eval, bench, a load test "
                          "and batched JPEG decoding, in one table"),
 }
