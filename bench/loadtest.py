@@ -128,7 +128,7 @@ async def _closed(client: httpx.AsyncClient, url: str, payloads: list[LoadReques
                   driver: ProcessDriver | None) -> tuple[dict[str, Any], int, float, Snapshot]:
     """The measured closed loop by the chosen driver: (its summary, images, seconds, the snapshot before)."""
     loop = asyncio.get_running_loop()
-    if driver is not None:
+    if driver is not None and args.driver != "wrk":
         snap: list[Snapshot] = []
         closed, busy = await loop.run_in_executor(None, lambda: driver.run(
             url, payloads, args.clients, args.warmup, args.requests, args.duration, args.timeout,
@@ -182,18 +182,26 @@ async def measure(url: str, payloads: list[LoadRequest], args: argparse.Namespac
         if info is not None and info.get("cost_model") is None:
             info["cost_model"] = report.cost_model_from_gauges(after)
         if args.rate_fraction > 0 and summary["requests_per_s"]:
-            result["open_loop"] = await _open_loop_pass(client, payloads, args, summary["requests_per_s"])
+            result["open_loop"] = await _open_loop_pass(client, url, payloads, args, summary["requests_per_s"], driver)
         if args.idle_requests > 0:
             result["idle"] = await idle_requests(client, payloads, args.idle_requests)
         return result
 
 
-async def _open_loop_pass(client: httpx.AsyncClient, payloads: list[LoadRequest], args: argparse.Namespace,
-                          closed_requests_per_s: float) -> dict[str, Any]:
+async def _open_loop_pass(client: httpx.AsyncClient, url: str, payloads: list[LoadRequest], args: argparse.Namespace,
+                          closed_requests_per_s: float, driver: ProcessDriver | None) -> dict[str, Any]:
+    """Poisson arrivals at ``--rate-fraction`` of the closed loop's requests/s, from the client processes when
+    there are some (their busy share is reported: a saturated sender delays its own arrivals)."""
     rate = args.rate_fraction * closed_requests_per_s  # requests/s
-    opened = (await open_loop(client, payloads, rate, args.requests, args.duration)).summary()
+    if driver is not None:
+        sent, busy = await asyncio.get_running_loop().run_in_executor(None, lambda: driver.run(
+            url, payloads, args.clients, 0, args.requests, args.duration, args.timeout, rate_per_s=rate))
+    else:
+        sent = await open_loop(client, payloads, rate, args.requests, args.duration)
+        busy = [busy_share(sent.client_cpu_s, sent.elapsed_s)]
+    opened = sent.summary()
     return {"rate_per_s": round(rate, 2), **{k: opened[k] for k in ("images_per_s", "p50_ms", "p95_ms", "p99_ms",
-                                                                      "errors")},
+                                                                      "errors")}, **_busy(busy),
             "p99_over_p50": round(opened["p99_ms"] / opened["p50_ms"], 2) if opened["p50_ms"] else None}
 
 
@@ -263,7 +271,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix", default="scenes",
                    help=f"kinds of image in the mix, cycled image by image (comma-separated, from "
                         f"{','.join(MIX_KINDS)}): the synthetic task's PNG scenes and photo-like JPEGs of 224x224, "
-                        "640x480 and 1500x1000 made by code")
+                        "640x480, 1000x872 and 1500x1000 made by code")
     p.add_argument("--images-per-request", type=int, default=1,
                    help="images in one multipart request (spreads the HTTP cost; the throughput is in images/s)")
     p.add_argument("--keep-rates", type=_rates, default="default,0.5,0.7,0.9",  # argparse applies type
@@ -284,8 +292,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after each pass, send this many single-image requests one at a time to the idle server "
                         "and compare their p50 with the server's batch-1 compute + decode (0: off)")
     p.add_argument("--processes", type=int, default=1,
-                   help="client processes sharing --clients (1: this process drives the load); the table warns "
-                        "when one was busy over 70%% of a core")
+                   help="client processes sharing --clients and the open loop's arrivals (1: this process drives "
+                        "the load; with --driver wrk they send the open loop only); the table warns when one was "
+                        "busy over 70%% of a core")
     p.add_argument("--driver", choices=("httpx", "wrk"), default="httpx",
                    help="wrk: the wrk tool (if installed) sends the first request of the mix, prebuilt, for the "
                         "closed-loop maximum; httpx: this tool's own clients (every request of the mix)")
@@ -321,8 +330,6 @@ def _check(args: argparse.Namespace, modes: list[str]) -> str | None:
         return "--images-per-request, --clients, --mix-size, --repeat and --processes must be >= 1"
     if args.driver == "wrk" and not wrk_available():
         return "--driver wrk needs the wrk tool on PATH (Debian: apt-get install wrk)"
-    if args.driver == "wrk" and args.processes > 1:
-        return "--driver wrk and --processes exclude each other (wrk is one process with its own threads)"
     return None
 
 
