@@ -33,6 +33,7 @@ from . import loadtest
 from .child import serve_child
 from .loaddrive import ProcessDriver, wrk_available
 from .loadmix import make_mix, make_requests
+from .loadreport import BUSY_WARNING
 from .models import MODELS
 
 PHOTOS = {"224px": "photo224", "1000px": "photo1000"}  # row name -> loadmix kind
@@ -52,7 +53,8 @@ TARGETS = {("224px", 1): Target(8_000, 100.0), ("224px", 16): Target(12_000, ove
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, help="checkpoint to serve (default: --model, made on the spot)")
-    p.add_argument("--model", default="deit-small", choices=sorted(MODELS), help="the model made without --checkpoint")
+    p.add_argument("--model", default="deit-small", choices=sorted(MODELS),
+                   help="the model made without --checkpoint (default: deit-small)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "auto"), help="PATCHLIFE_DEVICE and the "
                                                                                    "offline bench's device")
     p.add_argument("--api-processes", default="auto", help="PATCHLIFE_API_PROCESSES of the server")
@@ -153,6 +155,10 @@ def table(body: dict[str, Any]) -> str:
                      f"{_fmt(r['server_cpu_ms_per_image'], '.3f'):>10} {_fmt(r['open_rate_per_s'], '.0f'):>11} "
                      f"{_fmt(r['open_p99_ms'], '.1f'):>8} {_fmt(r['client_busy_max'], '.0%'):>11} "
                      f"{_fmt(r['over_offline'], '.3f'):>9}  {verdict}")
+    busiest = max((r["client_busy_max"] for r in body["rows"] if r["client_busy_max"] is not None), default=None)
+    if busiest is not None and busiest > BUSY_WARNING:
+        lines += ["", f"WARNING: a load-generating process was busy {busiest:.0%} of a core (over {BUSY_WARNING:.0%}): "
+                  "the client may be what limits these figures; add --processes"]
     lines += ["", f"offline served path (patchlife bench --served, batch {body['offline_batch']}): "
               f"{_fmt(body['offline_images_per_s'], '.0f')} images/s; server: {body['model']} on {body['device']}, "
               f"PATCHLIFE_API_PROCESSES={body['api_processes']}; client processes {body['processes']}"]
