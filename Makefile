@@ -26,7 +26,8 @@ test: $(STAMP) prometheus kubectl chromium wrk
 # apt-get, or when a package cannot be had, the tests that need the tool skip and say why.
 # Prometheus + promtool for tests/ops; kubectl (its built-in kustomize renders deploy/k8s; bookworm's
 # kubernetes-client 1.20 is too old, the tests then skip); chromium for the browser tests (driven by
-# Playwright from the dev extra; Playwright's own browser download is never used).
+# Playwright from the dev extra; Playwright's own browser download is never used); wrk for the load
+# generator tests (patchlife bench-http, loadtest --driver wrk).
 .PHONY: prometheus kubectl chromium wrk
 prometheus:
 	@scripts/apt-best-effort Prometheus "command -v prometheus && command -v promtool" prometheus
