@@ -2,7 +2,7 @@
 
 Pure functions (no sockets): the server's ``/metrics`` text and ``GET /v1/models`` answer are
 parsed tolerantly (a series or key the server does not have becomes ``None``, printed "n/a"),
-``/proc/stat`` and ``/proc/<pid>/stat`` give the machine's idle share and a process's CPU time,
+``/proc/stat`` gives the machine's idle share (the server's own CPU: ``bench.proctree``),
 repeated passes of a mode are reduced to medians (with the spread of images/s), and the table and
 its "explain" lines are formatted.
 """
@@ -10,7 +10,6 @@ its "explain" lines are formatted.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 from collections import Counter
@@ -185,17 +184,6 @@ def idle_share(before: CpuTimes | None, after: CpuTimes | None) -> float | None:
     if before is None or after is None or after.total <= before.total:
         return None
     return round((after.idle - before.idle) / (after.total - before.total), 4)
-
-
-def process_cpu_s(pid: int | None, proc: str = "/proc") -> float | None:
-    """User + system CPU seconds of process ``pid`` (all its threads), or None."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"{proc}/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 # -- repeated passes ------------------------------------------------------------------------------
