@@ -88,11 +88,15 @@ class Served:
 
 @contextlib.contextmanager
 def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | None = None) -> Iterator[Served]:
-    """``patchlife serve`` in a subprocess for ``mode``; yields its URL and CPU reader once /readyz answers 200.
+    """``patchlife serve`` in a subprocess for ``mode`` (``budget``, or ``budget@auto``: with that
+    PATCHLIFE_API_PROCESSES); yields its URL and CPU reader once /readyz answers 200.
 
     ``threads``: PATCHLIFE_TORCH_THREADS of the server (None: inherited from this environment).
     """
+    mode, _, api = mode.partition("@")
     env = {"PATCHLIFE_BATCHING": mode}
+    if api:
+        env["PATCHLIFE_API_PROCESSES"] = api
     if checkpoint:
         env["PATCHLIFE_CHECKPOINT"] = checkpoint
     if threads is not None:
@@ -298,6 +302,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--driver", choices=("httpx", "wrk"), default="httpx",
                    help="wrk: the wrk tool (if installed) sends the first request of the mix, prebuilt, for the "
                         "closed-loop maximum; httpx: this tool's own clients (every request of the mix)")
+    p.add_argument("--api-processes", default=None,
+                   help="PATCHLIFE_API_PROCESSES values to compare for each mode (comma-separated, e.g. 0,auto: "
+                        "servers alternate pass by pass; ratios to the first value are reported)")
     p.add_argument("--json", action="store_true", help="print only a JSON object (medians and every pass)")
 
 
@@ -321,8 +328,15 @@ def _kinds(text: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
+def _variants(modes: list[str], api_processes: str | None) -> list[str]:
+    """Each mode, or each mode at each ``--api-processes`` value (``budget@0``, ``budget@auto``)."""
+    if not api_processes:
+        return modes
+    return [f"{m}@{a.strip()}" for m in modes for a in api_processes.split(",") if a.strip()]
+
+
 def _check(args: argparse.Namespace, modes: list[str]) -> str | None:
-    if unknown := sorted(set(modes) - set(MODES)):
+    if unknown := sorted({m.partition("@")[0] for m in modes} - set(MODES)):
         return f"unknown modes {unknown}; choose from {list(MODES)}"
     if not _kinds(args.mix) or (unknown := sorted(set(_kinds(args.mix)) - set(MIX_KINDS))):
         return f"--mix: kinds from {','.join(MIX_KINDS)} (got {args.mix!r})"
@@ -334,7 +348,7 @@ def _check(args: argparse.Namespace, modes: list[str]) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = _variants([m.strip() for m in args.modes.split(",") if m.strip()], args.api_processes)
     if problem := _check(args, modes):
         print(f"patchlife loadtest: {problem}", file=sys.stderr)
         return 2
@@ -353,6 +367,8 @@ def run(args: argparse.Namespace) -> int:
                 return 1
     results = {mode: report.combine(ps) for mode, ps in passes.items()}
     body: dict[str, Any] = {"order": order, "modes": results, "budget_over_fifo": report.pair_ratios(results)}
+    if args.api_processes and not args.url:
+        body["api_processes"] = report.variant_ratios(results)
     if args.offline:
         body["offline_images_per_s"] = offline = _offline_reference(payloads, args)
         budget = results.get("budget", results.get("server"))
