@@ -72,7 +72,7 @@ def image_sets(images_dir: Path | None, sizes: Sequence[str]) -> dict[str, list[
     return {n: [photo_jpeg(w, h, seed) for seed in range(4)] for n, w, h in chosen}
 
 
-def bench(sets: dict[str, list[bytes]], preprocess: dict[str, Any], device: str | None,
+def time_paths(sets: dict[str, list[bytes]], preprocess: dict[str, Any], device: str | None,
           batch_sizes: Sequence[int], seconds: float) -> list[dict[str, Any]]:
     """One row per image set: ``cpu path`` ms/image, and ``<device type> bN`` ms/image per batch size."""
     decoder = BatchDecoder(preprocess, device, MAX_PIXELS) if device else None
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         preprocess = VIT_224
     sets = image_sets(args.images, sizes)
-    rows = bench(sets, preprocess, device, batch_sizes, args.seconds)
+    rows = time_paths(sets, preprocess, device, batch_sizes, args.seconds)
     result: dict[str, Any] = {"device": device, "rows": rows}
     if args.equivalence:
         images = [d for imgs in sets.values() for d in imgs]

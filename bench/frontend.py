@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print only a JSON object")
 
 
-def offline_images_per_s(checkpoint: Path, device: str, batch: int) -> float:
+def served_images_per_s(checkpoint: Path, device: str, batch: int) -> float:
     """``patchlife bench --served`` of the checkpoint, in its own process: the served variant's images/s."""
     argv = [sys.executable, "-m", "cli", "bench", "--served", "--checkpoint", str(checkpoint), "--device", device,
             "--dtype", "auto", "--batch-size", str(batch), "--rounds", "5", "--json"]
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
                 say(f"making a calibrated {args.model} ...")
                 checkpoint = make_checkpoint(args.model, Path(tmp) / args.model)
             say(f"offline served path at batch {args.offline_batch} ...")
-            offline = offline_images_per_s(checkpoint, args.device, args.offline_batch)
+            offline = served_images_per_s(checkpoint, args.device, args.offline_batch)
             say("serving it; one load pass per photo size and images per request ...")
             rows = measure(args, checkpoint, offline)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:

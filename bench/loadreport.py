@@ -100,7 +100,7 @@ def _ratio(num: float | None, den: float | None, digits: int = 4) -> float | Non
     return round(num / den, digits) if num is not None and den else None
 
 
-def explain(d: dict[str, float], elapsed_s: float) -> dict[str, float | None]:
+def window_summary(d: dict[str, float], elapsed_s: float) -> dict[str, float | None]:
     """What the server did in a window, from its counters' increases ``d`` over ``elapsed_s``."""
     needed, tail_images = d.get("needed"), d.get("tail_images")
     head_images = d.get("head_images", tail_images)  # every image runs the head once

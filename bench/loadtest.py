@@ -177,7 +177,7 @@ async def measure(url: str, payloads: list[LoadRequest], args: argparse.Namespac
         summary, images, elapsed, before = await _closed(client, url, payloads, args, server_cpu, driver)
         cpu_after, server_after = report.read_cpu_times(), server_cpu() if server_cpu else None
         after = await scrape(client)
-        result = {**summary, **report.explain(report.deltas(before.metrics, after), elapsed)}
+        result = {**summary, **report.window_summary(report.deltas(before.metrics, after), elapsed)}
         result["cpu_idle"] = report.idle_share(before.cpu, cpu_after)  # the whole machine's, at saturation
         server_s = server_after - before.server_s if server_after is not None and before.server_s is not None else None
         result["server_cpu_ms_per_image"] = round(1000.0 * server_s / images, 3) if server_s is not None and images \

@@ -14,9 +14,9 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 from model import options as method_options  # train and eval: the method's own programs
+from service import package_version
 
 from . import options
 
@@ -48,13 +48,6 @@ COMMANDS: dict[str, Command] = {
     "gpu-check": Command("bench.gpu_check", "on a CUDA machine: the gpu tests, training, eval, bench, a load test "
                          "and batched JPEG decoding, in one table"),
 }
-
-
-def package_version() -> str:
-    try:
-        return version("patchlife")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class _Formatter(argparse.HelpFormatter):

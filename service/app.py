@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from .frontend.app import create_app as frontend_app
+from .frontend.app import make_app
 from .metrics import Metrics
 from .runtime.engine import Engine
 from .runtime.local import LocalModel
@@ -20,4 +20,4 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     loads it before the port opens); None: the lifespan loads it."""
     settings = settings or get_settings()
     metrics = Metrics()
-    return frontend_app(settings, LocalModel(settings, metrics, engine), metrics)
+    return make_app(settings, LocalModel(settings, metrics, engine), metrics)

@@ -271,7 +271,7 @@ def api_main(spec: ApiSpec, sock: socket.socket) -> None:
     import torch
 
     torch.set_num_threads(1)  # no model here: a thread team would only spin beside the model process's
-    from .frontend.app import create_app
+    from .frontend.app import make_app
     from .metrics import Metrics
     from .serve import make_server
     from .transport.client import RemoteModel
@@ -284,7 +284,7 @@ def api_main(spec: ApiSpec, sock: socket.socket) -> None:
             loop.call_later(1.0, setattr, server_box[0], "should_exit", True)
 
     model = RemoteModel(spec.ipc_path, spec.slots, on_lost=lost)
-    app = create_app(spec.settings, model, Metrics())
+    app = make_app(spec.settings, model, Metrics())
     server = make_server(app, spec.settings, spec.log_level)
     server_box.append(server)
     server.run(sockets=[sock])

@@ -110,3 +110,24 @@ def test_a_forbidden_import_is_caught(tmp_path: Path, where: str, line: str, rul
     path.write_text(line + "\n")
     found = violations([path], tmp_path)
     assert len(found) >= 1 and all(rule in v for v in found), found
+
+
+# Names every command module defines by convention (cli/main.py calls them by these names), and the
+# option builders named after their command.
+ENTRY_POINTS = frozenset({"run", "main", "add_arguments", "table", "measure", "train", "bench"})
+
+
+def test_no_public_name_is_defined_in_two_modules() -> None:
+    """One home for each name: a second top-level ``def``/``class`` of the same public name elsewhere is
+    either a copy or a name that means two things."""
+    homes: dict[str, list[str]] = {}
+    for root in ("model", "service", "bench", "cli"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            if path.name.endswith("_pb2.py"):
+                continue
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and \
+                        not node.name.startswith("_"):
+                    homes.setdefault(node.name, []).append(str(path.relative_to(REPO)))
+    twice = {name: paths for name, paths in homes.items() if len(paths) > 1 and name not in ENTRY_POINTS}
+    assert not twice, f"public names defined in more than one module: {twice}"

@@ -1,4 +1,4 @@
-"""The FastAPI application of one front end: ``create_app(settings, model, metrics)``.
+"""The FastAPI application of one front end: ``make_app(settings, model, metrics)``.
 
 ``model`` is the typed handle on the model (:class:`~service.protocol.ModelClient`): in this process
 (``service/app.py`` wires it, for tests and ``PATCHLIFE_API_PROCESSES=0``) or in the model process
@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 from fastapi import FastAPI
 
+from .. import package_version
 from ..metrics import HttpMetricsMiddleware, Metrics
 from ..protocol import Lifecycle, ModelClient
 from ..settings import Settings
@@ -33,13 +33,6 @@ from .routes import metrics as metrics_route
 from .routes.common import Runtime
 
 log = logging.getLogger("patchlife.app")
-
-
-def package_version() -> str:
-    try:
-        return version("patchlife")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 async def _start(rt: Runtime) -> None:
@@ -100,7 +93,7 @@ def begin_shutdown(rt: Runtime) -> None:
     rt.model.begin_drain()
 
 
-def create_app(settings: Settings, model: ModelClient, metrics: Metrics) -> FastAPI:
+def make_app(settings: Settings, model: ModelClient, metrics: Metrics) -> FastAPI:
     """The app of one front end, serving ``model``; ``metrics``: this process's series."""
     rt = Runtime(settings, metrics, model)
 

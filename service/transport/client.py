@@ -136,7 +136,7 @@ class RemoteModel:
         try:
             while True:
                 message = await wire.receive(reader)
-                if isinstance(message, wire.Status):
+                if isinstance(message, wire.StatusUpdate):
                     self._status = message.status
                     self._changed.set()
                 elif isinstance(message, wire.Done | wire.Failed):

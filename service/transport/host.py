@@ -56,7 +56,7 @@ class ModelHost:
             conn.writer.close()
 
     def push_status(self) -> None:
-        status = wire.Status(self.model.status())
+        status = wire.StatusUpdate(self.model.status())
         for conn in self.connections:
             if not conn.writer.is_closing():
                 wire.send(conn.writer, status)
@@ -84,7 +84,7 @@ class ModelHost:
             return
         conn = _Connection(writer, pool, hello.pid)
         self.connections.add(conn)
-        wire.send(writer, wire.Status(self.model.status()))  # it may have changed while the sender set up
+        wire.send(writer, wire.StatusUpdate(self.model.status()))  # it may have changed while the sender set up
         log.info("API process %d connected (%d pixel slots)", hello.pid, hello.slots)
         try:
             while True:
@@ -120,7 +120,7 @@ class ModelHost:
         except asyncio.CancelledError:
             answer = wire.Failed(msg.id, "cancelled", "cancelled by the API process")
         except WorkerError as exc:
-            answer = wire.failure(msg.id, exc)
+            answer = wire.failed(msg.id, exc)
         except Exception as exc:  # a bug here must not leave the API process waiting
             log.exception("request failed in the model process")
             answer = wire.Failed(msg.id, "ModelFailed", f"model process error: {type(exc).__name__}: {exc}")

@@ -7,7 +7,7 @@ socket lives in a directory only this user can enter, and both ends are processe
 
 Conversation: the model process sends :class:`Welcome` (the card, the status) on connect; the API
 process answers :class:`Hello` (its slot pool, sized by the card's input shape); the model process then
-sends :class:`Status` whenever it changes and at least every ``HEARTBEAT_S``; each :class:`Submit` is
+sends :class:`StatusUpdate` whenever it changes and at least every ``HEARTBEAT_S``; each :class:`Submit` is
 answered by exactly one :class:`Done` or :class:`Failed` (a :class:`Cancel` makes it a
 ``Failed("cancelled")`` unless the answer was on its way).
 """
@@ -54,7 +54,7 @@ class Welcome:
 
 
 @dataclass(frozen=True)
-class Status:
+class StatusUpdate:
     status: ModelStatus
 
 
@@ -100,7 +100,7 @@ def unpack_results(done: Done) -> list[ImageResult]:
     return [ImageResult(probs[i], lives[i], *rest) for i, rest in enumerate(done.rest)]
 
 
-def failure(rid: int, exc: BaseException) -> Failed:
+def failed(rid: int, exc: BaseException) -> Failed:
     retry = getattr(exc, "retry_after_s", 1.0)
     return Failed(rid, type(exc).__name__, str(exc), float(retry))
 

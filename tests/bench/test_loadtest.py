@@ -190,10 +190,10 @@ def test_parse_metrics_is_tolerant() -> None:
     m = loadreport.parse_metrics(text)
     assert m == {"needed": 1000.0, "tail_images": 12.0, "tail_batches": 3.0, "merged": 0.0,
                  "head_images": 0.0, "head_batches": 0.0}  # histogram declared: its other phase reads 0
-    e = loadreport.explain(loadreport.deltas({}, m), 1.0)
+    e = loadreport.window_summary(loadreport.deltas({}, m), 1.0)
     assert e["tail_batch_mean"] == 4.0 and e["merged_share"] == 0.0
     assert e["waste_ratio"] is None and e["model_busy"] is None and e["tail_padding_per_image"] is None
-    assert loadreport.explain({}, 0.0) == dict.fromkeys(e)  # nothing at all: every figure n/a
+    assert loadreport.window_summary({}, 0.0) == dict.fromkeys(e)  # nothing at all: every figure n/a
     assert loadreport.batching_info({"models": [{"batching": {"cost_model": 3}}]}) == {"buckets": None,
                                                                                       "cost_model": 3}
     assert loadreport.batching_info(["not", "a", "model"]) is None

@@ -96,20 +96,20 @@ async def all_statistics(rt: RuntimeDep) -> dict[str, Any]:
 
 @router.get("/models/{name}/stats", responses=_NOT_FOUND, summary="Model statistics (Triton's statistics extension)")
 @router.get("/models/{name}/versions/{version}/stats", responses=_NOT_FOUND, include_in_schema=False)
-async def model_statistics(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
+async def get_model_statistics(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
     return {"model_stats": [triton.model_statistics(rt.metrics, served_model(rt, name, version).name)]}
 
 
 @router.get("/models/{name}/config", responses=_NOT_FOUND,
             summary="Model configuration (Triton's model configuration extension)")
 @router.get("/models/{name}/versions/{version}/config", responses=_NOT_FOUND, include_in_schema=False)
-async def model_config(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
+async def get_model_config(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
     return triton.model_config(served_model(rt, name, version), rt.settings)
 
 
 @router.get("/models/{name}", responses=_NOT_FOUND, summary="Model metadata: input and output tensors")
 @router.get("/models/{name}/versions/{version}", responses=_NOT_FOUND, include_in_schema=False)
-async def model_metadata(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
+async def get_model_metadata(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
     return oip.model_metadata(served_model(rt, name, version).info)
 
 
