@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 import prometheus_client
 import torch
@@ -61,9 +61,9 @@ prometheus_client.disable_created_metrics()
 # How a gauge aggregates over processes. None keeps a ``pid`` label (the dashboard would need a sum),
 # and API processes write 0 into every unlabelled or pre-created gauge, so a model-process gauge
 # needs a mode that a 0 elsewhere does not change. "live" modes drop a process when it is marked dead.
-SUM_LIVE = "livesum"  # additive over the processes alive: requests in flight, queue depth, graphs
-MAX_LIVE = "livemax"  # one writer (the model process) against the API processes' zeros: health, build, costs
-MAX_EVER = "max"  # a fact that outlives its process: the last inference
+SUM_LIVE: Final = "livesum"  # additive over the processes alive: requests in flight, queue depth, graphs
+MAX_LIVE: Final = "livemax"  # one writer (the model process) against the API processes' zeros: health, build, costs
+MAX_EVER: Final = "max"  # a fact that outlives its process: the last inference
 
 
 class DeviceMemoryCollector(Collector):
