@@ -241,7 +241,8 @@ class Metrics:
 
     def set_model(self, version: str, model: str, device: torch.device, dtype: str) -> None:
         """Called once the engine is loaded: build info and the device whose memory is reported."""
-        self.build_info.clear()
+        if self.shared_dir is None:  # (multiprocess: called once per model process; clear() is not supported)
+            self.build_info.clear()
         self.build_info.labels(version, model, str(device), dtype).set(1)
         self.device_memory.device = device
         self.sample_device_memory()
