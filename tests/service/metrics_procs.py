@@ -1,5 +1,5 @@
-"""Child programs of the multiprocess metrics tests: an API process and a model process of one service,
-each writing into the shared directory, and answering commands from the test over a pipe.
+"""Child programs of the multiprocess metrics tests (an API process and a model process of one service,
+each writing into the shared directory and answering commands over a pipe), and the test's handle on one.
 
 They run in a forkserver whose Python has imported ``service.metrics`` (so it and torch load
 once per session, not once per child) before any multiprocess switch: each child switches itself
@@ -8,8 +8,10 @@ with ``enable_multiprocess``, the path where prometheus_client was imported firs
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,53 @@ import torch
 from prometheus_client import values
 
 from service.frontend.triton import model_statistics
-from service.metrics import Metrics, PrometheusHooks, cleanup_multiprocess, enable_multiprocess, multiprocess_dir
+from service.metrics import (
+    Metrics,
+    PrometheusHooks,
+    cleanup_multiprocess,
+    enable_multiprocess,
+    mark_process_dead,
+    multiprocess_dir,
+)
 from service.protocol import ImageResult
 from service.runtime.costmodel import CostModel, LinearFit
 
 GRAPHS = {"captured": 6, "capture_seconds": 1.5, "capture_bytes": 4096, "eager_fallbacks": 2}
 LAST_INFERENCE = 1_790_000_000.0  # what the model process's clock said, fixed so a test can compare it
+
+
+def forkserver() -> ForkServerContext:
+    """The children's context: a clean Python (no pytest threads) that imports the service once."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["service.metrics", "service.frontend.triton"])  # from its cwd: the repo
+    return ctx
+
+
+class Child:
+    """A child process with a command pipe; ``ready()`` waits until it has written its metrics."""
+
+    def __init__(self, ctx: ForkServerContext, target: Any, *args: Any) -> None:
+        self.conn, theirs = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(*args, theirs), daemon=True)
+        self.proc.start()
+        theirs.close()
+
+    def ready(self) -> int:
+        assert self.conn.poll(60), "child did not start"
+        pid = self.conn.recv()
+        assert pid == self.proc.pid
+        return pid
+
+    def ask(self, cmd: str) -> Any:
+        self.conn.send(cmd)
+        assert self.conn.poll(30), f"no answer to {cmd}"
+        return self.conn.recv()
+
+    def stop(self, directory: Path) -> None:
+        self.conn.send("exit")
+        self.proc.join(30)
+        assert self.proc.exitcode == 0
+        mark_process_dead(self.proc.pid, directory)  # what serve's parent does when a child exits
 
 
 def _answer(conn: Connection, m: Metrics, extra: dict[str, Any] | None = None) -> None:
@@ -76,6 +119,17 @@ def model_process(directory: Path, conn: Connection) -> None:
         return True
 
     _answer(conn, m, {"sicken": sicken})
+
+
+def cuda_model_process(directory: Path, conn: Connection) -> None:
+    """A model process on the GPU holding 64 MiB, its device memory sampled as the heartbeat does."""
+    enable_multiprocess(directory)
+    m = Metrics()
+    m.set_model("1.2.3", "tiny", torch.device("cuda", 0), "float32")
+    held = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    m.sample()
+    _answer(conn, m)
+    del held
 
 
 def switching(directory: Path, conn: Connection) -> None:

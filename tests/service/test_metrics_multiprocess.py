@@ -10,7 +10,6 @@ from a forkserver that has imported ``service.metrics`` once (see ``metrics_proc
 from __future__ import annotations
 
 import json
-import multiprocessing
 import re
 import shutil
 import subprocess
@@ -22,10 +21,11 @@ from typing import Any
 
 import metrics_procs
 import pytest
+from metrics_procs import Child
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import Metrics, mark_process_dead, multiprocess_dir
+from service.metrics import Metrics, multiprocess_dir
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docker" / "grafana" / "dashboards" / "patchlife.json"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -46,36 +46,7 @@ def named(samples: Samples, name: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def ctx() -> ForkServerContext:
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["service.metrics", "service.frontend.triton"])  # from its cwd: the repo
-    return ctx
-
-
-class Child:
-    """A child process with a command pipe; ``pid`` is what it reported once its metrics were written."""
-
-    def __init__(self, ctx: ForkServerContext, target: Any, *args: Any) -> None:
-        self.conn, theirs = ctx.Pipe()
-        self.proc = ctx.Process(target=target, args=(*args, theirs), daemon=True)
-        self.proc.start()
-        theirs.close()
-
-    def ready(self) -> int:
-        assert self.conn.poll(60), "child did not start"
-        pid = self.conn.recv()
-        assert pid == self.proc.pid
-        return pid
-
-    def ask(self, cmd: str) -> Any:
-        self.conn.send(cmd)
-        assert self.conn.poll(30), f"no answer to {cmd}"
-        return self.conn.recv()
-
-    def stop(self, directory: Path) -> None:
-        self.conn.send("exit")
-        self.proc.join(30)
-        assert self.proc.exitcode == 0
-        mark_process_dead(self.proc.pid, directory)  # what serve's parent does when a child exits
+    return metrics_procs.forkserver()
 
 
 def run_api(ctx: ForkServerContext, directory: Path, requests: int, in_flight: int) -> Child:
@@ -178,8 +149,13 @@ def test_triton_statistics_count_the_whole_service(story: dict[str, Any]) -> Non
 
 
 def test_every_dashboard_metric_is_in_the_aggregate(story: dict[str, Samples]) -> None:
-    exprs = re.findall(r'"expr":\s*"((?:[^"\\]|\\.)*)"', DASHBOARD.read_text())
-    wanted = {n for e in exprs for n in re.findall(r"\b(patchlife_[a-z_]+)", json.loads(f'"{e}"'))}
+    def exprs(panels: list[dict[str, Any]]) -> Iterator[str]:
+        for panel in panels:
+            yield from (t["expr"] for t in panel.get("targets", []) if t.get("expr"))
+            yield from exprs(panel.get("panels", []))
+
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    wanted = {n for e in exprs(panels) for n in re.findall(r"\b(patchlife_[a-z_]+)", e)}
     assert len(wanted) > 20
     exported = {name for name, _ in story["all"]}
     assert not wanted - exported
