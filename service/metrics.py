@@ -7,6 +7,14 @@ known in advance. Device memory is read when Prometheus scrapes, by a custom col
 
 Feeding: the HTTP middleware here (latency, in flight), the routes (decode time, rejections of bad
 input, through the error handlers), and ``PrometheusHooks`` for everything the batching worker sees.
+
+With API processes beside the model process, each process calls ``enable_multiprocess`` (see
+``metrics_dir.py``) before it makes its :class:`Metrics`, and its series go to memory-mapped files in
+one directory; whichever process answers a scrape merges them. Counters and histograms are summed over
+every process that ever wrote (a dead process's counts stay), and every gauge has a mode that shows
+one value without a ``pid`` label. Callbacks read at scrape time (health, CUDA graphs, device
+memory) cannot cross processes: there the model process samples them into plain gauges from its
+heartbeat (:meth:`Metrics.sample`).
 """
 
 from __future__ import annotations
@@ -29,14 +37,15 @@ from .protocol import ImageResult
 from .runtime.costmodel import CostModel
 from .runtime.worker import WorkerHooks
 
+__all__ = ["Metrics", "PrometheusHooks", "HttpMetricsMiddleware", "DeviceMemoryCollector", "enable_multiprocess",
+           "multiprocess_dir", "mark_process_dead", "cleanup_multiprocess"]
+
 # Text exposition format 0.0.4: understood by every Prometheus (the client's default now says 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REJECT_REASONS = ("bad_image", "unsupported_media_type", "invalid_request", "too_large", "too_many_images",
                   "image_too_many_pixels", "request_too_many_pixels", "overloaded", "deadline", "disconnected",
                   "shutdown", "model_error", "read_timeout")
 FAILURE_REASONS = ("out_of_memory", "batch_error", "worker_died")
-__all__ = ["Metrics", "PrometheusHooks", "HttpMetricsMiddleware", "DeviceMemoryCollector", "enable_multiprocess",
-           "multiprocess_dir", "mark_process_dead", "cleanup_multiprocess"]
 # Images the GPU decoder handed to the CPU path: another format, a JPEG nvJPEG refused, a GPU decode error.
 DECODE_FALLBACK_REASONS = ("not_jpeg", "refused", "error")
 PHASES = ("head", "tail")
@@ -58,9 +67,10 @@ FLOPS_BUCKETS = tuple(g * 1e9 for g in (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 
 # `_created` series double the output and confuse dashboards; this client-wide switch is the only one.
 prometheus_client.disable_created_metrics()
 
-# How a gauge aggregates over processes. None keeps a ``pid`` label (the dashboard would need a sum),
-# and API processes write 0 into every unlabelled or pre-created gauge, so a model-process gauge
-# needs a mode that a 0 elsewhere does not change. "live" modes drop a process when it is marked dead.
+# How a gauge aggregates over processes (ignored in-process). The "all" modes would add a ``pid`` label
+# (the dashboard would need a sum), and every process's Metrics() writes 0 into each unlabelled or
+# pre-created gauge, so a model-process gauge needs a mode that those zeros do not change. "live"
+# modes drop a process's values when it is marked dead.
 SUM_LIVE: Final = "livesum"  # additive over the processes alive: requests in flight, queue depth, graphs
 MAX_LIVE: Final = "livemax"  # one writer (the model process) against the API processes' zeros: health, build, costs
 MAX_EVER: Final = "max"  # a fact that outlives its process: the last inference
@@ -233,11 +243,13 @@ class Metrics:
         if isinstance(describe, Mapping):
             for gauge, key in self._graph_gauges():
                 gauge.set(float(describe[key]))
-        elif self.shared_dir is not None:
-            self._watch(lambda: self.set_graphs(describe()))  # type: ignore[operator]
+            return
+        read: Callable[[], Mapping[str, Any]] = describe
+        if self.shared_dir is not None:
+            self._watch(lambda: self.set_graphs(read()))
         else:
             for gauge, key in self._graph_gauges():
-                gauge.set_function(lambda key=key: float(describe()[key]))  # type: ignore[misc,operator]
+                gauge.set_function(lambda key=key: float(read()[key]))  # type: ignore[misc]
 
     def set_model(self, version: str, model: str, device: torch.device, dtype: str) -> None:
         """Called once the engine is loaded: build info and the device whose memory is reported."""

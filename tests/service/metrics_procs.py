@@ -8,16 +8,19 @@ with ``enable_multiprocess``, the path where prometheus_client was imported firs
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from prometheus_client import values
 
+from service.frontend.routes.metrics import metrics as metrics_route
 from service.frontend.triton import model_statistics
 from service.metrics import (
     Metrics,
@@ -91,7 +94,12 @@ def api_process(directory: Path, requests: int, in_flight: int, conn: Connection
     m.reject("bad_image")
     for _ in range(in_flight):
         m.http_in_flight.inc()
-    _answer(conn, m, {"stats": lambda: model_statistics(m, "tiny")})  # /v2/models/tiny/stats
+    def route() -> tuple[str, str]:
+        """GET /metrics as the route answers it (the merge runs in the threadpool)."""
+        response = asyncio.run(metrics_route(SimpleNamespace(metrics=m)))  # type: ignore[arg-type]
+        return bytes(response.body).decode(), response.media_type or ""
+
+    _answer(conn, m, {"stats": lambda: model_statistics(m, "tiny"), "route": route})  # /v2/models/tiny/stats
 
 
 def model_process(directory: Path, conn: Connection) -> None:

@@ -54,7 +54,7 @@ def run_api(ctx: ForkServerContext, directory: Path, requests: int, in_flight: i
 
 
 @pytest.fixture(scope="module")
-def story(ctx: ForkServerContext, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Samples]]:
+def story(ctx: ForkServerContext, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Scrapes of API process A at each step: all up; the model sick; API process B gone; the model gone."""
     directory = tmp_path_factory.mktemp("metrics-mp")
     a, b = run_api(ctx, directory, 3, 1), run_api(ctx, directory, 4, 2)
@@ -66,6 +66,7 @@ def story(ctx: ForkServerContext, tmp_path_factory: pytest.TempPathFactory) -> I
         scrapes = {"all": a.ask("scrape")}
         scrapes["all_from_b"] = b.ask("scrape")
         stats = a.ask("stats")
+        route_body, route_type = a.ask("route")
         model.ask("sicken")
         scrapes["sick"] = a.ask("scrape")
         b.stop(directory)
@@ -73,14 +74,15 @@ def story(ctx: ForkServerContext, tmp_path_factory: pytest.TempPathFactory) -> I
         model.stop(directory)
         scrapes["model_dead"] = a.ask("scrape")
         a.stop(directory)
-        yield {k: parse(v) for k, v in scrapes.items()} | {"raw": scrapes["all"], "stats": stats}  # type: ignore[dict-item]
+        yield {k: parse(v) for k, v in scrapes.items()} | {"raw": scrapes["all"], "stats": stats,
+                                                         "route": parse(route_body), "route_type": route_type}
     finally:
         for child in children:
             if child.proc.is_alive():
                 child.proc.kill()
 
 
-def test_counters_and_histograms_sum_over_processes(story: dict[str, Samples]) -> None:
+def test_counters_and_histograms_sum_over_processes(story: dict[str, Any]) -> None:
     s = story["all"]
     http = {"route": "/classify", "method": "POST", "status": "200"}
     assert value(s, "patchlife_http_request_duration_seconds_count", **http) == 7  # 3 + 4
@@ -95,9 +97,10 @@ def test_counters_and_histograms_sum_over_processes(story: dict[str, Samples]) -
     assert value(s, "patchlife_decode_fallbacks_total", reason="refused") == 1
     assert value(s, "patchlife_decode_fallbacks_total", reason="not_jpeg") == 0
     assert story["all_from_b"] == s  # any API process shows the same service
+    assert story["route"] == s and story["route_type"].startswith("text/plain; version=0.0.4")  # GET /metrics
 
 
-def test_gauges_show_one_value_without_pid(story: dict[str, Samples]) -> None:
+def test_gauges_show_one_value_without_pid(story: dict[str, Any]) -> None:
     s = story["all"]
     assert not [key for key in s if "pid" in dict(key[1])]
     assert value(s, "patchlife_http_requests_in_flight") == 3  # 1 + 2: summed over the live processes
@@ -115,11 +118,11 @@ def test_gauges_show_one_value_without_pid(story: dict[str, Samples]) -> None:
     assert value(s, "patchlife_last_inference_timestamp_seconds") == metrics_procs.LAST_INFERENCE
 
 
-def test_the_heartbeat_carries_health_across(story: dict[str, Samples]) -> None:
+def test_the_heartbeat_carries_health_across(story: dict[str, Any]) -> None:
     assert value(story["sick"], "patchlife_model_healthy") == 0  # watch_health's callback, read by sample()
 
 
-def test_a_dead_api_process_keeps_its_counts_and_drops_its_live_gauges(story: dict[str, Samples]) -> None:
+def test_a_dead_api_process_keeps_its_counts_and_drops_its_live_gauges(story: dict[str, Any]) -> None:
     before, after = story["sick"], story["api_dead"]
     assert value(after, "patchlife_http_requests_in_flight") == 1  # B's two are gone with B
     for name, labels in [("patchlife_http_request_duration_seconds_count",
@@ -130,7 +133,7 @@ def test_a_dead_api_process_keeps_its_counts_and_drops_its_live_gauges(story: di
     assert value(after, "patchlife_queue_depth", unit="images") == 5
 
 
-def test_a_dead_model_process_leaves_no_stale_state(story: dict[str, Samples]) -> None:
+def test_a_dead_model_process_leaves_no_stale_state(story: dict[str, Any]) -> None:
     s = story["model_dead"]
     assert value(s, "patchlife_model_healthy") == 0  # only the API processes' zeros are left
     assert named(s, "patchlife_build_info") == []
@@ -148,7 +151,7 @@ def test_triton_statistics_count_the_whole_service(story: dict[str, Any]) -> Non
     assert stats["last_inference"] == int(metrics_procs.LAST_INFERENCE * 1000)
 
 
-def test_every_dashboard_metric_is_in_the_aggregate(story: dict[str, Samples]) -> None:
+def test_every_dashboard_metric_is_in_the_aggregate(story: dict[str, Any]) -> None:
     def exprs(panels: list[dict[str, Any]]) -> Iterator[str]:
         for panel in panels:
             yield from (t["expr"] for t in panel.get("targets", []) if t.get("expr"))
