@@ -63,7 +63,7 @@ class _Samples:
 
     def __init__(self, metrics: Metrics) -> None:
         self.by_name: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-        for family in metrics.registry.collect():
+        for family in metrics.collect():  # every process's series when the service has several
             for s in family.samples:
                 self.by_name[s.name].append((s.labels, s.value))
 

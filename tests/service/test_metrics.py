@@ -28,6 +28,7 @@ CONTRACT = {
     "patchlife_needed_tokens": "counter", "patchlife_computed_tokens": "counter",
     "patchlife_batches": "counter", "patchlife_queue_depth": "gauge",
     "patchlife_model_failures": "counter", "patchlife_model_healthy": "gauge",
+    "patchlife_decode_fallbacks": "counter",
 }
 
 
@@ -52,6 +53,8 @@ def test_labelled_series_start_at_zero() -> None:
         assert f'patchlife_rejected_requests_total{{reason="{reason}"}} 0.0' in text
     for reason in ("out_of_memory", "batch_error", "worker_died"):
         assert f'patchlife_model_failures_total{{reason="{reason}"}} 0.0' in text
+    for reason in ("not_jpeg", "refused", "error"):
+        assert f'patchlife_decode_fallbacks_total{{reason="{reason}"}} 0.0' in text
     for phase in ("head", "tail"):
         assert f'patchlife_model_compute_seconds_count{{phase="{phase}"}} 0.0' in text
         assert f'patchlife_batch_size_count{{phase="{phase}"}} 0.0' in text
@@ -140,6 +143,19 @@ def test_prometheus_hooks() -> None:
     assert v("patchlife_image_budget_ratio_sum") == pytest.approx(0.5)
     hooks.on_model_failure("out_of_memory")
     assert v("patchlife_model_failures_total", {"reason": "out_of_memory"}) == 1
+
+
+def test_decode_fallbacks_by_known_reason() -> None:
+    m = Metrics()
+    m.decode_fallback("not_jpeg")
+    m.decode_fallback("not_jpeg")
+    m.decode_fallback("refused")
+    v = m.registry.get_sample_value
+    assert v("patchlife_decode_fallbacks_total", {"reason": "not_jpeg"}) == 2
+    assert v("patchlife_decode_fallbacks_total", {"reason": "refused"}) == 1
+    assert v("patchlife_decode_fallbacks_total", {"reason": "error"}) == 0
+    with pytest.raises(ValueError):  # labels stay bounded
+        m.decode_fallback("/tmp/upload.jpg")
 
 
 def test_tail_bucket_label_is_bounded() -> None:
