@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from . import metrics as metrics_mod
 from .logs import configure_logging
+from .metrics_dir import cleanup_multiprocess, enable_multiprocess, mark_process_dead, multiprocess_dir
 from .settings import Settings
 from .transport.slots import shm_free_bytes
 
@@ -91,11 +91,10 @@ def run(args: argparse.Namespace, settings: Settings, processes: int) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="patchlife-"))  # 0700: the socket and metrics are ours alone
     try:
-        metrics_dir = workdir / "metrics"
-        metrics_dir.mkdir()
-        multiprocess = hasattr(metrics_mod, "enable_multiprocess")
-        if multiprocess:
-            metrics_mod.enable_multiprocess(metrics_dir)  # type: ignore[attr-defined]
+        # one directory for every process's metrics (PROMETHEUS_MULTIPROC_DIR if set, emptied first)
+        metrics_dir = multiprocess_dir() or workdir / "metrics"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        enable_multiprocess(metrics_dir, fresh=True)
         configure_logging(args.log_level, settings.log_format, "model")
         try:
             engine = Engine.from_settings(settings)
@@ -112,10 +111,11 @@ def run(args: argparse.Namespace, settings: Settings, processes: int) -> int:
         except OSError as exc:
             print(f"patchlife serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
             return 1
-        spec = ApiSpec(0, settings, workdir / "model.sock", metrics_dir if multiprocess else None,
-                       slots, args.log_level)
+        spec = ApiSpec(0, settings, workdir / "model.sock", metrics_dir, slots, args.log_level)
         return asyncio.run(_model_process(engine, settings, spec, sock, processes))
     finally:
+        if multiprocess_dir() is not None:
+            cleanup_multiprocess(multiprocess_dir())  # type: ignore[arg-type]
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -192,7 +192,7 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
     metrics = Metrics()
     model = LocalModel(settings, metrics, engine)  # type: ignore[arg-type]
     card = await model.open()
-    host = ModelHost(model, card, heartbeat=lambda: _sample(metrics, model))
+    host = ModelHost(model, card, heartbeat=metrics.sample)  # health, graphs, device memory into the gauges
     await host.start(spec.ipc_path)
     supervisor = _Supervisor(spec, sock, processes)
     supervisor.start_all()
@@ -239,19 +239,11 @@ async def _start(model: object, host: object) -> None:
     host.push_status()  # type: ignore[attr-defined]
 
 
-def _sample(metrics: object, model: object) -> None:
-    """Model-process metrics that are read, not counted (multiprocess mode has no scrape-time callbacks)."""
-    status = model.status()  # type: ignore[attr-defined]
-    if hasattr(metrics, "set_healthy") and status.state.name in ("READY", "STOPPING"):
-        metrics.set_healthy(status.problem is None)  # type: ignore[attr-defined]
-    if hasattr(metrics, "sample_device_memory"):
-        metrics.sample_device_memory()  # type: ignore[attr-defined]
-
-
 def _mark_dead(pid: int | None) -> None:
-    if pid is not None and hasattr(metrics_mod, "mark_process_dead"):
-        with contextlib.suppress(Exception):
-            metrics_mod.mark_process_dead(pid)  # type: ignore[attr-defined]
+    """Its live gauges (requests in flight) leave the merge; its counters stay in the totals."""
+    if pid is not None:
+        with contextlib.suppress(OSError):
+            mark_process_dead(pid)
 
 
 # -- the API process ------------------------------------------------------------------------------
@@ -266,7 +258,7 @@ def api_main(spec: ApiSpec, sock: socket.socket) -> None:
     os.setpgrp()  # a terminal's Ctrl-C reaches the model process only, which forwards one SIGTERM
     _die_with_parent()
     if spec.metrics_dir is not None:
-        metrics_mod.enable_multiprocess(spec.metrics_dir)  # type: ignore[attr-defined]
+        enable_multiprocess(spec.metrics_dir)
     configure_logging(spec.log_level, spec.settings.log_format, f"api-{spec.index}")
     import torch
 
