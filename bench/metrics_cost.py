@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from service.metrics import Metrics, PrometheusHooks, cleanup_multiprocess, enable_multiprocess
 
 ROUTES = ("/classify", "/explain", "/v2/models/{name}/infer", "/healthz", "/readyz", "/metrics")
@@ -62,7 +60,7 @@ def _model_process(directory: Path) -> None:
     """The model process's series: build info, and head and tail batches of every bucket."""
     enable_multiprocess(directory)
     m = Metrics()
-    m.set_model("bench", "bench", torch.device("cpu"), "float32")
+    m.set_model("bench", "bench", "cpu", "float32")
     hooks = PrometheusHooks(m, dense_gflops=4.0, num_patches=196)
     for b in range(10):
         hooks.on_batch("head", 4, 800, None, [0.001], 0.01)

@@ -251,11 +251,15 @@ class Metrics:
             for gauge, key in self._graph_gauges():
                 gauge.set_function(lambda key=key: float(read()[key]))  # type: ignore[misc]
 
-    def set_model(self, version: str, model: str, device: torch.device, dtype: str) -> None:
-        """Called once the engine is loaded: build info and the device whose memory is reported."""
-        if self.shared_dir is None:  # (multiprocess: called once per model process; clear() is not supported)
+    def set_model(self, version: str, model: str, device: str, dtype: str) -> None:
+        """Called once the model's card is known (every front end): the build info."""
+        if self.shared_dir is None:  # (multiprocess: called once per process; clear() is not supported)
             self.build_info.clear()
-        self.build_info.labels(version, model, str(device), dtype).set(1)
+        self.build_info.labels(version, model, device, dtype).set(1)
+
+    def watch_device(self, device: torch.device) -> None:
+        """Called where the engine is loaded (the model process): the device whose memory is reported.
+        Never in an API process: reading a CUDA device's memory would open a CUDA context there."""
         self.device_memory.device = device
         self.sample_device_memory()
 

@@ -17,7 +17,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import torch
 from fastapi import FastAPI
 
 from .. import package_version
@@ -101,7 +100,7 @@ def make_app(settings: Settings, model: ModelClient, metrics: Metrics) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt.card = await model.open()
         info = rt.card.info
-        rt.metrics.set_model(package_version(), rt.card.name, torch.device(info["device"]), info["dtype"])
+        rt.metrics.set_model(package_version(), rt.card.name, info["device"], info["dtype"])
         grpc_server = await _start_grpc(rt, app.version) if settings.grpc_port else None
         starting = asyncio.create_task(_start(rt))
         try:

@@ -42,6 +42,7 @@ class LocalModel:
     async def open(self) -> ModelCard:
         if self.engine is None:
             self.engine = await anyio.to_thread.run_sync(Engine.from_settings, self.settings)
+        self.metrics.watch_device(self.engine.device)
         return self.engine.card()
 
     async def start(self) -> None:

@@ -8,18 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
+from bench_support import parsed
 from tiny_models import tiny_checkpoint
 
 from bench import frontend
 
 
 def args(**kw: object) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    frontend.add_arguments(parser)
-    ns = parser.parse_args([])
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return ns
+    return parsed(frontend.add_arguments, **kw)
 
 
 def _pass(images_per_s: float, open_p99_ms: float) -> dict[str, object]:

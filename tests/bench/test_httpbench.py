@@ -8,18 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
+from bench_support import parsed
 from tiny_models import tiny_checkpoint
 
 from bench import httpbench, loaddrive
 
 
 def args(**kw: object) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    httpbench.add_arguments(parser)
-    ns = parser.parse_args([])
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return ns
+    return parsed(httpbench.add_arguments, **kw)
 
 
 def test_without_wrk_it_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

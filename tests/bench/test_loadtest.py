@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from bench_support import parsed
 from PIL import Image
 
 from bench import loadmix, loadreport, loadtest
@@ -72,12 +73,7 @@ class FakeServer:
 
 
 def args(**kw: object) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    loadtest.add_arguments(parser)
-    ns = parser.parse_args([])
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return ns
+    return parsed(loadtest.add_arguments, **kw)
 
 
 def test_mix_is_fixed_png_images_cycling_keep_rates() -> None:

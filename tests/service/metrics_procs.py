@@ -106,7 +106,8 @@ def model_process(directory: Path, conn: Connection) -> None:
     """What the model process writes: the worker's series, build info, cost model, graphs, health."""
     enable_multiprocess(directory)
     m = Metrics()
-    m.set_model("1.2.3", "tiny", torch.device("cpu"), "float32")
+    m.set_model("1.2.3", "tiny", "cpu", "float32")
+    m.watch_device(torch.device("cpu"))
     healthy = [True]
     m.watch_health(lambda: healthy[0])
     m.set_graphs(lambda: GRAPHS)
@@ -133,7 +134,8 @@ def cuda_model_process(directory: Path, conn: Connection) -> None:
     """A model process on the GPU holding 64 MiB, its device memory sampled as the heartbeat does."""
     enable_multiprocess(directory)
     m = Metrics()
-    m.set_model("1.2.3", "tiny", torch.device("cuda", 0), "float32")
+    m.set_model("1.2.3", "tiny", "cuda:0", "float32")
+    m.watch_device(torch.device("cuda", 0))
     held = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     m.sample()
     _answer(conn, m)

@@ -115,7 +115,7 @@ def test_build_info_and_device_memory(client: TestClient, metric: Callable[..., 
 def test_device_memory_collector_reads_at_scrape_time() -> None:
     m = Metrics()
     assert "patchlife_device_memory_allocated_bytes{" not in m.exposition().decode()  # no engine yet
-    m.set_model("1.0", "x", torch.device("cpu"), "float32")
+    m.watch_device(torch.device("cpu"))
     assert 'patchlife_device_memory_allocated_bytes{device="cpu"} 0.0' in m.exposition().decode()
 
 
