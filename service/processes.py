@@ -275,8 +275,9 @@ def api_main(spec: ApiSpec, sock: socket.socket) -> None:
             loop = asyncio.get_event_loop()
             loop.call_later(1.0, setattr, server_box[0], "should_exit", True)
 
-    model = RemoteModel(spec.ipc_path, spec.slots, on_lost=lost)
-    app = make_app(spec.settings, model, Metrics())
+    metrics = Metrics()
+    model = RemoteModel(spec.ipc_path, spec.slots, on_lost=lost, on_reject=metrics.reject)
+    app = make_app(spec.settings, model, metrics)
     server = make_server(app, spec.settings, spec.log_level)
     server_box.append(server)
     server.run(sockets=[sock])

@@ -34,8 +34,9 @@ class RemoteModel:
     """Connects to the model process's socket at ``path``; ``slots``: this process's pixel slots."""
 
     def __init__(self, path: Path, slots: int, on_lost: Callable[[], None] | None = None,
-                 connect_timeout_s: float = 30.0) -> None:
+                 on_reject: Callable[[str], None] | None = None, connect_timeout_s: float = 30.0) -> None:
         self.path, self.slots, self.on_lost = path, slots, on_lost
+        self.on_reject = on_reject or (lambda reason: None)  # this side's refusals (the worker counts its own)
         self.connect_timeout_s = connect_timeout_s
         self.card: ModelCard | None = None
         self.pool: SlotPool | None = None
@@ -91,9 +92,11 @@ class RemoteModel:
     async def submit(self, pixels: Sequence[torch.Tensor], keep_rate: float | None,
                      deadline: float) -> list[ImageResult]:
         if self._lost or self._writer is None or self.pool is None:
+            self.on_reject("model_error")
             raise ModelFailed(LOST, retry_after_s=5.0)
         ids = self.pool.take(len(pixels))
         if ids is None:
+            self.on_reject("overloaded")
             raise QueueFull(1.0, f"server overloaded: {self.pool.free} of {self.pool.slots} pixel slots free in this "
                                  "API process (PATCHLIFE_PIXEL_SLOTS); retry after 1.0 s")
         try:
@@ -175,4 +178,5 @@ class RemoteModel:
         pending, self._pending = self._pending, {}
         for future, _ in pending.values():  # the slots are not given back: nobody will read them again
             if not future.done():
+                self.on_reject("model_error")
                 future.set_exception(ModelFailed(LOST, retry_after_s=5.0))
