@@ -140,11 +140,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"patchlife serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
-    processes = settings.api_process_count(cuda, len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    processes = settings.api_process_count(cuda, cores)
     if processes > 0:
         from .processes import run as run_processes
 
-        return run_processes(args, settings, processes)
+        return run_processes(args, settings.model_threads_beside(processes, cuda, cores), processes)
     configure_logging(args.log_level, settings.log_format)
     try:
         engine = Engine.from_settings(settings)

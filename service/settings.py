@@ -146,7 +146,8 @@ class Settings(BaseSettings):
         description="API processes beside the one model process: each runs the HTTP (and gRPC) front end on the "
                     "same port and hands preprocessed pixels to the model process through shared memory. auto: "
                     "the cores the model process does not need (on a GPU it needs 2, on the CPU its torch "
-                    "threads), at least 1. 0: one process does everything (tests, notebooks).")
+                    "threads), at least 1; on the CPU an unset PATCHLIFE_TORCH_THREADS then becomes the cores "
+                    "the API processes leave. 0: one process does everything (tests, notebooks).")
     pixel_slots: int = Field(
         0, ge=0, description="Shared-memory pixel slots of each API process (one preprocessed image each); a "
                              "request that finds too few free is answered 503 + Retry-After. 0: the queue's "
@@ -168,6 +169,13 @@ class Settings(BaseSettings):
             return int(self.api_processes)
         needs = 2 if cuda else (self.torch_threads or cores)
         return max(1, cores - needs)
+
+    def model_threads_beside(self, processes: int, cuda: bool, cores: int) -> Settings:
+        """With API processes on the CPU, an unset ``torch_threads`` (one per core) becomes the cores they
+        leave: a model's thread team that spans every core busy-waits on the cores the API processes need."""
+        if cuda or self.torch_threads or processes <= 0:
+            return self
+        return self.model_copy(update={"torch_threads": max(1, cores - processes)})
 
     def slots_per_process(self, processes: int) -> int:
         if self.pixel_slots:
