@@ -63,14 +63,19 @@ class ApiSpec:
     log_level: str
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, listen: bool = True) -> socket.socket:
     """The shared listening socket (as uvicorn binds it), inheritable by the API processes."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"port {port}: {exc.strerror}") from None
+    if listen:
+        sock.listen(2048)
+        sock.set_inheritable(True)
     return sock
 
 
@@ -108,8 +113,10 @@ def run(args: argparse.Namespace, settings: Settings, processes: int) -> int:
             return 1
         try:
             sock = bind(settings.host, settings.port)
+            if settings.grpc_port:  # the API processes share it with SO_REUSEPORT: check nobody else has it
+                bind(settings.host, settings.grpc_port, listen=False).close()
         except OSError as exc:
-            print(f"patchlife serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+            print(f"patchlife serve: cannot listen on {settings.host}: {exc}", file=sys.stderr)
             return 1
         spec = ApiSpec(0, settings, workdir / "model.sock", metrics_dir, slots, args.log_level)
         return asyncio.run(_model_process(engine, settings, spec, sock, processes))
@@ -161,7 +168,11 @@ class _Supervisor:
                     return 1
                 await asyncio.sleep(RESPAWN_DELAY_S)
                 if not self.stopping:
-                    self.spawn(index)
+                    try:
+                        self.spawn(index)
+                    except Exception:  # counted as a quick death when the loop comes round to it again
+                        log.exception("could not start API process %d", index)
+                        self.procs[index] = (proc, time.monotonic())
             await asyncio.sleep(0.1)
         return None
 
@@ -196,7 +207,6 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
     await host.start(spec.ipc_path)
     supervisor = _Supervisor(spec, sock, processes)
     supervisor.start_all()
-    sock.close()  # the API processes hold it now: once they have all closed it, the port is closed
     starting = asyncio.create_task(_start(model, host))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -207,6 +217,7 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
         signals += 1
         if signals == 1:
             supervisor.stopping = True
+            sock.close()  # no API process will be started again: once they have closed theirs, the port is
             model.begin_drain()
             host.push_status()
             stop.set()
@@ -220,6 +231,7 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
     status = watching.result() if watching.done() else None
     if status is not None:  # API processes keep dying: stop them all
         supervisor.stopping = True
+        sock.close()
         supervisor.signal_all(signal.SIGTERM)
     watching.cancel()
     drain_s = settings.shutdown_delay_s + settings.shutdown_grace_s + EXIT_MARGIN_S
@@ -277,7 +289,7 @@ def api_main(spec: ApiSpec, sock: socket.socket) -> None:
 
     metrics = Metrics()
     model = RemoteModel(spec.ipc_path, spec.slots, on_lost=lost, on_reject=metrics.reject)
-    app = make_app(spec.settings, model, metrics)
+    app = make_app(spec.settings, model, metrics, shared_ports=True)
     server = make_server(app, spec.settings, spec.log_level)
     server_box.append(server)
     server.run(sockets=[sock])

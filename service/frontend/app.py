@@ -92,9 +92,10 @@ def begin_shutdown(rt: Runtime) -> None:
     rt.model.begin_drain()
 
 
-def make_app(settings: Settings, model: ModelClient, metrics: Metrics) -> FastAPI:
-    """The app of one front end, serving ``model``; ``metrics``: this process's series."""
-    rt = Runtime(settings, metrics, model)
+def make_app(settings: Settings, model: ModelClient, metrics: Metrics, shared_ports: bool = False) -> FastAPI:
+    """The app of one front end, serving ``model``; ``metrics``: this process's series; ``shared_ports``:
+    one of several API processes (gRPC then listens with SO_REUSEPORT beside the others)."""
+    rt = Runtime(settings, metrics, model, shared_ports=shared_ports)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -144,10 +144,12 @@ async def start_server(rt: Runtime, version: str) -> grpc.aio.Server:
     """Bind ``PATCHLIFE_HOST:PATCHLIFE_GRPC_PORT`` and start serving (RuntimeError if the port is taken).
 
     Messages are capped at ``PATCHLIFE_MAX_REQUEST_BYTES`` (gRPC answers RESOURCE_EXHAUSTED past it);
-    ``so_reuseport`` is off so that a second server on the same port fails instead of sharing it."""
+    ``so_reuseport`` is off so that a second server on the same port fails instead of sharing it, except
+    in the API processes of one ``serve``, which share it (the model process checked it was free)."""
     s = rt.settings
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", s.max_request_bytes),
-                                      ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
+                                      ("grpc.max_send_message_length", -1),
+                                      ("grpc.so_reuseport", int(rt.shared_ports))])
     server.add_generic_rpc_handlers((generic_handler(rt, version),))
     host = f"[{s.host}]" if ":" in s.host else s.host
     try:

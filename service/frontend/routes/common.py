@@ -58,6 +58,7 @@ class Runtime:
     card: ModelCard | None = None
     state: Lifecycle = Lifecycle.LOADING
     startup_error: str | None = None
+    shared_ports: bool = False  # one of several API processes on the same ports
     in_flight: InFlight = field(default_factory=InFlight)
     decode_budget: DecodeBudget = field(init=False)
     _preprocessor: Preprocessor | None = field(default=None, init=False, repr=False)
