@@ -177,7 +177,7 @@ class Engine:
     # -- the two phases ----------------------------------------------------------------------
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """``uint8 [B, 3, H, W]`` on the device -> the model's input (mean/std-normalised, its dtype)."""
-        return (pixels.float() * self._scale + self._shift).to(self.dtype)
+        return pixels.float().mul_(self._scale).add_(self._shift).to(self.dtype)  # in place: half the passes
 
     def _plan(self, scores: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
         """``scores [B, P]`` -> float32 ``[B, P + 2S]``: lives, budgets, buckets (see ``HeadBatch.plan``)."""
