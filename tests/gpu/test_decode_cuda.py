@@ -1,4 +1,4 @@
-"""nvJPEG batched decoding on CUDA (service/frontend/gpu_decode.py): the CPU path's pixels within the measured
+"""nvJPEG batched decoding on CUDA (service/runtime/gpu_decode.py): the CPU path's pixels within the measured
 tolerance, EXIF orientation, per-image fallbacks, and the output on the device."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from service_support import all_kinds
 
 from bench.decode import VIT_224, cpu_pixels, equivalence
 from bench.photos import PHOTO_SIZES, photo_jpeg
-from service.frontend.gpu_decode import BatchDecoder
+from service.runtime.gpu_decode import BatchDecoder
 
 pytestmark = pytest.mark.gpu
 

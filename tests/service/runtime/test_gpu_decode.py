@@ -1,4 +1,4 @@
-"""service/frontend/gpu_decode.py on the CPU (torchvision's decoder; the CUDA run is tests/gpu/test_decode_cuda.py):
+"""service/runtime/gpu_decode.py on the CPU (torchvision's decoder; the CUDA run is tests/gpu/test_decode_cuda.py):
 the batched path against the served CPU path, its per-image fallbacks, and the same 400/413 errors."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from service_support import all_kinds, encode, photo
 
 from bench.decode import VIT_224, cpu_pixels, equivalence
 from bench.photos import photo_jpeg
-from service.frontend import gpu_decode
-from service.frontend.errors import BadImage, TooManyPixels
-from service.frontend.gpu_decode import BatchDecoder, decode_on
+from service.api_errors import BadImage, TooManyPixels
+from service.runtime import gpu_decode
+from service.runtime.gpu_decode import BatchDecoder, decode_on
 
 
 def equivalence_images() -> list[bytes]:
