@@ -1,8 +1,12 @@
 """service/runtime/gpu_decode.py on the CPU (torchvision's decoder; the CUDA run is tests/gpu/test_decode_cuda.py):
-the batched path against the served CPU path, its per-image fallbacks, and the same 400/413 errors."""
+the batched path against the served CPU path, its per-image fallbacks, the same 400/413 errors, the
+queue that batches concurrent requests, and the engine taking pixels already on its device."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,9 +15,11 @@ from service_support import all_kinds, encode, photo
 
 from bench.decode import VIT_224, cpu_pixels, equivalence
 from bench.photos import photo_jpeg
-from service.api_errors import BadImage, TooManyPixels
+from service.api_errors import ApiError, BadImage, TooManyPixels
+from service.protocol import EncodedImage, WorkerStopping
 from service.runtime import gpu_decode
-from service.runtime.gpu_decode import BatchDecoder, decode_on
+from service.runtime.engine import Engine
+from service.runtime.gpu_decode import BatchDecoder, DecodeQueue, decode_on
 
 
 def equivalence_images() -> list[bytes]:
@@ -85,3 +91,63 @@ def test_decode_setting() -> None:
         decode_on("gpu", torch.device("cpu"))
     with pytest.raises(ValueError, match="no device preprocessing"):
         BatchDecoder({**VIT_224, "crop_mode": "squash"}, "cpu")
+
+
+class Recorder:
+    """A BatchDecoder stand-in: records the batches it is handed, each held until ``gate`` opens; an
+    image decodes to its length, ``b"bad"`` to its error."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.batches: list[list[bytes]] = []
+        self.gate = threading.Event()
+
+    def each(self, images: list[bytes], sources: list[str]) -> list[torch.Tensor | ApiError]:
+        self.batches.append(list(images))
+        self.gate.wait(10.0)
+        return [BadImage(f"{s}: bad") if d == b"bad" else torch.tensor(len(d)) for d, s in zip(images, sources)]
+
+
+def test_decode_queue_batches_what_waits_while_it_decodes() -> None:
+    """Requests that arrive while a batch decodes go together into the next one, up to ``max_batch``
+    images (a larger request alone); a request cancelled while waiting is dropped; errors stay per image."""
+    recorder = Recorder()
+    queue = DecodeQueue(recorder, max_batch=4)  # type: ignore[arg-type]
+
+    def images(*data: bytes) -> list[EncodedImage]:
+        return [EncodedImage(d, f"images[{i}]") for i, d in enumerate(data)]
+
+    async def main() -> list[Any]:
+        first = asyncio.create_task(queue.decode(images(b"a")))
+        while not recorder.batches:
+            await asyncio.sleep(0.001)
+        gone = asyncio.create_task(queue.decode(images(b"zz")))
+        pair = asyncio.create_task(queue.decode(images(b"bb", b"bad")))
+        one = asyncio.create_task(queue.decode(images(b"dddd")))
+        large = asyncio.create_task(queue.decode(images(*[b"x"] * 5)))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        recorder.gate.set()
+        return await asyncio.gather(first, pair, one, large)
+
+    first, pair, one, large = asyncio.run(main())
+    queue.close()
+    assert [len(b) for b in recorder.batches] == [1, 3, 5] and b"zz" not in recorder.batches[1]
+    assert [int(t) for t in first] == [1] and int(pair[0]) == 2 and isinstance(pair[1], BadImage)
+    assert [int(t) for t in one] == [4] and [int(t) for t in large] == [1] * 5
+    with pytest.raises(WorkerStopping):
+        asyncio.run(queue.decode(images(b"late")))
+
+
+def test_engine_keeps_pixels_decoded_on_the_device_there(checkpoint_dir: Path) -> None:
+    """Pixels already on the model's device are stacked there: no trip through pinned host memory (on
+    ``meta``, which cannot be pinned; the upload stream set as on a GPU), also beside slot pixels."""
+    engine = Engine(checkpoint_dir, device="cpu").to("meta")
+    engine._upload_stream = object()  # type: ignore[assignment]  # the GPU branch: reached, it would fail
+    shape = engine.card().input_shape
+    on_device = [torch.empty(shape, dtype=torch.uint8, device="meta") for _ in range(3)]
+    for batch in (on_device, [on_device[0], torch.zeros(shape, dtype=torch.uint8)]):
+        out = engine._upload(batch)
+        assert out.device.type == "meta" and tuple(out.shape) == (len(batch), *shape)
