@@ -6,16 +6,24 @@ allows gpu decoding without CUDA); tests/gpu/test_decode_cuda.py runs nvJPEG its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from service_support import all_kinds, wait_ready
 
+from bench.child import free_port, stop
 from bench.photos import photo_image, photo_jpeg
 from service.app import create_app
 from service.metrics import Metrics
@@ -24,6 +32,7 @@ from service.runtime import gpu_decode
 from service.runtime.local import LocalModel
 from service.settings import Settings
 
+REPO = Path(__file__).resolve().parents[2]
 BASE = dict(device="cpu", warmup_batches=1, max_delay_ms=1.0, max_images_per_request=4, grpc_port=0)
 
 
@@ -216,3 +225,56 @@ def test_passed_on_jpegs_are_not_decoded_in_the_front_end(device_client: TestCli
     result = classify(device_client, photo_jpeg(3000, 2000, 4))
     assert result["timings_ms"]["decode"] >= 0.0
     assert registry.get_sample_value("patchlife_image_decode_seconds_count") == count + 1
+
+
+# ``patchlife serve`` with the device path forced onto the CPU in the model process (the parent: the API
+# processes it spawns decode in the front end and never call decode_on)
+LAUNCH = ("import sys; from service.runtime import gpu_decode; gpu_decode.decode_on = lambda mode, device: 'gpu'; "
+          "from cli.main import main; raise SystemExit(main())")
+
+
+@contextlib.contextmanager
+def device_decode_server(checkpoint: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    port = free_port()
+    env = {**os.environ, "PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_WARMUP_BATCHES": "1", "PATCHLIFE_API_PROCESSES": "1",
+           "PATCHLIFE_HOST": "127.0.0.1", "PATCHLIFE_PORT": str(port), "PATCHLIFE_GRPC_PORT": "0"}
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "serve", "--checkpoint", str(checkpoint),
+                                 "--log-level", "info"], env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            end = time.monotonic() + 180.0
+            while True:
+                assert proc.poll() is None and time.monotonic() < end, "server did not start"
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/readyz", timeout=5.0).status_code == 200:
+                        break
+                time.sleep(0.1)
+            yield proc, url
+        finally:
+            stop(proc)
+            log.seek(0)
+            proc.stderr = io.BytesIO(log.read())  # type: ignore[assignment]
+
+
+def test_a_multi_process_server_decodes_in_its_model_process(checkpoint_dir: Path, device_client: TestClient) -> None:
+    """The JPEGs cross the hand-off inline and are decoded in the model process: the answers are the
+    single-process device path's; a corrupt JPEG is a 400 there too, and a PNG decodes in the API process."""
+    images = photos()[:6]
+    corrupt = photo_jpeg(200, 200)[:2000]
+    with device_decode_server(checkpoint_dir) as (proc, url), httpx.Client(base_url=url, timeout=30.0) as http:
+        answers = []
+        for data in images:
+            r = http.post("/classify", files={"file": ("p.jpg", data, "image/jpeg")})
+            assert r.status_code == 200, r.text
+            answers.append(r.json()["results"][0])
+        bad = http.post("/classify", files={"file": ("c.jpg", corrupt, "image/jpeg")})
+        png = http.post("/classify", files={"file": ("p.png", all_kinds()["png"], "image/png")})
+        after = http.post("/classify", files={"file": ("p.jpg", images[0], "image/jpeg")})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_image", bad.text
+    assert png.status_code == 200 and after.status_code == 200
+    for data, remote in zip(images, answers, strict=True):
+        local = classify(device_client, data)
+        assert remote["labels"][0]["index"] == local["labels"][0]["index"]
+        assert remote["budget"]["patch_counts"] == local["budget"]["patch_counts"]
+    assert b"JPEGs are decoded in batches on cpu" in proc.stderr.read()  # type: ignore[union-attr]
