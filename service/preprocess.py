@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from .transforms import uint8_transform
 from .api_errors import BadImage
 from .decode import MAX_ASPECT, UPRIGHT, Decoded, limit_aspect, to_rgb, upright
+from .transforms import uint8_transform
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}

@@ -68,16 +68,18 @@ class BatchDecoder:
         device: where to decode and preprocess; ``cuda`` uses nvJPEG.
         max_pixels: the per-image pixel limit (PATCHLIFE_MAX_IMAGE_PIXELS).
         on_fallback: called with the reason of each image decoded on the CPU (a metric).
+        max_batch_pixels: most stored pixels decoded in one call (PATCHLIFE_MAX_DECODE_PIXELS): the
+            decoded images and their float resize copies of one call are what the device holds.
     """
 
     def __init__(self, preprocess: dict[str, Any], device: torch.device | str, max_pixels: int = 40_000_000,
-                 on_fallback: Callable[[str], None] | None = None) -> None:
+                 on_fallback: Callable[[str], None] | None = None, max_batch_pixels: int = 80_000_000) -> None:
         if not fast_config(preprocess):
             raise ValueError(f"no device preprocessing for {preprocess}: only centre crops of a square input, "
                              "bilinear or bicubic")
         self.preprocess = preprocess
         self.device = torch.device(device)
-        self.max_pixels = max_pixels
+        self.max_pixels, self.max_batch_pixels = max_pixels, max_batch_pixels
         self.side = int(preprocess["input_size"][-1])
         self.mode = InterpolationMode(preprocess.get("interpolation", "bilinear")).value
         mean = torch.tensor(preprocess.get("mean", IMAGENET_DEFAULT_MEAN), dtype=torch.float32)
@@ -114,6 +116,7 @@ class BatchDecoder:
         names = list(sources) if sources is not None else [f"images[{i}]" for i in range(len(images))]
         out: list[torch.Tensor | ApiError | None] = [None] * len(images)
         orientation: dict[int, int] = {}
+        pixels: dict[int, int] = {}
         for i, data in enumerate(images):
             try:
                 header = open_header(data, self.max_pixels, names[i])
@@ -121,12 +124,18 @@ class BatchDecoder:
                 out[i] = exc
                 continue
             if device_decodable(header.format, header.mode):
-                orientation[i] = exif_orientation(header)
+                orientation[i], pixels[i] = exif_orientation(header), header.size[0] * header.size[1]
             else:
                 out[i] = self._on_cpu(data, names[i], "format")
-        decoded = self._decode([images[i] for i in orientation])
+        for chunk in _chunks(list(orientation), pixels, self.max_batch_pixels):
+            self._decode_chunk(chunk, images, names, orientation, out)
+        return [item for item in out if item is not None]
+
+    def _decode_chunk(self, chunk: list[int], images: Sequence[bytes], names: list[str], orientation: dict[int, int],
+                      out: list[torch.Tensor | ApiError | None]) -> None:
+        """Decode the images ``chunk`` indexes in one call, then resize those of one stored size together."""
         groups: dict[tuple[int, int, int], list[tuple[int, torch.Tensor]]] = {}
-        for i, tensor in zip(orientation, decoded, strict=True):
+        for i, tensor in zip(chunk, self._decode([images[i] for i in chunk]), strict=True):
             if tensor is None:
                 out[i] = self._on_cpu(images[i], names[i], "refused")
                 continue
@@ -135,8 +144,7 @@ class BatchDecoder:
             view = self._view(torch.stack([t for _, t in members]), view_geometry(w, h, o, self.preprocess))
             for j, (i, _) in enumerate(members):
                 out[i] = view[j]
-        self.decoded += sum(len(m) for m in groups.values())
-        return [item for item in out if item is not None]
+            self.decoded += len(members)
 
     def _decode(self, images: list[bytes]) -> list[torch.Tensor | None]:
         """torchvision's decode of the whole list; when the batch fails, each image alone (None: refused)."""
@@ -180,6 +188,19 @@ class BatchDecoder:
             return model_input(decoded, self.preprocess, _no_fallback, source).to(self.device)
         except ApiError as exc:
             return exc
+
+
+def _chunks(indices: list[int], pixels: dict[int, int], most: int) -> list[list[int]]:
+    """``indices`` in order, cut into runs of at most ``most`` pixels (an image larger alone)."""
+    runs: list[list[int]] = []
+    total = 0
+    for i in indices:
+        if not runs or total + pixels[i] > most:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += pixels[i]
+    return runs
 
 
 def _no_fallback(_image: Any) -> torch.Tensor:

@@ -69,7 +69,8 @@ class LocalModel:
             return None
         try:  # the metric arrives with job A's Metrics.decode_fallback; until then only the counter counts
             decoder = gpu_decode.BatchDecoder(card.preprocess, self.engine.device, self.settings.max_image_pixels,
-                                              on_fallback=getattr(self.metrics, "decode_fallback", None))
+                                              on_fallback=getattr(self.metrics, "decode_fallback", None),
+                                              max_batch_pixels=self.settings.max_decode_pixels)
         except ValueError as exc:  # a preprocessing the device path does not reproduce: decode on the CPU
             log.warning("JPEGs are decoded on the CPU: %s", exc)
             return None

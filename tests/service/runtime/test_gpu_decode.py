@@ -151,3 +151,19 @@ def test_engine_keeps_pixels_decoded_on_the_device_there(checkpoint_dir: Path) -
     for batch in (on_device, [on_device[0], torch.zeros(shape, dtype=torch.uint8)]):
         out = engine._upload(batch)
         assert out.device.type == "meta" and tuple(out.shape) == (len(batch), *shape)
+
+
+def test_decode_calls_are_bounded_by_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PATCHLIFE_MAX_DECODE_PIXELS bounds what one device call decodes (and resizes in float)."""
+    images = [photo_jpeg(640, 480, i) for i in range(3)]  # 307,200 pixels each
+    calls: list[int] = []
+    real = gpu_decode.decode_jpeg
+
+    def counted(data: Any, **kw: Any) -> Any:
+        calls.append(len(data) if isinstance(data, list) else 1)
+        return real(data, **kw)
+
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", counted)
+    whole = BatchDecoder(VIT_224, "cpu").pixels(images)
+    chunked = BatchDecoder(VIT_224, "cpu", max_batch_pixels=700_000).pixels(images)
+    assert calls == [3, 2, 1] and torch.equal(whole, chunked)
