@@ -219,10 +219,11 @@ class DecodeQueue:
     thread of its own (never on the event loop).
 
     Whenever the thread is free it takes whatever requests are waiting, up to ``max_batch`` images
-    (a larger request goes alone), and decodes them as one batch; on CUDA it then waits for the
-    device, so the tensors it hands back are ready on any stream. The decode runs on the thread's
-    current stream (the default one, as the worker's), so the allocator may reuse a freed tensor's
-    memory only after the batch that read it.
+    (a larger request goes alone), and decodes them as one batch. On CUDA it decodes on a stream of
+    its own (the model's batches on the default stream neither wait for it nor hold it up), waits
+    for that stream only, so the tensors it hands back are ready, and marks them used by the default
+    stream, where the worker reads them: the allocator reuses their memory only once that stream has
+    passed the batch that read them.
     """
 
     def __init__(self, decoder: BatchDecoder, max_batch: int = 64) -> None:
@@ -269,21 +270,32 @@ class DecodeQueue:
             return jobs if jobs or not self._closed else None
 
     def _run(self) -> None:
-        while (jobs := self._take()) is not None:
-            images = [im for job in jobs for im in job.images]
-            try:
-                out: list[torch.Tensor | ApiError] | BaseException = self.decoder.each(
-                    [im.data for im in images], [im.source for im in images])
-                if self.decoder.device.type == "cuda":
-                    torch.cuda.current_stream(self.decoder.device).synchronize()
-            except Exception as exc:  # a bug or a device error: the requests of this batch fail, the thread lives
-                out = exc
-            at = 0
-            for job in jobs:
-                part = out if isinstance(out, BaseException) else out[at:at + len(job.images)]
-                at += len(job.images)
-                with contextlib.suppress(RuntimeError):  # its event loop has closed: nobody waits
-                    job.loop.call_soon_threadsafe(_settle, job.future, part)
+        device = self.decoder.device
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            while (jobs := self._take()) is not None:
+                self._decode(jobs, stream)
+
+    def _decode(self, jobs: list[_Job], stream: torch.cuda.Stream | None) -> None:
+        images = [im for job in jobs for im in job.images]
+        out: list[torch.Tensor | ApiError] | BaseException
+        try:
+            decoded = self.decoder.each([im.data for im in images], [im.source for im in images])
+            if stream is not None:
+                stream.synchronize()
+                reader = torch.cuda.default_stream(self.decoder.device)
+                for t in decoded:
+                    if isinstance(t, torch.Tensor):
+                        t.record_stream(reader)
+            out = decoded
+        except Exception as exc:  # a bug or a device error: the requests of this batch fail, the thread lives
+            out = exc
+        at = 0
+        for job in jobs:
+            part = out if isinstance(out, BaseException) else out[at:at + len(job.images)]
+            at += len(job.images)
+            with contextlib.suppress(RuntimeError):  # its event loop has closed: nobody waits
+                job.loop.call_soon_threadsafe(_settle, job.future, part)
 
 
 def _settle(future: asyncio.Future[list[torch.Tensor | ApiError]],
