@@ -61,7 +61,7 @@ def encode(im: Image.Image, fmt: str) -> bytes:
 
 def one_mode(mode: str, fmt: str, width: int = 4000, height: int = 2500) -> None:
     """In this (fresh) process: decode one image and print its peak bytes per pixel."""
-    from service.frontend.decode import decode_image
+    from service.decode import decode_image
 
     data = encode(make_image(mode, width, height), fmt)
     Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")  # reset VmHWM to the current RSS

@@ -38,12 +38,22 @@ class ModelCard:
     depth: int                             # L: the backbone's blocks
     checkpoint: str                        # its directory (the web page's examples live there)
     batch_classes: tuple[int, ...]         # the batch sizes the runtime pads to (Triton's config)
+    decodes_jpeg: bool = False             # the model process decodes JPEGs on its device: send EncodedImage
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """``(3, H, W)`` of one preprocessed image: the size of a shared-memory pixel slot."""
         size = self.preprocess["input_size"]
         return 3, int(size[-2]), int(size[-1])
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A JPEG the front end did not decode (``ModelCard.decodes_jpeg``): its header passed the limits
+    there; the model process decodes it, in a batch on its device. ``source`` names it in errors."""
+
+    data: bytes
+    source: str
 
 
 class Lifecycle(enum.IntEnum):
@@ -85,7 +95,8 @@ class ModelClient(Protocol):
 
     ``open`` returns the card (raising the load error), ``start`` warms up and starts serving (the app
     runs it in the background; an exception becomes ``status().error``), ``submit`` runs images through
-    the batching worker (raising the :class:`WorkerError` kinds below). ``clock`` is the clock deadlines
+    the batching worker (raising the :class:`WorkerError` kinds below): each a preprocessed ``uint8
+    [3, H, W]`` tensor, or, where the card says ``decodes_jpeg``, a JPEG still encoded. ``clock`` is the clock deadlines
     are on: the system-wide monotonic clock, the same in every process.
     """
 
@@ -97,7 +108,7 @@ class ModelClient(Protocol):
 
     def clock(self) -> float: ...
 
-    async def submit(self, pixels: Sequence[torch.Tensor], keep_rate: float | None,
+    async def submit(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None,
                      deadline: float) -> list[ImageResult]: ...
 
     def begin_drain(self) -> None: ...
@@ -119,7 +130,7 @@ class ImageResult:
 
 class WorkerError(Exception):
     """Why the worker could not answer a request; the routes turn each into its API error
-    (:mod:`service.frontend.errors`: 503 overloaded / shutting down / model unavailable, 504)."""
+    (:mod:`service.frontend.errors`: 503 overloaded / shutting down / model unavailable, 504, 400 bad image)."""
 
 
 class QueueFull(WorkerError):
@@ -144,3 +155,8 @@ class ModelFailed(WorkerError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class BadInput(WorkerError):
+    """An image the model process could not decode (a corrupt JPEG whose header looked fine): 400
+    bad_image for that request only, as the CPU path answers it."""

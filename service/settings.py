@@ -33,11 +33,11 @@ class Settings(BaseSettings):
                             "(1, 2, 4, ... max_batch_size) and for the tail at each (bucket, class); batches are "
                             "padded up to their class and other shapes run eagerly. off: always eager.")
     decode: Literal["auto", "cpu", "gpu"] = Field(
-        "auto", description="Where JPEGs are decoded and preprocessed. gpu: in batches with nvJPEG on the model's CUDA"
-                            " device (service/frontend/gpu_decode.py; other formats and refused JPEGs on the CPU, per "
-                            "image); needs CUDA, refused with device=cpu. cpu: libjpeg-turbo/Pillow in the request "
-                            "handler. auto: gpu when the model runs on CUDA. Until the model runs in a process of its "
-                            "own (the API-process hand-off), the service decodes on the CPU whatever this says.")
+        "auto", description="Where JPEGs are decoded and preprocessed. gpu: in the model process, in batches with "
+                            "nvJPEG on the model's CUDA device (service/runtime/gpu_decode.py); the API processes only "
+                            "read the header and pass the bytes on; other formats, refused JPEGs and /explain decode "
+                            "on the CPU. Needs CUDA, refused with device=cpu. cpu: libjpeg-turbo/Pillow in the "
+                            "request handler. auto: gpu when the model runs on CUDA.")
     keep_rate: float | None = Field(
         None, gt=0, le=1, description="Default keep rate; empty: the checkpoint's own schedule.")
     warmup_batches: int = Field(2, ge=0, description="Forward passes run before /readyz turns ready.")

@@ -201,9 +201,14 @@ class Engine:
     def _upload(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Pixels (a batch, or one ``[3, H, W]`` tensor per image) on the device. On a GPU they are
         stacked straight into pinned memory and copied on the upload stream, which the compute stream
-        then waits for (an event, not the host)."""
+        then waits for (an event, not the host); pixels already on the device stay there."""
         if isinstance(pixels, torch.Tensor) and pixels.device == self.device:
             return pixels
+        if not isinstance(pixels, torch.Tensor) and self.device.type != "cpu" and \
+                any(p.device == self.device for p in pixels):
+            # decoded on the device (service/runtime/gpu_decode.py): stacked there; slot pixels of the
+            # same batch, if any, are copied up one by one
+            return torch.stack([p if p.device == self.device else p.to(self.device) for p in pixels])
         if self._upload_stream is None:
             batch = pixels if isinstance(pixels, torch.Tensor) else torch.stack(list(pixels))
             return host_to_device(batch, self.device)

@@ -2,10 +2,11 @@
 in the model process.
 
 ``submit`` takes one shared-memory slot per image (503 + Retry-After when the pool is full: the
-front end's own overload signal), writes the preprocessed pixels there, sends a descriptor and awaits
-the answer. A cancelled submit (the client went away) sends a cancel; its slots come back only with
-the model process's answer. When the connection ends (the model process died, or is gone for
-good), every waiting request gets 503 ``model_unavailable``, ``status()`` says why, and ``on_lost``
+front end's own overload signal), writes the preprocessed pixels there, sends a descriptor (with
+the JPEGs the model process decodes itself inline) and awaits the answer. A cancelled submit (the
+client went away) sends a cancel; its slots come back only with the model process's answer. When
+the connection ends (the model process died, or is gone for good), every waiting request gets 503
+``model_unavailable``, ``status()`` says why, and ``on_lost``
 runs (the API process then exits: its parent is gone or going).
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..logs import current_request_id
-from ..protocol import ImageResult, Lifecycle, ModelCard, ModelFailed, ModelStatus, QueueFull
+from ..protocol import EncodedImage, ImageResult, Lifecycle, ModelCard, ModelFailed, ModelStatus, QueueFull
 from . import wire
 from .slots import SlotPool
 
@@ -89,26 +90,29 @@ class RemoteModel:
     def clock(self) -> float:
         return time.monotonic()
 
-    async def submit(self, pixels: Sequence[torch.Tensor], keep_rate: float | None,
+    async def submit(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None,
                      deadline: float) -> list[ImageResult]:
         if self._lost or self._writer is None or self.pool is None:
             self.on_reject("model_error")
             raise ModelFailed(LOST, retry_after_s=5.0)
-        ids = self.pool.take(len(pixels))
+        tensors = [p for p in pixels if not isinstance(p, EncodedImage)]  # encoded JPEGs go inline, not in slots
+        ids = self.pool.take(len(tensors))
         if ids is None:
             self.on_reject("overloaded")
             raise QueueFull(1.0, f"server overloaded: {self.pool.free} of {self.pool.slots} pixel slots free in this "
                                  "API process (PATCHLIFE_PIXEL_SLOTS); retry after 1.0 s")
         try:
-            for slot, p in zip(ids, pixels, strict=True):
+            for slot, p in zip(ids, tensors, strict=True):
                 self.pool.write(slot, p)
         except Exception:
             self.pool.give(ids)
             raise
+        slots = iter(ids)
+        items = tuple(p if isinstance(p, EncodedImage) else next(slots) for p in pixels)
         rid = next(self._ids)
         future: asyncio.Future[list[ImageResult]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (future, ids)
-        wire.send(self._writer, wire.Submit(rid, tuple(ids), keep_rate, deadline, current_request_id()))
+        wire.send(self._writer, wire.Submit(rid, items, keep_rate, deadline, current_request_id()))
         try:
             return await future  # a cancelled wait cancels the future: a late answer only frees the slots
         except asyncio.CancelledError:

@@ -3,11 +3,11 @@ engine and its batching worker, ``service/runtime/local.py``) to every API proce
 
 Each API process holds one connection: this side sends the card first (it sizes the API process's
 slots), the API process answers with its pool. A :class:`~.wire.Submit` becomes one task that reads its
-pixels from the sender's shared-memory slots (views, no copy), awaits ``model.submit`` with the
-request's deadline and keep rate, and answers :class:`~.wire.Done` or :class:`~.wire.Failed`; a
-:class:`~.wire.Cancel` cancels that task, so the worker drops what it still queues for it, as when
-an HTTP client goes away in the single-process service. Status (readiness, health) is pushed on
-change and every ``HEARTBEAT_S``. When a connection ends (its API process exited or died) its tasks
+pixels from the sender's shared-memory slots (views, no copy; encoded JPEGs come inline), awaits
+``model.submit`` with the request's deadline and keep rate, and answers :class:`~.wire.Done` or
+:class:`~.wire.Failed`; a :class:`~.wire.Cancel` cancels that task, so the worker drops what it still
+queues for it, as when an HTTP client goes away in the single-process service. Status (readiness,
+health) is pushed on change and every ``HEARTBEAT_S``. When a connection ends (its API process exited or died) its tasks
 are cancelled and its segment is unmapped and removed.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..logs import set_request_id
-from ..protocol import ModelCard, ModelClient, WorkerError
+from ..protocol import EncodedImage, ModelCard, ModelClient, WorkerError
 from . import wire
 from .slots import SlotPool
 
@@ -113,7 +113,8 @@ class ModelHost:
         set_request_id(msg.request_id)  # this task's log lines carry the HTTP request's id
         answer: wire.Done | wire.Failed
         try:
-            pixels = conn.pool.read(list(msg.slots))
+            views = iter(conn.pool.read([i for i in msg.slots if isinstance(i, int)]))
+            pixels = [i if isinstance(i, EncodedImage) else next(views) for i in msg.slots]
             results = await self.model.submit(pixels, msg.keep_rate, msg.deadline)
             answer = wire.pack_results(msg.id, results)
             log.debug("%d images answered", len(results))

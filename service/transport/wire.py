@@ -2,7 +2,9 @@
 
 Frames on a Unix stream socket: a 4-byte little-endian length, then a pickled message (protocol 5).
 Only small things travel here: descriptors naming shared-memory slots, the model card, status, and
-results (probabilities, lives, budgets: a few KiB per image); pixels never do (:mod:`.slots`). The
+results (probabilities, lives, budgets: a few KiB per image); pixels never do (:mod:`.slots`). A JPEG
+the model process decodes itself (``ModelCard.decodes_jpeg``) travels inline in its Submit, as the
+file's bytes (one copy into the frame: pickle protocol 5 writes ``bytes`` as they are). The
 socket lives in a directory only this user can enter, and both ends are processes of one ``serve``.
 
 Conversation: the model process sends :class:`Welcome` (the card, the status) on connect; the API
@@ -24,7 +26,9 @@ import numpy as np
 import torch
 
 from ..protocol import (
+    BadInput,
     DeadlinePassed,
+    EncodedImage,
     ImageResult,
     ModelCard,
     ModelFailed,
@@ -35,7 +39,7 @@ from ..protocol import (
 )
 
 HEADER = struct.Struct("<I")
-MAX_FRAME = 64 * 1024 * 1024  # a result frame is a few KiB per image: anything larger is a bug
+MAX_FRAME = 1 << 30  # a result is a few KiB per image, a Submit up to one request's files (PATCHLIFE_MAX_REQUEST_BYTES)
 HEARTBEAT_S = 0.5
 
 
@@ -61,7 +65,7 @@ class StatusUpdate:
 @dataclass(frozen=True)
 class Submit:
     id: int
-    slots: tuple[int, ...]
+    slots: tuple[int | EncodedImage, ...]  # per image: its pixel slot, or the JPEG the model process decodes
     keep_rate: float | None
     deadline: float          # time.monotonic(): one clock for every process of the machine
     request_id: str
@@ -111,7 +115,8 @@ def raise_failure(f: Failed) -> None:
         raise QueueFull(f.retry_after_s, f.message)
     if f.kind == "ModelFailed":
         raise ModelFailed(f.message, f.retry_after_s)
-    kinds: dict[str, type[WorkerError]] = {"DeadlinePassed": DeadlinePassed, "WorkerStopping": WorkerStopping}
+    kinds: dict[str, type[WorkerError]] = {"DeadlinePassed": DeadlinePassed, "WorkerStopping": WorkerStopping,
+                                           "BadInput": BadInput}
     raise kinds.get(f.kind, ModelFailed)(f.message)
 
 

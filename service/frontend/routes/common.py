@@ -19,14 +19,16 @@ from fastapi import Depends, Header, Query, Request
 from PIL import Image
 
 from ... import protocol
+from ...decode import HeaderInfo, check_media_type, decode_stored, device_decodable, header_info, upright_rgb
 from ...metrics import Metrics
-from ...protocol import ImageResult, Lifecycle, ModelCard, ModelClient, ModelStatus
+from ...preprocess import Preprocessor, resize_side
+from ...protocol import EncodedImage, ImageResult, Lifecycle, ModelCard, ModelClient, ModelStatus
 from ...settings import Settings
 from ..bodyread import DEADLINE_KEY
 from ..context import ARRIVAL_KEY, InFlight
-from ..decode import check_media_type, decode_stored, header_info, upright_rgb
 from ..decode_budget import DecodeBudget, DecodeBusy, decode_capacity, decode_cost
 from ..errors import (
+    BadImage,
     ClientDisconnected,
     DeadlineExceeded,
     DecodeOverloaded,
@@ -39,7 +41,6 @@ from ..errors import (
 )
 from ..explain import model_view
 from ..numbers import parse_float, parse_int
-from ..preprocess import Preprocessor, resize_side
 from ..schemas import Budget, Classification, Label, Lifespans, Timings
 from ..upload import RawImage, UploadLimits
 
@@ -213,14 +214,14 @@ EXPLAIN_VIEW_SIDE = 896  # the model's view kept for /explain is downsized to th
 
 @dataclass
 class Prepared:
-    pixels: list[torch.Tensor]          # [3, H, W] each, preprocessed for the engine
+    pixels: list[torch.Tensor | EncodedImage]  # [3, H, W] each, preprocessed; or a JPEG the model process decodes
     decode_ms: list[float]
     views: list[Image.Image]            # /explain only: the model's view, downsized (the decode is dropped)
 
 
 def _decode_one(raw: RawImage, pre: Preprocessor, max_pixels: int,
                 keep_view: bool) -> tuple[torch.Tensor, Image.Image | None]:
-    """Decode, preprocess in one resize (service/frontend/preprocess.py) and drop the full-resolution image;
+    """Decode, preprocess in one resize (service/preprocess.py) and drop the full-resolution image;
     keep a small model view if asked."""
     decoded = decode_stored(raw.data, max_pixels, min_side=resize_side(pre.config), source=raw.source)
     pixels = pre.model_input(decoded, raw.source)
@@ -231,16 +232,20 @@ def _decode_one(raw: RawImage, pre: Preprocessor, max_pixels: int,
     return pixels, view
 
 
-def _decode_costs(raws: list[RawImage], max_image_pixels: int, max_request_pixels: int) -> list[int]:
-    """Every image's decode cost in bytes (service/frontend/decode_budget.py) from its header (no pixel decoded);
-    413 past the request's pixel budget."""
-    headers = [header_info(raw.data, max_image_pixels, source=raw.source) for raw in raws]
-    pixels = sum(h.pixels for h in headers)
+def _read_headers(raws: list[RawImage], max_image_pixels: int,
+                  max_request_pixels: int) -> list[tuple[HeaderInfo, float]]:
+    """Every image's header (no pixel decoded) and the seconds it took to read; 413 past the request's
+    pixel budget."""
+    headers = []
+    for raw in raws:
+        t0 = time.perf_counter()
+        headers.append((header_info(raw.data, max_image_pixels, source=raw.source), time.perf_counter() - t0))
+    pixels = sum(h.pixels for h, _ in headers)
     if pixels > max_request_pixels:
         raise RequestTooManyPixels(f"the request's images have {pixels} pixels together, over the limit of "
                                    f"{max_request_pixels} (PATCHLIFE_MAX_REQUEST_PIXELS); send fewer or smaller "
                                    "images per request")
-    return [decode_cost(h.pixels, h.mode, h.format, h.transparent) for h in headers]
+    return headers
 
 
 def _check_deadline(rt: Runtime, now: float, deadline: float) -> None:
@@ -253,16 +258,26 @@ def _check_deadline(rt: Runtime, now: float, deadline: float) -> None:
 async def prepare_images(raws: list[RawImage], rt: Runtime, keep_view: bool = False,
                          deadline: float | None = None) -> Prepared:
     """Decode + preprocess each image in a worker thread (the event loop never decodes), one at a time
-    per request, each holding its pixel count in the shared decode budget while it decodes. A request
-    whose ``deadline`` (worker clock) passes stops decoding: 504."""
+    per request, each holding its decode cost (service/frontend/decode_budget.py, from its header) in
+    the shared decode budget while it decodes. A request whose ``deadline`` (worker clock) passes stops
+    decoding: 504. Where the model process decodes JPEGs on its device (``card.decodes_jpeg``), a
+    JPEG it can decode is passed on undecoded once its header passed the limits (its decode time is
+    the header's); /explain (``keep_view``) decodes here, as it draws the model's view."""
     s = rt.settings
     clock = rt.clock()
     pre = rt.preprocessor()
+    pass_on = rt.loaded().decodes_jpeg and not keep_view
     for raw in raws:
         check_media_type(raw.content_type, raw.source)
-    costs = await anyio.to_thread.run_sync(_decode_costs, raws, s.max_image_pixels, s.max_request_pixels)
+    headers = await anyio.to_thread.run_sync(_read_headers, raws, s.max_image_pixels, s.max_request_pixels)
     out = Prepared([], [], [])
-    for raw, cost in zip(raws, costs, strict=True):
+    for raw, (header, header_s) in zip(raws, headers, strict=True):
+        if pass_on and device_decodable(header.format, header.mode):
+            rt.metrics.decode_seconds.observe(header_s)
+            out.pixels.append(EncodedImage(bytes(raw.data), raw.source))
+            out.decode_ms.append(header_s * 1000.0)
+            continue
+        cost = decode_cost(header.pixels, header.mode, header.format, header.transparent)
         wait_s = s.decode_wait_ms / 1000.0
         if rt.grace_over:
             rt.metrics.reject("shutdown")
@@ -298,7 +313,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def run_model(request: Request | None, model: ModelClient, pixels: list[torch.Tensor],
+async def run_model(request: Request | None, model: ModelClient, pixels: list[torch.Tensor | EncodedImage],
                     keep_rate: float | None, deadline: float) -> list[ImageResult]:
     """``model.submit`` raced against the client's disconnect; worker errors -> API errors. Without an
     HTTP ``request`` (gRPC) nothing is raced: a cancelled call cancels the awaiting task itself."""
@@ -326,6 +341,8 @@ async def run_model(request: Request | None, model: ModelClient, pixels: list[to
     except protocol.ModelFailed as exc:
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         raise ModelUnavailable(str(exc), headers={"Retry-After": retry}) from None
+    except protocol.BadInput as exc:  # a JPEG the model process could not decode: as the CPU path says it
+        raise BadImage(str(exc)) from None
 
 
 # -- encoding ------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from PIL import Image
 
-from ...protocol import ImageResult, ModelCard
+from ...decode import limit_aspect
+from ...protocol import EncodedImage, ImageResult, ModelCard
 from .. import oip, triton
-from ..decode import limit_aspect
 from ..errors import ApiError, NotReady, RequestTooManyPixels
 from ..upload import RawImage, _check_content_length, _read_body
 from .common import DeadlineDep, Prepared, Runtime, RuntimeDep, prepare_images, resolve_options, run_model
@@ -140,9 +140,10 @@ def _prepare_pixels(pixels: list[np.ndarray], rt: Runtime) -> Prepared:
     return out
 
 
-async def _prepare(items: list[RawImage | np.ndarray], rt: Runtime, deadline: float) -> list[torch.Tensor]:
+async def _prepare(items: list[RawImage | np.ndarray], rt: Runtime,
+                   deadline: float) -> list[torch.Tensor | EncodedImage]:
     """Each run of same-kind items through its path, order kept."""
-    pixels: list[torch.Tensor] = []
+    pixels: list[torch.Tensor | EncodedImage] = []
     start = 0
     while start < len(items):
         kind = isinstance(items[start], RawImage)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from service_support import encode, photo
 
-from service.frontend import decode
+from service import decode
 from service.frontend.decode_budget import (
     BYTES_PER_PIXEL,
     RGB_BYTES_PER_PIXEL,

@@ -7,7 +7,7 @@ resize of the stored image: the centre crop becomes a ``box`` of the resize (Pil
 the kept output pixels, with the same filter taps as resize-then-crop), the EXIF rotation is applied
 to the 224x224 result instead of the full photo, and the conversion to RGB of a grey image too.
 
-``view_geometry`` is the one home of that arithmetic; the GPU decoder (:mod:`service.frontend.gpu_decode`)
+``view_geometry`` is the one home of that arithmetic; the GPU decoder (:mod:`service.runtime.gpu_decode`)
 resizes and crops by the same numbers.
 """
 
@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from ..transforms import uint8_transform
+from .api_errors import BadImage
 from .decode import MAX_ASPECT, UPRIGHT, Decoded, limit_aspect, to_rgb, upright
-from .errors import BadImage
+from .transforms import uint8_transform
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
