@@ -15,7 +15,8 @@ with a time limit of its own:
     servers that pick the GPU (``PATCHLIFE_DEVICE=auto``);
   * ``decode``:   ``patchlife bench-decode --device cuda --equivalence --json``: batched nvJPEG images/s
     for 640x480 JPEGs at batch 64, end to end to normalised device tensors (target >= 10,000/s), and
-    the GPU path's agreement with the CPU path;
+    the GPU path's agreement with the CPU path; then ``python -m bench.gpu_decode_check``: server CPU per
+    224-px JPEG request with the model process decoding on the GPU (target <= 1 ms) against decode=cpu;
   * ``frontend``: ``patchlife bench-frontend --device cuda --json``: a calibrated deit_small served with API
     processes on auto, 224/1000-px JPEGs, 1 and 16 per request: images/s, p99 at 70% load, against targets.
 
@@ -232,7 +233,24 @@ def check_decode(run: Runner, env: dict[str, str]) -> list[Check]:
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         why = failure(out, TIMEOUT_S["decode"]) if out.returncode != 0 else f"unexpected bench-decode output ({exc!r})"
         return [Check("decode", False, why, out.seconds)]
-    return [speed, same]
+    return [speed, same, check_decode_served(run, env)]
+
+
+def check_decode_served(run: Runner, env: dict[str, str]) -> Check:
+    """Server CPU per 224-px JPEG request with the model process decoding on the GPU, against decode=cpu
+    (``python -m bench.gpu_decode_check``: the embedded model, API processes on auto)."""
+    argv = [sys.executable, "-m", "bench.gpu_decode_check", "--device", "cuda", "--seconds", "8", "--json"]
+    out = run(argv, env, TIMEOUT_S["decode"])
+    body = parse_json(out.stdout) or {}
+    try:
+        rows = {r["decode"]: r for r in body["rows"]}
+        text = (f"server CPU per 224-px JPEG request: {rows['gpu']['server_cpu_ms_per_request']} ms with gpu decoding "
+                f"(target <= {body['target_ms']}), {rows['cpu']['server_cpu_ms_per_request']} ms with cpu; "
+                f"{rows['gpu']['requests_per_s']} vs {rows['cpu']['requests_per_s']} req/s")
+        return Check("decode served", bool(body["target_met"]), text, out.seconds, body)
+    except (KeyError, TypeError) as exc:
+        why = failure(out, TIMEOUT_S["decode"]) if out.returncode != 0 else f"unexpected output ({exc!r})"
+        return Check("decode served", False, why, out.seconds)
 
 
 def check_frontend(run: Runner, env: dict[str, str], duration: float) -> list[Check]:

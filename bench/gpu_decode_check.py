@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,28 +27,6 @@ from .child import serve_child
 from .photos import photo_jpeg
 
 TARGET_MS = 1.0  # server CPU per 224-px JPEG request with the model process decoding (GPU host)
-TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its live descendants (the API processes), from /proc."""
-    parents: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # exited meanwhile
-        p = int(stat.parent.name)
-        stats[p] = fields
-        parents.setdefault(int(fields[1]), []).append(p)
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        if p in stats:
-            total += (int(stats[p][11]) + int(stats[p][12])) * TICK_S  # utime, stime (fields 14, 15 of stat)
-        todo.extend(parents.get(p, []))
-    return total
 
 
 async def _closed_loop(url: str, body: bytes, clients: int, seconds: float) -> tuple[int, int]:
@@ -82,9 +59,9 @@ def measure_mode(decode: str, device: str, checkpoint: Path | None, seconds: flo
     body = photo_jpeg(224, 224, 1)
     with serve_child(env, ["--log-level", "warning"], startup_s) as child:
         asyncio.run(_closed_loop(child.url, body, clients, min(2.0, seconds)))  # warm-up
-        cpu0, t0 = tree_cpu_seconds(child.proc.pid), time.monotonic()
+        cpu0, t0 = child.cpu_seconds() or 0.0, time.monotonic()  # the whole process tree (bench/proctree.py)
         ok, bad = asyncio.run(_closed_loop(child.url, body, clients, seconds))
-        cpu, wall = tree_cpu_seconds(child.proc.pid) - cpu0, time.monotonic() - t0
+        cpu, wall = (child.cpu_seconds() or cpu0) - cpu0, time.monotonic() - t0
     return {"decode": decode, "requests": ok, "errors": bad, "requests_per_s": round(ok / wall, 1),
             "server_cpu_ms_per_request": round(1000.0 * cpu / ok, 3) if ok else None}
 

@@ -221,18 +221,26 @@ def test_decode_part_reads_bench_decode() -> None:
           "max_budget_diff": 4, "patches": 196}
     seen: list[list[str]] = []
 
+    served = {"rows": [{"decode": "gpu", "requests_per_s": 900.0, "server_cpu_ms_per_request": 0.8},
+                       {"decode": "cpu", "requests_per_s": 300.0, "server_cpu_ms_per_request": 4.1}],
+              "target_ms": 1.0, "target_met": True}
+
     def runner(argv: list[str], env: dict[str, str], timeout: float) -> Output:
         seen.append(argv)
-        return Output(0, "some log line\n" + json.dumps({"device": "cuda", "rows": rows, "equivalence": eq}), "", 30.0)
+        body = served if "bench.gpu_decode_check" in argv else {"device": "cuda", "rows": rows, "equivalence": eq}
+        return Output(0, "some log line\n" + json.dumps(body), "", 30.0)
 
-    speed, same = run_checks(["decode"], [64], 10.0, run=runner)
+    speed, same, wired = run_checks(["decode"], [64], 10.0, run=runner)
     assert seen[0][2:5] == ["cli", "bench-decode", "--device"] and "--equivalence" in seen[0]
+    assert seen[1][1:3] == ["-m", "bench.gpu_decode_check"]
     assert speed.ok and speed.result.startswith("12,500 img/s (target >= 10,000)")
     assert same.ok and same.result.startswith("top-1 agreement 93.8% on 16 photos, largest budget difference 4 of 196")
+    assert wired.ok and wired.result.startswith("server CPU per 224-px JPEG request: 0.8 ms with gpu decoding")
     rows[1]["cuda b64"] = 0.2  # 5,000/s
     eq["top1_agreement"] = 0.5
-    speed, same = run_checks(["decode"], [64], 10.0, run=runner)
-    assert not speed.ok and not same.ok
+    served.update(target_met=False)
+    speed, same, wired = run_checks(["decode"], [64], 10.0, run=runner)
+    assert not speed.ok and not same.ok and not wired.ok
     broken = run_checks(["decode"], [64], 10.0, run=lambda a, e, t: Output(1, "", "RuntimeError: nvjpeg", 2.0))
     assert [(c.name, c.ok, c.result) for c in broken] == [("decode", False, "exit 1: RuntimeError: nvjpeg")]
 
