@@ -7,7 +7,7 @@ The served run starts ``patchlife serve`` (embedded model, CPU) as a child, send
 takes its RSS as idle, then samples RSS every 10 ms while the three requests run and prints the peak
 over idle (the target of issue 25: within 1.0 GB). ``--modes`` decodes one 10-megapixel image per mode
 in a fresh process each and prints the rise of its peak RSS (VmHWM) per pixel: the figures behind
-``BYTES_PER_PIXEL`` in service/frontend/decode_budget.py. Figures depend on the machine's allocator and load;
+``BYTES_PER_PIXEL`` in service/frontend/decode_gate.py. Figures depend on the machine's allocator and load;
 run both on the machine being sized.
 """
 

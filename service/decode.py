@@ -253,7 +253,7 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
 
     Row blocks at a time, so that the wide temporaries (int64, float32) cost a few MB instead of
     8 bytes per pixel of a 40-megapixel image (the decode budget charges what is left, see
-    ``service/frontend/decode_budget.py``)."""
+    ``service/frontend/decode_gate.py``)."""
     out = np.empty(arr.shape, np.uint8)
     rows = max(1, _BLOCK_PIXELS // max(1, arr.shape[-1]))
     blocks = [slice(r, r + rows) for r in range(0, arr.shape[0], rows)]

@@ -66,8 +66,8 @@ class Settings(BaseSettings):
                                       "memory of decoding (4 bytes a pixel, 320 MB by default). Each image holds "
                                       "what its decode costs, from its header: width x height times the bytes per "
                                       "pixel of its mode (about 2x an RGB pixel for 16-bit grey, 3x for float, 5x "
-                                      "with alpha; service/frontend/decode_budget.py); a larger image holds the whole "
-                                      "budget. "
+                                      "with alpha; service/frontend/decode_gate.py); a larger image holds the whole "
+                                      "capacity. "
                                       "An image waits for room in arrival order.")
     decode_wait_ms: float = Field(
         10_000, gt=0, description="Longest an image waits for room to decode (PATCHLIFE_MAX_DECODE_PIXELS) "

@@ -26,7 +26,7 @@ from ...protocol import EncodedImage, ImageResult, Lifecycle, ModelCard, ModelCl
 from ...settings import Settings
 from ..bodyread import DEADLINE_KEY
 from ..context import ARRIVAL_KEY, InFlight
-from ..decode_budget import DecodeBudget, DecodeBusy, decode_capacity, decode_cost
+from ..decode_gate import DecodeBusy, DecodeGate, decode_capacity, decode_cost
 from ..errors import (
     BadImage,
     ClientDisconnected,
@@ -61,11 +61,11 @@ class Runtime:
     startup_error: str | None = None
     shared_ports: bool = False  # one of several API processes on the same ports
     in_flight: InFlight = field(default_factory=InFlight)
-    decode_budget: DecodeBudget = field(init=False)
+    decode_gate: DecodeGate = field(init=False)
     _preprocessor: Preprocessor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.decode_budget = DecodeBudget(decode_capacity(self.settings.max_decode_pixels))
+        self.decode_gate = DecodeGate(decode_capacity(self.settings.max_decode_pixels))
 
     @property
     def draining(self) -> bool:
@@ -258,7 +258,7 @@ def _check_deadline(rt: Runtime, now: float, deadline: float) -> None:
 async def prepare_images(raws: list[RawImage], rt: Runtime, keep_view: bool = False,
                          deadline: float | None = None) -> Prepared:
     """Decode + preprocess each image in a worker thread (the event loop never decodes), one at a time
-    per request, each holding its decode cost (service/frontend/decode_budget.py, from its header) in
+    per request, each holding its decode cost (service/frontend/decode_gate.py, from its header) in
     the shared decode budget while it decodes. A request whose ``deadline`` (worker clock) passes stops
     decoding: 504. Where the model process decodes JPEGs on its device (``card.decodes_jpeg``), a
     JPEG it can decode is passed on undecoded once its header passed the limits (its decode time is
@@ -286,7 +286,7 @@ async def prepare_images(raws: list[RawImage], rt: Runtime, keep_view: bool = Fa
             _check_deadline(rt, clock(), deadline)
             wait_s = min(wait_s, deadline - clock())
         try:
-            async with rt.decode_budget.hold(cost, wait_s):
+            async with rt.decode_gate.hold(cost, wait_s):
                 t0 = time.perf_counter()
                 pixels, view = await anyio.to_thread.run_sync(_decode_one, raw, pre, s.max_image_pixels,
                                                               keep_view)

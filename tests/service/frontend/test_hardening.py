@@ -24,7 +24,7 @@ from starlette.requests import Request
 import service.runtime.worker as worker_mod
 from service.frontend.app import begin_shutdown
 from service.frontend.context import ARRIVAL_KEY
-from service.frontend.decode_budget import DecodeBudget, DecodeBusy
+from service.frontend.decode_gate import DecodeBusy, DecodeGate
 from service.frontend.routes.common import EXPLAIN_VIEW_SIDE, Runtime, prepare_images, request_deadline
 from service.frontend.upload import RawImage
 from service.logs import JsonFormatter, _request_id, _RequestIdFilter
@@ -56,7 +56,7 @@ def test_request_pixel_budget_is_413_before_decoding(make_client: Callable[..., 
 def test_no_room_to_decode_is_503_with_retry_after(make_client: Callable[..., TestClient],
                                                    metric: Callable[..., float]) -> None:
     c = make_client(max_decode_pixels=10_000, decode_wait_ms=300)
-    budget = c.app.state.runtime.decode_budget  # type: ignore[attr-defined]
+    budget = c.app.state.runtime.decode_gate  # type: ignore[attr-defined]
     c.portal.call(budget._acquire, budget.capacity, 1.0)  # type: ignore[union-attr]  # another decode holds it all
     try:
         r = post(c, PNG)
@@ -80,9 +80,9 @@ def test_classify_keeps_no_decoded_image_and_explain_only_a_small_view(client: T
     assert len(explain.views) == 1 and max(explain.views[0].size) <= EXPLAIN_VIEW_SIDE
 
 
-def test_decode_budget_serves_in_order_and_times_out() -> None:
+def test_decode_gate_serves_in_order_and_times_out() -> None:
     async def main() -> None:
-        budget, order = DecodeBudget(10), []
+        budget, order = DecodeGate(10), []
 
         async def take(name: str, pixels: int, hold_s: float) -> None:
             async with budget.hold(pixels, timeout_s=1.0):
