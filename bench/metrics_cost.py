@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.metrics import Metrics, PrometheusHooks, cleanup_multiprocess, enable_multiprocess
+from service.metrics import Metrics, cleanup_multiprocess, enable_multiprocess
+from service.runtime.metrics_hooks import PrometheusHooks
 
 ROUTES = ("/classify", "/explain", "/v2/models/{name}/infer", "/healthz", "/readyz", "/metrics")
 

@@ -6,7 +6,8 @@ outside the standard set as ``other``), labelled series created at 0 where the l
 known in advance. Device memory is read when Prometheus scrapes, by a custom collector.
 
 Feeding: the HTTP middleware here (latency, in flight), the routes (decode time, rejections of bad
-input, through the error handlers), and ``PrometheusHooks`` for everything the batching worker sees.
+input, through the error handlers), and ``PrometheusHooks`` (``service/runtime/metrics_hooks.py``) for
+everything the batching worker sees.
 
 With API processes beside the model process, each process calls ``enable_multiprocess`` (see
 ``metrics_dir.py``) before it makes its :class:`Metrics`, and its series go to memory-mapped files in
@@ -19,7 +20,6 @@ heartbeat (:meth:`Metrics.sample`).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
@@ -33,11 +33,8 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics_dir import cleanup_multiprocess, enable_multiprocess, mark_process_dead, multiprocess_dir
-from .protocol import ImageResult
-from .runtime.costmodel import CostModel
-from .runtime.worker import WorkerHooks
 
-__all__ = ["Metrics", "PrometheusHooks", "HttpMetricsMiddleware", "DeviceMemoryCollector", "enable_multiprocess",
+__all__ = ["Metrics", "HttpMetricsMiddleware", "DeviceMemoryCollector", "enable_multiprocess",
            "multiprocess_dir", "mark_process_dead", "cleanup_multiprocess"]
 
 # Text exposition format 0.0.4: understood by every Prometheus (the client's default now says 1.0.0).
@@ -310,69 +307,6 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self._exposed)
-
-
-class PrometheusHooks(WorkerHooks):
-    """Batching-worker hooks -> metrics. Called from the worker thread; prometheus_client is thread-safe."""
-
-    def __init__(self, metrics: Metrics, dense_gflops: float, num_patches: int = 0) -> None:
-        self.m = metrics
-        self.dense_gflops = dense_gflops
-        self.num_patches = num_patches  # of the grid, for the bounded tail bucket label
-
-    def on_queue_depth(self, images: int, tokens: int) -> None:
-        self.m.queue_depth.labels("images").set(images)
-        self.m.queue_depth.labels("tokens").set(tokens)
-
-    def on_batch(self, phase: str, size: int, tokens: int, bucket: str | None,
-                 queue_waits_s: list[float], compute_s: float) -> None:
-        self.m.compute_seconds.labels(phase).observe(compute_s)
-        self.m.batch_size.labels(phase).observe(size)
-        self.m.batch_tokens.labels(phase).observe(tokens)
-        wait = self.m.queue_wait.labels(phase)
-        for w in queue_waits_s:
-            wait.observe(w)
-        self.m.batches.labels(phase, self.bucket_label(bucket)).inc()
-
-    def bucket_label(self, bucket: str | None) -> str:
-        """``48-40-32`` -> the first count over the grid's patches, rounded up to a tenth (``0.3``)."""
-        if not bucket or self.num_patches <= 0:
-            return "none"
-        try:
-            first = int(bucket.split("-", 1)[0])
-        except ValueError:
-            return "none"
-        tenths = min(10, max(1, math.ceil(first * 10 / self.num_patches - 1e-9)))
-        return KEEP_LABELS[tenths - 1]
-
-    def on_model_failure(self, reason: str) -> None:
-        self.m.model_failures.labels(reason).inc()
-
-    def on_waste(self, needed_tokens: int, computed_tokens: int) -> None:
-        self.m.needed_tokens.inc(needed_tokens)
-        self.m.computed_tokens.inc(computed_tokens)
-
-    def on_reject(self, reason: str) -> None:
-        self.m.reject(reason)
-
-    def on_shape(self, phase: str, merged_images: int, padded_rows: int) -> None:
-        if merged_images:
-            self.m.merged_images.inc(merged_images)
-        if padded_rows:
-            self.m.padded_rows.labels(phase).inc(padded_rows)
-
-    def on_cost_model(self, model: CostModel) -> None:
-        for phase, fit in model.fits.items():
-            self.m.cost_fixed.labels(phase).set(fit.fixed)
-            self.m.cost_slope.labels(phase).set(fit.slope)
-
-    def on_image_done(self, result: ImageResult) -> None:
-        self.m.last_inference.set(time.time())
-        self.m.image_compute.observe(result.compute_ms / 1000.0)
-        self.m.kept_tokens.observe(result.counts[-1])
-        self.m.image_flops.observe(result.gflops * 1e9)
-        if self.dense_gflops > 0:
-            self.m.budget_ratio.observe(result.gflops / self.dense_gflops)
 
 
 class HttpMetricsMiddleware:

@@ -20,7 +20,7 @@ import anyio
 import torch
 
 from ..api_errors import ApiError
-from ..metrics import Metrics, PrometheusHooks
+from ..metrics import Metrics
 from ..protocol import (
     BadInput,
     EncodedImage,
@@ -34,6 +34,7 @@ from ..protocol import (
 from ..settings import Settings
 from . import gpu_decode
 from .engine import Engine
+from .metrics_hooks import PrometheusHooks
 from .worker import Worker
 
 log = logging.getLogger("patchlife.model")

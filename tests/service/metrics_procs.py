@@ -24,7 +24,6 @@ from service.frontend.routes.metrics import metrics as metrics_route
 from service.frontend.triton import model_statistics
 from service.metrics import (
     Metrics,
-    PrometheusHooks,
     cleanup_multiprocess,
     enable_multiprocess,
     mark_process_dead,
@@ -32,6 +31,7 @@ from service.metrics import (
 )
 from service.protocol import ImageResult
 from service.runtime.costmodel import CostModel, LinearFit
+from service.runtime.metrics_hooks import PrometheusHooks
 
 GRAPHS = {"captured": 6, "capture_seconds": 1.5, "capture_bytes": 4096, "eager_fallbacks": 2}
 LAST_INFERENCE = 1_790_000_000.0  # what the model process's clock said, fixed so a test can compare it

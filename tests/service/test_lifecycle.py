@@ -19,8 +19,9 @@ from starlette.requests import Request
 from cli.main import main
 from service.frontend.errors import ClientDisconnected
 from service.frontend.routes.common import run_model
-from service.metrics import Metrics, PrometheusHooks
+from service.metrics import Metrics
 from service.runtime.engine import Engine
+from service.runtime.metrics_hooks import PrometheusHooks
 from service.runtime.worker import Worker
 from service.settings import Settings
 

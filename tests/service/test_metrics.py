@@ -14,8 +14,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from service_support import encode, photo
 
-from service.metrics import REJECT_REASONS, Metrics, PrometheusHooks
+from service.metrics import REJECT_REASONS, Metrics
 from service.protocol import ImageResult
+from service.runtime.metrics_hooks import PrometheusHooks
 
 CONTRACT = {
     "patchlife_http_request_duration_seconds": "histogram", "patchlife_http_requests_in_flight": "gauge",
