@@ -145,9 +145,8 @@ class Settings(BaseSettings):
         "auto", pattern=r"^(auto|\d{1,3})$",
         description="API processes beside the one model process: each runs the HTTP (and gRPC) front end on the "
                     "same port and hands preprocessed pixels to the model process through shared memory. auto: "
-                    "the cores the model process does not need: beside a GPU it needs 2; on the CPU it needs its "
-                    "torch threads, every core when PATCHLIFE_TORCH_THREADS is 0, so auto is then 0 (measured "
-                    "cheaper there: docs/ops.md). With API processes on the CPU, an unset PATCHLIFE_TORCH_THREADS "
+                    "the cores the model process does not need (beside a GPU it needs 2, on the CPU its torch "
+                    "threads), at least 1. With API processes on the CPU, an unset PATCHLIFE_TORCH_THREADS "
                     "becomes the cores they leave. 0: one process does everything (tests, notebooks).")
     pixel_slots: int = Field(
         0, ge=0, description="Shared-memory pixel slots of each API process (one preprocessed image each); a "
@@ -165,12 +164,12 @@ class Settings(BaseSettings):
 
     def api_process_count(self, cuda: bool, cores: int) -> int:
         """``api_processes`` resolved: ``auto`` gives the API processes the cores the model process does
-        not need (2 beside a GPU: its event loop and its model thread; on the CPU, its torch threads,
-        every core when unset), so a CPU model with torch's default team runs in one process."""
+        not need (2 beside a GPU: its event loop and its model thread; on the CPU, its torch threads),
+        and at least one (a CPU model with torch's default team then leaves it one core)."""
         if self.api_processes != "auto":
             return int(self.api_processes)
         needs = 2 if cuda else (self.torch_threads or cores)
-        return max(0, cores - needs)
+        return max(1, cores - needs)
 
     def model_threads_beside(self, processes: int, cuda: bool, cores: int) -> Settings:
         """With API processes on the CPU, an unset ``torch_threads`` (one per core) becomes the cores they

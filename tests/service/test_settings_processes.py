@@ -10,9 +10,9 @@ from service.settings import Settings
 
 @pytest.mark.parametrize(("setting", "cuda", "cores", "threads", "expected"), [
     ("auto", True, 16, 0, 14),    # beside a GPU the model process keeps 2 cores
-    ("auto", False, 2, 0, 0),     # CPU model, torch's default team (every core): one process
+    ("auto", False, 2, 0, 1),     # CPU model, torch's default team: still one API process (it leaves one core)
     ("auto", False, 16, 4, 12),   # CPU model with 4 torch threads
-    ("auto", True, 2, 0, 0),      # a GPU on 2 cores: nothing left over
+    ("auto", True, 2, 0, 1),      # never fewer than one
     ("0", True, 16, 0, 0),
     ("3", False, 2, 0, 3),
 ])
