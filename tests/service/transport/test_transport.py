@@ -205,6 +205,24 @@ def test_a_cancel_gives_the_slots_back_only_with_the_hosts_answer(tmp_path: Path
     run(tmp_path, scenario)
 
 
+def test_a_cancel_right_behind_its_submit_still_gives_the_slots_back(tmp_path: Path) -> None:
+    """The host reads the submit and its cancel in one go, before the submit's task has run (a client
+    that leaves at once, a busy or paused model process): it must still answer, or the slots leak."""
+    async def scenario(stub: StubModel, host: ModelHost, remote: RemoteModel) -> None:
+        pool = remote.pool
+        assert pool is not None
+        for _ in range(3):
+            waiting = asyncio.create_task(remote.submit([image(1), image(2)], None, 1.0))
+            await asyncio.sleep(0)  # the submit is written; the host has not read it yet
+            waiting.cancel()  # the cancel is written right behind it
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await until(lambda: pool.free == 4)
+        assert_same(await remote.submit([image(3)], None, 1.0), [expected(image(3), None)])
+
+    run(tmp_path, scenario)
+
+
 def test_losing_the_host_fails_pending_requests_and_says_why(tmp_path: Path) -> None:
     lost: list[bool] = []
 
