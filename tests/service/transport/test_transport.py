@@ -285,6 +285,25 @@ def test_a_failed_start_is_raised_by_start(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_stopping_while_the_model_loads_ends_start(tmp_path: Path) -> None:
+    """SIGTERM (or the model process's death) while it warms up: the API process's drain stops the
+    remote, and its lifespan then awaits ``start``: that must end, or the process never exits."""
+    async def main() -> None:
+        stub = StubModel()  # LOADING for ever
+        host = ModelHost(stub, CARD)
+        await host.start(tmp_path / "model.sock")
+        remote = RemoteModel(tmp_path / "model.sock", 1)
+        await remote.open()
+        starting = asyncio.create_task(remote.start())
+        await asyncio.sleep(0.05)
+        await remote.stop(grace_s=0.0)
+        with pytest.raises(RuntimeError, match="stopped"):
+            await asyncio.wait_for(starting, 5)
+        await host.close()
+
+    asyncio.run(main())
+
+
 def test_the_host_removes_the_segment_of_an_api_process_that_died(tmp_path: Path) -> None:
     async def scenario(stub: StubModel, host: ModelHost, remote: RemoteModel) -> None:
         assert remote.pool is not None and remote._writer is not None
