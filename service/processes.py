@@ -178,7 +178,9 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
     await host.start(spec.ipc_path)
     supervisor = _Supervisor(spec, sock, processes)
     supervisor.start_all()
-    sock.close()  # the API processes hold it now: once they have all closed it, the port is closed
+    # This process keeps its copy of the listening socket while it may have to start a replacement
+    # (spawn passes the socket to the child); it closes it at the first signal, so that once the
+    # API processes have closed theirs at the end of their drain, the port is closed.
     starting = asyncio.create_task(_start(model, host))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -189,6 +191,7 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
         signals += 1
         if signals == 1:
             supervisor.stopping = True
+            sock.close()
             model.begin_drain()
             host.push_status()
             stop.set()
@@ -202,6 +205,7 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
     status = watching.result() if watching.done() else None
     if status is not None:  # API processes keep dying: stop them all
         supervisor.stopping = True
+        sock.close()
         supervisor.signal_all(signal.SIGTERM)
     watching.cancel()
     drain_s = settings.shutdown_delay_s + settings.shutdown_grace_s + EXIT_MARGIN_S
