@@ -43,6 +43,7 @@ class RemoteModel:
         self.pool: SlotPool | None = None
         self._status = ModelStatus()
         self._lost = False
+        self._stopped = False
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[int, tuple[asyncio.Future[list[ImageResult]], list[int]]] = {}
@@ -73,13 +74,15 @@ class RemoteModel:
 
     async def start(self) -> None:
         """Wait until the model process has warmed up (or failed to)."""
-        while self._status.state == Lifecycle.LOADING and not self._lost:
+        while self._status.state == Lifecycle.LOADING and not self._lost and not self._stopped:
             self._changed.clear()
             await self._changed.wait()
         if self._status.state == Lifecycle.FAILED:
             raise RuntimeError(self._status.error or "the model failed to start")
         if self._lost:
             raise RuntimeError(LOST)
+        if self._status.state == Lifecycle.LOADING:  # stop() cancelled the reader: no status will come
+            raise RuntimeError("stopped while the model was loading")
 
     def status(self) -> ModelStatus:
         if self._lost:
@@ -125,7 +128,10 @@ class RemoteModel:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Let the requests on their way finish within ``grace_s``, then close the connection (the model
-        process cancels what is left of ours: those requests are answered 503) and the pool."""
+        process cancels what is left of ours: those requests are answered 503) and the pool. A ``start``
+        still waiting for the warm-up ends (the lifespan awaits it before the process can exit)."""
+        self._stopped = True
+        self._changed.set()
         end = time.monotonic() + (grace_s or 0.0)
         while self._pending and not self._lost and time.monotonic() < end:
             await asyncio.sleep(0.01)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -90,7 +91,9 @@ class ModelHost:
             while True:
                 message = await wire.receive(reader)
                 if isinstance(message, wire.Submit):
-                    conn.tasks[message.id] = asyncio.create_task(self._run(conn, message))
+                    run = asyncio.create_task(self._run(conn, message))
+                    run.add_done_callback(functools.partial(self._cancelled_unstarted, conn, message.id))
+                    conn.tasks[message.id] = run
                 elif isinstance(message, wire.Cancel):
                     task = conn.tasks.get(message.id)
                     if task is not None:
@@ -108,6 +111,16 @@ class ModelHost:
             writer.close()
             conn.pool.close(unlink=True)  # the owner unlinks on a clean exit; after a crash, this does
             log.info("API process %d disconnected", hello.pid)
+
+    def _cancelled_unstarted(self, conn: _Connection, rid: int, task: asyncio.Task[None]) -> None:
+        """A cancel read right behind its submit (both in one read) cancels the task before its first
+        step, so ``_run``'s own ``except`` never runs: answer for it here, or the sender's slots never
+        come back. (``_run`` catches a cancel once started, so its task ends cancelled only this way.)"""
+        if task.cancelled():
+            conn.tasks.pop(rid, None)
+            if not conn.writer.is_closing():
+                with contextlib.suppress(ConnectionError):
+                    wire.send(conn.writer, wire.Failed(rid, "cancelled", "cancelled by the API process"))
 
     async def _run(self, conn: _Connection, msg: wire.Submit) -> None:
         set_request_id(msg.request_id)  # this task's log lines carry the HTTP request's id
