@@ -283,11 +283,11 @@ def test_clients_that_leave_mid_request_give_their_slots_back(service: Service) 
         for sock in socks:
             sock.sendall(body)
         time.sleep(1.0)  # the API processes decode and submit; nothing answers
-        refused = httpx.post(service.url + "/classify", files=files(PNGS[0]), timeout=10)
+        refused = httpx.post(service.url + "/classify", files=files(PNGS[0]), timeout=30)
         for sock in socks:
             sock.close()
         time.sleep(0.5)
-        held = httpx.post(service.url + "/classify", files=files(PNGS[0]), timeout=10)
+        held = httpx.post(service.url + "/classify", files=files(PNGS[0]), timeout=30)
     finally:
         service.proc.send_signal(signal.SIGCONT)
     for r in (refused, held):  # each API process holds its 4 slots for a request whose client has gone
