@@ -217,7 +217,7 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
         signals += 1
         if signals == 1:
             supervisor.stopping = True
-            sock.close()  # no API process will be started again: once they have closed theirs, the port is
+            sock.close()  # no API process will be started again: once they have closed theirs, the port is closed
             model.begin_drain()
             host.push_status()
             stop.set()
@@ -228,7 +228,13 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
     watching = asyncio.create_task(supervisor.watch())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({watching, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    status = watching.result() if watching.done() else None
+    status = None
+    if watching.done():
+        try:
+            status = watching.result()
+        except Exception:  # a bug in the supervision: stop everything rather than serve unsupervised
+            log.exception("supervising the API processes failed")
+            status = 1
     if status is not None:  # API processes keep dying: stop them all
         supervisor.stopping = True
         sock.close()
