@@ -19,21 +19,24 @@ run: $(STAMP)
 	$(BIN)/patchlife ensure-default
 	$(BIN)/patchlife serve
 
-test: $(STAMP) prometheus kubectl chromium
+test: $(STAMP) prometheus kubectl chromium wrk
 	$(BIN)/python -m pytest -q
 
 # Optional test tools from Debian's packages, best effort (scripts/apt-best-effort): without root or
 # apt-get, or when a package cannot be had, the tests that need the tool skip and say why.
 # Prometheus + promtool for tests/ops; kubectl (its built-in kustomize renders deploy/k8s; bookworm's
 # kubernetes-client 1.20 is too old, the tests then skip); chromium for the browser tests (driven by
-# Playwright from the dev extra; Playwright's own browser download is never used).
-.PHONY: prometheus kubectl chromium
+# Playwright from the dev extra; Playwright's own browser download is never used); wrk for the load
+# generator tests (patchlife bench-http, loadtest --driver wrk).
+.PHONY: prometheus kubectl chromium wrk
 prometheus:
 	@scripts/apt-best-effort Prometheus "command -v prometheus && command -v promtool" prometheus
 kubectl:
 	@scripts/apt-best-effort "Kubernetes manifest" "command -v kubectl" kubectl kubernetes-client
 chromium:
 	@scripts/apt-best-effort browser "command -v chromium" chromium
+wrk:
+	@scripts/apt-best-effort "wrk load-generator" "command -v wrk" wrk
 
 lint: $(STAMP)
 	$(BIN)/ruff check model service bench cli tests

@@ -5,6 +5,9 @@ overhead bench and the tests share.
         httpx.get(child.url + "/v1/models")
     # SIGTERM on leaving (the server drains), a kill if it does not exit in time
 
+``child.cpu_seconds()`` is the CPU time of the server and every process under it (the model process,
+API processes, replaced ones included): :mod:`bench.proctree`, sampled by a thread from the first
+call on (take differences of two calls for a window).
 The child's output goes to a temporary file, never a pipe: a pipe nobody reads until the end fills
 up with access-log lines and blocks the server mid-request.
 """
@@ -20,10 +23,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 
 import httpx
+
+from .proctree import Sampler, TreeCpu
 
 
 def free_port() -> int:
@@ -38,6 +43,19 @@ class ServeChild:
     url: str
     log_file: IO[bytes]
     grpc_target: str | None = None  # host:port of its gRPC listener, when started with grpc=True
+    _cpu: Sampler | None = field(default=None, repr=False)
+
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds of the server's whole process tree (None once it is gone); the first call starts
+        the sampling thread, so only windows after it count every exited process."""
+        if self._cpu is None:
+            self._cpu = Sampler(TreeCpu(self.proc.pid))
+        return self._cpu.seconds()
+
+    def close(self) -> None:
+        """Stop sampling (the server itself is stopped by :func:`stop`)."""
+        if self._cpu is not None:
+            self._cpu.close()
 
     def log(self) -> str:
         """Everything the child wrote so far (stdout and stderr); it shares the file offset, so seek."""
@@ -74,6 +92,7 @@ def serve_child(env: Mapping[str, str] | None = None, args: Sequence[str] = (), 
             _wait_ready(child, startup_s)
             yield child
         finally:
+            child.close()
             stop(proc)
 
 

@@ -4,7 +4,7 @@ Paths, each where this machine has it:
   * ``cpu path``: what a request costs today, one image at a time on one thread: header check, decode
     (libjpeg-turbo with DCT scaling, or Pillow) and the one-resize preprocessing, to ``uint8 [3, H, W]``;
     timed in the thread's CPU time, which other busy processes on the machine hardly change;
-  * ``gpu bN``: :class:`service.frontend.gpu_decode.BatchDecoder` on CUDA, batches of N, end to end to a
+  * ``gpu bN``: :class:`service.runtime.gpu_decode.BatchDecoder` on CUDA, batches of N, end to end to a
     normalised ``float32 [N, 3, H, W]`` on the device (synchronised), in wall time. ``--device cpu`` times the same
     batched code with torchvision's CPU decoder instead (how CI runs it).
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from service.frontend.decode import decode_stored, open_header
-from service.frontend.gpu_decode import BatchDecoder
-from service.frontend.preprocess import model_input, resize_side
+from service.decode import decode_stored, open_header
+from service.preprocess import model_input, resize_side
+from service.runtime.gpu_decode import BatchDecoder
 
 from .photos import PHOTO_SIZES, photo_jpeg
 
@@ -72,7 +72,7 @@ def image_sets(images_dir: Path | None, sizes: Sequence[str]) -> dict[str, list[
     return {n: [photo_jpeg(w, h, seed) for seed in range(4)] for n, w, h in chosen}
 
 
-def bench(sets: dict[str, list[bytes]], preprocess: dict[str, Any], device: str | None,
+def time_paths(sets: dict[str, list[bytes]], preprocess: dict[str, Any], device: str | None,
           batch_sizes: Sequence[int], seconds: float) -> list[dict[str, Any]]:
     """One row per image set: ``cpu path`` ms/image, and ``<device type> bN`` ms/image per batch size."""
     decoder = BatchDecoder(preprocess, device, MAX_PIXELS) if device else None
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         preprocess = VIT_224
     sets = image_sets(args.images, sizes)
-    rows = bench(sets, preprocess, device, batch_sizes, args.seconds)
+    rows = time_paths(sets, preprocess, device, batch_sizes, args.seconds)
     result: dict[str, Any] = {"device": device, "rows": rows}
     if args.equivalence:
         images = [d for imgs in sets.values() for d in imgs]

@@ -15,22 +15,22 @@ with a time limit of its own:
     servers that pick the GPU (``PATCHLIFE_DEVICE=auto``);
   * ``decode``:   ``patchlife bench-decode --device cuda --equivalence --json``: batched nvJPEG images/s
     for 640x480 JPEGs at batch 64, end to end to normalised device tensors (target >= 10,000/s), and
-    the GPU path's agreement with the CPU path.
+    the GPU path's agreement with the CPU path; then ``python -m bench.gpu_decode_check``: server CPU per
+    224-px JPEG request with the model process decoding on the GPU (target <= 1 ms) against decode=cpu;
+  * ``frontend``: ``patchlife bench-frontend --device cuda --json``: a calibrated deit_small served with API
+    processes on auto, 224/1000-px JPEGs, 1 and 16 per request: images/s, p99 at 70% load, against targets.
 
 A part that fails, times out or prints nothing readable gets its error in the table; the others still
 run, and the command exits 1 at the end. Without a CUDA device it says so and exits 2 at once. About
-7 minutes on one GPU (the synthetic task's images are drawn on the CPU, which bounds ``train``).
+10 minutes on one GPU (the synthetic task's images are drawn on the CPU, which bounds ``train``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,26 +40,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-PARTS = ("tests", "train", "eval", "bench", "loadtest", "decode")
+from .gpu_runner import REPO, Runner, failure, parse_json, run_subprocess
+
+PARTS = ("tests", "train", "eval", "bench", "loadtest", "decode", "frontend")
 TIMEOUT_S = {"tests": 300.0, "train": 150.0, "eval": 150.0, "bench": 60.0, "loadtest": 180.0,
-             "decode": 180.0}  # per subprocess
+             "decode": 180.0, "frontend": 420.0}  # per subprocess
 # ``train``: big enough for every stage to run a few dozen bf16 steps, small enough for about a minute
 TRAIN_ARGS = ["--synthetic", "--backbone", "vit_micro_patch8_64", "--train-size", "4096", "--val-size", "1024",
               "--batch-size", "128", "--stage0-steps", "30", "--stage1-steps", "30", "--stage2-steps", "30",
               "--calibrate", "1024", "--device", "cuda", "--amp", "bf16"]
 EVAL_ARGS = ["--synthetic", "--val-size", "1200", "--keep-rates", "0.5,0.7", "--json"]
 CALIBRATED_MIN_BATCH = 64  # bench sizes from which a calibrated row runs too
-
-
-@dataclass
-class Output:
-    """What one subprocess left: ``returncode`` None when it ran past its time limit."""
-
-    returncode: int | None
-    stdout: str
-    stderr: str
-    seconds: float
 
 
 @dataclass
@@ -71,58 +62,6 @@ class Check:
     result: str                      # numbers, or the error
     seconds: float | None = None     # None: the row shares the subprocess of the row above
     data: dict[str, Any] = field(default_factory=dict)
-
-
-Runner = Callable[[list[str], dict[str, str], float], Output]
-
-
-def run_subprocess(argv: list[str], env: dict[str, str], timeout: float) -> Output:
-    """Run ``argv`` in its own process group, so a timeout (or Ctrl-C here) also stops the servers it started."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        return Output(proc.returncode, out, err, time.perf_counter() - t0)
-    except subprocess.TimeoutExpired:
-        out, err = _stop_group(proc)
-        return Output(None, out, err, time.perf_counter() - t0)
-    except BaseException:  # KeyboardInterrupt: the new session does not get the terminal's SIGINT
-        _stop_group(proc)
-        raise
-
-
-def _stop_group(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    """SIGTERM to the process group, SIGKILL 20 s later; what it printed."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        return proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return proc.communicate()
-
-
-def failure(out: Output, timeout: float) -> str:
-    """Why a subprocess failed, in one line: the time limit, or its exit status and last words."""
-    if out.returncode is None:
-        return f"timed out after {timeout:.0f} s"
-    lines = [ln.strip() for ln in (out.stderr + "\n" + out.stdout).splitlines() if ln.strip()]
-    last = lines[-1] if lines else "no output"
-    return f"exit {out.returncode}: {last[:200]}"
-
-
-def parse_json(text: str) -> dict[str, Any] | None:
-    """The JSON object a command printed (the whole output, or its last line that is one)."""
-    for candidate in (text, *reversed(text.splitlines())):
-        try:
-            body = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(body, dict):
-            return body
-    return None
 
 
 # --- the parts ------------------------------------------------------------------------------------
@@ -294,7 +233,49 @@ def check_decode(run: Runner, env: dict[str, str]) -> list[Check]:
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         why = failure(out, TIMEOUT_S["decode"]) if out.returncode != 0 else f"unexpected bench-decode output ({exc!r})"
         return [Check("decode", False, why, out.seconds)]
-    return [speed, same]
+    return [speed, same, check_decode_served(run, env)]
+
+
+def check_decode_served(run: Runner, env: dict[str, str]) -> Check:
+    """Server CPU per 224-px JPEG request with the model process decoding on the GPU, against decode=cpu
+    (``python -m bench.gpu_decode_check``: the embedded model, API processes on auto)."""
+    argv = [sys.executable, "-m", "bench.gpu_decode_check", "--device", "cuda", "--seconds", "8", "--json"]
+    out = run(argv, env, TIMEOUT_S["decode"])
+    body = parse_json(out.stdout) or {}
+    try:
+        rows = {r["decode"]: r for r in body["rows"]}
+        text = (f"server CPU per 224-px JPEG request: {rows['gpu']['server_cpu_ms_per_request']} ms with gpu decoding "
+                f"(target <= {body['target_ms']}), {rows['cpu']['server_cpu_ms_per_request']} ms with cpu; "
+                f"{rows['gpu']['requests_per_s']} vs {rows['cpu']['requests_per_s']} req/s")
+        return Check("decode served", bool(body["target_met"]), text, out.seconds, body)
+    except (KeyError, TypeError) as exc:
+        why = failure(out, TIMEOUT_S["decode"]) if out.returncode != 0 else f"unexpected output ({exc!r})"
+        return Check("decode served", False, why, out.seconds)
+
+
+def check_frontend(run: Runner, env: dict[str, str], duration: float) -> list[Check]:
+    """``patchlife bench-frontend`` on CUDA: a row per photo size and images per request; a row with a
+    target (224-px JPEGs, 1 and 16 per request) fails when it misses it."""
+    argv = [sys.executable, "-m", "cli", "bench-frontend", "--device", "cuda", "--duration", f"{duration:g}", "--json"]
+    out = run(argv, env, TIMEOUT_S["frontend"])
+    rows = (parse_json(out.stdout) or {}).get("rows")
+    if out.returncode not in (0, 1) or not isinstance(rows, list) or not rows:
+        return [Check("frontend", False, failure(out, TIMEOUT_S["frontend"]), out.seconds)]
+    checks: list[Check] = []
+    seconds: float | None = out.seconds  # one subprocess ran every row: its time on the first
+    for r in rows:
+        try:
+            text = (f"{r['images_per_s']:,.0f} img/s ({r['over_offline']:.3f}x offline), p50 {r['p50_ms']:.1f} ms, "
+                    f"p99 {r['p99_ms']:.1f} ms, p99 at {r['open_rate_per_s']:,.0f} req/s {r['open_p99_ms']:.1f} ms, "
+                    f"server CPU {r['server_cpu_ms_per_image']:.3f} ms/img, {r['errors']} errors")
+        except (KeyError, TypeError, ValueError) as exc:
+            text = f"unexpected bench-frontend row ({exc!r}): {json.dumps(r)[:150]}"
+        misses = r.get("target_misses") or []
+        ok = not text.startswith("unexpected") and r.get("errors") == 0 and not misses
+        checks.append(Check(f"frontend {r.get('photos')} x{r.get('images_per_request')}", ok,
+                            text + ("; missed " + "; ".join(misses) if misses else ""), seconds, r))
+        seconds = None
+    return checks
 
 
 def run_checks(parts: Sequence[str], batch_sizes: Sequence[int], duration: float, run: Runner = run_subprocess,
@@ -324,6 +305,9 @@ def run_checks(parts: Sequence[str], batch_sizes: Sequence[int], duration: float
     if "decode" in parts:
         progress("patchlife bench-decode on cuda, with the CPU-vs-GPU equivalence")
         checks += check_decode(run, env)
+    if "frontend" in parts:
+        progress("patchlife bench-frontend: a calibrated deit_small through HTTP, API processes on auto")
+        checks += check_frontend(run, env, duration)
     return checks
 
 

@@ -1,6 +1,6 @@
 """Closed-loop drivers for ``patchlife loadtest`` that do not become the bottleneck.
 
-The in-process driver (``loadtest.closed_loop``: asyncio + httpx in this process) costs several ms
+The in-process driver (``loadpass.closed_loop``: asyncio + httpx in this process) costs several ms
 of CPU per request on one core; on a fast server it measures itself. Two others:
 
   * ``processes``: ``--processes N`` client processes, each running the in-process driver with its
@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from .loadpass import Pass, closed_loop, open_loop
+
 
 def busy_share(cpu_s: float, elapsed_s: float) -> float | None:
     return round(cpu_s / elapsed_s, 3) if elapsed_s > 0 else None
@@ -39,11 +41,10 @@ def split(total: int, parts: int) -> list[int]:
 
 
 def _client_process(url: str, payloads: list[Any], clients: int, warmup: int, requests: int, duration_s: float,
-                    start: int, timeout: float, barrier: Any) -> dict[str, Any]:
+                    start: int, timeout: float, barrier: Any, rate_per_s: float | None = None) -> dict[str, Any]:
     """One client process: warm up its connections, wait for the others (and the parent's scrape),
-    then run its closed loop. Returns the pass and this process's own CPU seconds and busy share."""
-    from .loadtest import closed_loop  # a spawned process imports what it needs
-
+    then run its closed loop (or, with ``rate_per_s``, its open loop at that rate; seeded by
+    ``start``, so that processes draw different arrivals). Returns the pass and its busy share."""
     async def main() -> dict[str, Any]:
         limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
         async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
@@ -51,7 +52,10 @@ def _client_process(url: str, payloads: list[Any], clients: int, warmup: int, re
                 await closed_loop(client, payloads, clients, warmup, 1e9, start=start)
             await asyncio.get_running_loop().run_in_executor(None, barrier.wait)  # warmed up: parent scrapes
             await asyncio.get_running_loop().run_in_executor(None, barrier.wait)  # go
-            p = await closed_loop(client, payloads, clients, requests, duration_s, start=start + warmup)
+            if rate_per_s is None:
+                p = await closed_loop(client, payloads, clients, requests, duration_s, start=start + warmup)
+            else:
+                p = await open_loop(client, payloads, rate_per_s, requests, duration_s, seed=start)
         return {"pass": p, "busy": busy_share(p.client_cpu_s, p.elapsed_s)}
 
     return asyncio.run(main())
@@ -62,7 +66,8 @@ class ProcessDriver:
 
     ``run`` is synchronous (the parent blocks while its children drive the load). ``between`` is
     called when every child has warmed up and before any sends a measured request: the parent reads
-    the server's counters there.
+    the server's counters there. With ``rate_per_s`` the processes send Poisson arrivals that add up
+    to that rate (open loop) instead of keeping ``clients`` requests in flight.
     """
 
     def __init__(self, processes: int) -> None:
@@ -82,16 +87,15 @@ class ProcessDriver:
         self.close()
 
     def run(self, url: str, payloads: list[Any], clients: int, warmup: int, requests: int, duration_s: float,
-            timeout: float, between: Any = None) -> tuple[Any, list[float | None]]:
+            timeout: float, between: Any = None, rate_per_s: float | None = None) -> tuple[Pass, list[float | None]]:
         """(the merged pass, each client process's busy share)."""
-        from .loadtest import Pass
-
         n = min(self.processes, clients)
+        rate = None if rate_per_s is None else rate_per_s / n
         barrier = self.manager.Barrier(n + 1)
         shares, quotas, warmups = split(clients, n), split(requests, n), split(warmup, n)
         offsets = [sum(quotas[:i]) + sum(warmups[:i]) for i in range(n)]  # each process its own slice of the mix
         futures = [self.pool.submit(_client_process, url, payloads, shares[i], warmups[i], quotas[i], duration_s,
-                                    offsets[i], timeout, barrier) for i in range(n)]
+                                    offsets[i], timeout, barrier, rate) for i in range(n)]
         barrier.wait()
         if between is not None:
             between()

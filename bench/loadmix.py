@@ -32,7 +32,7 @@ def _synthetic_images(n: int, seed: int) -> list[Image.Image]:
 
 
 # Photo-like JPEGs (bench/photos.py) the mix can hold beside the synthetic scenes: name -> (width, height)
-PHOTOS = {"photo224": (224, 224), "photo640": (640, 480), "photo1500": (1500, 1000)}
+PHOTOS = {"photo224": (224, 224), "photo640": (640, 480), "photo1000": (1000, 872), "photo1500": (1500, 1000)}
 MIX_KINDS = ("scenes", *PHOTOS)
 DISTINCT_PHOTOS = 16  # per kind: enough to defeat any cache, few enough to make quickly
 

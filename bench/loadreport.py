@@ -2,7 +2,7 @@
 
 Pure functions (no sockets): the server's ``/metrics`` text and ``GET /v1/models`` answer are
 parsed tolerantly (a series or key the server does not have becomes ``None``, printed "n/a"),
-``/proc/stat`` and ``/proc/<pid>/stat`` give the machine's idle share and a process's CPU time,
+``/proc/stat`` gives the machine's idle share (the server's own CPU: ``bench.proctree``),
 repeated passes of a mode are reduced to medians (with the spread of images/s), and the table and
 its "explain" lines are formatted.
 """
@@ -10,7 +10,6 @@ its "explain" lines are formatted.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 from collections import Counter
@@ -101,7 +100,7 @@ def _ratio(num: float | None, den: float | None, digits: int = 4) -> float | Non
     return round(num / den, digits) if num is not None and den else None
 
 
-def explain(d: dict[str, float], elapsed_s: float) -> dict[str, float | None]:
+def window_summary(d: dict[str, float], elapsed_s: float) -> dict[str, float | None]:
     """What the server did in a window, from its counters' increases ``d`` over ``elapsed_s``."""
     needed, tail_images = d.get("needed"), d.get("tail_images")
     head_images = d.get("head_images", tail_images)  # every image runs the head once
@@ -185,17 +184,6 @@ def idle_share(before: CpuTimes | None, after: CpuTimes | None) -> float | None:
     if before is None or after is None or after.total <= before.total:
         return None
     return round((after.idle - before.idle) / (after.total - before.total), 4)
-
-
-def process_cpu_s(pid: int | None, proc: str = "/proc") -> float | None:
-    """User + system CPU seconds of process ``pid`` (all its threads), or None."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"{proc}/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 # -- repeated passes ------------------------------------------------------------------------------
@@ -313,14 +301,32 @@ def explain_lines(mode: str, r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def variant_ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For modes run at several PATCHLIFE_API_PROCESSES values (``budget@0``, ``budget@auto``): each
+    variant's images/s over the first variant's, and its idle p50 minus the first's (ms)."""
+    first: dict[str, dict[str, Any]] = {}
+    out: dict[str, dict[str, Any]] = {}
+    for label, r in results.items():
+        mode = label.partition("@")[0]
+        base = first.setdefault(mode, r)
+        if base is r:
+            continue
+        idle, idle0 = (r.get("idle") or {}).get("p50_ms"), (base.get("idle") or {}).get("p50_ms")
+        out[label] = {"images_per_s_ratio": round(r["images_per_s"] / base["images_per_s"], 4)
+                      if base["images_per_s"] else None,
+                      "idle_p50_ms_delta": round(idle - idle0, 3) if idle is not None and idle0 is not None else None,
+                      "against": next(k for k, v in results.items() if v is base)}
+    return out
+
+
 def table(body: dict[str, Any]) -> str:
     """One row per mode (medians over its passes), then the explain lines and the comparisons."""
-    head = f"{'mode':<10} {'images/s':>9} {'min..max':>15} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} " \
+    head = f"{'mode':<12} {'images/s':>9} {'min..max':>15} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} " \
            f"{'errors':>6} {'waste':>7} {'tail batch':>10} {'model busy':>10} {'client ms/req':>13}"
     lines = [head, "-" * len(head)]
     for mode, r in body["modes"].items():
         lo, hi = r["images_per_s_spread"]
-        lines.append(f"{mode:<10} {r['images_per_s']:>9.1f} {f'{lo:.1f}..{hi:.1f}':>15} {r['p50_ms']:>8.1f} "
+        lines.append(f"{mode:<12} {r['images_per_s']:>9.1f} {f'{lo:.1f}..{hi:.1f}':>15} {r['p50_ms']:>8.1f} "
                      f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['errors']:>6} "
                      f"{_fmt(r.get('waste_ratio'), '.1f', 100, '%'):>7} {_fmt(r.get('tail_batch_mean')):>10} "
                      f"{_fmt(r.get('model_busy'), '.0f', 100, '%'):>10} "
@@ -341,6 +347,9 @@ def table(body: dict[str, Any]) -> str:
     if (pairs := body.get("budget_over_fifo")) is not None:
         lines.append("budget/fifo per pair: " + ", ".join(f"{x:.3f}" for x in pairs["per_pair"])
                      + f"; median {_fmt(pairs['median'], '.3f')}")
+    for label, v in (body.get("api_processes") or {}).items():
+        lines.append(f"{label} / {v['against']}: images/s x{_fmt(v['images_per_s_ratio'], '.3f')}, idle p50 "
+                     f"{_fmt(v['idle_p50_ms_delta'], '+.2f')} ms")
     if (offline := body.get("offline_images_per_s")) is not None:
         lines.append(f"offline (same model and mix, no HTTP): {offline:.1f} images/s; budget median / offline "
                      f"{_fmt(body.get('budget_over_offline'), '.3f')}")

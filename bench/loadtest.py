@@ -23,7 +23,8 @@ client's own CPU time per request is reported.
 What the server did is explained from its ``/metrics`` counters read before and after the measured
 window (batch sizes, merges, padding, waste, model busy share; see ``loadreport.SERIES``), its
 ``GET /v1/models`` (bucket count and cost model), ``/proc/stat`` (the machine's idle share at
-saturation) and ``/proc/<pid>/stat`` of the server it started (CPU time per image). With
+saturation) and the CPU time of the server it started, summed over all the server's processes
+(``bench.proctree``: the model process, API processes, replaced ones), per image. With
 ``--rate-fraction F`` an open-loop pass sends Poisson arrivals at F x the closed-loop throughput and
 reports its latency percentiles (measured from the scheduled send time, so a slow server cannot
 hide its queueing). With ``--idle-requests K``, K single-image requests are then sent one at a time
@@ -38,103 +39,24 @@ import asyncio
 import contextlib
 import io
 import json
-import random
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 from PIL import Image
 
 from . import loadreport as report
 from .child import serve_child
 from .loaddrive import ProcessDriver, busy_share, run_wrk, wrk_available
 from .loadmix import MIX_KINDS, LoadRequest, Mix, make_mix, make_requests
+from .loadpass import Pass, closed_loop, open_loop, post
 
 MODES = ("budget", "fifo", "unbatched")
-
-
-# -- one pass of load ---------------------------------------------------------------------------
-@dataclass
-class Pass:
-    latencies_s: list[float] = field(default_factory=list)
-    statuses: Counter[str] = field(default_factory=Counter)
-    images: int = 0
-    elapsed_s: float = 0.0
-    client_cpu_s: float = 0.0    # this process's CPU time during the pass (the load generator's cost)
-
-    @property
-    def errors(self) -> int:
-        return sum(n for s, n in self.statuses.items() if s != "200")
-
-    def summary(self) -> dict[str, Any]:
-        lat = np.array(self.latencies_s or [float("nan")]) * 1000.0
-        p50, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 95, 99))
-        requests, secs = sum(self.statuses.values()), self.elapsed_s or float("inf")
-        return {"images_per_s": round(self.images / secs, 2), "requests_per_s": round(len(self.latencies_s) / secs, 2),
-                "p50_ms": round(p50, 2), "p95_ms": round(p95, 2), "p99_ms": round(p99, 2),
-                "errors": self.errors, "requests": requests, "images": self.images,
-                "error_statuses": {s: n for s, n in self.statuses.items() if s != "200"},
-                "client_cpu_ms_per_request": round(1000.0 * self.client_cpu_s / requests, 3) if requests else None}
-
-
-async def _post(client: httpx.AsyncClient, payload: LoadRequest, out: Pass, t0: float) -> None:
-    try:
-        r = await client.post(payload.path, content=payload.body, headers=payload.headers)
-        status = str(r.status_code)
-        # One result per image, in raw bytes (each result has exactly one "timings_ms" key).
-        if status == "200" and r.content.count(b'"timings_ms"') != payload.images:
-            status = "wrong_result_count"
-    except httpx.HTTPError as exc:
-        status = type(exc).__name__
-    out.statuses[status] += 1
-    if status == "200":
-        out.latencies_s.append(time.perf_counter() - t0)
-        out.images += payload.images
-
-
-async def closed_loop(client: httpx.AsyncClient, payloads: list[LoadRequest], clients: int, requests: int,
-                      duration_s: float, start: int = 0) -> Pass:
-    """``clients`` concurrent clients, each sending its next request when the last is answered."""
-    out, sent = Pass(), 0
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    end = t_start + duration_s
-
-    async def client_loop() -> None:
-        nonlocal sent
-        while sent < requests and time.perf_counter() < end:
-            payload = payloads[(start + sent) % len(payloads)]
-            sent += 1
-            await _post(client, payload, out, time.perf_counter())
-
-    await asyncio.gather(*(client_loop() for _ in range(clients)))
-    out.elapsed_s = time.perf_counter() - t_start
-    out.client_cpu_s = time.process_time() - cpu_start
-    return out
-
-
-async def open_loop(client: httpx.AsyncClient, payloads: list[LoadRequest], rate_per_s: float, requests: int,
-                    duration_s: float, seed: int = 0) -> Pass:
-    """Poisson arrivals at ``rate_per_s`` requests/s; latency counts from each request's scheduled time."""
-    out, rng, tasks = Pass(), random.Random(seed), []
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    due = t_start
-    for i in range(requests):
-        due += rng.expovariate(rate_per_s)
-        if due - t_start > duration_s:
-            break
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        tasks.append(asyncio.create_task(_post(client, payloads[i % len(payloads)], out, due)))
-    await asyncio.gather(*tasks)
-    out.elapsed_s = time.perf_counter() - t_start
-    out.client_cpu_s = time.process_time() - cpu_start
-    return out
 
 
 # -- the server ---------------------------------------------------------------------------------
@@ -155,61 +77,69 @@ async def batching(client: httpx.AsyncClient) -> dict[str, Any] | None:
         return None
 
 
+ServerCpu = Callable[[], float | None]  # CPU seconds of the server's whole process tree so far
+
+
 @dataclass(frozen=True)
 class Served:
     url: str
-    pid: int | None  # the server's process id when this process started it (its CPU time is read)
+    cpu: ServerCpu | None  # when this process started the server (bench.child: all its processes)
 
 
 @contextlib.contextmanager
 def server(mode: str, checkpoint: str | None, startup_s: float, threads: int | None = None) -> Iterator[Served]:
-    """``patchlife serve`` in a subprocess for ``mode``; yields its URL and pid once /readyz answers 200.
+    """``patchlife serve`` in a subprocess for ``mode`` (``budget``, or ``budget@auto``: with that
+    PATCHLIFE_API_PROCESSES); yields its URL and CPU reader once /readyz answers 200.
 
     ``threads``: PATCHLIFE_TORCH_THREADS of the server (None: inherited from this environment).
     """
+    mode, _, api = mode.partition("@")
     env = {"PATCHLIFE_BATCHING": mode}
+    if api:
+        env["PATCHLIFE_API_PROCESSES"] = api
     if checkpoint:
         env["PATCHLIFE_CHECKPOINT"] = checkpoint
     if threads is not None:
         env["PATCHLIFE_TORCH_THREADS"] = str(threads)
     with serve_child(env, ["--log-level", "warning"], startup_s) as child:
-        yield Served(child.url, child.proc.pid)
+        yield Served(child.url, child.cpu_seconds)
 
 
 @dataclass
 class Snapshot:
-    """The server's counters, the machine's CPU times and the server process's CPU time at one moment."""
+    """The server's counters, the machine's CPU times and the server's CPU time (all its processes) at one moment."""
 
     metrics: dict[str, float]
     cpu: Any
     server_s: float | None
 
     @staticmethod
-    async def take(client: httpx.AsyncClient, pid: int | None) -> Snapshot:
-        return Snapshot(await scrape(client), report.read_cpu_times(), report.process_cpu_s(pid))
+    async def take(client: httpx.AsyncClient, server_cpu: ServerCpu | None) -> Snapshot:
+        return Snapshot(await scrape(client), report.read_cpu_times(), server_cpu() if server_cpu else None)
 
     @staticmethod
-    def take_blocking(url: str, pid: int | None) -> Snapshot:
+    def take_blocking(url: str, server_cpu: ServerCpu | None) -> Snapshot:
         """The same from a thread without an event loop (between the client processes' warm-up and start)."""
         try:
             metrics = report.parse_metrics(httpx.get(url + "/metrics", timeout=10).text)
         except httpx.HTTPError:
             metrics = {}
-        return Snapshot(metrics, report.read_cpu_times(), report.process_cpu_s(pid))
+        return Snapshot(metrics, report.read_cpu_times(), server_cpu() if server_cpu else None)
 
 
 async def _closed(client: httpx.AsyncClient, url: str, payloads: list[LoadRequest], args: argparse.Namespace,
-                  pid: int | None, driver: ProcessDriver | None) -> tuple[dict[str, Any], int, float, Snapshot]:
+                  server_cpu: ServerCpu | None,
+                  driver: ProcessDriver | None) -> tuple[dict[str, Any], int, float, Snapshot]:
     """The measured closed loop by the chosen driver: (its summary, images, seconds, the snapshot before)."""
     loop = asyncio.get_running_loop()
-    if driver is not None:
+    if driver is not None and args.driver != "wrk":
         snap: list[Snapshot] = []
         closed, busy = await loop.run_in_executor(None, lambda: driver.run(
             url, payloads, args.clients, args.warmup, args.requests, args.duration, args.timeout,
-            between=lambda: snap.append(Snapshot.take_blocking(url, pid))))
+            between=lambda: snap.append(Snapshot.take_blocking(url, server_cpu))))
         return {**closed.summary(), **_busy(busy)}, closed.images, closed.elapsed_s, snap[0]
     await closed_loop(client, payloads, args.clients, args.warmup, 1e9)
-    before = await Snapshot.take(client, pid)
+    before = await Snapshot.take(client, server_cpu)
     if args.driver == "wrk":
         p = payloads[0]
         w = await loop.run_in_executor(None, lambda: run_wrk(url, p.path, p.body, p.headers["content-type"],
@@ -233,20 +163,21 @@ def _busy(shares: list[float | None]) -> dict[str, Any]:
 
 
 async def measure(url: str, payloads: list[LoadRequest], args: argparse.Namespace,
-                  transport: httpx.AsyncBaseTransport | None = None, pid: int | None = None,
+                  transport: httpx.AsyncBaseTransport | None = None, server_cpu: ServerCpu | None = None,
                   driver: ProcessDriver | None = None) -> dict[str, Any]:
     """One pass: warm-up, closed loop (with /metrics, /proc/stat and the server's CPU time before and
     after), then the server's batching info, optional open loop, optional idle single requests.
 
     One keep-alive client for all of it: connections are opened during the warm-up and reused.
-    ``pid``: the server's process, when this process started it. ``driver``: client processes that
-    run the closed loop instead of this process (``--processes``).
+    ``server_cpu``: the CPU seconds of the server's processes, when this process started it.
+    ``driver``: client processes that run the closed loop instead of this process (``--processes``).
     """
     limits = httpx.Limits(max_connections=max(args.clients, 1) * 4, max_keepalive_connections=max(args.clients, 1) * 4)
     async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits, transport=transport) as client:
-        summary, images, elapsed, before = await _closed(client, url, payloads, args, pid, driver)
-        cpu_after, server_after, after = report.read_cpu_times(), report.process_cpu_s(pid), await scrape(client)
-        result = {**summary, **report.explain(report.deltas(before.metrics, after), elapsed)}
+        summary, images, elapsed, before = await _closed(client, url, payloads, args, server_cpu, driver)
+        cpu_after, server_after = report.read_cpu_times(), server_cpu() if server_cpu else None
+        after = await scrape(client)
+        result = {**summary, **report.window_summary(report.deltas(before.metrics, after), elapsed)}
         result["cpu_idle"] = report.idle_share(before.cpu, cpu_after)  # the whole machine's, at saturation
         server_s = server_after - before.server_s if server_after is not None and before.server_s is not None else None
         result["server_cpu_ms_per_image"] = round(1000.0 * server_s / images, 3) if server_s is not None and images \
@@ -255,18 +186,26 @@ async def measure(url: str, payloads: list[LoadRequest], args: argparse.Namespac
         if info is not None and info.get("cost_model") is None:
             info["cost_model"] = report.cost_model_from_gauges(after)
         if args.rate_fraction > 0 and summary["requests_per_s"]:
-            result["open_loop"] = await _open_loop_pass(client, payloads, args, summary["requests_per_s"])
+            result["open_loop"] = await _open_loop_pass(client, url, payloads, args, summary["requests_per_s"], driver)
         if args.idle_requests > 0:
             result["idle"] = await idle_requests(client, payloads, args.idle_requests)
         return result
 
 
-async def _open_loop_pass(client: httpx.AsyncClient, payloads: list[LoadRequest], args: argparse.Namespace,
-                          closed_requests_per_s: float) -> dict[str, Any]:
+async def _open_loop_pass(client: httpx.AsyncClient, url: str, payloads: list[LoadRequest], args: argparse.Namespace,
+                          closed_requests_per_s: float, driver: ProcessDriver | None) -> dict[str, Any]:
+    """Poisson arrivals at ``--rate-fraction`` of the closed loop's requests/s, from the client processes when
+    there are some (their busy share is reported: a saturated sender delays its own arrivals)."""
     rate = args.rate_fraction * closed_requests_per_s  # requests/s
-    opened = (await open_loop(client, payloads, rate, args.requests, args.duration)).summary()
+    if driver is not None:
+        sent, busy = await asyncio.get_running_loop().run_in_executor(None, lambda: driver.run(
+            url, payloads, args.clients, 0, args.requests, args.duration, args.timeout, rate_per_s=rate))
+    else:
+        sent = await open_loop(client, payloads, rate, args.requests, args.duration)
+        busy = [busy_share(sent.client_cpu_s, sent.elapsed_s)]
+    opened = sent.summary()
     return {"rate_per_s": round(rate, 2), **{k: opened[k] for k in ("images_per_s", "p50_ms", "p95_ms", "p99_ms",
-                                                                      "errors")},
+                                                                      "errors")}, **_busy(busy),
             "p99_over_p50": round(opened["p99_ms"] / opened["p50_ms"], 2) if opened["p50_ms"] else None}
 
 
@@ -278,7 +217,7 @@ async def idle_requests(client: httpx.AsyncClient, payloads: list[LoadRequest], 
     await asyncio.sleep(settle_s)  # let the load's queues drain and the server's idle threads stop spinning
     out, before = Pass(), await scrape(client)
     for i in range(k):
-        await _post(client, singles[i % len(singles)], out, time.perf_counter())
+        await post(client, singles[i % len(singles)], out, time.perf_counter())
     return report.idle_summary(out.latencies_s, out.errors, report.deltas(before, await scrape(client)))
 
 
@@ -308,7 +247,7 @@ def _offline(mix: Mix, checkpoint: str | None, batch_size: int, seconds: float, 
 
     def one_pass() -> int:
         for i in range(0, len(pixels), batch_size):
-            engine.tail_by_bucket(engine.head(pixels[i:i + batch_size], rates[i:i + batch_size])).get()
+            engine.run_batch(pixels[i:i + batch_size], rates[i:i + batch_size])
         return len(pixels)
 
     one_pass()  # warm-up
@@ -336,7 +275,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix", default="scenes",
                    help=f"kinds of image in the mix, cycled image by image (comma-separated, from "
                         f"{','.join(MIX_KINDS)}): the synthetic task's PNG scenes and photo-like JPEGs of 224x224, "
-                        "640x480 and 1500x1000 made by code")
+                        "640x480, 1000x872 and 1500x1000 made by code")
     p.add_argument("--images-per-request", type=int, default=1,
                    help="images in one multipart request (spreads the HTTP cost; the throughput is in images/s)")
     p.add_argument("--keep-rates", type=_rates, default="default,0.5,0.7,0.9",  # argparse applies type
@@ -357,11 +296,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after each pass, send this many single-image requests one at a time to the idle server "
                         "and compare their p50 with the server's batch-1 compute + decode (0: off)")
     p.add_argument("--processes", type=int, default=1,
-                   help="client processes sharing --clients (1: this process drives the load); the table warns "
-                        "when one was busy over 70%% of a core")
+                   help="client processes sharing --clients and the open loop's arrivals (1: this process drives "
+                        "the load; with --driver wrk they send the open loop only); the table warns when one was "
+                        "busy over 70%% of a core")
     p.add_argument("--driver", choices=("httpx", "wrk"), default="httpx",
                    help="wrk: the wrk tool (if installed) sends the first request of the mix, prebuilt, for the "
                         "closed-loop maximum; httpx: this tool's own clients (every request of the mix)")
+    p.add_argument("--api-processes", default=None,
+                   help="PATCHLIFE_API_PROCESSES values to compare for each mode (comma-separated, e.g. 0,auto: "
+                        "servers alternate pass by pass; ratios to the first value are reported)")
     p.add_argument("--json", action="store_true", help="print only a JSON object (medians and every pass)")
 
 
@@ -370,7 +313,7 @@ def _one_pass(mode: str, payloads: list[LoadRequest], args: argparse.Namespace,
     if args.url:
         return asyncio.run(measure(args.url.rstrip("/"), payloads, args, driver=driver))
     with server(mode, args.checkpoint, args.startup_timeout, args.torch_threads) as served:
-        return asyncio.run(measure(served.url, payloads, args, pid=served.pid, driver=driver))
+        return asyncio.run(measure(served.url, payloads, args, server_cpu=served.cpu, driver=driver))
 
 
 def _offline_reference(payloads: list[LoadRequest], args: argparse.Namespace) -> float:
@@ -385,8 +328,15 @@ def _kinds(text: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
+def _variants(modes: list[str], api_processes: str | None) -> list[str]:
+    """Each mode, or each mode at each ``--api-processes`` value (``budget@0``, ``budget@auto``)."""
+    if not api_processes:
+        return modes
+    return [f"{m}@{a.strip()}" for m in modes for a in api_processes.split(",") if a.strip()]
+
+
 def _check(args: argparse.Namespace, modes: list[str]) -> str | None:
-    if unknown := sorted(set(modes) - set(MODES)):
+    if unknown := sorted({m.partition("@")[0] for m in modes} - set(MODES)):
         return f"unknown modes {unknown}; choose from {list(MODES)}"
     if not _kinds(args.mix) or (unknown := sorted(set(_kinds(args.mix)) - set(MIX_KINDS))):
         return f"--mix: kinds from {','.join(MIX_KINDS)} (got {args.mix!r})"
@@ -394,13 +344,11 @@ def _check(args: argparse.Namespace, modes: list[str]) -> str | None:
         return "--images-per-request, --clients, --mix-size, --repeat and --processes must be >= 1"
     if args.driver == "wrk" and not wrk_available():
         return "--driver wrk needs the wrk tool on PATH (Debian: apt-get install wrk)"
-    if args.driver == "wrk" and args.processes > 1:
-        return "--driver wrk and --processes exclude each other (wrk is one process with its own threads)"
     return None
 
 
 def run(args: argparse.Namespace) -> int:
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = _variants([m.strip() for m in args.modes.split(",") if m.strip()], args.api_processes)
     if problem := _check(args, modes):
         print(f"patchlife loadtest: {problem}", file=sys.stderr)
         return 2
@@ -419,6 +367,8 @@ def run(args: argparse.Namespace) -> int:
                 return 1
     results = {mode: report.combine(ps) for mode, ps in passes.items()}
     body: dict[str, Any] = {"order": order, "modes": results, "budget_over_fifo": report.pair_ratios(results)}
+    if args.api_processes and not args.url:
+        body["api_processes"] = report.variant_ratios(results)
     if args.offline:
         body["offline_images_per_s"] = offline = _offline_reference(payloads, args)
         budget = results.get("budget", results.get("server"))

@@ -61,6 +61,13 @@ def photo_jpeg(width: int, height: int, seed: int = 0, quality: int = 90, *,
     return buf.getvalue()
 
 
+def photo_png(width: int, height: int, seed: int = 0) -> bytes:
+    """``photo_image`` as PNG bytes (a small upload of a lossless format)."""
+    buf = io.BytesIO()
+    photo_image(width, height, seed).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def default_photos(seed: int = 0) -> dict[str, bytes]:
     """One JPEG per ``PHOTO_SIZES`` entry, by name."""
     return {name: photo_jpeg(w, h, seed) for name, w, h in PHOTO_SIZES}

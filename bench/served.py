@@ -29,7 +29,6 @@ import torch
 from model import create_lifevit, save_checkpoint
 from model.evaluation.bench import Variant, time_interleaved
 from service.runtime.engine import Engine
-from service.runtime.handoff import HeadBatch
 from service.settings import Settings
 
 CONTRASTS = (4.0, 12.0, 30.0, 60.0, 110.0)  # std of the noise images around mid-grey, in uint8 steps
@@ -65,13 +64,6 @@ def _engine(args: argparse.Namespace, workdir: Path) -> Engine:
                   "off" if args.no_graphs else "auto", max(args.batch_size, 1))
 
 
-def served_forward(engine: Engine, pixels: torch.Tensor) -> HeadBatch:
-    """One batch as the worker runs it: head, then a tail call per bucket, answers in one host copy."""
-    hb = engine.head(pixels, [None] * pixels.shape[0])
-    engine.tail_by_bucket(hb).get()
-    return hb
-
-
 def run_served(args: argparse.Namespace) -> tuple[list[Variant], dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="patchlife-bench-") as tmp:
         engine = _engine(args, Path(tmp))
@@ -97,7 +89,7 @@ def run_served(args: argparse.Namespace) -> tuple[list[Variant], dict[str, Any]]
     buckets: list[tuple[int, ...]] = []
 
     def served() -> None:
-        hb = served_forward(engine, pixels)
+        hb, _ = engine.run_batch(pixels)
         if not buckets:
             buckets.extend(tuple(b) for b in hb.buckets.tolist())
 
@@ -107,6 +99,6 @@ def run_served(args: argparse.Namespace) -> tuple[list[Variant], dict[str, Any]]
     variants = [Variant(n, round(flops[n], 6), round(args.batch_size / med[n], 2), round(1e3 * med[n], 3),
                         round(med["dense"] / med[n], 3), 0.0) for n in ("dense", "served")]
     info = {"device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
-            "graphs": runner.describe(), "buckets": len(engine.buckets.points) or None,
+            "graphs": runner.describe(), "buckets": len(engine.bucket_grid.points) or None,
             "buckets_per_batch": len(set(buckets)), "normalization": engine.model.normalization}
     return variants, info

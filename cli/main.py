@@ -14,9 +14,9 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 from model import options as method_options  # train and eval: the method's own programs
+from service import package_version
 
 from . import options
 
@@ -41,16 +41,13 @@ COMMANDS: dict[str, Command] = {
                               options.bench_overhead),
     "bench-decode": Command("bench.decode",
                             "ms per image from JPEG bytes to model input: CPU path, GPU batches", options.bench_decode),
+    "bench-http": Command("bench.httpbench", "requests/s and server CPU per request under wrk, per file, settings "
+                          "side by side (e.g. PATCHLIFE_API_PROCESSES=0 against auto)"),
+    "bench-frontend": Command("bench.frontend", "for a GPU host: images/s, p50/p99 and server CPU per image through "
+                              "HTTP against the offline served path (224/1000-px JPEGs, 1 and 16 per request)"),
     "gpu-check": Command("bench.gpu_check", "on a CUDA machine: the gpu tests, training, eval, bench, a load test "
                          "and batched JPEG decoding, in one table"),
 }
-
-
-def package_version() -> str:
-    try:
-        return version("patchlife")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 class _Formatter(argparse.HelpFormatter):

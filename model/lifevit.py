@@ -14,7 +14,7 @@ as a weighted softmax, i.e. ``softmax(a + log w)``, which timm's blocks accept a
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +22,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .defaults import GRID_KEEP_RATES, GRID_SIZE, GRID_STEP
 from .life import LifeRegression, Normalization, calibrated_thresholds, inference_lives, soft_keep_weights, soft_lives
-from .schedule import BucketGrid, KeepSchedule, budgets_from_lives, constant_like, host_to_device
+from .schedule import BucketGrid, Counts, KeepSchedule, budgets_from_lives, constant_like, host_to_device
 
 
 @dataclass
@@ -194,7 +195,7 @@ class LifeViT(nn.Module):
         t = calibrated_thresholds(self.life.score_quantiles, schedule)
         return (samples[:, :, None] > t).sum(dim=1).clamp(min=1).cpu()
 
-    def bucket_grid(self, size: int = 8, keep_rates: Sequence[float] = (0.5, 0.7, 0.9), step: int = 4,
+    def bucket_grid(self, size: int = GRID_SIZE, keep_rates: Sequence[float] = GRID_KEEP_RATES, step: int = GRID_STEP,
                     default: KeepSchedule | None = None) -> BucketGrid:
         """The budgets a server (and ``patchlife eval``) runs the tail at: ``size`` points fitted to the
         calibration sample's budgets at ``default`` (the model's schedule) and at ``keep_rates``; a
@@ -207,30 +208,19 @@ class LifeViT(nn.Module):
 
     # -- whole forwards ----------------------------------------------------------------------
     def forward(self, images: torch.Tensor, schedule: KeepSchedule | None = None,
-                buckets: BucketGrid | int = 1) -> torch.Tensor:
-        """Hard-pruned inference. Images run at their own budget, rounded up to ``buckets`` (a grid,
-        or a per-stage step)."""
+                grid: BucketGrid | int = 1) -> torch.Tensor:
+        """Hard-pruned inference. Images run at their own budget, rounded up to ``grid`` (a bucket
+        grid, or a per-stage step)."""
         state = self.head(images)
         if self.normalization == "per_image":  # every image has the schedule's counts: one batch
             return self.tail(state.tokens, (schedule or self.schedule).patch_counts)
-        return self.tail_grouped(state, self.budgets(state.scores, schedule), buckets)
+        return self.tail_grouped(state, self.budgets(state.scores, schedule), grid)
 
-    def tail_grouped(self, state: HeadState, budgets: torch.Tensor, buckets: BucketGrid | int = 1) -> torch.Tensor:
-        """Run the tail once per distinct (rounded) budget and put logits back in input order."""
-        grid = buckets if isinstance(buckets, BucketGrid) else BucketGrid.stepped(self.schedule, buckets)
-        rounded = [grid.round_up(b) for b in budgets.tolist()]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, key in enumerate(rounded):
-            groups.setdefault(key, []).append(i)
-        out: torch.Tensor | None = None
-        for key, idx in groups.items():
-            index = host_to_device(torch.tensor(idx), state.tokens.device)  # a list index would copy blocking
-            logits = self.tail(state.tokens[index], key)
-            if out is None:
-                out = logits.new_empty(len(rounded), logits.shape[-1])
-            out[index] = logits
-        assert out is not None
-        return out
+    def tail_grouped(self, state: HeadState, budgets: torch.Tensor, grid: BucketGrid | int = 1) -> torch.Tensor:
+        """The tail once per bucket (``budgets [B, S]`` rounded up to ``grid``), logits ``[B, K]`` in input order."""
+        grid = grid if isinstance(grid, BucketGrid) else BucketGrid.stepped(self.schedule, grid)
+        buckets = grid.round_up_rows(budgets.cpu())
+        return by_bucket(buckets, lambda index, counts: self.tail(state.tokens[index], counts), state.tokens.device)
 
     def forward_dense(self, images: torch.Tensor) -> torch.Tensor:
         """The unpruned backbone, through timm's own forward."""
@@ -275,3 +265,30 @@ class LifeViT(nn.Module):
         scores = torch.cat([self.head(b).scores for b in batches])
         self.life.calibrate(scores)
         self.normalization = "calibrated"
+
+
+def by_bucket(buckets: torch.Tensor, tail: Callable[[torch.Tensor, Counts], torch.Tensor],
+              device: torch.device) -> torch.Tensor:
+    """Head, bucket, tail's last two steps, written once: ``tail(index, counts)`` for each distinct row
+    ``counts`` of ``buckets`` (int64 ``[B, S]`` on the host), ``index`` the int64 rows holding it (on
+    ``device``, ascending); each answer ``[n, K]`` goes back to its rows of the result ``[B, K]``.
+
+    ``LifeViT.tail_grouped`` and the served engine's ``tail_by_bucket`` both run through it. The groups
+    come from a few tensor ops and one copy to ``device``, never a loop over images.
+    """
+    keys, inverse = torch.unique(buckets, dim=0, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    sizes = torch.bincount(inverse, minlength=keys.shape[0]).tolist()
+    order_dev = host_to_device(order, device)
+    out: torch.Tensor | None = None
+    offset = 0
+    for counts, size in zip(keys.tolist(), sizes, strict=True):
+        index = order_dev[offset:offset + size]
+        answer = tail(index, tuple(counts))
+        if out is None:
+            out = answer.new_empty(buckets.shape[0], answer.shape[-1])
+        out.index_copy_(0, index, answer)
+        offset += size
+    if out is None:
+        raise ValueError("no rows to run")
+    return out

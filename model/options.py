@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .defaults import GRID_SIZE
+
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the keys of model.device.DTYPES
 EVAL_KEEP_RATES = (0.3, 0.5, 0.7, 0.9)  # patchlife eval's default table rows
 
@@ -31,7 +33,7 @@ def evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images (default: all)")
     p.add_argument("--keep-rates", default=",".join(map(str, EVAL_KEEP_RATES)), help="comma-separated keep rates")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
-    p.add_argument("--buckets", type=int, default=8,
+    p.add_argument("--buckets", type=int, default=GRID_SIZE,
                    help="calibrated mode: points of the bucket grid fitted to the model's budgets (as served)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print only the JSON object on stdout")

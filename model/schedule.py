@@ -1,4 +1,4 @@
-"""Keep schedules, token budgets and budget buckets.
+"""Keep schedules, per-image budgets (patch counts per stage) and the bucket grid.
 
 A schedule says, for each pruning *stage*, the block where it starts and how many patch tokens
 stay alive from that block on. Prefix tokens (the class token, register tokens) are never counted
@@ -134,7 +134,7 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def budgets_from_lives(lives: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
-    """Per-image token budget: patches alive at each stage start.
+    """Per-image budget: patches alive at each stage start.
 
     Args:
         lives: ``[B, P]`` lives in layer units.

@@ -7,7 +7,7 @@ The served run starts ``patchlife serve`` (embedded model, CPU) as a child, send
 takes its RSS as idle, then samples RSS every 10 ms while the three requests run and prints the peak
 over idle (the target of issue 25: within 1.0 GB). ``--modes`` decodes one 10-megapixel image per mode
 in a fresh process each and prints the rise of its peak RSS (VmHWM) per pixel: the figures behind
-``BYTES_PER_PIXEL`` in service/frontend/decode_budget.py. Figures depend on the machine's allocator and load;
+``BYTES_PER_PIXEL`` in service/frontend/decode_gate.py. Figures depend on the machine's allocator and load;
 run both on the machine being sized.
 """
 
@@ -61,7 +61,7 @@ def encode(im: Image.Image, fmt: str) -> bytes:
 
 def one_mode(mode: str, fmt: str, width: int = 4000, height: int = 2500) -> None:
     """In this (fresh) process: decode one image and print its peak bytes per pixel."""
-    from service.frontend.decode import decode_image
+    from service.decode import decode_image
 
     data = encode(make_image(mode, width, height), fmt)
     Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")  # reset VmHWM to the current RSS

@@ -6,26 +6,36 @@ outside the standard set as ``other``), labelled series created at 0 where the l
 known in advance. Device memory is read when Prometheus scrapes, by a custom collector.
 
 Feeding: the HTTP middleware here (latency, in flight), the routes (decode time, rejections of bad
-input, through the error handlers), and ``PrometheusHooks`` for everything the batching worker sees.
+input, through the error handlers), and ``PrometheusHooks`` (``service/runtime/metrics_hooks.py``) for
+everything the batching worker sees.
+
+With API processes beside the model process, each process calls ``enable_multiprocess`` (see
+``metrics_dir.py``) before it makes its :class:`Metrics`, and its series go to memory-mapped files in
+one directory; whichever process answers a scrape merges them. Counters and histograms are summed over
+every process that ever wrote (a dead process's counts stay), and every gauge has a mode that shows
+one value without a ``pid`` label. Callbacks read at scrape time (health, CUDA graphs, device
+memory) cannot cross processes: there the model process samples them into plain gauges from its
+heartbeat (:meth:`Metrics.sample`).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Final
 
 import prometheus_client
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .protocol import ImageResult
-from .runtime.costmodel import CostModel
-from .runtime.worker import WorkerHooks
+from .metrics_dir import cleanup_multiprocess, enable_multiprocess, mark_process_dead, multiprocess_dir
+
+__all__ = ["Metrics", "HttpMetricsMiddleware", "DeviceMemoryCollector", "enable_multiprocess",
+           "multiprocess_dir", "mark_process_dead", "cleanup_multiprocess"]
 
 # Text exposition format 0.0.4: understood by every Prometheus (the client's default now says 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -33,6 +43,8 @@ REJECT_REASONS = ("bad_image", "unsupported_media_type", "invalid_request", "too
                   "image_too_many_pixels", "request_too_many_pixels", "overloaded", "deadline", "disconnected",
                   "shutdown", "model_error", "read_timeout")
 FAILURE_REASONS = ("out_of_memory", "batch_error", "worker_died")
+# Images the GPU decoder handed to the CPU path: another format, a JPEG nvJPEG refused, a GPU decode error.
+DECODE_FALLBACK_REASONS = ("not_jpeg", "refused", "error")
 PHASES = ("head", "tail")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Tail batches are labelled by their first pruned stage's patch count over the grid's patches, rounded
@@ -52,6 +64,14 @@ FLOPS_BUCKETS = tuple(g * 1e9 for g in (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 
 # `_created` series double the output and confuse dashboards; this client-wide switch is the only one.
 prometheus_client.disable_created_metrics()
 
+# How a gauge aggregates over processes (ignored in-process). The "all" modes would add a ``pid`` label
+# (the dashboard would need a sum), and every process's Metrics() writes 0 into each unlabelled or
+# pre-created gauge, so a model-process gauge needs a mode that those zeros do not change. "live"
+# modes drop a process's values when it is marked dead.
+SUM_LIVE: Final = "livesum"  # additive over the processes alive: requests in flight, queue depth, graphs
+MAX_LIVE: Final = "livemax"  # one writer (the model process) against the API processes' zeros: health, build, costs
+MAX_EVER: Final = "max"  # a fact that outlives its process: the last inference
+
 
 class DeviceMemoryCollector(Collector):
     """``patchlife_device_memory_{allocated,reserved}_bytes{device}`` read at scrape time (0 on the CPU)."""
@@ -64,16 +84,21 @@ class DeviceMemoryCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         allocated, reserved = self._families()
-        dev = self.device
-        if dev is not None:
-            if dev.type == "cuda":
-                allocated.add_metric([str(dev)], float(torch.cuda.memory_allocated(dev)))
-                reserved.add_metric([str(dev)], float(torch.cuda.memory_reserved(dev)))
-            else:
-                allocated.add_metric([str(dev)], 0.0)
-                reserved.add_metric([str(dev)], 0.0)
+        read = self.read()
+        if read is not None:
+            allocated.add_metric([str(self.device)], read[0])
+            reserved.add_metric([str(self.device)], read[1])
         yield allocated
         yield reserved
+
+    def read(self) -> tuple[float, float] | None:
+        """(allocated, reserved) bytes on the model's device now; None before the engine is loaded."""
+        dev = self.device
+        if dev is None:
+            return None
+        if dev.type == "cuda":
+            return float(torch.cuda.memory_allocated(dev)), float(torch.cuda.memory_reserved(dev))
+        return 0.0, 0.0
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
@@ -85,15 +110,16 @@ class DeviceMemoryCollector(Collector):
 
 
 class Metrics:
-    """The registry and every metric in it."""
+    """The registry and every metric in it; the aggregate of every process's when multiprocess is on."""
 
     def __init__(self) -> None:
+        self.shared_dir = multiprocess_dir()  # fixed for this object's life: its values live there or here
         r = self.registry = CollectorRegistry()
         self.http_duration = Histogram(
             "patchlife_http_request_duration_seconds", "HTTP request latency by route template, method, status.",
             ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r)
         self.http_in_flight = Gauge("patchlife_http_requests_in_flight", "HTTP requests being served.",
-                                    registry=r)
+                                    registry=r, multiprocess_mode=SUM_LIVE)
         self.decode_seconds = Histogram("patchlife_image_decode_seconds",
                                         "Image decode + preprocess time per image.", buckets=LATENCY_BUCKETS,
                                         registry=r)
@@ -111,7 +137,7 @@ class Metrics:
         self.image_flops = Histogram("patchlife_image_flops", "FLOPs per image at the counts run.",
                                      buckets=FLOPS_BUCKETS, registry=r)
         self.build_info = Gauge("patchlife_build_info", "Always 1; labels describe the running build.",
-                                ["version", "model", "device", "dtype"], registry=r)
+                                ["version", "model", "device", "dtype"], registry=r, multiprocess_mode=MAX_LIVE)
         self.queue_wait = Histogram("patchlife_queue_wait_seconds", "Time an image waited for its batch.",
                                     ["phase"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("patchlife_batch_size", "Images per batch.", ["phase"],
@@ -131,26 +157,30 @@ class Metrics:
                                       "hit it and was split), batch_error (a batch failed, its requests got 503), "
                                       "worker_died (the model thread stopped).", ["reason"], registry=r)
         self.model_healthy = Gauge("patchlife_model_healthy", "1 while the model thread can serve (what /readyz "
-                                   "checks besides start-up and shutdown), 0 otherwise.", registry=r)
+                                   "checks besides start-up and shutdown), 0 otherwise.", registry=r,
+                                   multiprocess_mode=MAX_LIVE)
         self.queue_depth = Gauge("patchlife_queue_depth", "Queued work, in images and in tail tokens.", ["unit"],
-                                 registry=r)
+                                 registry=r, multiprocess_mode=SUM_LIVE)
         self.merged_images = Counter("patchlife_merged_images_total",
                                      "Images whose phase-B batch ran above their own bucket (merged by the "
                                      "planner).", registry=r)
         self.padded_rows = Counter("patchlife_padded_rows_total", "Padding rows added to reach a captured "
                                    "batch-size class (CUDA graphs).", ["phase"], registry=r)
         self.cost_fixed = Gauge("patchlife_cost_model_fixed_seconds", "The batch cost model's fixed part per "
-                                "call, by phase.", ["phase"], registry=r)
+                                "call, by phase.", ["phase"], registry=r, multiprocess_mode=MAX_LIVE)
         self.cost_slope = Gauge("patchlife_cost_model_unit_seconds", "The batch cost model's part per unit of "
-                                "work: per image (head), per tail token (tail).", ["phase"], registry=r)
+                                "work: per image (head), per tail token (tail).", ["phase"], registry=r,
+                                multiprocess_mode=MAX_LIVE)
         self.graphs_captured = Gauge("patchlife_cuda_graphs_captured", "CUDA graphs captured at warm-up.",
-                                     registry=r)
+                                     registry=r, multiprocess_mode=SUM_LIVE)
         self.graph_capture_seconds = Gauge("patchlife_cuda_graph_capture_seconds",
-                                           "Time spent capturing CUDA graphs at warm-up.", registry=r)
+                                           "Time spent capturing CUDA graphs at warm-up.", registry=r,
+                                           multiprocess_mode=SUM_LIVE)
         self.graph_memory = Gauge("patchlife_cuda_graph_memory_bytes",
-                                  "Device memory reserved while capturing CUDA graphs.", registry=r)
+                                  "Device memory reserved while capturing CUDA graphs.", registry=r,
+                                  multiprocess_mode=SUM_LIVE)
         self.eager_fallbacks = Gauge("patchlife_eager_fallbacks", "Batches whose shape had no captured graph "
-                                     "and ran eagerly (since start).", registry=r)
+                                     "and ran eagerly (since start).", registry=r, multiprocess_mode=SUM_LIVE)
         self.grpc_duration = Histogram(
             "patchlife_grpc_request_duration_seconds", "gRPC call latency (Open Inference Protocol v2) by method "
             "and status code.", ["method", "code"], buckets=LATENCY_BUCKETS, registry=r)
@@ -161,9 +191,24 @@ class Metrics:
                                        "(phase A, phase B) an image ran in, per image answered.",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.last_inference = Gauge("patchlife_last_inference_timestamp_seconds", "Unix time at which the last "
-                                    "image was answered by the model.", registry=r)
+                                    "image was answered by the model.", registry=r,
+                                    multiprocess_mode=MAX_EVER)
+        self.decode_fallbacks = Counter("patchlife_decode_fallbacks", "Images the GPU decoder passed to the CPU "
+                                        "path, by reason: not_jpeg, refused (nvJPEG refused the file), error.",
+                                        ["reason"], registry=r)
         self.device_memory = DeviceMemoryCollector()
-        r.register(self.device_memory)
+        self.memory_gauges: tuple[Gauge, Gauge] | None = None  # multiprocess: sampled, not read at scrape
+        if self.shared_dir is None:
+            r.register(self.device_memory)
+        else:
+            self.memory_gauges = tuple(  # type: ignore[assignment]
+                Gauge(f.name, f.documentation, ["device"], registry=r, multiprocess_mode=SUM_LIVE)
+                for f in DeviceMemoryCollector._families())
+        self._watched: list[Callable[[], None]] = []  # multiprocess: callbacks that sample() runs
+        self._exposed = r
+        if self.shared_dir is not None:
+            self._exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self._exposed, path=str(self.shared_dir))
         self._init_series()
 
     def _init_series(self) -> None:
@@ -177,96 +222,91 @@ class Metrics:
             self.batches.labels("tail", keep)
         for reason in FAILURE_REASONS:
             self.model_failures.labels(reason)
+        for reason in DECODE_FALLBACK_REASONS:
+            self.decode_fallbacks.labels(reason)
         for unit in ("images", "tokens"):
             self.queue_depth.labels(unit)
         for phase in PHASES:
             for metric in (self.padded_rows, self.cost_fixed, self.cost_slope):  # type: ignore[assignment]
                 metric.labels(phase)
 
-    def set_graphs(self, describe: Callable[[], dict[str, Any]]) -> None:
-        """After warm-up: the engine's ``ShapeRunner.describe``, read at each scrape."""
-        for gauge, key in ((self.graphs_captured, "captured"), (self.graph_capture_seconds, "capture_seconds"),
-                           (self.graph_memory, "capture_bytes"), (self.eager_fallbacks, "eager_fallbacks")):
-            gauge.set_function(lambda key=key: float(describe()[key]))  # type: ignore[misc]
+    def _graph_gauges(self) -> tuple[tuple[Gauge, str], ...]:
+        return ((self.graphs_captured, "captured"), (self.graph_capture_seconds, "capture_seconds"),
+                (self.graph_memory, "capture_bytes"), (self.eager_fallbacks, "eager_fallbacks"))
 
-    def set_model(self, version: str, model: str, device: torch.device, dtype: str) -> None:
-        """Called once the engine is loaded: build info and the device whose memory is reported."""
-        self.build_info.clear()
-        self.build_info.labels(version, model, str(device), dtype).set(1)
+    def set_graphs(self, describe: Callable[[], Mapping[str, Any]] | Mapping[str, Any]) -> None:
+        """After warm-up: the engine's ``ShapeRunner.describe`` (read at each scrape, or at each
+        :meth:`sample` in multiprocess mode), or one reading of it (a dict) to set now."""
+        if isinstance(describe, Mapping):
+            for gauge, key in self._graph_gauges():
+                gauge.set(float(describe[key]))
+            return
+        read: Callable[[], Mapping[str, Any]] = describe
+        if self.shared_dir is not None:
+            self._watch(lambda: self.set_graphs(read()))
+        else:
+            for gauge, key in self._graph_gauges():
+                gauge.set_function(lambda key=key: float(read()[key]))  # type: ignore[misc]
+
+    def set_model(self, version: str, model: str, device: str, dtype: str) -> None:
+        """Called once the model's card is known (every front end): the build info."""
+        if self.shared_dir is None:  # (multiprocess: called once per process; clear() is not supported)
+            self.build_info.clear()
+        self.build_info.labels(version, model, device, dtype).set(1)
+
+    def watch_device(self, device: torch.device) -> None:
+        """Called where the engine is loaded (the model process): the device whose memory is reported.
+        Never in an API process: reading a CUDA device's memory would open a CUDA context there."""
         self.device_memory.device = device
+        self.sample_device_memory()
 
     def watch_health(self, healthy: Callable[[], bool]) -> None:
-        """``patchlife_model_healthy`` is read from ``healthy()`` at scrape time."""
-        self.model_healthy.set_function(lambda: 1.0 if healthy() else 0.0)
+        """``patchlife_model_healthy`` is read from ``healthy()`` at scrape time (at each :meth:`sample`
+        in multiprocess mode, where a scrape runs in another process)."""
+        if self.shared_dir is not None:
+            self._watch(lambda: self.set_healthy(healthy()))
+        else:
+            self.model_healthy.set_function(lambda: 1.0 if healthy() else 0.0)
+
+    def set_healthy(self, healthy: bool) -> None:
+        """Set ``patchlife_model_healthy`` now (ignored once :meth:`watch_health` reads a callback in-process)."""
+        self.model_healthy.set(1.0 if healthy else 0.0)
+
+    def _watch(self, sample: Callable[[], None]) -> None:
+        self._watched.append(sample)
+        sample()
+
+    def sample_device_memory(self) -> None:
+        """Multiprocess mode: copy the device's allocator memory into its gauges (the model process's
+        heartbeat calls this). In-process the collector reads it at scrape time, so this does nothing."""
+        read = self.device_memory.read()
+        if self.memory_gauges is None or read is None:
+            return
+        for gauge, value in zip(self.memory_gauges, read):
+            gauge.labels(str(self.device_memory.device)).set(value)
+
+    def sample(self) -> None:
+        """Multiprocess mode: what a scrape would read from callbacks (health, CUDA graphs, device
+        memory), written into the gauges now; the model process's heartbeat calls it about once a second."""
+        for watched in self._watched:
+            watched()
+        self.sample_device_memory()
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
 
+    def decode_fallback(self, reason: str) -> None:
+        """An image the GPU decoder passed to the CPU path; ``reason`` is one of DECODE_FALLBACK_REASONS."""
+        if reason not in DECODE_FALLBACK_REASONS:
+            raise ValueError(f"unknown decode fallback reason {reason!r}")
+        self.decode_fallbacks.labels(reason).inc()
+
+    def collect(self) -> Iterable[Metric]:
+        """Every family as a scrape sees it: this registry, or the whole directory in multiprocess mode."""
+        return self._exposed.collect()
+
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class PrometheusHooks(WorkerHooks):
-    """Batching-worker hooks -> metrics. Called from the worker thread; prometheus_client is thread-safe."""
-
-    def __init__(self, metrics: Metrics, dense_gflops: float, num_patches: int = 0) -> None:
-        self.m = metrics
-        self.dense_gflops = dense_gflops
-        self.num_patches = num_patches  # of the grid, for the bounded tail bucket label
-
-    def on_queue_depth(self, images: int, tokens: int) -> None:
-        self.m.queue_depth.labels("images").set(images)
-        self.m.queue_depth.labels("tokens").set(tokens)
-
-    def on_batch(self, phase: str, size: int, tokens: int, bucket: str | None,
-                 queue_waits_s: list[float], compute_s: float) -> None:
-        self.m.compute_seconds.labels(phase).observe(compute_s)
-        self.m.batch_size.labels(phase).observe(size)
-        self.m.batch_tokens.labels(phase).observe(tokens)
-        wait = self.m.queue_wait.labels(phase)
-        for w in queue_waits_s:
-            wait.observe(w)
-        self.m.batches.labels(phase, self.bucket_label(bucket)).inc()
-
-    def bucket_label(self, bucket: str | None) -> str:
-        """``48-40-32`` -> the first count over the grid's patches, rounded up to a tenth (``0.3``)."""
-        if not bucket or self.num_patches <= 0:
-            return "none"
-        try:
-            first = int(bucket.split("-", 1)[0])
-        except ValueError:
-            return "none"
-        tenths = min(10, max(1, math.ceil(first * 10 / self.num_patches - 1e-9)))
-        return KEEP_LABELS[tenths - 1]
-
-    def on_model_failure(self, reason: str) -> None:
-        self.m.model_failures.labels(reason).inc()
-
-    def on_waste(self, needed_tokens: int, computed_tokens: int) -> None:
-        self.m.needed_tokens.inc(needed_tokens)
-        self.m.computed_tokens.inc(computed_tokens)
-
-    def on_reject(self, reason: str) -> None:
-        self.m.reject(reason)
-
-    def on_shape(self, phase: str, merged_images: int, padded_rows: int) -> None:
-        if merged_images:
-            self.m.merged_images.inc(merged_images)
-        if padded_rows:
-            self.m.padded_rows.labels(phase).inc(padded_rows)
-
-    def on_cost_model(self, model: CostModel) -> None:
-        for phase, fit in model.fits.items():
-            self.m.cost_fixed.labels(phase).set(fit.fixed)
-            self.m.cost_slope.labels(phase).set(fit.slope)
-
-    def on_image_done(self, result: ImageResult) -> None:
-        self.m.last_inference.set(time.time())
-        self.m.image_compute.observe(result.compute_ms / 1000.0)
-        self.m.kept_tokens.observe(result.counts[-1])
-        self.m.image_flops.observe(result.gflops * 1e9)
-        if self.dense_gflops > 0:
-            self.m.budget_ratio.observe(result.gflops / self.dense_gflops)
+        return generate_latest(self._exposed)
 
 
 class HttpMetricsMiddleware:

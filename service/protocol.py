@@ -1,17 +1,119 @@
-"""What crosses between the front end and the runtime: plain records and the runtime's refusals.
+"""What crosses between the front end and the runtime: plain records, the runtime's refusals, and
+the one interface the front end holds (:class:`ModelClient`).
 
-The front end (``service/frontend/``) reads these and never the worker's module; the runtime
-(``service/runtime/worker.py``) makes them. Torch is named only for type checking: an
-:class:`ImageResult` carries CPU tensors in this in-process transport.
+The front end (``service/frontend/``) reads these and never imports the runtime. Two classes
+implement :class:`ModelClient`: ``service/runtime/local.py`` (the model in this process: tests,
+notebooks, ``PATCHLIFE_API_PROCESSES=0``) and ``service/transport/client.py`` (the model in a process
+of its own, pixels through shared memory). Everything here pickles, so it can cross a process
+boundary; torch is named only for type checking (an :class:`ImageResult` carries CPU tensors).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the front end knows of the served model, fixed once the checkpoint is loaded.
+
+    ``info`` is the description /v1/models and /v2 metadata serve (JSON-able, without what warm-up
+    changes: that is in :class:`ModelStatus`); ``preprocess`` the checkpoint's timm preprocessing config,
+    from which the front end resizes and crops (it normalises nothing: the model process does that).
+    """
+
+    name: str
+    info: dict[str, Any]
+    class_names: tuple[str, ...]
+    preprocess: dict[str, Any]
+    grid: tuple[int, int]                  # patch rows, cols
+    dense_gflops: float
+    first_block: int                       # K: the block after which lives are predicted
+    depth: int                             # L: the backbone's blocks
+    checkpoint: str                        # its directory (the web page's examples live there)
+    batch_classes: tuple[int, ...]         # the batch sizes the runtime pads to (Triton's config)
+    decodes_jpeg: bool = False             # the model process decodes JPEGs on its device: send EncodedImage
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(3, H, W)`` of one preprocessed image: the size of a shared-memory pixel slot."""
+        size = self.preprocess["input_size"]
+        return 3, int(size[-2]), int(size[-1])
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A JPEG the front end did not decode (``ModelCard.decodes_jpeg``): its header passed the limits
+    there; the model process decodes it, in a batch on its device. ``source`` names it in errors."""
+
+    data: bytes
+    source: str
+
+
+class Lifecycle(enum.IntEnum):
+    """One state for the model and one for each front end; ordered, so ``state >= DRAINING`` reads as
+    "from the drain on".
+
+    LOADING: checkpoint loading or warming up (503 not ready).  READY: serving.  STOPPING: SIGTERM
+    received, /readyz 503, requests still served (``shutdown_delay_s``).  DRAINING: new requests 503
+    with ``Connection: close``, those in flight finish.  GRACE_OVER: the grace ended, requests still
+    decoding stop.  STOPPED: nothing runs.  FAILED: the start failed (the reason is kept).
+    """
+
+    LOADING = 0
+    READY = 1
+    STOPPING = 2
+    DRAINING = 3
+    GRACE_OVER = 4
+    STOPPED = 5
+    FAILED = 6
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """The model's side of readiness, cheap to read (the transport caches the last one it was sent).
+
+    problem: why a started model cannot serve right now (its thread died, batches keep failing, a batch
+    hangs, the model process is gone); None while it can. detail: what warm-up did (graphs, cost model).
+    """
+
+    state: Lifecycle = Lifecycle.LOADING
+    error: str | None = None               # FAILED: why the start failed
+    problem: str | None = None
+    warmup_seconds: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelClient(Protocol):
+    """The front end's only handle on the model, in this process or in another.
+
+    ``open`` returns the card (raising the load error), ``start`` warms up and starts serving (the app
+    runs it in the background; an exception becomes ``status().error``), ``submit`` runs images through
+    the batching worker (raising the :class:`WorkerError` kinds below): each a preprocessed ``uint8
+    [3, H, W]`` tensor, or, where the card says ``decodes_jpeg``, a JPEG still encoded. ``clock`` is the clock deadlines
+    are on: the system-wide monotonic clock, the same in every process.
+    """
+
+    async def open(self) -> ModelCard: ...
+
+    async def start(self) -> None: ...
+
+    def status(self) -> ModelStatus: ...
+
+    def clock(self) -> float: ...
+
+    async def submit(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None,
+                     deadline: float) -> list[ImageResult]: ...
+
+    def begin_drain(self) -> None: ...
+
+    async def stop(self, grace_s: float | None = None) -> None: ...
 
 
 @dataclass
@@ -19,16 +121,16 @@ class ImageResult:
     probs: torch.Tensor          # [num_classes] float32 CPU
     lives: torch.Tensor          # [rows, cols] float32 CPU, layer units
     budget: tuple[int, ...]      # the image's own patch counts per stage
-    counts: tuple[int, ...]      # the counts its phase-B batch actually ran at (>= budget)
+    counts: tuple[int, ...]      # the counts its tail batch actually ran at (>= budget)
     gflops: float                # GFLOPs of the image at `counts`
     keep_rate: float
-    queue_ms: float              # total time waiting in queues (phase A + phase B)
-    compute_ms: float            # wall time of the phase-A batch + the phase-B batch it ran in
+    queue_ms: float              # total time waiting in queues (head + tail)
+    compute_ms: float            # wall time of the head batch + the tail batch it ran in
 
 
 class WorkerError(Exception):
     """Why the worker could not answer a request; the routes turn each into its API error
-    (:mod:`service.frontend.errors`: 503 overloaded / shutting down / model unavailable, 504)."""
+    (:mod:`service.frontend.errors`: 503 overloaded / shutting down / model unavailable, 504, 400 bad image)."""
 
 
 class QueueFull(WorkerError):
@@ -53,3 +155,8 @@ class ModelFailed(WorkerError):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class BadInput(WorkerError):
+    """An image the model process could not decode (a corrupt JPEG whose header looked fine): 400
+    bad_image for that request only, as the CPU path answers it."""

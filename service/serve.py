@@ -10,18 +10,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import select
 import socket
 import sys
 from types import FrameType
 
+import torch
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
-from .frontend.app import begin_shutdown, create_app, drain, load_engine
-from .frontend.context import configure_logging
+from .app import create_app
+from .frontend.app import begin_shutdown, drain
 from .frontend.http_protocol import TimedHttpProtocol, timed_protocol
 from .frontend.routes.common import Runtime
+from .logs import configure_logging
+from .protocol import Lifecycle
+from .runtime.engine import Engine
 from .settings import Settings
 
 
@@ -55,7 +61,7 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._signalled and self._loop is not None and self.started:
             self._signalled = True
-            self.runtime.stopping = True  # a plain store: safe in a signal handler; /readyz now 503
+            self.runtime.advance(Lifecycle.STOPPING)  # a plain store: safe in a signal handler; /readyz now 503
             self._loop.call_soon_threadsafe(self._start_drain, sig)
             return
         super().handle_exit(sig, frame)
@@ -115,6 +121,17 @@ def _backlog(servers: list[asyncio.base_events.Server]) -> bool:
     return bool(fds) and bool(select.select(fds, [], [], 0)[0])
 
 
+def make_server(app: FastAPI, settings: Settings, log_level: str) -> _Server:
+    """uvicorn for one front end, with the drain above. log_config=None: uvicorn's loggers go through
+    our handler (format, X-Request-ID). Our drain has already waited for the requests in flight, so
+    uvicorn's own graceful timeout only covers stragglers. The protocol class adds the header and idle
+    timeouts (service/frontend/http_protocol.py); timeout_keep_alive is the same idle limit between requests."""
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            log_config=None, timeout_graceful_shutdown=5, http=timed_protocol(settings),
+                            timeout_keep_alive=settings.keepalive_timeout_s)  # type: ignore[arg-type]  # a float works
+    return _Server(config, app.state.runtime)
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k in ("host", "port", "checkpoint") if (v := getattr(args, k, None)) is not None}
     try:
@@ -122,20 +139,19 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"patchlife serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+    cores = len(os.sched_getaffinity(0))
+    processes = settings.api_process_count(cuda, cores)
+    if processes > 0:
+        from .processes import run as run_processes
+
+        return run_processes(args, settings.model_threads_beside(processes, cuda, cores), processes)
     configure_logging(args.log_level, settings.log_format)
     try:
-        engine = load_engine(settings)
+        engine = Engine.from_settings(settings)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"patchlife serve: {exc}", file=sys.stderr)
         return 1
-    app = create_app(settings, engine)
-    # log_config=None: uvicorn's loggers go through our handler (format, X-Request-ID). Our drain has
-    # already waited for the requests in flight, so uvicorn's own graceful timeout only covers stragglers.
-    # The protocol class adds the header and idle timeouts (service/frontend/http_protocol.py);
-    # timeout_keep_alive is the same idle limit between requests.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                            log_config=None, timeout_graceful_shutdown=5, http=timed_protocol(settings),
-                            timeout_keep_alive=settings.keepalive_timeout_s)  # type: ignore[arg-type]  # a float works
-    server = _Server(config, app.state.runtime)
+    server = make_server(create_app(settings, engine), settings, args.log_level)
     server.run()
     return 0 if server.started else 1

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.defaults import GRID_KEEP_RATES, GRID_SIZE, GRID_STEP
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PATCHLIFE_", env_file=None, extra="ignore", env_ignore_empty=True)
@@ -31,11 +33,11 @@ class Settings(BaseSettings):
                             "(1, 2, 4, ... max_batch_size) and for the tail at each (bucket, class); batches are "
                             "padded up to their class and other shapes run eagerly. off: always eager.")
     decode: Literal["auto", "cpu", "gpu"] = Field(
-        "auto", description="Where JPEGs are decoded and preprocessed. gpu: in batches with nvJPEG on the model's CUDA"
-                            " device (service/frontend/gpu_decode.py; other formats and refused JPEGs on the CPU, per "
-                            "image); needs CUDA, refused with device=cpu. cpu: libjpeg-turbo/Pillow in the request "
-                            "handler. auto: gpu when the model runs on CUDA. Until the model runs in a process of its "
-                            "own (the API-process hand-off), the service decodes on the CPU whatever this says.")
+        "auto", description="Where JPEGs are decoded and preprocessed. gpu: in the model process, in batches with "
+                            "nvJPEG on the model's CUDA device (service/runtime/gpu_decode.py); the API processes only "
+                            "read the header and pass the bytes on; other formats, refused JPEGs and /explain decode "
+                            "on the CPU. Needs CUDA, refused with device=cpu. cpu: libjpeg-turbo/Pillow in the "
+                            "request handler. auto: gpu when the model runs on CUDA.")
     keep_rate: float | None = Field(
         None, gt=0, le=1, description="Default keep rate; empty: the checkpoint's own schedule.")
     warmup_batches: int = Field(2, ge=0, description="Forward passes run before /readyz turns ready.")
@@ -64,8 +66,8 @@ class Settings(BaseSettings):
                                       "memory of decoding (4 bytes a pixel, 320 MB by default). Each image holds "
                                       "what its decode costs, from its header: width x height times the bytes per "
                                       "pixel of its mode (about 2x an RGB pixel for 16-bit grey, 3x for float, 5x "
-                                      "with alpha; service/frontend/decode_budget.py); a larger image holds the whole "
-                                      "budget. "
+                                      "with alpha; service/frontend/decode_gate.py); a larger image holds the whole "
+                                      "capacity. "
                                       "An image waits for room in arrival order.")
     decode_wait_ms: float = Field(
         10_000, gt=0, description="Longest an image waits for room to decode (PATCHLIFE_MAX_DECODE_PIXELS) "
@@ -84,38 +86,37 @@ class Settings(BaseSettings):
 
     # --- batching ----------------------------------------------------------------------------
     batching: Literal["budget", "fifo", "unbatched"] = Field(
-        "budget", description="budget: group phase B by token-budget bucket; fifo: one batch at the "
+        "budget", description="budget: group the tail by budget bucket; fifo: one batch at the "
                               "largest budget in it; unbatched: one image at a time.")
-    max_batch_size: int = Field(32, ge=1, description="Most images in one phase-A or phase-B batch.")
+    max_batch_size: int = Field(32, ge=1, description="Most images in one head or tail batch.")
     max_delay_ms: float = Field(
         10.0, ge=0, description="Longest an image waits for its batch to fill while the other phase has work "
                                 "queued (an otherwise idle worker runs a batch at once); no wait with "
                                 "work_conserving=true.")
     max_batch_tokens: int = Field(
-        200_000, ge=1, description="Token limit of one phase-B batch (sum over images of the tokens "
+        200_000, ge=1, description="Token limit of one tail batch (sum over images of the tokens "
                                    "every tail block sees), like TGI's max_batch_total_tokens.")
     buckets: int = Field(
-        8, ge=1, description="Budget buckets fitted to the model's budgets: this many points at quantiles of the "
-                             "budgets its calibration images get at the model's keep rate and at "
-                             "bucket_keep_rates (plus the full budget); a budget runs at the cheapest point "
-                             "covering it.")
+        GRID_SIZE, ge=1, description="Budget buckets fitted to the model's budgets: this many points at quantiles "
+                                     "of the budgets its calibration images get at the model's keep rate and at "
+                                     "bucket_keep_rates (plus the full budget); a budget runs at the cheapest "
+                                     "point covering it.")
     bucket_keep_rates: str = Field(
-        "0.5,0.7,0.9", description="Keep rates (comma-separated) whose budgets the bucket grid is fitted to, besides "
-                                   "the model's own.")
-    bucket_step: int = Field(4, ge=1, description="Fallback grid for checkpoints without a calibration sample: patch "
-                                                  "counts rounded up to multiples of this.")
+        ",".join(map(str, GRID_KEEP_RATES)), description="Keep rates (comma-separated) whose budgets the bucket grid "
+                                                         "is fitted to, besides the model's own.")
+    bucket_step: int = Field(
+        GRID_STEP, ge=1, description="Fallback grid for checkpoints without a calibration sample: patch counts "
+                                     "rounded up to multiples of this.")
     max_batch_waste: float = Field(
-        1.0, ge=0, description="budget mode: the cost model merges covered buckets into a phase-B batch when that "
+        1.0, ge=0, description="budget mode: the cost model merges covered buckets into a tail batch when that "
                                "saves device time, as long as the tokens computed beyond the images' own budgets "
                                "stay within this fraction of those budgets (0: never mix buckets, so an answer "
                                "never depends on what else is queued).")
     work_conserving: bool = Field(
         False, description="true: run the oldest queued batch whenever the model thread is free instead of letting "
                            "it fill for up to max_delay_ms while the other phase has work. Off by default: where a "
-                           "call has a large fixed cost, small batches run at once cost more than the wait (2-core "
-                           "machine, embedded model, Poisson arrivals at 160 requests/s: p50 1098 ms and p99 3878 "
-                           "ms work-conserving, 62 ms and 219 ms waiting; closed-loop throughput 231 vs 229 "
-                           "images/s).")
+                           "call has a large fixed cost, small batches run at once cost more than the wait "
+                           "(measured figures and their command: docs/ops.md).")
     queue_capacity_images: int = Field(256, ge=1, description="Queued images before 503.")
     queue_capacity_tokens: int = Field(2_000_000, ge=1, description="Queued tail tokens before 503.")
     deadline_ms: float = Field(30_000, gt=0, description="Default per-request deadline; header "
@@ -124,11 +125,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, description="Intra-op CPU threads of the model (torch.set_num_threads, applied in the worker "
                              "thread at start-up); 0: torch's default, one per core. Each batch waits for every thread "
-                             "of the team, so on cores shared with other busy processes fewer threads can be faster "
-                             "(2-core machine with other jobs running: batch-1 13.1 ms with 1 thread, 18.6 ms with "
-                             "2); on a machine of its own, all cores served more (2-core machine, patchlife "
-                             "loadtest, embedded model: 225 vs 204 images/s with 2 threads vs 1, the machine 19% "
-                             "vs 30% idle).")
+                             "of the team, so on cores shared with other busy processes fewer threads can be faster; "
+                             "on a machine of its own, all cores serve more (measured figures and their commands: "
+                             "docs/ops.md).")
     unhealthy_after_failures: int = Field(
         3, ge=1, description="Consecutive failed model batches after which /readyz answers 503 with the error "
                              "(the next batch that succeeds clears it).")
@@ -140,6 +139,20 @@ class Settings(BaseSettings):
                                "the listener stays open, so that a load balancer stops sending first; then new "
                                "requests are answered 503 and the drain (PATCHLIFE_SHUTDOWN_GRACE_S) runs.")
 
+
+    # --- processes ---------------------------------------------------------------------------
+    api_processes: str = Field(
+        "auto", pattern=r"^(auto|\d{1,3})$",
+        description="API processes beside the one model process: each runs the HTTP (and gRPC) front end on the "
+                    "same port and hands preprocessed pixels to the model process through shared memory. auto: "
+                    "the cores the model process does not need (beside a GPU it needs 2, on the CPU its torch "
+                    "threads), at least 1. With API processes on the CPU, an unset PATCHLIFE_TORCH_THREADS "
+                    "becomes the cores they leave. 0: one process does everything (tests, notebooks).")
+    pixel_slots: int = Field(
+        0, ge=0, description="Shared-memory pixel slots of each API process (one preprocessed image each); a "
+                             "request that finds too few free is answered 503 + Retry-After. 0: the queue's "
+                             "capacity over the API processes, plus one request's images.")
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.decode == "gpu" and self.device == "cpu":
@@ -148,6 +161,27 @@ class Settings(BaseSettings):
             raise ValueError("PATCHLIFE_DTYPE=float16/bfloat16 needs a GPU; use float32 or auto with device=cpu")
         self.grid_keep_rates()  # raises on a malformed list
         return self
+
+    def api_process_count(self, cuda: bool, cores: int) -> int:
+        """``api_processes`` resolved: ``auto`` gives the API processes the cores the model process does
+        not need (2 beside a GPU: its event loop and its model thread; on the CPU, its torch threads),
+        and at least one (a CPU model with torch's default team then leaves it one core)."""
+        if self.api_processes != "auto":
+            return int(self.api_processes)
+        needs = 2 if cuda else (self.torch_threads or cores)
+        return max(1, cores - needs)
+
+    def model_threads_beside(self, processes: int, cuda: bool, cores: int) -> Settings:
+        """With API processes on the CPU, an unset ``torch_threads`` (one per core) becomes the cores they
+        leave: a model's thread team that spans every core busy-waits on the cores the API processes need."""
+        if cuda or self.torch_threads or processes <= 0:
+            return self
+        return self.model_copy(update={"torch_threads": max(1, cores - processes)})
+
+    def slots_per_process(self, processes: int) -> int:
+        if self.pixel_slots:
+            return self.pixel_slots
+        return -(-self.queue_capacity_images // max(1, processes)) + self.max_images_per_request
 
     def grid_keep_rates(self) -> tuple[float, ...]:
         try:

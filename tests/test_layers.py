@@ -35,16 +35,7 @@ RULES: list[tuple[str, str, str]] = [
     ("service.frontend", "service.runtime", "the front end reads service/protocol.py, not the runtime"),
 ]
 # The front end's remaining imports of the runtime, (importer, imported module): a ratchet, only to shrink.
-FRONTEND_TO_RUNTIME = {
-    ("service.frontend.app", "service.runtime.engine"),  # the wiring: loads the engine, starts the worker
-    ("service.frontend.app", "service.runtime.worker"),
-    ("service.frontend.routes.common", "service.runtime.engine"),  # Runtime holds the engine and the worker
-    ("service.frontend.routes.common", "service.runtime.worker"),
-    ("service.frontend.routes.explain", "service.runtime.engine"),  # the type of the served engine
-    ("service.frontend.routes.v2", "service.runtime.engine"),
-    ("service.frontend.routes.v2", "service.runtime.worker"),
-    ("service.frontend.triton", "service.runtime.graphs"),  # the batch-size classes, for Triton's config
-}
+FRONTEND_TO_RUNTIME: set[tuple[str, str]] = set()  # emptied by the typed seam; keep it empty
 
 
 def within(module: str, prefix: str) -> bool:
@@ -119,3 +110,24 @@ def test_a_forbidden_import_is_caught(tmp_path: Path, where: str, line: str, rul
     path.write_text(line + "\n")
     found = violations([path], tmp_path)
     assert len(found) >= 1 and all(rule in v for v in found), found
+
+
+# Names every command module defines by convention (cli/main.py calls them by these names), and the
+# option builders named after their command.
+ENTRY_POINTS = frozenset({"run", "main", "add_arguments", "table", "measure", "train", "bench"})
+
+
+def test_no_public_name_is_defined_in_two_modules() -> None:
+    """One home for each name: a second top-level ``def``/``class`` of the same public name elsewhere is
+    either a copy or a name that means two things."""
+    homes: dict[str, list[str]] = {}
+    for root in ("model", "service", "bench", "cli"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            if path.name.endswith("_pb2.py"):
+                continue
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and \
+                        not node.name.startswith("_"):
+                    homes.setdefault(node.name, []).append(str(path.relative_to(REPO)))
+    twice = {name: paths for name, paths in homes.items() if len(paths) > 1 and name not in ENTRY_POINTS}
+    assert not twice, f"public names defined in more than one module: {twice}"

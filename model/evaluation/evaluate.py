@@ -29,6 +29,7 @@ import torch
 
 from ..baselines import random_forward, topk_forward
 from ..checkpoint import CONFIG_FILE, DEFAULT_CHECKPOINT, LifeViTConfig, load_checkpoint
+from ..defaults import GRID_SIZE
 from ..device import resolve_device
 from ..flops import dense_gflops, slimmed_gflops
 from ..life import Normalization
@@ -191,7 +192,7 @@ def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, grid: Buc
 
 
 def evaluate_model(model: LifeViT, batches: Batches, keep_rates: Sequence[float] = KEEP_RATES,
-                   buckets: int = 8, seed: int = 0,
+                   buckets: int = GRID_SIZE, seed: int = 0,
                    content: dict[str, np.ndarray] | None = None) -> list[Row]:
     """The whole table for one model on in-memory batches (``content``: see :func:`calibrated_row`)."""
     model.eval()

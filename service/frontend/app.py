@@ -1,10 +1,12 @@
-"""The FastAPI application: ``create_app(settings)``.
+"""The FastAPI application of one front end: ``make_app(settings, model, metrics)``.
 
-Lifespan: load the engine (before serving, so a bad checkpoint fails the start with the engine's
-message), then in the background warm the model up and start the batching worker; ``/readyz``
-turns 200 only then. On shutdown: refuse new work, let the worker finish what is queued within
-``shutdown_grace_s``, stop it. ``patchlife serve`` runs :func:`drain` at SIGTERM, before uvicorn
-closes anything (see ``service/serve.py`` and docs/ops.md for the order of events).
+``model`` is the typed handle on the model (:class:`~service.protocol.ModelClient`): in this process
+(``service/app.py`` wires it, for tests and ``PATCHLIFE_API_PROCESSES=0``) or in the model process
+(``service/transport/client.py``, in each API process). Lifespan: open the model (before serving, so a
+bad checkpoint fails the start with the engine's message), then in the background let it warm up
+and start; ``/readyz`` turns 200 only then. On shutdown: refuse new work, let the model finish what is
+queued within ``shutdown_grace_s``, stop it. ``patchlife serve`` runs :func:`drain` at SIGTERM, before
+uvicorn closes anything (see ``service/serve.py`` and docs/ops.md for the order of events).
 """
 
 from __future__ import annotations
@@ -12,60 +14,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import anyio
 from fastapi import FastAPI
 
-from ..metrics import HttpMetricsMiddleware, Metrics, PrometheusHooks
-from ..runtime.engine import Engine
-from ..runtime.worker import Worker
-from ..settings import Settings, get_settings
+from .. import package_version
+from ..metrics import HttpMetricsMiddleware, Metrics
+from ..protocol import Lifecycle, ModelClient
+from ..settings import Settings
 from .bodyread import BodyReadMiddleware
 from .context import RequestContextMiddleware
 from .errors import LastResortMiddleware, install_error_handlers
 from .openapi import install_openapi
-from .routes import classify, docs, explain, health, metrics, models, ui, v2
+from .routes import classify, docs, explain, health, models, ui, v2
+from .routes import metrics as metrics_route
 from .routes.common import Runtime
 
 log = logging.getLogger("patchlife.app")
 
 
-def package_version() -> str:
+async def _start(rt: Runtime) -> None:
+    """The model's warm-up and start, in the background; a failure keeps the process alive (healthz)
+    but never ready, with the reason in /readyz."""
     try:
-        return version("patchlife")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def load_engine(settings: Settings) -> Engine:
-    return Engine.from_settings(settings)
-
-
-async def _warm_up_and_start(rt: Runtime) -> None:
-    engine = rt.engine
-    assert engine is not None
-    try:
-        t0 = time.perf_counter()
-        timings = await anyio.to_thread.run_sync(engine.warmup, rt.settings.warmup_batches)
-        seconds = time.perf_counter() - t0
-        rt.metrics.set_graphs(engine.runner.describe)
-        hooks = PrometheusHooks(rt.metrics, engine.dense_gflops, engine.grid[0] * engine.grid[1])
-        worker = Worker(engine, rt.settings, hooks, timings=timings)
-        await worker.start()
-        rt.metrics.watch_health(lambda: worker.health() is None)
-    except Exception as exc:  # stay alive (healthz) but never ready; the reason shows in /readyz
-        log.exception("warm-up failed")
+        await rt.model.start()
+    except Exception as exc:
         rt.startup_error = f"{type(exc).__name__}: {exc}"
+        if rt.state == Lifecycle.LOADING:
+            rt.state = Lifecycle.FAILED
         return
-    rt.worker, rt.warmup_seconds, rt.ready = worker, round(seconds, 3), True
-    graphs = engine.runner.describe()
-    log.info("model %s ready on %s %s (warm-up %.2f s; %d CUDA graphs captured in %.2f s, %.1f MiB; cost model %s)",
-             engine.name, engine.device, engine.dtype, seconds, graphs["captured"], graphs["capture_seconds"],
-             graphs["capture_bytes"] / 2**20, worker.cost.describe())
+    if rt.state == Lifecycle.LOADING:
+        rt.state = Lifecycle.READY
 
 
 async def drain(rt: Runtime, poll_s: float = 0.01) -> None:
@@ -81,14 +61,13 @@ async def drain(rt: Runtime, poll_s: float = 0.01) -> None:
     """
     s = rt.settings
     await asyncio.sleep(s.shutdown_delay_s)
-    rt.draining = True
+    rt.advance(Lifecycle.DRAINING)
     loop = asyncio.get_running_loop()
     end = loop.time() + s.shutdown_grace_s
     while rt.in_flight.count > 0 and loop.time() < end:
         await asyncio.sleep(poll_s)
-    rt.grace_over = True  # requests still decoding stop before their next image (503)
-    if rt.worker is not None:
-        await rt.worker.stop(grace_s=max(0.0, end - loop.time()))
+    rt.advance(Lifecycle.GRACE_OVER)  # requests still decoding stop before their next image (503)
+    await rt.model.stop(grace_s=max(0.0, end - loop.time()))
     answered = loop.time() + 1.0  # the 503s of what the worker failed are written by their own tasks
     while rt.in_flight.count > 0 and loop.time() < answered:
         await asyncio.sleep(poll_s)
@@ -108,32 +87,30 @@ async def _start_grpc(rt: Runtime, version: str) -> Any:
 
 def begin_shutdown(rt: Runtime) -> None:
     """SIGTERM, first step (on the event loop): readiness false, batches stop waiting to fill."""
-    rt.stopping = rt.in_flight.closing = True
-    if rt.worker is not None:
-        rt.worker.begin_drain()
+    rt.advance(Lifecycle.STOPPING)
+    rt.in_flight.closing = True
+    rt.model.begin_drain()
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """Build the app. ``engine``: an already loaded engine (``patchlife serve`` loads it first)."""
-    settings = settings or get_settings()
-    rt = Runtime(settings, Metrics(), engine)
+def make_app(settings: Settings, model: ModelClient, metrics: Metrics, shared_ports: bool = False) -> FastAPI:
+    """The app of one front end, serving ``model``; ``metrics``: this process's series; ``shared_ports``:
+    one of several API processes (gRPC then listens with SO_REUSEPORT beside the others)."""
+    rt = Runtime(settings, metrics, model, shared_ports=shared_ports)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if rt.engine is None:
-            rt.engine = await anyio.to_thread.run_sync(load_engine, settings)
-        info = rt.engine.info()
-        rt.metrics.set_model(package_version(), info["name"], rt.engine.device, info["dtype"])
+        rt.card = await model.open()
+        info = rt.card.info
+        rt.metrics.set_model(package_version(), rt.card.name, info["device"], info["dtype"])
         grpc_server = await _start_grpc(rt, app.version) if settings.grpc_port else None
-        starting = asyncio.create_task(_warm_up_and_start(rt))
+        starting = asyncio.create_task(_start(rt))
         try:
             yield
         finally:
-            rt.ready, rt.stopping, rt.draining = False, True, True
+            rt.advance(Lifecycle.STOPPED)
             await starting  # a warm-up in its thread cannot be interrupted; it is short
-            if rt.worker is not None:
-                await rt.worker.stop()
-            if grpc_server is not None:  # after the worker: its calls have been answered by then
+            await model.stop()
+            if grpc_server is not None:  # after the model: its calls have been answered by then
                 await grpc_server.stop(GRPC_STOP_GRACE_S)
 
     app = FastAPI(title="patchlife", version=package_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -146,7 +123,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(HttpMetricsMiddleware, metrics=rt.metrics)
     app.add_middleware(RequestContextMiddleware, in_flight=rt.in_flight)  # arrival stamped before any app code
     app.add_middleware(BodyReadMiddleware, runtime=rt)  # outermost: sees every answer that closes the connection
-    for module in (classify, explain, health, models, metrics, ui, docs):  # docs: /docs, /redoc offline
+    for module in (classify, explain, health, models, metrics_route, ui, docs):  # docs: /docs, /redoc offline
         app.include_router(module.router)
     app.include_router(v2.router)  # Open Inference Protocol v2 (KServe, Triton clients)
     install_openapi(app, rt)  # /openapi.json describes the bodies parsed by hand, with this server's limits

@@ -1,4 +1,4 @@
-"""Per-request context: arrival time, ``X-Request-ID``, requests in flight; and the log format.
+"""Per-request context: arrival time, ``X-Request-ID``, requests in flight (the log format: ``service/logs.py``).
 
 ``RequestContextMiddleware`` (pure ASGI, outermost of the app's own middlewares) stamps each request's
 arrival (``scope[ARRIVAL_KEY]``, ``time.monotonic()``) before anything else runs, so a deadline counts
@@ -11,26 +11,21 @@ shutdown every answer carries ``Connection: close``.
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 import time
 import uuid
-from contextvars import ContextVar
-from typing import Any
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..logs import configure_logging, current_request_id, set_request_id
+
+__all__ = ["ARRIVAL_KEY", "REQUEST_ID_HEADER", "InFlight", "RequestContextMiddleware", "configure_logging",
+           "current_request_id"]
+
 REQUEST_ID_HEADER = "X-Request-ID"
 ARRIVAL_KEY = "patchlife.arrival"
 _VALID_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-_request_id: ContextVar[str] = ContextVar("patchlife_request_id", default="-")
-
-
-def current_request_id() -> str:
-    """The X-Request-ID of the request being served, ``-`` outside one."""
-    return _request_id.get()
 
 
 class InFlight:
@@ -54,7 +49,7 @@ class RequestContextMiddleware:
         scope[ARRIVAL_KEY] = time.monotonic()
         sent = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), "")
         rid = sent if _VALID_ID.fullmatch(sent) else uuid.uuid4().hex
-        _request_id.set(rid)  # each request runs in its own task: no reset needed (the 500 handler still sees it)
+        set_request_id(rid)  # each request runs in its own task: no reset needed (the 500 handler still sees it)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -69,36 +64,3 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             self.in_flight.count -= 1
-
-
-# -- logs ----------------------------------------------------------------------------------------
-class _RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = _request_id.get()
-        return True
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, request_id, exception."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", "-")}
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
-
-
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
-
-
-def configure_logging(level: str, fmt: str) -> None:
-    """The root handler for the service and uvicorn's loggers (``fmt``: ``text`` or ``json``)."""
-    handler = logging.StreamHandler()
-    handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())

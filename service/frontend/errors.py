@@ -24,35 +24,13 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..api_errors import ApiError as ApiError
+from ..api_errors import BadImage as BadImage
+from ..api_errors import TooManyPixels as TooManyPixels
+from ..api_errors import UnsupportedMediaType as UnsupportedMediaType
 from .context import current_request_id
 
 log = logging.getLogger("patchlife.errors")
-
-
-class ApiError(Exception):
-    """An error with an HTTP status, a stable code and (optionally) a rejection reason for metrics."""
-
-    status: int = 400
-    code: str = "bad_request"
-    reason: str | None = None  # label of patchlife_rejected_requests_total, None: not counted here
-
-    def __init__(self, message: str, *, status: int | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if status is not None:
-            self.status = status
-        self.headers = headers or {}
-
-
-class BadImage(ApiError):
-    """The bytes claim to be an image (or are sent as one) but do not decode: 400."""
-    status, code, reason = 400, "bad_image", "bad_image"
-
-
-class UnsupportedMediaType(ApiError):
-    """The declared content type (of the body or of a part) is not one we accept: 415."""
-    status, code, reason = 415, "unsupported_media_type", "unsupported_media_type"
 
 
 class InvalidRequest(ApiError):
@@ -77,11 +55,6 @@ class TooLarge(ApiError):
 
 class TooManyImages(ApiError):
     status, code, reason = 413, "too_many_images", "too_many_images"
-
-
-class TooManyPixels(ApiError):
-    """Decompression-bomb guard: width x height over the limit, found from the header alone."""
-    status, code, reason = 413, "image_too_many_pixels", "image_too_many_pixels"
 
 
 class RequestTooManyPixels(ApiError):

@@ -102,10 +102,10 @@ def build_openapi(app: FastAPI, rt: Runtime) -> dict[str, Any]:
             for p in params:
                 if p["name"] == "top_k":
                     _cap(p["schema"], rt.settings.max_top_k)
-                if p["name"] == "name" and path.startswith("/v2/models") and rt.engine is not None:
-                    p["schema"] = {"type": "string", "enum": [rt.engine.name]}
+                if p["name"] == "name" and path.startswith("/v2/models") and rt.card is not None:
+                    p["schema"] = {"type": "string", "enum": [rt.card.name]}
             if method == "post" and path.endswith("/infer"):
-                op["requestBody"] = _infer_body(rt.engine.name if rt.engine else "model")
+                op["requestBody"] = _infer_body(rt.card.name if rt.card else "model")
                 params.append({"name": oip.HEADER_LENGTH, "in": "header", "required": False,
                                "description": "Binary tensor extension: bytes of JSON before the binary data.",
                                "schema": {"type": "integer", "minimum": 0}})
@@ -124,7 +124,7 @@ def install_openapi(app: FastAPI, rt: Runtime) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = build_openapi(app, rt)
-            if rt.engine is None:
+            if rt.card is None:
                 return spec  # the served model's name is not known yet: do not keep this one
             app.openapi_schema = spec
         return app.openapi_schema

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..metrics import Metrics
-from ..runtime.graphs import batch_classes
+from ..protocol import ModelCard
 from ..settings import Settings
 from .oip import PLATFORM, VERSION, tensor_specs
 
@@ -39,21 +39,21 @@ INFERENCE_ROUTES = frozenset({"/classify", "/explain", "/v2/models/{name}/infer"
 GRPC_INFER = "ModelInfer"
 
 
-def model_config(info: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def model_config(card: ModelCard, settings: Settings) -> dict[str, Any]:
     """``GET /v2/models/{name}/config``: Triton's ``ModelConfig`` as JSON (its proto field names).
 
     ``max_batch_size`` is what one request may carry (``PATCHLIFE_MAX_IMAGES_PER_REQUEST``), so each
     tensor's ``dims`` leave the batch dimension out; the preferred batch sizes are the batch-size
     classes the engine pads to (and captures CUDA graphs for) up to ``PATCHLIFE_MAX_BATCH_SIZE``.
     """
-    inputs, outputs = tensor_specs(info)
+    inputs, outputs = tensor_specs(card.info)
     return {
-        "name": info["name"], "platform": PLATFORM, "backend": BACKEND,
+        "name": card.name, "platform": PLATFORM, "backend": BACKEND,
         "max_batch_size": settings.max_images_per_request,
         "input": [{"name": t.name, "data_type": DATA_TYPES[t.datatype], "dims": list(t.dims), "optional": True}
                   for t in inputs],  # either input, or both
         "output": [{"name": t.name, "data_type": DATA_TYPES[t.datatype], "dims": list(t.dims)} for t in outputs],
-        "dynamic_batching": {"preferred_batch_size": list(batch_classes(settings.max_batch_size)),
+        "dynamic_batching": {"preferred_batch_size": list(card.batch_classes),
                              "max_queue_delay_microseconds": round(settings.max_delay_ms * 1000)},
     }
 
@@ -63,7 +63,7 @@ class _Samples:
 
     def __init__(self, metrics: Metrics) -> None:
         self.by_name: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-        for family in metrics.registry.collect():
+        for family in metrics.collect():  # every process's series when the service has several
             for s in family.samples:
                 self.by_name[s.name].append((s.labels, s.value))
 

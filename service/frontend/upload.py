@@ -26,7 +26,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from .decode import check_media_type
+from ..decode import check_media_type
 from .errors import BadImage, InvalidRequest, TooLarge, TooManyImages, UnsupportedMediaType, invalid_json
 from .schemas import ImagesJson
 

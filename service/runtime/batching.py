@@ -2,15 +2,15 @@
 
 The worker keeps two queues and asks :func:`plan` what to do whenever something changes:
 
-* phase A ("head"): first in, first out, up to ``max_batch_size`` images, or fewer once the oldest
+* the head: first in, first out, up to ``max_batch_size`` images, or fewer once the oldest
   has waited ``max_delay``; every image costs the same there.
-* phase B ("tail"): images wait per *bucket* (their budget rounded up to the bucket grid). A bucket
+* the tail: images wait per *bucket* (their budget rounded up to the bucket grid). A bucket
   is sent when the next image would not fit (``max_batch_size`` images or ``max_batch_tokens``
   tokens), or when its oldest image has waited ``max_delay``.
 
-Idle flush: waiting only pays while something else can happen meanwhile. A phase-A batch is also
-due at once when phase B holds nothing (the worker would sit idle, and the images would wait a
-second delay in phase B anyway); a phase-B batch is due at once when no image waits for phase A
+Idle flush: waiting only pays while something else can happen meanwhile. A head batch is also
+due at once when the tail holds nothing (the worker would sit idle, and the images would wait a
+second delay in the tail anyway); a tail batch is due at once when no image waits for the head
 (nothing queued could still join it). So one request on an idle server runs through both phases
 without waiting, while under load, with both queues holding work, batches still fill for up to
 ``max_delay``.
@@ -22,7 +22,7 @@ tests drive it with a fake clock.
 
 Modes (``BatchLimits.mode``):
 
-* ``budget``: the above; each phase-B batch runs at its bucket. A batch with room left also takes
+* ``budget``: the above; each tail batch runs at its bucket. A batch with room left also takes
   waiting images of *smaller* buckets (their counts are covered: running them at the larger counts
   only keeps a few more tokens alive, in life order), closest first, as long as the batch's waste
   (tokens computed beyond the images' own budgets, over those budgets) stays within ``max_waste``;
@@ -36,7 +36,7 @@ Modes (``BatchLimits.mode``):
   fixed cost per call against the extra tokens), and the batch's counts are chosen, among its own
   bucket and the larger queued ones, to save the most device time. A fixed-cost-bound device thus
   merges up to FIFO-like batches, a FLOP-bound one keeps buckets apart; ``max_waste`` still caps it.
-* ``fifo``: phase B is one first-in-first-out queue, each batch run at the element-wise maximum of
+* ``fifo``: the tail is one first-in-first-out queue, each batch run at the element-wise maximum of
   the buckets in it (the largest budget); same size, delay and token limits.
 * ``unbatched``: one image per batch, no waiting.
 """
@@ -47,12 +47,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from service.runtime.costmodel import Phase
 from service.settings import Settings
 
 Mode = Literal["budget", "fifo", "unbatched"]
-Phase = Literal["head", "tail"]
 Counts = tuple[int, ...]
-# Predicted device seconds of a batch: (phase, images, counts or None for phase A). Padding to a
+# Predicted device seconds of a batch: (phase, images, counts or None for the head). Padding to a
 # captured batch-size class is the caller's business (see Worker.batch_seconds).
 BatchCost = Callable[[Phase, int, "Counts | None"], float]
 
@@ -97,8 +97,8 @@ class Waiting:
     """One queued image as the policy sees it.
 
     key: the worker's id for the image. submitted: when its request arrived (orders batches).
-    arrived: when it entered this phase's queue (starts its delay). bucket: phase B only, the
-    image's budget rounded up to the bucket grid. need: phase B only, tail tokens of the image's own
+    arrived: when it entered this phase's queue (starts its delay). bucket: the tail only, the
+    image's budget rounded up to the bucket grid. need: the tail only, tail tokens of the image's own
     (unrounded) budget; 0 counts it at its bucket.
     """
 
@@ -258,7 +258,7 @@ def _take_tail(group: Sequence[Waiting], limits: BatchLimits,
 
 
 def _tail_groups(tail: Sequence[Waiting], mode: Mode) -> list[list[Waiting]]:
-    """Phase-B queues: one per bucket (budget mode), else a single FIFO queue."""
+    """Tail queues: one per bucket (budget mode), else a single FIFO queue."""
     if mode != "budget":
         return [list(tail)] if tail else []
     groups: dict[Counts, list[Waiting]] = {}
@@ -303,10 +303,10 @@ def plan(head: Sequence[Waiting], tail: Sequence[Waiting], now: float, limits: B
     """The next batch to run, else the time to look again, else None (nothing queued).
 
     Args:
-        head: images waiting for phase A, in arrival order.
-        tail: images waiting for phase B, in arrival order, each with its ``bucket``.
+        head: images waiting for the head, in arrival order.
+        tail: images waiting for the tail, in arrival order, each with its ``bucket``.
         now: the current time on the worker's clock (seconds).
-        tail_tokens: tokens one image costs in phase B at given counts (``Engine.tail_tokens``).
+        tail_tokens: tokens one image costs in the tail at given counts (``Engine.tail_tokens``).
         drain: shutting down: send whatever is queued without waiting.
         cost: the device's predicted seconds per batch; budget mode then merges buckets by it.
     """

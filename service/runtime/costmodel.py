@@ -15,10 +15,21 @@ machine's load. Pure arithmetic, no torch and no clock: tests feed it synthetic 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 Phase = Literal["head", "tail"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One measured batch, what the cost model learns from (the engine's warm-up makes the first ones)."""
+
+    phase: Phase
+    rows: int                 # as run, padding included
+    tokens_per_row: int       # tail tokens per image (0 for the head)
+    seconds: float
 
 
 @dataclass
@@ -80,6 +91,11 @@ class CostModel:
 
     def observe(self, phase: Phase, rows: int, tokens_per_row: int, seconds: float) -> None:
         self.fits[phase].observe(self.units(phase, rows, tokens_per_row), seconds)
+
+    def learn(self, timings: Sequence[Timing]) -> None:
+        """Observe each of ``timings`` (the engine's warm-up batches), in order."""
+        for t in timings:
+            self.observe(t.phase, t.rows, t.tokens_per_row, t.seconds)
 
     @property
     def ready(self) -> bool:

@@ -1,18 +1,19 @@
-"""The engine owns the model: the only module of ``service/`` that imports ``model/``.
+"""The engine owns the model: the only module of ``service/`` that runs ``model/`` (the settings read
+only the grid's torch-free defaults, ``model/defaults.py``).
 
 It exposes the two halves the batching worker schedules separately (types in :mod:`service.runtime.handoff`):
 
-    hb = engine.head(pixels, keep_rates)             # phase A: every image costs the same
-    copy = engine.tail([Rows(hb, idx)], counts)       # phase B: one static shape per budget bucket
-    copy = engine.tail_by_bucket(hb)                 # phase B for a whole head batch, one call per bucket
+    hb = engine.head(pixels, keep_rates)             # the head: every image costs the same
+    copy = engine.tail([Rows(hb, idx)], counts)       # the tail: one static shape per budget bucket
+    copy = engine.tail_by_bucket(hb)                 # the tail for a whole head batch, one call per bucket
 
 Pixels arrive as ``uint8`` (resized and cropped on the CPU, normalised on the device, so a GPU gets
-a quarter of the bytes, from pinned memory). Phase A is one replay on a GPU: blocks ``0..K-1``, the
+a quarter of the bytes, from pinned memory). The head is one replay on a GPU: blocks ``0..K-1``, the
 life scores, and for the default keep rate the lives, budgets and buckets (``BucketGrid.round_up_rows``),
 packed into one tensor whose copy to the host is queued, not waited for; its answer is a
 :class:`HeadBatch` of arrays, never an object per image (with per-image normalisation every image
 keeps its rate's counts, so budgets and buckets are known on the host at once, and the tail can be
-launched before the head has run). Phase B gathers each bucket's rows with one
+launched before the head has run). The tail gathers each bucket's rows with one
 ``index_select`` straight into the captured graph's input buffer and queues the probabilities' copy
 to the host. So a batch costs the host a fixed number of ops whatever its size (a CI test counts
 them), and nothing here waits for the GPU: the caller does, when it reads a copy. Budgets run at the
@@ -24,48 +25,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from timm.data import create_transform
-from torchvision.transforms import Compose, Normalize, PILToTensor
 
 from model import LifeViT, load_checkpoint, slimmed_gflops
 from model.checkpoint import DEFAULT_CHECKPOINT, LifeViTConfig
 from model.device import resolve_device, resolve_dtype
 from model.flops import dense_gflops, tokens_per_block
+from model.lifevit import by_bucket
 from model.schedule import KeepSchedule, host_to_device
 
-from .graphs import GraphMode, ShapeRunner
+from ..protocol import ModelCard
+from ..transforms import uint8_transform
+from .costmodel import Timing
+from .graphs import GraphMode, ShapeRunner, batch_classes
 from .handoff import HeadBatch, HostCopy, Rows
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
 
-@dataclass(frozen=True)
-class Timing:
-    """One measured batch: what the cost model learns from (see :mod:`service.runtime.costmodel`)."""
-
-    phase: Literal["head", "tail"]
-    rows: int                 # as run, padding included
-    tokens_per_row: int       # tail tokens per image (0 for phase A)
-    seconds: float
-
-
-def uint8_transform(preprocess: dict[str, Any]) -> tuple[Compose, torch.Tensor, torch.Tensor]:
-    """timm's eval transform split in two: resize/crop to ``uint8 [3, H, W]`` on the CPU, and the
-    (mean, std) the device applies after scaling to [0, 1] (what ToTensor + Normalize did)."""
-    keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    pre: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items() if k in keys}
-    full = create_transform(**pre)
-    geometric = [t for t in full.transforms if not isinstance(t, Normalize) and "ToTensor" not in type(t).__name__]
-    norm = next(t for t in full.transforms if isinstance(t, Normalize))
-    return Compose([*geometric, PILToTensor()]), torch.as_tensor(norm.mean), torch.as_tensor(norm.std)
 
 
 class Engine:
@@ -115,11 +98,12 @@ class Engine:
         self.dense_gflops = dense_gflops(self.model.backbone)
         grid = {k: v for k, v in (("size", buckets), ("keep_rates", bucket_keep_rates), ("step", bucket_step))
                 if v is not None}  # unset: LifeViT.bucket_grid's defaults (Settings gives all three)
-        self.buckets = self.model.bucket_grid(**grid, default=self.default_schedule)  # type: ignore[arg-type]
-        self._points = self.buckets.table(self.device)  # made once: a table per call would be a blocking copy
-        self._host_points = self.buckets.table()
+        self.bucket_grid = self.model.bucket_grid(**grid, default=self.default_schedule)  # type: ignore[arg-type]
+        self._points = self.bucket_grid.table(self.device)  # made once: a table per call would be a blocking copy
+        self._host_points = self.bucket_grid.table()
         mode: GraphMode = ("graphs" if self.device.type == "cuda" else "off") if cuda_graphs == "auto" else \
             "off" if cuda_graphs == "off" else "emulate"
+        self.max_batch_size = max_batch_size
         self.runner = ShapeRunner(self.device, max_batch_size, mode)
         # uploads of pixels run on a stream of their own, so they overlap the batch computing before them
         self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -161,8 +145,16 @@ class Engine:
                 "schedule": {"keep_rate": s.keep_rate, "stage_starts": list(s.stage_starts),
                              "patch_counts": list(s.patch_counts), "depth": s.depth},
                 "dense_gflops": self.dense_gflops, "crop_pct": self.config.preprocess.get("crop_pct"),
-                "buckets": [list(p) for p in self.buckets.points] or {"step": self.buckets.step},
+                "buckets": [list(p) for p in self.bucket_grid.points] or {"step": self.bucket_grid.step},
                 "graphs": self.runner.describe()}
+
+    def card(self) -> ModelCard:
+        """The plain description the front end reads (it crosses to the API processes)."""
+        info = {k: v for k, v in self.info().items() if k != "graphs"}  # graphs change at warm-up: ModelStatus
+        return ModelCard(name=self.name, info=info, class_names=tuple(self.class_names),
+                         preprocess=dict(self.config.preprocess), grid=self.grid, dense_gflops=float(self.dense_gflops),
+                         first_block=self.default_schedule.first_block, depth=self.default_schedule.depth,
+                         checkpoint=str(self.checkpoint), batch_classes=tuple(batch_classes(self.max_batch_size)))
 
     # -- preprocessing -----------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -173,25 +165,25 @@ class Engine:
         return self.default_schedule if keep_rate is None else self.model.schedule_for(keep_rate)
 
     def schedule_counts(self, keep_rate: float | None) -> tuple[int, ...]:
-        """Patches per stage at ``keep_rate`` (None: the default): an image's budget before phase A."""
+        """Patches per stage at ``keep_rate`` (None: the default): an image's budget before the head."""
         return self.schedule(keep_rate).patch_counts
 
     @property
     def head_tokens(self) -> int:
-        """Tokens one image costs in phase A: (prefix + patches) x the first K blocks."""
+        """Tokens one image costs in the head: (prefix + patches) x the first K blocks."""
         m = self.model
         return int(m.schedule.first_block * (m.num_prefix_tokens + m.num_patches))
 
     # -- the two phases ----------------------------------------------------------------------
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """``uint8 [B, 3, H, W]`` on the device -> the model's input (mean/std-normalised, its dtype)."""
-        return (pixels.float() * self._scale + self._shift).to(self.dtype)
+        return pixels.float().mul_(self._scale).add_(self._shift).to(self.dtype)  # in place: half the passes
 
     def _plan(self, scores: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:
         """``scores [B, P]`` -> float32 ``[B, P + 2S]``: lives, budgets, buckets (see ``HeadBatch.plan``)."""
         lives = self.model.lives(scores, schedule)
         budgets = self.model.budgets(scores, schedule, lives)
-        buckets = self.buckets.round_up_rows(budgets, self._points)
+        buckets = self.bucket_grid.round_up_rows(budgets, self._points)
         return torch.cat([lives, budgets.float(), buckets.float()], dim=1)
 
     def _head_fn(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,9 +201,14 @@ class Engine:
     def _upload(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Pixels (a batch, or one ``[3, H, W]`` tensor per image) on the device. On a GPU they are
         stacked straight into pinned memory and copied on the upload stream, which the compute stream
-        then waits for (an event, not the host)."""
+        then waits for (an event, not the host); pixels already on the device stay there."""
         if isinstance(pixels, torch.Tensor) and pixels.device == self.device:
             return pixels
+        if not isinstance(pixels, torch.Tensor) and self.device.type != "cpu" and \
+                any(p.device == self.device for p in pixels):
+            # decoded on the device (service/runtime/gpu_decode.py): stacked there; slot pixels of the
+            # same batch, if any, are copied up one by one
+            return torch.stack([p if p.device == self.device else p.to(self.device) for p in pixels])
         if self._upload_stream is None:
             batch = pixels if isinstance(pixels, torch.Tensor) else torch.stack(list(pixels))
             return host_to_device(batch, self.device)
@@ -232,7 +229,7 @@ class Engine:
 
     @torch.inference_mode()
     def head(self, pixels: torch.Tensor | Sequence[torch.Tensor], keep_rates: Sequence[float | None]) -> HeadBatch:
-        """Phase A for ``uint8`` pixels (``[B, 3, H, W]``, or B tensors ``[3, H, W]``) at each image's
+        """The head for ``uint8`` pixels (``[B, 3, H, W]``, or B tensors ``[3, H, W]``) at each image's
         keep rate. Returns at once on a GPU: the plan's copy to the host is queued, not waited for."""
         n = len(pixels)
         if len(keep_rates) != n:
@@ -257,7 +254,7 @@ class Engine:
                 plan[index] = self._plan(scores[index], schedule)
                 if budgets is not None:
                     budgets[rows] = torch.tensor(schedule.patch_counts)
-        known = None if budgets is None else (budgets, self.buckets.round_up_rows(budgets, self._host_points))
+        known = None if budgets is None else (budgets, self.bucket_grid.round_up_rows(budgets, self._host_points))
         return HeadBatch(tokens, HostCopy.start(plan), rates, self.grid, known)
 
     def _tail_probs(self, parts: Sequence[Rows], counts: tuple[int, ...]) -> torch.Tensor:
@@ -284,7 +281,7 @@ class Engine:
 
     @torch.inference_mode()
     def tail(self, parts: Sequence[Rows], counts: Sequence[int]) -> HostCopy:
-        """Phase B at one static ``counts`` for the rows of ``parts`` (possibly of several head batches):
+        """The tail at one static ``counts`` for the rows of ``parts`` (possibly of several head batches):
         the probabilities ``[n, K]`` on their way to the host, rows in part order."""
         if not parts:
             raise ValueError("a tail call needs at least one row")
@@ -292,24 +289,18 @@ class Engine:
 
     @torch.inference_mode()
     def tail_by_bucket(self, hb: HeadBatch) -> HostCopy:
-        """Phase B for every image of ``hb`` at its bucket: one tail call per bucket, the answers of all
+        """The tail for every image of ``hb`` at its bucket: one tail call per bucket, the answers of all
         of them in one tensor ``[B, K]`` (input order) and one copy to the host. Reads ``hb.buckets``."""
-        buckets = hb.buckets
-        keys, inverse = torch.unique(buckets, dim=0, return_inverse=True)
-        order = torch.argsort(inverse, stable=True)
-        sizes = torch.bincount(inverse, minlength=keys.shape[0]).tolist()
-        order_dev = host_to_device(order, self.device)
-        out: torch.Tensor | None = None
-        offset = 0
-        for counts, size in zip(keys.tolist(), sizes, strict=True):
-            index = order_dev[offset:offset + size]
-            probs = self._tail_probs([Rows(hb, index)], tuple(counts))
-            if out is None:
-                out = probs.new_empty(len(hb), probs.shape[-1])
-            out.index_copy_(0, index, probs)
-            offset += size
-        assert out is not None
-        return HostCopy.start(out)
+        return HostCopy.start(by_bucket(hb.buckets, lambda index, counts: self._tail_probs([Rows(hb, index)], counts),
+                                        self.device))
+
+    def run_batch(self, pixels: torch.Tensor | Sequence[torch.Tensor],
+                  keep_rates: Sequence[float | None] | None = None) -> tuple[HeadBatch, torch.Tensor]:
+        """One batch as the worker runs it, without its queues: the head, one tail call per bucket,
+        the probabilities ``[B, K]`` read on the host (waits for them). The offline runner that the
+        benches, the load test's reference and the warm-up share; ``keep_rates`` None: the default."""
+        hb = self.head(pixels, [None] * len(pixels) if keep_rates is None else keep_rates)
+        return hb, self.tail_by_bucket(hb).get()
 
     def padded_rows(self, n: int) -> int:
         """Rows a batch of ``n`` images runs as (its captured batch-size class, or ``n``)."""
@@ -318,7 +309,7 @@ class Engine:
     # -- budgets -----------------------------------------------------------------------------
     def bucket(self, budget: Sequence[int]) -> tuple[int, ...]:
         """The budget rounded up to the bucket grid (never down)."""
-        return self.buckets.round_up(budget)
+        return self.bucket_grid.round_up(budget)
 
     @lru_cache(maxsize=4096)  # noqa: B019 - one engine per process; budgets repeat
     def tail_tokens(self, counts: tuple[int, ...]) -> int:
@@ -339,7 +330,7 @@ class Engine:
     def tail_shapes(self) -> tuple[tuple[int, ...], ...]:
         """The counts the tail is captured (and timed) at: the grid's points, or with a stepped grid
         the default schedule's bucket."""
-        return self.buckets.points or (self.bucket(self.default_schedule.patch_counts),)
+        return self.bucket_grid.points or (self.bucket(self.default_schedule.patch_counts),)
 
     def capture(self) -> dict[str, Any]:
         """Capture the head for every batch-size class and the tail for every (grid point, class)."""
@@ -359,7 +350,7 @@ class Engine:
         then time batches at two sizes per phase for the cost model's first estimate."""
         self.capture()
         for _ in range(batches):
-            self.tail_by_bucket(self.head(self._example_pixels(2), [None, None])).get()
+            self.run_batch(self._example_pixels(2))
         timings: list[Timing] = []
         points = self.tail_shapes
         sizes = sorted({1, min(8, self.runner.classes[-1] if self.runner.classes else 8)})

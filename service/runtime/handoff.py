@@ -5,7 +5,7 @@
     copy = engine.tail([Rows(hb, idx)], counts)   # HostCopy of the probabilities, rows in part order
     probs = copy.get()                         # waits for that copy only
 
-No object per image: phase A's answer is one token tensor ``[B, N, D]`` and one packed host tensor
+No object per image: the head's answer is one token tensor ``[B, N, D]`` and one packed host tensor
 (lives, budgets, buckets), so a batch of 64 costs the host what a batch of 8 does. On a GPU each
 host copy is queued from pinned memory and marked with an event, so the worker can launch the next
 batch before it waits for this one (:mod:`service.runtime.worker`); on the CPU the copy is done at once.
@@ -55,7 +55,7 @@ class HostCopy:
 
 @dataclass
 class HeadBatch:
-    """Phase A's answer for ``B`` images, as arrays.
+    """The head's answer for ``B`` images, as arrays.
 
     tokens: ``[B, T+P, C]`` on the model's device, prefix first, patches by descending life.
     plan: float32 ``[B, P + 2S]`` on its way to the host: lives (patch-grid order, layer units),

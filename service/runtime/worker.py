@@ -2,10 +2,11 @@
 
     results = await worker.submit(pixels, keep_rate, deadline)   # list[ImageResult], input order
 
-Each image goes through two queues. Phase A (``Engine.head``) yields its lives and budget; phase B
-(``Engine.tail``) runs it with others of the same budget bucket (see :mod:`service.runtime.batching`, which
-decides what runs next). The thread wakes on every enqueue and at the policy's next due time. It
-sizes torch's CPU thread team (``Settings.torch_threads``) before its first batch.
+Each image goes through two queues (:mod:`service.runtime.admission`). The head (``Engine.head``)
+yields its lives and budget; the tail (``Engine.tail``) runs it with others of the same budget
+bucket (:mod:`service.runtime.batching` decides what runs next). The thread wakes on every enqueue
+and at the policy's next due time. It sizes torch's CPU thread team (``Settings.torch_threads``)
+before its first batch.
 
 A batch is launched, then finished: the engine queues the device work and the copy of its answer
 to the host (:mod:`service.runtime.handoff`), and reading that copy is what waits. On an asynchronous engine
@@ -13,14 +14,13 @@ to the host (:mod:`service.runtime.handoff`), and reading that copy is what wait
 device is fed while the host reads answers; at most two batches are in flight. On the CPU each batch
 is finished before the next is planned, exactly as if launching and finishing were one call.
 
-Admission: a request is refused at once with :class:`QueueFull` when the queued images or queued
-tail tokens would pass their capacity (an image not yet through phase A is counted at its keep
-rate's schedule counts). A request whose deadline passes before one of its images starts a phase is
-failed with :class:`DeadlinePassed` and its other queued images are dropped; cancelling the task
-that awaits ``submit`` (the client went away) drops its queued images too. ``stop()`` refuses new
-work with :class:`WorkerStopping`, runs what is queued (without waiting for batches to fill) for up to
-``shutdown_grace_s``, fails the rest and joins the thread; ``begin_drain()`` (at SIGTERM) stops waiting
-for batches to fill while still accepting the requests already on their way.
+Admission (:class:`QueueFull` when the queues would pass their capacity), deadlines
+(:class:`DeadlinePassed` before an image starts a phase; its request's other images are dropped)
+and delivery live with the queues; cancelling the task that awaits ``submit`` (the client went
+away) drops its queued images too. ``stop()`` refuses new work with :class:`WorkerStopping`, runs
+what is queued (without waiting for batches to fill) for up to ``shutdown_grace_s``, fails the rest
+and joins the thread; ``begin_drain()`` (at SIGTERM) stops waiting for batches to fill while still
+accepting the requests already on their way.
 
 Failures: a batch whose model call raises (at launch or when its copy is read) fails its requests
 with :class:`ModelFailed` (503 + Retry-After); a device out-of-memory error at launch first splits
@@ -29,28 +29,31 @@ while it can): the model thread ended on an unexpected error (its queued request
 once), ``unhealthy_after_failures`` consecutive failed batches, or a batch running past
 ``watchdog_batch_s``; ``/readyz`` reports it.
 
-Metrics go through :class:`WorkerHooks`; its methods may be called from the worker thread.
+Metrics go through :class:`WorkerHooks` (:mod:`service.runtime.seams`, with the :class:`ModelEngine`
+seam; both re-exported here); its methods may be called from the worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from service.protocol import DeadlinePassed, ImageResult, ModelFailed, QueueFull, WorkerStopping
-from service.runtime.batching import Batch, BatchLimits, Counts, Phase, Waiting, plan
-from service.runtime.costmodel import CostModel
-from service.runtime.engine import Timing
+from service.protocol import DeadlinePassed, ImageResult, Lifecycle, ModelFailed, WorkerStopping
+from service.runtime.admission import QueuedImage, Queues, Request
+from service.runtime.batching import Batch, BatchLimits, Counts, Phase, plan
+from service.runtime.costmodel import CostModel, Timing
 from service.runtime.handoff import HeadBatch, HostCopy, Rows
+from service.runtime.seams import ModelEngine, WorkerHooks
 from service.settings import Settings
+
+__all__ = ["DEVICE_OOM", "ModelEngine", "Worker", "WorkerHooks", "set_torch_threads"]
 
 log = logging.getLogger("patchlife.worker")
 
@@ -59,58 +62,6 @@ log = logging.getLogger("patchlife.worker")
 DEVICE_OOM: tuple[type[BaseException], ...] = tuple(
     {c for c in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
      if isinstance(c, type)})
-KEEP_RATE_GRID = 0.01  # per-rate state (admission estimates) is keyed by the rate rounded to this
-
-
-class WorkerHooks:
-    """No-op observer of the worker; ``service/metrics.py`` subclasses it. Keep overrides cheap."""
-
-    def on_queue_depth(self, images: int, tokens: int) -> None: ...
-
-    def on_batch(self, phase: str, size: int, tokens: int, bucket: str | None,
-                 queue_waits_s: list[float], compute_s: float) -> None: ...
-
-    def on_waste(self, needed_tokens: int, computed_tokens: int) -> None: ...
-
-    def on_shape(self, phase: str, merged_images: int, padded_rows: int) -> None:
-        """A batch ran ``merged_images`` images above their own bucket and ``padded_rows`` padding rows."""
-
-    def on_cost_model(self, model: CostModel) -> None:
-        """The cost model was refitted (after warm-up timings, then every batch)."""
-
-    def on_reject(self, reason: str) -> None: ...
-
-    def on_image_done(self, result: ImageResult) -> None: ...
-
-    def on_model_failure(self, reason: str) -> None:
-        """``out_of_memory`` (a batch hit it; it is split and retried), ``batch_error`` (a batch failed
-        and its requests were answered 503), ``worker_died`` (the model thread ended on an error)."""
-
-
-@dataclass(eq=False)
-class _Request:
-    future: asyncio.Future[list[ImageResult]]
-    loop: asyncio.AbstractEventLoop
-    deadline: float
-    results: list[ImageResult | None]
-    keys: list[int] = field(default_factory=list)
-    finished: bool = False       # answered, failed or abandoned: nothing more to do for it
-
-
-@dataclass(eq=False)
-class _Image:
-    request: _Request
-    index: int                   # position in the request
-    keep_rate: float | None
-    pixels: torch.Tensor | None  # [3, H, W] until phase A
-    tokens: int                  # tail tokens it holds in the queue (estimate before phase A)
-    wait: Waiting
-    head: HeadBatch | None = None  # after phase A: its batch's arrays, and its row there
-    row: int = -1
-    budget: Counts = ()
-    queue_s: float = 0.0         # both phases so far
-    phase_wait_s: float = 0.0    # the last phase only (for the per-phase histogram)
-    compute_s: float = 0.0
 
 
 @dataclass(eq=False)
@@ -119,10 +70,10 @@ class _Flight:
     (its images in answer order, the engine's handle, host seconds its launch took)."""
 
     batch: Batch
-    parts: list[tuple[list[_Image], Any, float]]
+    parts: list[tuple[list[QueuedImage], Any, float]]
     started: float               # worker clock, for the watchdog
 
-    def add(self, images: list[_Image], handle: Any, launch_s: float) -> None:
+    def add(self, images: list[QueuedImage], handle: Any, launch_s: float) -> None:
         self.parts.append((images, handle, launch_s))
 
 
@@ -140,33 +91,6 @@ def set_torch_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-class ModelEngine(Protocol):
-    """What the worker needs from the model: the seam :class:`service.runtime.engine.Engine` fills and the
-    tests' stub engines implement. Counts are patches kept per pruning stage."""
-
-    @property
-    def head_tokens(self) -> int:
-        """Tokens one image costs in phase A (prefix + patches, times the first K blocks)."""
-
-    @property
-    def asynchronous(self) -> bool:
-        """True when ``head``/``tail`` only queue work and their copies are waited for when read."""
-
-    def head(self, pixels: Sequence[torch.Tensor], keep_rates: Sequence[float | None]) -> HeadBatch:
-        """Phase A for one ``uint8 [3, H, W]`` tensor per image; buckets assigned with the budgets."""
-
-    def tail(self, parts: Sequence[Rows], counts: Sequence[int]) -> HostCopy:
-        """Phase B at ``counts``: probabilities ``[n, K]``, rows in part order."""
-
-    def schedule_counts(self, keep_rate: float | None) -> Counts: ...
-
-    def tail_tokens(self, counts: Counts) -> int: ...
-
-    def gflops(self, counts: Counts) -> float: ...
-
-    def padded_rows(self, n: int) -> int: ...
-
-
 class Worker:
     """Runs :class:`ModelEngine` head/tail batches in one thread, fed by ``submit`` from the event loop."""
 
@@ -177,26 +101,18 @@ class Worker:
         self.hooks = hooks or WorkerHooks()
         self.clock = clock
         self.limits = BatchLimits.from_settings(settings)
-        self._cond = threading.Condition()
-        self._head: dict[int, _Image] = {}   # insertion order = arrival order
-        self._tail: dict[int, _Image] = {}
-        self._queued_tokens = 0
+        self.queues = Queues(engine, settings, self.hooks)
+        self._cond = self.queues.cond        # one lock: the queues and the thread's state below
         self._busy = False                   # a batch is in flight
-        self._accepting = False
-        self._draining = False
-        self._exit = False
+        self.state = Lifecycle.LOADING       # READY (accepting) -> STOPPING (drain) -> DRAINING (refusing) -> STOPPED
         self._thread: threading.Thread | None = None
-        self._ids = itertools.count()
-        self._estimates: dict[float | None, int] = {}  # keep rate (on KEEP_RATE_GRID) -> tail tokens
         self._failures = 0                   # consecutive failed batches
         self._last_error = ""
-        self._fatal: str | None = None       # why the model thread ended, if it did on an error
+        self._fatal: str | None = None       # FAILED: why the model thread ended on an error
         self._busy_since: float | None = None
-        self._rate_tokens_per_s = 0.0        # smoothed tail throughput, for Retry-After
         self._head_tokens = engine.head_tokens
         self.cost = CostModel()  # what a batch costs on this device, learnt from the batches run
-        for t in timings:
-            self.cost.observe(t.phase, t.rows, t.tokens_per_row, t.seconds)
+        self.cost.learn(timings)
         self.hooks.on_cost_model(self.cost)
 
     def batch_seconds(self, phase: Phase, images: int, counts: Counts | None) -> float:
@@ -208,7 +124,7 @@ class Worker:
     async def start(self) -> None:
         if self._thread is not None:
             return
-        self._accepting = True
+        self.state = Lifecycle.READY
         self._thread = threading.Thread(target=self._loop, name="patchlife-worker", daemon=True)
         self._thread.start()
 
@@ -216,25 +132,31 @@ class Worker:
         """Shutdown has begun: run queued batches without waiting for them to fill. Work is still
         accepted (requests already reading their body or decoding finish normally). Thread-safe."""
         with self._cond:
-            self._draining = True
+            self._advance(Lifecycle.STOPPING)
             self._cond.notify_all()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new work, finish what is queued within ``grace_s`` (default ``shutdown_grace_s``),
         then join the thread; what is still queued then is answered WorkerStopping."""
-        self._accepting = False
+        with self._cond:
+            self._advance(Lifecycle.DRAINING)
+            self._cond.notify_all()
         thread = self._thread
         if thread is None:
             return
-        self.begin_drain()
         end = time.monotonic() + (self.settings.shutdown_grace_s if grace_s is None else grace_s)
         while time.monotonic() < end and self._pending():
             await asyncio.sleep(0.005)
         with self._cond:
-            self._exit = True
+            self._advance(Lifecycle.STOPPED)
             self._cond.notify_all()
         await asyncio.to_thread(thread.join)  # a running batch cannot be interrupted
         self._thread = None
+
+    def _advance(self, state: Lifecycle) -> None:
+        """Forward only (a stop after a failure keeps FAILED)."""
+        if self.state != Lifecycle.FAILED and state > self.state:
+            self.state = state
 
     def health(self) -> str | None:
         """None while the worker can serve; otherwise why not (``/readyz`` answers 503 with it)."""
@@ -252,7 +174,7 @@ class Worker:
 
     def _pending(self) -> bool:
         with self._cond:
-            return bool(self._head or self._tail or self._busy)
+            return bool(self.queues.head or self.queues.tail or self._busy)
 
     # -- the event-loop side -----------------------------------------------------------------
     async def submit(self, pixels: Sequence[torch.Tensor], keep_rate: float | None,
@@ -264,14 +186,14 @@ class Worker:
         if self._fatal is not None:
             self.hooks.on_reject("model_error")
             raise ModelFailed(f"model unavailable: {self._fatal}", 5.0)
-        if not self._accepting:
+        if self.state not in (Lifecycle.READY, Lifecycle.STOPPING):
             self.hooks.on_reject("shutdown")
             raise WorkerStopping("server is shutting down")
         if not pixels:
             return []
-        estimate = self._estimate(keep_rate)
+        estimate = self.queues.estimate(keep_rate)
         loop = asyncio.get_running_loop()
-        request = _Request(loop.create_future(), loop, deadline, [None] * len(pixels))
+        request = Request(loop.create_future(), loop, deadline, [None] * len(pixels))
         with self._cond:
             if self._fatal is not None:  # the thread died after the check above: nothing would run this
                 self.hooks.on_reject("model_error")
@@ -280,80 +202,15 @@ class Worker:
             if deadline <= now:
                 self.hooks.on_reject("deadline")
                 raise DeadlinePassed("the request's deadline passed before it was queued")
-            self._admit(len(pixels), estimate * len(pixels))
-            for i, px in enumerate(pixels):
-                key = next(self._ids)
-                request.keys.append(key)
-                self._head[key] = _Image(request, i, keep_rate, px, estimate, Waiting(key, now, now))
-            self._queued_tokens += estimate * len(pixels)
-            self._depth_changed()
+            self.queues.add_locked(request, pixels, keep_rate, estimate, now)
             self._cond.notify_all()
         try:
             return await request.future
         except asyncio.CancelledError:
             with self._cond:
                 if not request.finished:
-                    self._fail_locked(request, None, "disconnected")
+                    self.queues.fail_locked(request, None, "disconnected")
             raise
-
-    def _estimate(self, keep_rate: float | None) -> int:
-        """Tail tokens of an image not yet through phase A: its keep rate's schedule counts.
-
-        Keyed by the rate rounded to ``KEEP_RATE_GRID``, so the cache stays small whatever rates
-        clients send (an estimate only sizes admission)."""
-        key = None if keep_rate is None else round(max(1, round(keep_rate / KEEP_RATE_GRID)) * KEEP_RATE_GRID, 6)
-        if key not in self._estimates:
-            self._estimates[key] = self.engine.tail_tokens(self.engine.schedule_counts(key))
-        return self._estimates[key]
-
-    def _admit(self, images: int, tokens: int) -> None:
-        """Raise QueueFull (under the lock) if ``images``/``tokens`` more would pass capacity."""
-        s = self.settings
-        queued = len(self._head) + len(self._tail)
-        if queued + images <= s.queue_capacity_images and self._queued_tokens + tokens <= s.queue_capacity_tokens:
-            return
-        self.hooks.on_reject("overloaded")
-        rate = self._rate_tokens_per_s
-        retry = self._queued_tokens / rate if rate > 0 else 1.0
-        raise QueueFull(min(max(retry, 0.1), 60.0),
-                         f"queue full ({queued} images, {self._queued_tokens} tokens queued); retry later")
-
-    # -- bookkeeping (all *_locked methods run under self._cond) --------------------------------
-    def _depth_changed(self) -> None:
-        self.hooks.on_queue_depth(len(self._head) + len(self._tail), self._queued_tokens)
-
-    def _remove_locked(self, key: int) -> _Image | None:
-        image = self._head.pop(key, None) or self._tail.pop(key, None)
-        if image is not None:
-            self._queued_tokens -= image.tokens
-        return image
-
-    def _fail_locked(self, request: _Request, error: Exception | None, reason: str | None) -> None:
-        """Drop the request's queued images and answer it with ``error`` (None: nobody listens)."""
-        if request.finished:
-            return
-        request.finished = True
-        for key in request.keys:
-            self._remove_locked(key)
-        self._depth_changed()
-        if reason:
-            self.hooks.on_reject(reason)
-        if error is not None:
-            _resolve(request, error)
-
-    def _expire_locked(self, now: float) -> float | None:
-        """Fail queued requests past their deadline; returns the next queued deadline."""
-        soonest: float | None = None
-        for image in [*self._head.values(), *self._tail.values()]:
-            req = image.request
-            if req.finished:
-                continue
-            if req.deadline <= now:
-                self._fail_locked(req, DeadlinePassed("the deadline passed while the request was queued"),
-                                  "deadline")
-            else:
-                soonest = req.deadline if soonest is None else min(soonest, req.deadline)
-        return soonest
 
     # -- the worker thread -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -383,38 +240,38 @@ class Worker:
             log.critical("the model thread stopped on an unexpected error", exc_info=exc)
             with self._cond:  # under the lock: a submit either sees it or is answered by _fail_queued
                 self._fatal = f"the model thread stopped: {type(exc).__name__}: {exc}"
-                self._accepting = False
+                self.state = Lifecycle.FAILED
             self.hooks.on_model_failure("worker_died")
         finally:
             self._fail_queued([im for f in flight for images, _, _ in f.parts for im in images])
 
-    def _fail_queued(self, in_flight: Sequence[_Image] = ()) -> None:
+    def _fail_queued(self, in_flight: Sequence[QueuedImage] = ()) -> None:
         """The thread is ending: answer whatever is still queued or launched (it will not run or be read)."""
         with self._cond:
-            for image in [*self._head.values(), *self._tail.values(), *in_flight]:
+            for image in [*self.queues.images(), *in_flight]:
                 if self._fatal is not None:
-                    self._fail_locked(image.request, ModelFailed(f"model unavailable: {self._fatal}", 5.0),
-                                      "model_error")
+                    self.queues.fail_locked(image.request, ModelFailed(f"model unavailable: {self._fatal}", 5.0),
+                                            "model_error")
                 else:
-                    self._fail_locked(image.request, WorkerStopping("server shut down before the request ran"),
-                                      "shutdown")
+                    self.queues.fail_locked(image.request, WorkerStopping("server shut down before the request ran"),
+                                            "shutdown")
 
-    def _launch_phase(self, batch: Batch, images: list[_Image]) -> tuple[list[_Image], Any]:
+    def _launch_phase(self, batch: Batch, images: list[QueuedImage]) -> tuple[list[QueuedImage], Any]:
         """Queue one batch on the engine: (its images in the order of the answer's rows, the handle)."""
         if batch.phase == "head":
             return images, self.engine.head([im.pixels for im in images],  # type: ignore[misc]
                                             [im.keep_rate for im in images])
         assert batch.counts is not None
-        parts: dict[int, tuple[HeadBatch, list[int], list[_Image]]] = {}
+        parts: dict[int, tuple[HeadBatch, list[int], list[QueuedImage]]] = {}
         for im in images:  # rows grouped by the head batch they came from: one gather each
-            assert im.head is not None, "every image in phase B went through phase A"
+            assert im.head is not None, "every image in the tail went through the head"
             parts.setdefault(id(im.head), (im.head, [], []))[1].append(im.row)
             parts[id(im.head)][2].append(im)
         ordered = [im for _, _, ims in parts.values() for im in ims]
         rows = [Rows(hb, torch.tensor(idx)) for hb, idx, _ in parts.values()]
         return ordered, self.engine.tail(rows, batch.counts)
 
-    def _launch(self, batch: Batch, images: list[_Image]) -> _Flight:
+    def _launch(self, batch: Batch, images: list[QueuedImage]) -> _Flight:
         """Launch one planned batch. A device out-of-memory error splits it in two halves, each tried
         once more; any other model error (or a second OOM) fails the requests of what failed."""
         flight = _Flight(batch, [], self.clock())
@@ -457,7 +314,7 @@ class Worker:
     def _batch_succeeded(self) -> None:
         self._failures = 0
 
-    def _batch_failed(self, batch: Batch, images: list[_Image], exc: BaseException) -> None:
+    def _batch_failed(self, batch: Batch, images: list[QueuedImage], exc: BaseException) -> None:
         log.error("%s batch of %d images failed", batch.phase, len(images), exc_info=exc)
         self.hooks.on_model_failure("batch_error")
         error = ModelFailed(f"the model failed on this request's batch ({type(exc).__name__}); retry", 1.0)
@@ -465,38 +322,32 @@ class Worker:
             self._failures += 1
             self._last_error = f"{type(exc).__name__}: {exc}"[:300]
             for image in images:
-                self._fail_locked(image.request, error, "model_error")
+                self.queues.fail_locked(image.request, error, "model_error")
 
-    def _next_locked(self, block: bool = True) -> tuple[Batch | None, list[_Image]]:
+    def _next_locked(self, block: bool = True) -> tuple[Batch | None, list[QueuedImage]]:
         """Wait (releasing the lock) until a batch is due; take its images out of the queues.
 
         With ``block`` False (a batch is in flight), return (None, []) at once when nothing is due,
         and leave batches that are due only because the device would idle (reason ``idle``): it is
         busy with the batch in flight, whose images the queues do not show yet."""
-        while not self._exit:
+        while self.state not in (Lifecycle.STOPPED, Lifecycle.FAILED):
             now = self.clock()
-            next_deadline = self._expire_locked(now)
-            decision = plan([i.wait for i in self._head.values()], [i.wait for i in self._tail.values()],
-                            now, self.limits, self.engine.tail_tokens, drain=self._draining,
+            next_deadline = self.queues.expire_locked(now)
+            queues = self.queues
+            decision = plan([i.wait for i in queues.head.values()], [i.wait for i in queues.tail.values()], now,
+                            self.limits, self.engine.tail_tokens, drain=self.state >= Lifecycle.STOPPING,
                             cost=self.batch_seconds if self.cost.ready else None)
             if isinstance(decision, Batch):
                 if not block and decision.reason == "idle":
                     break
-                queue = self._head if decision.phase == "head" else self._tail
-                images = [queue[k] for k in decision.keys]
-                for image in images:
-                    self._remove_locked(image.wait.key)
-                    image.phase_wait_s = now - image.wait.arrived
-                    image.queue_s += image.phase_wait_s
-                self._depth_changed()
-                return decision, images
+                return decision, self.queues.take_locked(decision, now)
             if not block:
                 break
             wake = [t for t in (decision, next_deadline) if t is not None]
             self._cond.wait(max(0.0, min(wake) - now) if wake else None)
         return None, []
 
-    def _finish_head(self, images: list[_Image], hb: HeadBatch, launch_s: float) -> None:
+    def _finish_head(self, images: list[QueuedImage], hb: HeadBatch, launch_s: float) -> None:
         t0 = self.clock()
         budgets, buckets = hb.budgets.tolist(), hb.buckets.tolist()  # waits for the plan's copy
         compute = launch_s + self.clock() - t0
@@ -504,21 +355,10 @@ class Worker:
         self.hooks.on_batch("head", len(images), len(images) * self._head_tokens, None,
                             [im.phase_wait_s for im in images], compute)
         now = self.clock()
-        tail_tokens = self.engine.tail_tokens
         with self._cond:
-            for row, (image, budget, bucket) in enumerate(zip(images, budgets, buckets, strict=True)):
-                if image.request.finished:
-                    continue
-                image.pixels, image.head, image.row, image.budget = None, hb, row, tuple(budget)
-                image.compute_s += compute
-                image.tokens = tail_tokens(tuple(bucket))
-                image.wait = Waiting(image.wait.key, image.wait.submitted, now, tuple(bucket),
-                                     tail_tokens(image.budget))
-                self._tail[image.wait.key] = image
-                self._queued_tokens += image.tokens
-            self._depth_changed()
+            self.queues.to_tail_locked(images, hb, budgets, buckets, compute, now)
 
-    def _finish_tail(self, images: list[_Image], copy: HostCopy, counts: Counts, launch_s: float) -> None:
+    def _finish_tail(self, images: list[QueuedImage], copy: HostCopy, counts: Counts, launch_s: float) -> None:
         t0 = self.clock()
         probs = copy.get()  # waits for the probabilities' copy
         compute = launch_s + self.clock() - t0
@@ -529,10 +369,7 @@ class Worker:
         self.hooks.on_batch("tail", len(images), per_image * len(images), "-".join(map(str, counts)),
                             [im.phase_wait_s for im in images], compute)
         self.hooks.on_waste(needed, per_image * rows)  # padding rows are computed tokens too
-        if compute > 0:
-            rate = per_image * len(images) / compute
-            self._rate_tokens_per_s = rate if self._rate_tokens_per_s == 0 else (
-                0.8 * self._rate_tokens_per_s + 0.2 * rate)
+        self.queues.observe_rate(per_image * len(images), compute)
         gflops = self.engine.gflops(tuple(counts))
         for image, p in zip(images, probs, strict=True):
             hb = image.head
@@ -540,7 +377,7 @@ class Worker:
             result = ImageResult(p, hb.lives[image.row], image.budget, tuple(counts), gflops,
                                  hb.keep_rates[image.row], image.queue_s * 1000.0,
                                  (image.compute_s + compute) * 1000.0)
-            self._deliver(image, result)
+            self.queues.deliver(image, result)
 
     def _learn(self, phase: Phase, images: int, tokens_per_row: int, seconds: float, merged: int = 0) -> int:
         """Feed the cost model one batch and report its shape; returns the rows it ran as (padding included)."""
@@ -550,37 +387,8 @@ class Worker:
         self.hooks.on_shape(phase, merged, rows - images)
         return rows
 
-    def _deliver(self, image: _Image, result: ImageResult) -> None:
-        request = image.request
-        with self._cond:
-            if request.finished:
-                return
-            request.results[image.index] = result
-            if any(r is None for r in request.results):
-                return
-            request.finished = True
-        for r in request.results:
-            self.hooks.on_image_done(r)  # type: ignore[arg-type]
-        _resolve(request, list(request.results))  # type: ignore[arg-type]
-
 
 def _free_device_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def _resolve(request: _Request, outcome: list[ImageResult] | Exception) -> None:
-    """Answer a request's future from any thread (the event loop may be gone at shutdown)."""
-
-    def settle() -> None:
-        if request.future.done():  # cancelled meanwhile
-            return
-        if isinstance(outcome, Exception):
-            request.future.set_exception(outcome)
-        else:
-            request.future.set_result(outcome)
-
-    try:
-        request.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # loop closed
-        pass

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from bench import gpu_check
-from bench.gpu_check import Output, junit_counts, run_checks, run_subprocess, table
+from bench.gpu_check import junit_counts, run_checks, table
+from bench.gpu_runner import Output, run_subprocess
 
 REPO = Path(__file__).resolve().parents[2]
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="1"
@@ -220,17 +221,58 @@ def test_decode_part_reads_bench_decode() -> None:
           "max_budget_diff": 4, "patches": 196}
     seen: list[list[str]] = []
 
+    served = {"rows": [{"decode": "gpu", "requests_per_s": 900.0, "server_cpu_ms_per_request": 0.8},
+                       {"decode": "cpu", "requests_per_s": 300.0, "server_cpu_ms_per_request": 4.1}],
+              "target_ms": 1.0, "target_met": True}
+
     def runner(argv: list[str], env: dict[str, str], timeout: float) -> Output:
         seen.append(argv)
-        return Output(0, "some log line\n" + json.dumps({"device": "cuda", "rows": rows, "equivalence": eq}), "", 30.0)
+        body = served if "bench.gpu_decode_check" in argv else {"device": "cuda", "rows": rows, "equivalence": eq}
+        return Output(0, "some log line\n" + json.dumps(body), "", 30.0)
 
-    speed, same = run_checks(["decode"], [64], 10.0, run=runner)
+    speed, same, wired = run_checks(["decode"], [64], 10.0, run=runner)
     assert seen[0][2:5] == ["cli", "bench-decode", "--device"] and "--equivalence" in seen[0]
+    assert seen[1][1:3] == ["-m", "bench.gpu_decode_check"]
     assert speed.ok and speed.result.startswith("12,500 img/s (target >= 10,000)")
     assert same.ok and same.result.startswith("top-1 agreement 93.8% on 16 photos, largest budget difference 4 of 196")
+    assert wired.ok and wired.result.startswith("server CPU per 224-px JPEG request: 0.8 ms with gpu decoding")
     rows[1]["cuda b64"] = 0.2  # 5,000/s
     eq["top1_agreement"] = 0.5
-    speed, same = run_checks(["decode"], [64], 10.0, run=runner)
-    assert not speed.ok and not same.ok
+    served.update(target_met=False)
+    speed, same, wired = run_checks(["decode"], [64], 10.0, run=runner)
+    assert not speed.ok and not same.ok and not wired.ok
     broken = run_checks(["decode"], [64], 10.0, run=lambda a, e, t: Output(1, "", "RuntimeError: nvjpeg", 2.0))
     assert [(c.name, c.ok, c.result) for c in broken] == [("decode", False, "exit 1: RuntimeError: nvjpeg")]
+
+
+FRONTEND_ROWS = [
+    {"photos": "224px", "images_per_request": 1, "images_per_s": 8400.0, "over_offline": 0.61, "p50_ms": 3.2,
+     "p99_ms": 9.5, "open_rate_per_s": 5880.0, "open_p99_ms": 40.1, "server_cpu_ms_per_image": 1.25, "errors": 0,
+     "target": {"images_per_s": 8000, "open_p99_ms": 100.0}, "target_misses": []},
+    {"photos": "224px", "images_per_request": 16, "images_per_s": 9100.0, "over_offline": 0.66, "p50_ms": 20.0,
+     "p99_ms": 60.0, "open_rate_per_s": 398.0, "open_p99_ms": 80.0, "server_cpu_ms_per_image": 0.9, "errors": 0,
+     "target": {"images_per_s": 12000}, "target_misses": ["images/s 9100.0 vs >= 12000"]},
+    {"photos": "1000px", "images_per_request": 1, "images_per_s": 2100.0, "over_offline": 0.15, "p50_ms": 15.0,
+     "p99_ms": 41.0, "open_rate_per_s": 1470.0, "open_p99_ms": 30.0, "server_cpu_ms_per_image": 6.0, "errors": 3}]
+
+
+def test_the_frontend_part_reads_bench_frontend_rows_and_their_targets() -> None:
+    calls: list[list[str]] = []
+
+    def fake(argv: list[str], env: dict[str, str], timeout: float) -> Output:
+        calls.append(argv)
+        return Output(1, json.dumps({"rows": FRONTEND_ROWS}) + "\n", "", 200.0)  # 1: some row had errors
+
+    checks = run_checks(["frontend"], [1], 10.0, run=fake)
+    assert calls[0][2:] == ["cli", "bench-frontend", "--device", "cuda", "--duration", "10", "--json"]
+    assert [(c.name, c.ok, c.seconds) for c in checks] == [("frontend 224px x1", True, 200.0),
+                                                           ("frontend 224px x16", False, None),
+                                                           ("frontend 1000px x1", False, None)]
+    assert checks[0].result == ("8,400 img/s (0.610x offline), p50 3.2 ms, p99 9.5 ms, p99 at 5,880 req/s 40.1 ms, "
+                                "server CPU 1.250 ms/img, 0 errors")
+    assert checks[1].result.endswith("; missed images/s 9100.0 vs >= 12000") and "3 errors" in checks[2].result
+
+
+def test_a_frontend_run_that_printed_nothing_is_one_failed_row() -> None:
+    checks = run_checks(["frontend"], [1], 10.0, run=lambda a, e, t: Output(None, "", "", 420.0))
+    assert [(c.name, c.ok, c.result) for c in checks] == [("frontend", False, "timed out after 420 s")]

@@ -116,3 +116,14 @@ def test_wrk_drives_the_server_with_the_prebuilt_body(url: str) -> None:
     assert result["errors"] == 0 and result["requests"] > 0 and result["images"] == 3 * result["requests"]
     assert Handler.classified - before >= result["requests"] + 2
     assert result["p50_ms"] is not None and result["client_processes"] == 1
+
+
+def test_the_open_loop_is_sent_from_the_client_processes(url: str) -> None:
+    payloads = loadmix.make_requests(loadmix.make_mix(8, [None]), 1)
+    with loaddrive.ProcessDriver(2) as driver:
+        result = asyncio.run(loadtest.measure(url, payloads, args(clients=4, requests=40, warmup=4, processes=2,
+                                                                  rate_fraction=0.5, duration=2.0), driver=driver))
+    opened = result["open_loop"]
+    assert opened["errors"] == 0 and opened["client_processes"] == 2 and opened["client_busy_max"] is not None
+    assert opened["rate_per_s"] == pytest.approx(0.5 * result["requests_per_s"], rel=0.01)
+    assert 0 < opened["images_per_s"] <= 1.5 * opened["rate_per_s"]  # arrivals at about the rate asked, not flat out

@@ -7,13 +7,13 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from bench_support import parsed
 from PIL import Image
 
 from bench import loadmix, loadreport, loadtest
@@ -73,12 +73,7 @@ class FakeServer:
 
 
 def args(**kw: object) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    loadtest.add_arguments(parser)
-    ns = parser.parse_args([])
-    for k, v in kw.items():
-        setattr(ns, k, v)
-    return ns
+    return parsed(loadtest.add_arguments, **kw)
 
 
 def test_mix_is_fixed_png_images_cycling_keep_rates() -> None:
@@ -165,14 +160,15 @@ def test_new_metrics_and_batching_info_explain_the_pass() -> None:
     fake = FakeServer(batching={"bucket_grid": [[8, 4], [12, 8], [16, 12]], "cost_model": COST})
     payloads = loadmix.make_requests(loadmix.make_mix(4, [None]), 1)
     a = args(clients=2, requests=40, warmup=0, idle_requests=6)
+    readings = iter([10.0, 10.5])  # the server's CPU seconds (all its processes) before and after the window
     result = asyncio.run(loadtest.measure("http://fake", payloads, a, httpx.MockTransport(fake.handler),
-                                          pid=os.getpid()))
+                                          server_cpu=lambda: next(readings)))
     assert result["merged_images"] == pytest.approx(10.0) and result["merged_share"] == pytest.approx(0.25)
     assert result["padded_rows_head"] == 0.0 and result["head_padding_per_image"] == 0.0  # declared, no series
     assert result["tail_padding_per_image"] == pytest.approx(0.5)  # two series of the tail summed
     assert result["head_batch_mean"] == pytest.approx(8.0)
     assert result["batching"] == {"buckets": 3, "cost_model": COST}
-    assert result["server_cpu_ms_per_image"] is not None and result["server_cpu_ms_per_image"] >= 0
+    assert result["server_cpu_ms_per_image"] == pytest.approx(500.0 / 40)
     idle = result["idle"]
     assert idle["requests"] == 6 and idle["errors"] == 0 and fake.keep_rates[-6:] == [None] * 6
     # per batch: head 1 ms x 8 images, tail 2 ms x 4 images; decode 0.5 ms per image
@@ -190,10 +186,10 @@ def test_parse_metrics_is_tolerant() -> None:
     m = loadreport.parse_metrics(text)
     assert m == {"needed": 1000.0, "tail_images": 12.0, "tail_batches": 3.0, "merged": 0.0,
                  "head_images": 0.0, "head_batches": 0.0}  # histogram declared: its other phase reads 0
-    e = loadreport.explain(loadreport.deltas({}, m), 1.0)
+    e = loadreport.window_summary(loadreport.deltas({}, m), 1.0)
     assert e["tail_batch_mean"] == 4.0 and e["merged_share"] == 0.0
     assert e["waste_ratio"] is None and e["model_busy"] is None and e["tail_padding_per_image"] is None
-    assert loadreport.explain({}, 0.0) == dict.fromkeys(e)  # nothing at all: every figure n/a
+    assert loadreport.window_summary({}, 0.0) == dict.fromkeys(e)  # nothing at all: every figure n/a
     assert loadreport.batching_info({"models": [{"batching": {"cost_model": 3}}]}) == {"buckets": None,
                                                                                       "cost_model": 3}
     assert loadreport.batching_info(["not", "a", "model"]) is None
@@ -223,16 +219,6 @@ def test_proc_stat_idle_share(tmp_path: Path) -> None:
     (tmp_path / "stat").write_text(STAT.format(1, 2, 3, 4))
     assert loadreport.read_cpu_times(str(tmp_path / "stat")) == loadreport.CpuTimes(7.0, 10.0)
     assert loadreport.read_cpu_times(str(tmp_path / "missing")) is None
-
-
-def test_process_cpu_seconds_from_proc_pid_stat(tmp_path: Path) -> None:
-    (tmp_path / "42").mkdir()
-    ticks = os.sysconf("SC_CLK_TCK")
-    fields = ["S"] + ["0"] * 10 + [str(3 * ticks), str(ticks)] + ["0"] * 30  # utime, stime: fields 14, 15
-    (tmp_path / "42" / "stat").write_text("42 (python -m (x)) " + " ".join(fields))  # comm may hold ") "
-    assert loadreport.process_cpu_s(42, str(tmp_path)) == pytest.approx(4.0)
-    assert loadreport.process_cpu_s(43, str(tmp_path)) is None and loadreport.process_cpu_s(None) is None
-    assert loadreport.process_cpu_s(os.getpid()) is not None  # the real /proc on Linux
 
 
 def test_pass_order_alternates_the_batched_modes_then_unbatched() -> None:
@@ -278,7 +264,7 @@ def _scripted_passes(monkeypatch: pytest.MonkeyPatch, rates: list[float]) -> lis
         started.append(mode)
         yield loadtest.Served(f"http://{mode}", None)
 
-    async def fake_measure(url: str, payloads: object, a: object, pid: int | None = None,
+    async def fake_measure(url: str, payloads: object, a: object, server_cpu: object = None,
                            driver: object = None) -> dict[str, object]:
         rate = rates[len(started) - 1] if started else rates[0]
         return {"images_per_s": rate, "p50_ms": 1.0, "p95_ms": 1.0, "p99_ms": 1.0, "errors": 0,

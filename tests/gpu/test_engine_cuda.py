@@ -76,7 +76,7 @@ def head_all(engine: Engine, pixels: torch.Tensor, rates: Sequence[float | None]
 
 
 def tail(engine: Engine, items: Sequence[Item], counts: Sequence[int]) -> torch.Tensor:
-    """Phase B for ``items`` (rows of one or more head batches) at ``counts``, read on the host."""
+    """The tail for ``items`` (rows of one or more head batches) at ``counts``, read on the host."""
     parts: dict[int, tuple[HeadBatch, list[int]]] = {}
     for it in items:
         parts.setdefault(id(it.hb), (it.hb, []))[1].append(it.row)

@@ -74,7 +74,7 @@ def test_launches_make_no_host_sync(engine: Engine) -> None:
     try:
         hb2 = engine.head(px, [None, 0.5, None, 0.9, None, 0.5])  # mixed rates: the indexed path too
         copy = engine.tail([Rows(hb, torch.tensor([5, 0, 2])), Rows(hb2, torch.tensor([1]))],
-                           engine.buckets.points[-1])
+                           engine.bucket_grid.points[-1])
         by_bucket = engine.tail_by_bucket(hb)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.frontend.app import create_app
+from service.app import create_app
 from service.settings import Settings
 
 pytestmark = pytest.mark.gpu

@@ -6,7 +6,7 @@ that on a GPU reads "Expected all tensors to be on the same device, cuda:0 and c
 finds stray CPU tensors in CI, on a machine without a GPU, in a few seconds.
 
 What meta cannot run: anything that reads a value on the host (``.item()``, ``.tolist()``,
-``float(t)``). That leaves out ``LifeViT.tail_grouped`` (it groups images by ``budgets.tolist()``),
+``float(t)``). That leaves out ``LifeViT.tail_grouped`` (it groups images by their buckets on the host),
 hence the calibrated ``forward``; ``patchlife eval``'s ``top1``/``calibrated_row`` (they count correct
 answers and budgets); and the training loop's progress bar (``_Meter.values``). Their tensor parts run
 here piece by piece (head, budgets, tail at given counts, one optimiser step). Every op the model

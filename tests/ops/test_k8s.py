@@ -292,6 +292,9 @@ def _check_hardened(c: dict[str, Any], volumes: list[dict[str, Any]]) -> None:
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
     tmp = [m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
     assert tmp and any(v["name"] == tmp[0] and "emptyDir" in v for v in volumes), "/tmp must be a writable emptyDir"
+    shm = [m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert shm and any(v["name"] == shm[0] and v.get("emptyDir", {}).get("medium") == "Memory" for v in volumes), \
+        "/dev/shm must be a memory emptyDir: the API processes' pixel slots live there"
 
 
 def test_images_and_devices_match_compose(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from service_support import CLASSES, wait_ready
 from tiny_models import tiny_checkpoint
 
-from service.frontend.app import create_app
+from service.app import create_app
 from service.settings import Settings
 
 # Small limits so that the limit tests need small bodies; the batching delay short so tests are fast.

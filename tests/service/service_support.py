@@ -158,6 +158,35 @@ def serve_process(checkpoint: Path, env: dict[str, str] | None = None, timeout: 
         yield child.proc, child.url
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the API processes of a multi-process ``patchlife serve``)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """VmRSS summed over the process and its descendants (pages shared between them count in each:
+    a bound on growth, not an exact total)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            total += rss_bytes(p)["VmRSS"]
+        except (OSError, KeyError):
+            pass  # exited meanwhile, or a zombie
+    return total
+
+
 def rss_bytes(pid: int) -> dict[str, int]:
     """VmRSS (now) and VmHWM (peak since start) of a process, in bytes, from /proc/<pid>/status."""
     out = {}

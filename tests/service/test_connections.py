@@ -177,16 +177,18 @@ def test_a_client_that_stops_mid_body_is_answered(server: str, deadline_ms: str 
 def test_a_bug_is_one_json_500_with_connection_close_and_one_log_record(
         make_client: Callable[..., TestClient], caplog: pytest.LogCaptureFixture) -> None:
     c = make_client()
-    engine = c.app.state.runtime.engine  # type: ignore[attr-defined]
-    preprocess, config = engine.preprocess, engine.config.preprocess
-    engine.preprocess = engine.config.preprocess = None  # a bug, not bad input (uploads and v2 pixels both meet it)
+    rt = c.app.state.runtime  # type: ignore[attr-defined]
+    rt.preprocessor()  # made from the card
+    pre = rt._preprocessor
+    # a bug, not bad input (uploads and v2 pixels both meet it)
+    pre.config, pre.transform = None, None
     try:
         with caplog.at_level(logging.INFO):
             r = c.post("/classify", files={"file": ("a.png", PNG, "image/png")}, headers={"X-Request-ID": "bug-1"})
             v2 = c.post(INFER, json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 2, 2, 3],
                                                  "data": [0] * 12}]})
     finally:
-        engine.preprocess, engine.config.preprocess = preprocess, config
+        rt._preprocessor = None
     assert r.status_code == 500 and r.headers["connection"] == "close" and r.headers["x-request-id"] == "bug-1"
     assert r.json() == {"error": {"code": "internal_error", "message": "internal server error; see the server log"}}
     assert v2.status_code == 500 and set(v2.json()) == {"error"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -34,11 +35,11 @@ def classify(client: httpx.Client) -> str:
     return str(r.status_code)
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("signal_after_s", [0.1, 0.3, 1.0])
-def test_sigterm_into_a_burst_answers_every_request(checkpoint_dir: Path, signal_after_s: float) -> None:
-    outcomes: list[str] = []
-    kinds: list[str] = []
+def sigterm_into_a_burst(proc: subprocess.Popen[bytes], base: str, signal_after_s: float) -> list[tuple[str, str]]:
+    """80 requests on 8 kept-alive and 40 new connections, SIGTERM ``signal_after_s`` into them; each
+    request's (connection kind, outcome) once every client is done. Also used with API processes
+    (tests/service/test_processes.py)."""
+    outcomes: list[tuple[str, str]] = []
     lock = threading.Lock()
 
     def kept_alive() -> None:
@@ -48,8 +49,7 @@ def test_sigterm_into_a_burst_answers_every_request(checkpoint_dir: Path, signal
             for _ in range(REQUESTS_EACH):
                 out = classify(client)
                 with lock:
-                    outcomes.append(out)
-                    kinds.append("kept-alive")
+                    outcomes.append(("kept-alive", out))
 
     def new_connection(delay_s: float) -> None:
         start.wait()
@@ -57,28 +57,38 @@ def test_sigterm_into_a_burst_answers_every_request(checkpoint_dir: Path, signal
         with httpx.Client(base_url=base, timeout=60) as client:
             out = classify(client)
         with lock:
-            outcomes.append(out)
-            kinds.append("new")
+            outcomes.append(("new", out))
 
     start = threading.Barrier(KEPT_ALIVE + NEW + 1)
+    threads = [threading.Thread(target=kept_alive) for _ in range(KEPT_ALIVE)]
+    threads += [threading.Thread(target=new_connection, args=(i * 0.025,)) for i in range(NEW)]
+    for t in threads:
+        t.start()
+    start.wait()
+    time.sleep(signal_after_s)
+    proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(120)
+    return outcomes
+
+
+def check_burst(pairs: list[tuple[str, str]], log: str, what: str) -> None:
+    """Every request of the burst answered 200 or 503, or never accepted; no 500 in the log."""
+    counts = {f"{k} {o}": pairs.count((k, o)) for k, o in sorted(set(pairs))}
+    print(f"\n{what}: {counts}")
+    assert len(pairs) == KEPT_ALIVE * REQUESTS_EACH + NEW
+    assert {o for _, o in pairs} <= {"200", "503", "refused"}, counts  # refused: never accepted (listener closed)
+    assert "Exception in ASGI application" not in log and " 500" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("signal_after_s", [0.1, 0.3, 1.0])
+def test_sigterm_into_a_burst_answers_every_request(checkpoint_dir: Path, signal_after_s: float) -> None:
     with serve_process(checkpoint_dir, ENV) as (proc, base):
-        threads = [threading.Thread(target=kept_alive) for _ in range(KEPT_ALIVE)]
-        threads += [threading.Thread(target=new_connection, args=(i * 0.025,)) for i in range(NEW)]
-        for t in threads:
-            t.start()
-        start.wait()
-        time.sleep(signal_after_s)
-        proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(120)
+        pairs = sigterm_into_a_burst(proc, base, signal_after_s)
         assert proc.wait(timeout=60) == 0
         log = proc.stderr.read().decode()  # type: ignore[union-attr]
-    pairs = list(zip(kinds, outcomes, strict=True))
-    counts = {f"{k} {o}": pairs.count((k, o)) for k, o in sorted(set(pairs))}
-    print(f"\nSIGTERM {signal_after_s} s into 80 requests: {counts}")
-    assert len(outcomes) == KEPT_ALIVE * REQUESTS_EACH + NEW
-    assert set(outcomes) <= {"200", "503", "refused"}, counts  # refused: never accepted (listener closed)
-    assert "Exception in ASGI application" not in log and " 500" not in log, log[-3000:]
+    check_burst(pairs, log, f"SIGTERM {signal_after_s} s into 80 requests")
 
 
 @pytest.mark.timeout(120)

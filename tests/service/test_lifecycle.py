@@ -19,8 +19,9 @@ from starlette.requests import Request
 from cli.main import main
 from service.frontend.errors import ClientDisconnected
 from service.frontend.routes.common import run_model
-from service.metrics import Metrics, PrometheusHooks
+from service.metrics import Metrics
 from service.runtime.engine import Engine
+from service.runtime.metrics_hooks import PrometheusHooks
 from service.runtime.worker import Worker
 from service.settings import Settings
 
@@ -52,7 +53,7 @@ class DisconnectAfter:
 
 def test_disconnect_drops_queued_work_and_is_counted(checkpoint_dir: Path) -> None:
     engine = Engine(checkpoint_dir, device="cpu")
-    # Another request holds the model (its phase A waits on `gate`), so the image stays queued until
+    # Another request holds the model (its head batch waits on `gate`), so the image stays queued until
     # the client has gone (an idle worker would run it at once).
     gate, entered, head = threading.Event(), threading.Event(), engine.head
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from service_support import encode, photo, rss_bytes, serve_process
+from service_support import encode, photo, serve_process, tree_rss_bytes
 
 SIDE = 6000  # 36 MP, under the default 40 MP image limit
 GIB = 1024**3
@@ -35,7 +35,8 @@ def concurrent_posts(base: str, body_images: list[bytes], requests: int) -> list
 
 
 class PeakRss:
-    """Samples VmRSS every 10 ms in a thread (VmHWM would include the start-up peak)."""
+    """Samples VmRSS of the server's processes every 10 ms in a thread (VmHWM would include the
+    start-up peak); with API processes, the decoding happens in them."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
@@ -43,7 +44,7 @@ class PeakRss:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes(self.pid)["VmRSS"])
+            self.peak = max(self.peak, tree_rss_bytes(self.pid))
             time.sleep(0.01)
 
     def __enter__(self) -> PeakRss:
@@ -53,7 +54,7 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes(self.pid)["VmRSS"])
+        self.peak = max(self.peak, tree_rss_bytes(self.pid))
 
 
 @pytest.mark.timeout(120)
@@ -63,7 +64,7 @@ def test_four_requests_of_huge_flat_pngs_keep_the_server_within_its_memory_bound
         with httpx.Client(base_url=base, timeout=30) as client:  # one ordinary request first
             assert client.post("/classify", files={"file": ("a.png", encode(photo(), "PNG"), "image/png")}
                                ).status_code == 200
-        idle = rss_bytes(proc.pid)["VmRSS"]
+        idle = tree_rss_bytes(proc.pid)
 
         t0 = time.monotonic()
         with PeakRss(proc.pid) as over_budget:  # 32 x 36 MP = 1.15 G pixels a request: 413 from the headers

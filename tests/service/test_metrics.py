@@ -14,8 +14,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from service_support import encode, photo
 
-from service.metrics import REJECT_REASONS, Metrics, PrometheusHooks
+from service.metrics import REJECT_REASONS, Metrics
 from service.protocol import ImageResult
+from service.runtime.metrics_hooks import PrometheusHooks
 
 CONTRACT = {
     "patchlife_http_request_duration_seconds": "histogram", "patchlife_http_requests_in_flight": "gauge",
@@ -28,6 +29,7 @@ CONTRACT = {
     "patchlife_needed_tokens": "counter", "patchlife_computed_tokens": "counter",
     "patchlife_batches": "counter", "patchlife_queue_depth": "gauge",
     "patchlife_model_failures": "counter", "patchlife_model_healthy": "gauge",
+    "patchlife_decode_fallbacks": "counter",
 }
 
 
@@ -52,6 +54,8 @@ def test_labelled_series_start_at_zero() -> None:
         assert f'patchlife_rejected_requests_total{{reason="{reason}"}} 0.0' in text
     for reason in ("out_of_memory", "batch_error", "worker_died"):
         assert f'patchlife_model_failures_total{{reason="{reason}"}} 0.0' in text
+    for reason in ("not_jpeg", "refused", "error"):
+        assert f'patchlife_decode_fallbacks_total{{reason="{reason}"}} 0.0' in text
     for phase in ("head", "tail"):
         assert f'patchlife_model_compute_seconds_count{{phase="{phase}"}} 0.0' in text
         assert f'patchlife_batch_size_count{{phase="{phase}"}} 0.0' in text
@@ -112,7 +116,7 @@ def test_build_info_and_device_memory(client: TestClient, metric: Callable[..., 
 def test_device_memory_collector_reads_at_scrape_time() -> None:
     m = Metrics()
     assert "patchlife_device_memory_allocated_bytes{" not in m.exposition().decode()  # no engine yet
-    m.set_model("1.0", "x", torch.device("cpu"), "float32")
+    m.watch_device(torch.device("cpu"))
     assert 'patchlife_device_memory_allocated_bytes{device="cpu"} 0.0' in m.exposition().decode()
 
 
@@ -140,6 +144,19 @@ def test_prometheus_hooks() -> None:
     assert v("patchlife_image_budget_ratio_sum") == pytest.approx(0.5)
     hooks.on_model_failure("out_of_memory")
     assert v("patchlife_model_failures_total", {"reason": "out_of_memory"}) == 1
+
+
+def test_decode_fallbacks_by_known_reason() -> None:
+    m = Metrics()
+    m.decode_fallback("not_jpeg")
+    m.decode_fallback("not_jpeg")
+    m.decode_fallback("refused")
+    v = m.registry.get_sample_value
+    assert v("patchlife_decode_fallbacks_total", {"reason": "not_jpeg"}) == 2
+    assert v("patchlife_decode_fallbacks_total", {"reason": "refused"}) == 1
+    assert v("patchlife_decode_fallbacks_total", {"reason": "error"}) == 0
+    with pytest.raises(ValueError):  # labels stay bounded
+        m.decode_fallback("/tmp/upload.jpg")
 
 
 def test_tail_bucket_label_is_bounded() -> None:

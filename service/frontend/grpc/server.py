@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from .. import oip, triton
 from ..errors import ApiError
 from ..routes.common import Runtime
-from ..routes.v2 import check_model, infer_images, not_ready_reason, served_engine
+from ..routes.v2 import check_model, infer_images, served_model
 from . import convert
 from . import grpc_service_pb2 as pb
 
@@ -47,30 +47,30 @@ class InferenceServicer:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=not_ready_reason(self.rt) is None)
+        return pb.ServerReadyResponse(ready=self.rt.not_ready_reason() is None)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        engine = self.rt.engine  # an unknown model is not ready (tritonclient's is_model_ready, as over REST)
-        known = engine is not None and request.name == engine.name and request.version in ("", oip.VERSION)
-        return pb.ModelReadyResponse(ready=known and not_ready_reason(self.rt) is None)
+        card = self.rt.card  # an unknown model is not ready (tritonclient's is_model_ready, as over REST)
+        known = card is not None and request.name == card.name and request.version in ("", oip.VERSION)
+        return pb.ModelReadyResponse(ready=known and self.rt.not_ready_reason() is None)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="patchlife", version=self.version, extensions=oip.EXTENSIONS)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> Message:
-        engine = served_engine(self.rt, request.name, request.version or None)
-        return convert.from_dict(oip.model_metadata(engine.info()), pb.ModelMetadataResponse())
+        card = served_model(self.rt, request.name, request.version or None)
+        return convert.from_dict(oip.model_metadata(card.info), pb.ModelMetadataResponse())
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> Message:
-        engine = served_engine(self.rt, request.name, request.version or None)
-        config = triton.model_config(engine.info(), self.rt.settings)
+        card = served_model(self.rt, request.name, request.version or None)
+        config = triton.model_config(card, self.rt.settings)
         return convert.from_dict({"config": config}, pb.ModelConfigResponse())
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> Message:
         if request.name:
-            name = served_engine(self.rt, request.name, request.version or None).name
-        elif self.rt.engine is not None:  # no name: every model
-            name = self.rt.engine.name
+            name = served_model(self.rt, request.name, request.version or None).name
+        elif self.rt.card is not None:  # no name: every model
+            name = self.rt.card.name
         else:
             return pb.ModelStatisticsResponse()
         stats = triton.model_statistics(self.rt.metrics, name)
@@ -81,14 +81,14 @@ class InferenceServicer:
         remaining = context.time_remaining()
         budget_s = rt.settings.deadline_ms / 1000.0 if remaining is None else remaining
         deadline = rt.clock()() + budget_s
-        engine, worker = check_model(rt, request.model_name, request.model_version or None)
+        card = check_model(rt, request.model_name, request.model_version or None)
         parsed = await anyio.to_thread.run_sync(convert.infer_request, request, rt.limits(),
                                                 rt.settings.max_image_pixels)
-        done = await infer_images(rt, engine, worker, parsed, deadline, None)
+        done = await infer_images(rt, parsed, deadline, None)
         t0 = time.perf_counter()
-        outputs = [(spec.name, *oip.output_tensor(spec, done.results, engine.class_names, done.top_k))
+        outputs = [(spec.name, *oip.output_tensor(spec, done.results, list(card.class_names), done.top_k))
                    for spec in done.specs]
-        response = convert.infer_response(engine.name, request.id, outputs)
+        response = convert.infer_response(card.name, request.id, outputs)
         rt.metrics.encode_seconds.observe(time.perf_counter() - t0)
         return response
 
@@ -144,10 +144,12 @@ async def start_server(rt: Runtime, version: str) -> grpc.aio.Server:
     """Bind ``PATCHLIFE_HOST:PATCHLIFE_GRPC_PORT`` and start serving (RuntimeError if the port is taken).
 
     Messages are capped at ``PATCHLIFE_MAX_REQUEST_BYTES`` (gRPC answers RESOURCE_EXHAUSTED past it);
-    ``so_reuseport`` is off so that a second server on the same port fails instead of sharing it."""
+    ``so_reuseport`` is off so that a second server on the same port fails instead of sharing it, except
+    in the API processes of one ``serve``, which share it (the model process checked it was free)."""
     s = rt.settings
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", s.max_request_bytes),
-                                      ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
+                                      ("grpc.max_send_message_length", -1),
+                                      ("grpc.so_reuseport", int(rt.shared_ports))])
     server.add_generic_rpc_handlers((generic_handler(rt, version),))
     host = f"[{s.host}]" if ":" in s.host else s.host
     try:

@@ -26,10 +26,10 @@ async def classify(request: Request, rt: RuntimeDep, deadline: DeadlineDep, top_
                    keep_rate: KeepRateQuery = None) -> ClassifyResponse:
     """Send images as multipart (`file`, or `files` repeated), as JSON (`{"images": [base64, ...]}`)
     or as a raw `image/*` body. Results come back in input order."""
-    engine, worker = rt.serving()
+    card = rt.serving()
     payload = await read_payload(request, rt.limits())
     options = resolve_options(top_k, keep_rate, payload.options, rt.settings)
-    prepared = await prepare_images(payload.images, engine, rt, deadline=deadline)
-    results = await run_model(request, worker, prepared.pixels, options.keep_rate, deadline)
-    return ClassifyResponse(model=engine.name, results=[
-        classification(r, ms, engine, options.top_k) for r, ms in zip(results, prepared.decode_ms, strict=True)])
+    prepared = await prepare_images(payload.images, rt, deadline=deadline)
+    results = await run_model(request, rt.model, prepared.pixels, options.keep_rate, deadline)
+    return ClassifyResponse(model=card.name, results=[
+        classification(r, ms, card, options.top_k) for r, ms in zip(results, prepared.decode_ms, strict=True)])

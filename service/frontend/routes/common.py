@@ -19,16 +19,16 @@ from fastapi import Depends, Header, Query, Request
 from PIL import Image
 
 from ... import protocol
+from ...decode import HeaderInfo, check_media_type, decode_stored, device_decodable, header_info, upright_rgb
 from ...metrics import Metrics
-from ...protocol import ImageResult
-from ...runtime.engine import Engine
-from ...runtime.worker import Worker
+from ...preprocess import Preprocessor, resize_side
+from ...protocol import EncodedImage, ImageResult, Lifecycle, ModelCard, ModelClient, ModelStatus
 from ...settings import Settings
 from ..bodyread import DEADLINE_KEY
 from ..context import ARRIVAL_KEY, InFlight
-from ..decode import check_media_type, decode_stored, header_info, upright_rgb
-from ..decode_budget import DecodeBudget, DecodeBusy, decode_capacity, decode_cost
+from ..decode_gate import DecodeBusy, DecodeGate, decode_capacity, decode_cost
 from ..errors import (
+    BadImage,
     ClientDisconnected,
     DeadlineExceeded,
     DecodeOverloaded,
@@ -41,7 +41,6 @@ from ..errors import (
 )
 from ..explain import model_view
 from ..numbers import parse_float, parse_int
-from ..preprocess import model_input, resize_side
 from ..schemas import Budget, Classification, Label, Lifespans, Timings
 from ..upload import RawImage, UploadLimits
 
@@ -50,50 +49,85 @@ DEADLINE_HEADER = "X-Request-Deadline-Ms"
 
 @dataclass
 class Runtime:
-    """Everything the routes need, held in ``app.state.runtime``; filled in by the app's lifespan."""
+    """Everything the routes need, held in ``app.state.runtime``: the model behind its typed handle
+    (:class:`~service.protocol.ModelClient`, in this process or another) and this front end's own
+    lifecycle (one state; see :class:`~service.protocol.Lifecycle`). The card is set by the lifespan."""
 
     settings: Settings
     metrics: Metrics
-    engine: Engine | None = None
-    worker: Worker | None = None
-    ready: bool = False        # model loaded and warmed up, worker running (until the lifespan ends)
-    stopping: bool = False     # SIGTERM: /readyz answers 503, requests are still served (shutdown_delay_s)
-    draining: bool = False     # then: new requests are refused (503, Connection: close)
-    grace_over: bool = False   # the drain's grace ended: requests still decoding stop (503)
+    model: ModelClient
+    card: ModelCard | None = None
+    state: Lifecycle = Lifecycle.LOADING
     startup_error: str | None = None
-    warmup_seconds: float | None = None   # graph capture + warm-up forwards + cost-model timings
+    shared_ports: bool = False  # one of several API processes on the same ports
     in_flight: InFlight = field(default_factory=InFlight)
-    decode_budget: DecodeBudget = field(init=False)
+    decode_gate: DecodeGate = field(init=False)
+    _preprocessor: Preprocessor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.decode_budget = DecodeBudget(decode_capacity(self.settings.max_decode_pixels))
+        self.decode_gate = DecodeGate(decode_capacity(self.settings.max_decode_pixels))
 
-    def check_ready(self) -> tuple[Engine, Worker]:
+    @property
+    def draining(self) -> bool:
+        """New requests are refused (503, Connection: close)."""
+        return Lifecycle.DRAINING <= self.state <= Lifecycle.STOPPED
+
+    @property
+    def grace_over(self) -> bool:
+        """The drain's grace ended: requests still decoding or uploading stop (503)."""
+        return Lifecycle.GRACE_OVER <= self.state <= Lifecycle.STOPPED
+
+    def advance(self, state: Lifecycle) -> None:
+        """Move forward only: a late event (a warm-up ending during the drain) never undoes a later state."""
+        if state > self.state:
+            self.state = state
+
+    def preprocessor(self) -> Preprocessor:
+        if self._preprocessor is None:
+            self._preprocessor = Preprocessor(self.loaded().preprocess)
+        return self._preprocessor
+
+    def loaded(self) -> ModelCard:
+        """The card, or 503 while the model is loading."""
+        if self.card is None:
+            raise NotReady("model is loading")
+        return self.card
+
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz says 503 (None when ready): loading, failed, shutting down, or a model that cannot
+        serve (its thread died, batches keep failing, a batch hangs, its process is gone)."""
+        if self.state >= Lifecycle.STOPPING and self.state != Lifecycle.FAILED:
+            return "server is shutting down"
+        if self.state != Lifecycle.READY:
+            return f"model failed to start: {self.startup_error}" if self.startup_error else "model is loading"
+        return self.model.status().problem
+
+    def check_ready(self) -> ModelStatus:
         """Raise what /readyz answers (NotReady, ShuttingDown) unless the model can serve."""
-        if self.draining or self.stopping:
+        if self.state >= Lifecycle.STOPPING and self.state != Lifecycle.FAILED:
             raise ShuttingDown("server is shutting down; retry on another instance")
-        if not self.ready or self.engine is None or self.worker is None:
+        if self.state != Lifecycle.READY:
             msg = f"model failed to start: {self.startup_error}" if self.startup_error else \
                 "model is loading or warming up; retry shortly"
             raise NotReady(msg)
-        problem = self.worker.health()
-        if problem is not None:
-            raise NotReady(f"model unavailable: {problem}", headers={"Retry-After": "5"})
-        return self.engine, self.worker
+        status = self.model.status()
+        if status.problem is not None:
+            raise NotReady(f"model unavailable: {status.problem}", headers={"Retry-After": "5"})
+        return status
 
-    def serving(self) -> tuple[Engine, Worker]:
+    def serving(self) -> ModelCard:
         """For inference routes: requests are served until the drain, even while /readyz says 503
         (stopping, or an unhealthy model whose batches answer 503 themselves)."""
-        if self.draining:  # the worker never sees this request: count it here
+        if self.draining:  # the model never sees this request: count it here
             self.metrics.reject("shutdown")
             raise ShuttingDown("server is shutting down; retry on another instance")
-        if not self.ready or self.engine is None or self.worker is None:
+        if self.card is None or self.state not in (Lifecycle.READY, Lifecycle.STOPPING):
             raise NotReady("model is loading or warming up; retry shortly" if self.startup_error is None else
                            f"model failed to start: {self.startup_error}")
-        return self.engine, self.worker
+        return self.card
 
     def clock(self) -> Callable[[], float]:
-        return self.worker.clock if self.worker is not None else time.monotonic
+        return self.model.clock
 
     def limits(self, max_images: int | None = None) -> UploadLimits:
         s = self.settings
@@ -180,35 +214,38 @@ EXPLAIN_VIEW_SIDE = 896  # the model's view kept for /explain is downsized to th
 
 @dataclass
 class Prepared:
-    pixels: list[torch.Tensor]          # [3, H, W] each, preprocessed for the engine
+    pixels: list[torch.Tensor | EncodedImage]  # [3, H, W] each, preprocessed; or a JPEG the model process decodes
     decode_ms: list[float]
     views: list[Image.Image]            # /explain only: the model's view, downsized (the decode is dropped)
 
 
-def _decode_one(raw: RawImage, engine: Engine, max_pixels: int,
+def _decode_one(raw: RawImage, pre: Preprocessor, max_pixels: int,
                 keep_view: bool) -> tuple[torch.Tensor, Image.Image | None]:
-    """Decode, preprocess in one resize (service/frontend/preprocess.py) and drop the full-resolution image;
+    """Decode, preprocess in one resize (service/preprocess.py) and drop the full-resolution image;
     keep a small model view if asked."""
-    pre = engine.config.preprocess
-    decoded = decode_stored(raw.data, max_pixels, min_side=resize_side(pre), source=raw.source)
-    pixels = model_input(decoded, pre, engine.preprocess, raw.source)
+    decoded = decode_stored(raw.data, max_pixels, min_side=resize_side(pre.config), source=raw.source)
+    pixels = pre.model_input(decoded, raw.source)
     if not keep_view:
         return pixels, None
-    view = model_view(upright_rgb(decoded, raw.source), pre["input_size"], pre.get("crop_pct"))
+    view = model_view(upright_rgb(decoded, raw.source), pre.config["input_size"], pre.config.get("crop_pct"))
     view.thumbnail((EXPLAIN_VIEW_SIDE, EXPLAIN_VIEW_SIDE), Image.Resampling.BILINEAR)
     return pixels, view
 
 
-def _decode_costs(raws: list[RawImage], max_image_pixels: int, max_request_pixels: int) -> list[int]:
-    """Every image's decode cost in bytes (service/frontend/decode_budget.py) from its header (no pixel decoded);
-    413 past the request's pixel budget."""
-    headers = [header_info(raw.data, max_image_pixels, source=raw.source) for raw in raws]
-    pixels = sum(h.pixels for h in headers)
+def _read_headers(raws: list[RawImage], max_image_pixels: int,
+                  max_request_pixels: int) -> list[tuple[HeaderInfo, float]]:
+    """Every image's header (no pixel decoded) and the seconds it took to read; 413 past the request's
+    pixel budget."""
+    headers = []
+    for raw in raws:
+        t0 = time.perf_counter()
+        headers.append((header_info(raw.data, max_image_pixels, source=raw.source), time.perf_counter() - t0))
+    pixels = sum(h.pixels for h, _ in headers)
     if pixels > max_request_pixels:
         raise RequestTooManyPixels(f"the request's images have {pixels} pixels together, over the limit of "
                                    f"{max_request_pixels} (PATCHLIFE_MAX_REQUEST_PIXELS); send fewer or smaller "
                                    "images per request")
-    return [decode_cost(h.pixels, h.mode, h.format, h.transparent) for h in headers]
+    return headers
 
 
 def _check_deadline(rt: Runtime, now: float, deadline: float) -> None:
@@ -218,18 +255,29 @@ def _check_deadline(rt: Runtime, now: float, deadline: float) -> None:
                                "PATCHLIFE_DEADLINE_MS)")
 
 
-async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep_view: bool = False,
+async def prepare_images(raws: list[RawImage], rt: Runtime, keep_view: bool = False,
                          deadline: float | None = None) -> Prepared:
     """Decode + preprocess each image in a worker thread (the event loop never decodes), one at a time
-    per request, each holding its pixel count in the shared decode budget while it decodes. A request
-    whose ``deadline`` (worker clock) passes stops decoding: 504."""
+    per request, each holding its decode cost (service/frontend/decode_gate.py, from its header) in
+    the shared decode budget while it decodes. A request whose ``deadline`` (worker clock) passes stops
+    decoding: 504. Where the model process decodes JPEGs on its device (``card.decodes_jpeg``), a
+    JPEG it can decode is passed on undecoded once its header passed the limits (its decode time is
+    the header's); /explain (``keep_view``) decodes here, as it draws the model's view."""
     s = rt.settings
     clock = rt.clock()
+    pre = rt.preprocessor()
+    pass_on = rt.loaded().decodes_jpeg and not keep_view
     for raw in raws:
         check_media_type(raw.content_type, raw.source)
-    costs = await anyio.to_thread.run_sync(_decode_costs, raws, s.max_image_pixels, s.max_request_pixels)
+    headers = await anyio.to_thread.run_sync(_read_headers, raws, s.max_image_pixels, s.max_request_pixels)
     out = Prepared([], [], [])
-    for raw, cost in zip(raws, costs, strict=True):
+    for raw, (header, header_s) in zip(raws, headers, strict=True):
+        if pass_on and device_decodable(header.format, header.mode):
+            rt.metrics.decode_seconds.observe(header_s)
+            out.pixels.append(EncodedImage(bytes(raw.data), raw.source))
+            out.decode_ms.append(header_s * 1000.0)
+            continue
+        cost = decode_cost(header.pixels, header.mode, header.format, header.transparent)
         wait_s = s.decode_wait_ms / 1000.0
         if rt.grace_over:
             rt.metrics.reject("shutdown")
@@ -238,9 +286,9 @@ async def prepare_images(raws: list[RawImage], engine: Engine, rt: Runtime, keep
             _check_deadline(rt, clock(), deadline)
             wait_s = min(wait_s, deadline - clock())
         try:
-            async with rt.decode_budget.hold(cost, wait_s):
+            async with rt.decode_gate.hold(cost, wait_s):
                 t0 = time.perf_counter()
-                pixels, view = await anyio.to_thread.run_sync(_decode_one, raw, engine, s.max_image_pixels,
+                pixels, view = await anyio.to_thread.run_sync(_decode_one, raw, pre, s.max_image_pixels,
                                                               keep_view)
                 seconds = time.perf_counter() - t0
         except DecodeBusy:
@@ -265,11 +313,11 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def run_model(request: Request | None, worker: Worker, pixels: list[torch.Tensor], keep_rate: float | None,
-                    deadline: float) -> list[ImageResult]:
-    """``worker.submit`` raced against the client's disconnect; worker errors -> API errors. Without an
+async def run_model(request: Request | None, model: ModelClient, pixels: list[torch.Tensor | EncodedImage],
+                    keep_rate: float | None, deadline: float) -> list[ImageResult]:
+    """``model.submit`` raced against the client's disconnect; worker errors -> API errors. Without an
     HTTP ``request`` (gRPC) nothing is raced: a cancelled call cancels the awaiting task itself."""
-    submit = asyncio.ensure_future(worker.submit(pixels, keep_rate, deadline))
+    submit = asyncio.ensure_future(model.submit(pixels, keep_rate, deadline))
     gone = asyncio.ensure_future(_disconnected(request)) if request is not None else \
         asyncio.get_running_loop().create_future()
     try:
@@ -293,18 +341,20 @@ async def run_model(request: Request | None, worker: Worker, pixels: list[torch.
     except protocol.ModelFailed as exc:
         retry = str(max(1, math.ceil(exc.retry_after_s)))
         raise ModelUnavailable(str(exc), headers={"Retry-After": retry}) from None
+    except protocol.BadInput as exc:  # a JPEG the model process could not decode: as the CPU path says it
+        raise BadImage(str(exc)) from None
 
 
 # -- encoding ------------------------------------------------------------------------------------
-def classification(result: ImageResult, decode_ms: float, engine: Engine, top_k: int) -> Classification:
+def classification(result: ImageResult, decode_ms: float, card: ModelCard, top_k: int) -> Classification:
     probs = result.probs
     values, indices = torch.topk(probs, k=min(top_k, probs.numel()))
-    names = engine.class_names
+    names = card.class_names
     labels = [Label(label=names[i] if i < len(names) else str(i), index=i, probability=round(p, 6))
               for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
     rows, cols = result.lives.shape
     lives = result.lives.double().mul(1e4).round().div(1e4).tolist()
-    dense = float(engine.dense_gflops)
+    dense = card.dense_gflops
     budget = Budget(patch_counts=list(result.budget), counts_run=list(result.counts), gflops=result.gflops,
                     dense_gflops=dense, fraction_of_dense=result.gflops / dense if dense > 0 else 1.0,
                     keep_rate=result.keep_rate)

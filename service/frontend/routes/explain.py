@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from PIL import Image
 
-from ...runtime.engine import Engine
+from ...protocol import ModelCard
 from ..explain import render_heatmap
 from ..schemas import IMAGE_ERRORS, IMAGES_REQUEST_BODY, ExplainResponse
 from ..upload import read_payload
@@ -31,11 +31,10 @@ FormatQuery = Annotated[Literal["png", "json"] | None, Query(
     description="png (default) or json; without it, `Accept: application/json` selects json.")]
 
 
-def heatmap_png(view: Image.Image, lives: torch.Tensor, engine: Engine) -> bytes:
+def heatmap_png(view: Image.Image, lives: torch.Tensor, card: ModelCard) -> bytes:
     """The heatmap over ``view``, the region the preprocessing kept (the lives' coordinates; made by
     ``prepare_images(keep_view=True)`` right after decoding, so the full-size image is not kept)."""
-    schedule = engine.default_schedule
-    return render_heatmap(view, lives, schedule.first_block, schedule.depth)
+    return render_heatmap(view, lives, card.first_block, card.depth)
 
 
 def wants_json(fmt: str | None, accept: str) -> bool:
@@ -54,14 +53,14 @@ async def explain(request: Request, rt: RuntimeDep, deadline: DeadlineDep, top_k
     """Exactly one image (same inputs as /classify); a second image is 413 too_many_images.
     The PNG shows the model's view of the photo, each patch coloured by its life (layers), with a
     colour bar from K (pruned first) to L (kept to the end)."""
-    engine, worker = rt.serving()
+    card = rt.serving()
     payload = await read_payload(request, rt.limits(max_images=1))
     options = resolve_options(top_k, keep_rate, payload.options, rt.settings)
-    prepared = await prepare_images(payload.images, engine, rt, keep_view=True, deadline=deadline)
-    (result,) = await run_model(request, worker, prepared.pixels, options.keep_rate, deadline)
-    png = await anyio.to_thread.run_sync(heatmap_png, prepared.views[0], result.lives, engine)
+    prepared = await prepare_images(payload.images, rt, keep_view=True, deadline=deadline)
+    (result,) = await run_model(request, rt.model, prepared.pixels, options.keep_rate, deadline)
+    png = await anyio.to_thread.run_sync(heatmap_png, prepared.views[0], result.lives, card)
     if not wants_json(format, request.headers.get("accept", "")):
         return Response(png, media_type="image/png")
-    body = classification(result, prepared.decode_ms[0], engine, options.top_k)
-    return ExplainResponse(model=engine.name, png_base64=base64.b64encode(png).decode("ascii"),
+    body = classification(result, prepared.decode_ms[0], card, options.top_k)
+    return ExplainResponse(model=card.name, png_base64=base64.b64encode(png).decode("ascii"),
                            **body.model_dump())

@@ -20,8 +20,5 @@ async def readyz(rt: RuntimeDep) -> Status:
     """200 once the model is loaded and warmed up; 503 before that, from the start of shutdown, and
     while the model cannot serve (its thread stopped, batches keep failing, a batch hangs), with why.
     The detail says what warm-up did: CUDA graphs captured, the cost model fitted."""
-    rt.check_ready()  # raises NotReady / ShuttingDown; not counted as a rejected request
-    engine, worker = rt.engine, rt.worker
-    assert engine is not None and worker is not None  # check_ready passed
-    return Status(status="ready", detail={"warmup_seconds": rt.warmup_seconds, "graphs": engine.runner.describe(),
-                                          "cost_model": worker.cost.describe()})
+    status = rt.check_ready()  # raises NotReady / ShuttingDown; not counted as a rejected request
+    return Status(status="ready", detail={"warmup_seconds": status.warmup_seconds, **status.detail})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from ..errors import NotReady
 from ..schemas import ErrorResponse, ModelInfo
 from .common import RuntimeDep
 
@@ -14,9 +13,10 @@ router = APIRouter(tags=["models"])
 @router.get("/v1/models", response_model=ModelInfo, responses={503: {"model": ErrorResponse}},
             summary="The served model and what it recognises")
 async def models(rt: RuntimeDep) -> ModelInfo:
-    if rt.engine is None:
-        raise NotReady("model is loading")
-    info = rt.engine.info()
+    info = dict(rt.loaded().info)
+    detail = rt.model.status().detail
+    if "graphs" in detail:  # known once warmed up
+        info["graphs"] = detail["graphs"]
     info["batching"] = {"bucket_grid": info.pop("buckets"), "mode": rt.settings.batching,
-                        "cost_model": rt.worker.cost.describe() if rt.worker is not None else None}
+                        "cost_model": detail.get("cost_model")}
     return ModelInfo.model_validate(info)

@@ -17,7 +17,6 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import NotReady
 from ..schemas import ErrorResponse, Example, ExampleList
 from .common import Runtime, RuntimeDep
 
@@ -97,9 +96,7 @@ def read_examples(checkpoint: Path) -> list[dict[str, Any]]:
 
 
 def _checkpoint(rt: Runtime) -> Path:
-    if rt.engine is None:
-        raise NotReady("model is loading")
-    return Path(rt.engine.checkpoint)
+    return Path(rt.loaded().checkpoint)
 
 
 @router.get("/v1/examples", response_model=ExampleList, tags=["models"],

@@ -23,11 +23,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from PIL import Image
 
-from ...protocol import ImageResult
-from ...runtime.engine import Engine
-from ...runtime.worker import Worker
+from ...decode import limit_aspect
+from ...protocol import EncodedImage, ImageResult, ModelCard
 from .. import oip, triton
-from ..decode import limit_aspect
 from ..errors import ApiError, NotReady, RequestTooManyPixels
 from ..upload import RawImage, _check_content_length, _read_body
 from .common import DeadlineDep, Prepared, Runtime, RuntimeDep, prepare_images, resolve_options, run_model
@@ -59,24 +57,14 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_clas
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model name or version"}}
 
 
-def served_engine(rt: Runtime, name: str, version: str | None = None) -> Engine:
-    """The engine, if ``name`` (and ``version``) is the served model: 404 otherwise, 503 while loading."""
-    if rt.engine is None:
-        raise NotReady("model is loading")
-    if name != rt.engine.name or version not in (None, oip.VERSION):
-        served = f"{rt.engine.name!r} version {oip.VERSION!r}"
+def served_model(rt: Runtime, name: str, version: str | None = None) -> ModelCard:
+    """The model's card, if ``name`` (and ``version``) is the served model: 404 otherwise, 503 while loading."""
+    card = rt.loaded()
+    if name != card.name or version not in (None, oip.VERSION):
+        served = f"{card.name!r} version {oip.VERSION!r}"
         raise oip.ModelNotFound(f"unknown model {name!r}" + (f" version {version!r}" if version else "")
                                 + f"; this server serves {served}")
-    return rt.engine
-
-
-def not_ready_reason(rt: Runtime) -> str | None:
-    """Why the server is not ready (None when it is): what the readiness routes and RPCs answer."""
-    if rt.draining:
-        return "server is shutting down"
-    if not rt.ready:
-        return f"model failed to start: {rt.startup_error}" if rt.startup_error else "model is loading"
-    return None
+    return card
 
 
 # -- server ---------------------------------------------------------------------------------------
@@ -87,7 +75,7 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready", summary="Server readiness (503 while loading or draining)")
 async def ready(rt: RuntimeDep) -> dict[str, bool]:
-    reason = not_ready_reason(rt)
+    reason = rt.not_ready_reason()
     if reason:  # not rt.serving(): that would count a readiness poll during drain as a rejected request
         raise NotReady(reason)
     return {"ready": True}
@@ -101,41 +89,41 @@ async def server_metadata(request: Request) -> dict[str, Any]:
 # -- model ----------------------------------------------------------------------------------------
 @router.get("/models/stats", summary="Statistics of every model (Triton's statistics extension)")
 async def all_statistics(rt: RuntimeDep) -> dict[str, Any]:
-    if rt.engine is None:
+    if rt.card is None:
         return {"model_stats": []}
-    return {"model_stats": [triton.model_statistics(rt.metrics, rt.engine.name)]}
+    return {"model_stats": [triton.model_statistics(rt.metrics, rt.card.name)]}
 
 
 @router.get("/models/{name}/stats", responses=_NOT_FOUND, summary="Model statistics (Triton's statistics extension)")
 @router.get("/models/{name}/versions/{version}/stats", responses=_NOT_FOUND, include_in_schema=False)
-async def model_statistics(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
-    return {"model_stats": [triton.model_statistics(rt.metrics, served_engine(rt, name, version).name)]}
+async def get_model_statistics(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
+    return {"model_stats": [triton.model_statistics(rt.metrics, served_model(rt, name, version).name)]}
 
 
 @router.get("/models/{name}/config", responses=_NOT_FOUND,
             summary="Model configuration (Triton's model configuration extension)")
 @router.get("/models/{name}/versions/{version}/config", responses=_NOT_FOUND, include_in_schema=False)
-async def model_config(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
-    return triton.model_config(served_engine(rt, name, version).info(), rt.settings)
+async def get_model_config(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
+    return triton.model_config(served_model(rt, name, version), rt.settings)
 
 
 @router.get("/models/{name}", responses=_NOT_FOUND, summary="Model metadata: input and output tensors")
 @router.get("/models/{name}/versions/{version}", responses=_NOT_FOUND, include_in_schema=False)
-async def model_metadata(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
-    return oip.model_metadata(served_engine(rt, name, version).info())
+async def get_model_metadata(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
+    return oip.model_metadata(served_model(rt, name, version).info)
 
 
 @router.get("/models/{name}/ready", responses=_NOT_FOUND, summary="Model readiness")
 @router.get("/models/{name}/versions/{version}/ready", responses=_NOT_FOUND, include_in_schema=False)
 async def model_ready(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
-    served_engine(rt, name, version)
-    reason = not_ready_reason(rt)
+    served_model(rt, name, version)
+    reason = rt.not_ready_reason()
     if reason:
         raise NotReady(reason)
     return {"name": name, "ready": True}
 
 
-def _prepare_pixels(pixels: list[np.ndarray], engine: Engine, rt: Runtime) -> Prepared:
+def _prepare_pixels(pixels: list[np.ndarray], rt: Runtime) -> Prepared:
     """Raw ``[H, W, 3]`` uint8 images -> engine input, like decoded files (aspect rule included)."""
     total = sum(int(a.shape[0]) * int(a.shape[1]) for a in pixels)
     if total > rt.settings.max_request_pixels:
@@ -145,17 +133,17 @@ def _prepare_pixels(pixels: list[np.ndarray], engine: Engine, rt: Runtime) -> Pr
     for arr in pixels:
         t0 = time.perf_counter()
         image = limit_aspect(Image.fromarray(np.ascontiguousarray(arr), "RGB"))
-        out.pixels.append(engine.preprocess(image))
+        out.pixels.append(rt.preprocessor().pil(image))
         seconds = time.perf_counter() - t0
         rt.metrics.decode_seconds.observe(seconds)
         out.decode_ms.append(seconds * 1000.0)
     return out
 
 
-async def _prepare(items: list[RawImage | np.ndarray], engine: Engine, rt: Runtime,
-                   deadline: float) -> list[torch.Tensor]:
+async def _prepare(items: list[RawImage | np.ndarray], rt: Runtime,
+                   deadline: float) -> list[torch.Tensor | EncodedImage]:
     """Each run of same-kind items through its path, order kept."""
-    pixels: list[torch.Tensor] = []
+    pixels: list[torch.Tensor | EncodedImage] = []
     start = 0
     while start < len(items):
         kind = isinstance(items[start], RawImage)
@@ -164,21 +152,19 @@ async def _prepare(items: list[RawImage | np.ndarray], engine: Engine, rt: Runti
             end += 1
         run = items[start:end]
         if kind:
-            prepared = await prepare_images([r for r in run if isinstance(r, RawImage)], engine, rt,
-                                            deadline=deadline)
+            prepared = await prepare_images([r for r in run if isinstance(r, RawImage)], rt, deadline=deadline)
         else:
             arrays = [a for a in run if isinstance(a, np.ndarray)]
-            prepared = await anyio.to_thread.run_sync(_prepare_pixels, arrays, engine, rt)
+            prepared = await anyio.to_thread.run_sync(_prepare_pixels, arrays, rt)
         pixels.extend(prepared.pixels)
         start = end
     return pixels
 
 
-def check_model(rt: Runtime, name: str, version: str | None) -> tuple[Engine, Worker]:
+def check_model(rt: Runtime, name: str, version: str | None) -> ModelCard:
     """Before an inference request is read: the server serves (503 otherwise) and ``name`` is its model (404)."""
-    engine, worker = rt.serving()
-    served_engine(rt, name, version)
-    return engine, worker
+    rt.serving()
+    return served_model(rt, name, version)
 
 
 @dataclass
@@ -190,16 +176,15 @@ class Inference:
     top_k: int
 
 
-async def infer_images(rt: Runtime, engine: Engine, worker: Worker, parsed: oip.Images, deadline: float,
-                       request: Request | None) -> Inference:
+async def infer_images(rt: Runtime, parsed: oip.Images, deadline: float, request: Request | None) -> Inference:
     """Options and outputs from the request, decode, the worker call. ``request``: the HTTP request
     whose disconnect cancels the work (None for gRPC, whose cancelled call cancels this task)."""
     params = parsed.request.parameters or {}
     options = resolve_options(None, None, {k: params[k] for k in ("top_k", "keep_rate") if k in params},
                               rt.settings)
     specs = oip.requested_outputs(parsed.request, rt.settings.max_top_k)
-    pixels = await _prepare(parsed.items, engine, rt, deadline)
-    results = await run_model(request, worker, pixels, options.keep_rate, deadline)
+    pixels = await _prepare(parsed.items, rt, deadline)
+    results = await run_model(request, rt.model, pixels, options.keep_rate, deadline)
     return Inference(specs, results, options.top_k)
 
 
@@ -209,16 +194,16 @@ async def infer(request: Request, rt: RuntimeDep, deadline: DeadlineDep, name: s
                 version: str | None = None) -> Response:
     """Inputs ``images`` (BYTES [N], encoded) and/or ``pixels`` (UINT8 [N, H, W, 3]); parameters
     ``top_k`` and ``keep_rate``; outputs ``probabilities``, ``labels``, ``lifespans``, ``budget``."""
-    engine, worker = check_model(rt, name, version)
+    card = check_model(rt, name, version)
     limits = rt.limits()
     _check_content_length(request, limits.max_body_bytes)
     body = await _read_body(request, limits.max_body_bytes, "request body (PATCHLIFE_MAX_REQUEST_BYTES)")
     header = request.headers.get(oip.HEADER_LENGTH)
     parsed = await anyio.to_thread.run_sync(oip.parse_request, body, header, limits, rt.settings.max_image_pixels)
-    done = await infer_images(rt, engine, worker, parsed, deadline, request)
+    done = await infer_images(rt, parsed, deadline, request)
     t0 = time.perf_counter()
-    content, head_length = oip.encode_response(engine.name, parsed.request, done.specs, done.results,
-                                               engine.class_names, done.top_k)
+    content, head_length = oip.encode_response(card.name, parsed.request, done.specs, done.results,
+                                               list(card.class_names), done.top_k)
     rt.metrics.encode_seconds.observe(time.perf_counter() - t0)
     if head_length is None:
         return Response(content, media_type="application/json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -136,7 +137,8 @@ def test_unknown_routes_use_the_error_shape(client: TestClient, method: str, pat
 
 def test_genuine_bug_is_a_json_500(make_client: Callable[..., TestClient]) -> None:
     c = make_client()
-    c.app.state.runtime.engine.config.preprocess = None  # type: ignore[attr-defined]  # a bug, not bad input
+    rt = c.app.state.runtime  # type: ignore[attr-defined]
+    rt.card, rt._preprocessor = dataclasses.replace(rt.card, preprocess=None), None  # a bug, not bad input
     c2 = TestClient(c.app, raise_server_exceptions=False)
     r = c2.post("/classify", files={"file": ("a.png", GOOD, "image/png")})
     assert r.status_code == 500 and r.json() == {"error": {"code": "internal_error",

@@ -1,4 +1,4 @@
-"""service/frontend/decode.py: every image kind decodes to upright 8-bit RGB; bad bytes get typed errors."""
+"""service/decode.py: every image kind decodes to upright 8-bit RGB; bad bytes get typed errors."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from service_support import (
     rgba_half_transparent,
 )
 
-from service.frontend.decode import MAX_ASPECT, check_media_type, decode_image, limit_aspect
+from service.decode import MAX_ASPECT, check_media_type, decode_image, limit_aspect
 from service.frontend.errors import BadImage, TooManyPixels, UnsupportedMediaType
 
 LIMIT = 40_000_000

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from service_support import encode, photo
 
-from service.frontend import decode
-from service.frontend.decode_budget import (
+from service import decode
+from service.frontend.decode_gate import (
     BYTES_PER_PIXEL,
     RGB_BYTES_PER_PIXEL,
     WEBP_BYTES_PER_PIXEL,

@@ -21,6 +21,7 @@ from bench.child import free_port
 from service.frontend import errors
 from service.frontend.grpc import grpc_service_pb2 as pb
 from service.frontend.grpc.server import SERVICE, _failure
+from service.protocol import Lifecycle
 
 tg = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed: the gRPC client "
                          "checks did NOT run (pip install -e '.[dev]')")
@@ -204,14 +205,14 @@ def test_malformed_messages(app_client: tuple[TestClient, str]) -> None:
 
 def test_draining_server_is_unavailable(triton: Any, http: TestClient) -> None:
     rt = http.app.state.runtime  # type: ignore[attr-defined]
-    rt.draining = True
+    rt.state = Lifecycle.DRAINING
     try:
         assert not triton.is_server_ready() and not triton.is_model_ready(MODEL)
         e = _error(lambda: triton.infer(MODEL, [images_input(pngs(1))]))
         assert e.status() == "StatusCode.UNAVAILABLE" and "shutting down" in e.message()
         assert triton.is_server_live()
     finally:
-        rt.draining = False
+        rt.state = Lifecycle.READY
 
 
 @pytest.mark.parametrize("error,code", [

@@ -23,11 +23,14 @@ from starlette.requests import Request
 
 import service.runtime.worker as worker_mod
 from service.frontend.app import begin_shutdown
-from service.frontend.context import ARRIVAL_KEY, JsonFormatter, _request_id, _RequestIdFilter
-from service.frontend.decode_budget import DecodeBudget, DecodeBusy
+from service.frontend.context import ARRIVAL_KEY
+from service.frontend.decode_gate import DecodeBusy, DecodeGate
 from service.frontend.routes.common import EXPLAIN_VIEW_SIDE, Runtime, prepare_images, request_deadline
 from service.frontend.upload import RawImage
+from service.logs import JsonFormatter, _request_id, _RequestIdFilter
 from service.metrics import Metrics
+from service.protocol import Lifecycle
+from service.runtime.local import LocalModel
 from service.settings import Settings
 
 PNG = encode(photo((64, 48)), "PNG")  # 3,072 pixels
@@ -53,7 +56,7 @@ def test_request_pixel_budget_is_413_before_decoding(make_client: Callable[..., 
 def test_no_room_to_decode_is_503_with_retry_after(make_client: Callable[..., TestClient],
                                                    metric: Callable[..., float]) -> None:
     c = make_client(max_decode_pixels=10_000, decode_wait_ms=300)
-    budget = c.app.state.runtime.decode_budget  # type: ignore[attr-defined]
+    budget = c.app.state.runtime.decode_gate  # type: ignore[attr-defined]
     c.portal.call(budget._acquire, budget.capacity, 1.0)  # type: ignore[union-attr]  # another decode holds it all
     try:
         r = post(c, PNG)
@@ -71,15 +74,15 @@ def test_classify_keeps_no_decoded_image_and_explain_only_a_small_view(client: T
     rt = client.app.state.runtime  # type: ignore[attr-defined]
     big = encode(photo((3000, 2000)), "JPEG")
     raws = [RawImage(big, "image/jpeg", "file[0]")]
-    classify = client.portal.call(prepare_images, raws, rt.engine, rt)  # type: ignore[union-attr]
+    classify = client.portal.call(prepare_images, raws, rt)  # type: ignore[union-attr]
     assert len(classify.pixels) == 1 and classify.views == []
-    explain = client.portal.call(prepare_images, raws, rt.engine, rt, True)  # type: ignore[union-attr]
+    explain = client.portal.call(prepare_images, raws, rt, True)  # type: ignore[union-attr]
     assert len(explain.views) == 1 and max(explain.views[0].size) <= EXPLAIN_VIEW_SIDE
 
 
-def test_decode_budget_serves_in_order_and_times_out() -> None:
+def test_decode_gate_serves_in_order_and_times_out() -> None:
     async def main() -> None:
-        budget, order = DecodeBudget(10), []
+        budget, order = DecodeGate(10), []
 
         async def take(name: str, pixels: int, hold_s: float) -> None:
             async with budget.hold(pixels, timeout_s=1.0):
@@ -111,7 +114,7 @@ def test_a_dead_model_thread_turns_readyz_503_and_requests_503(make_client: Call
                                                               metric: Callable[..., float],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     c = make_client()
-    worker = c.app.state.runtime.worker  # type: ignore[attr-defined]
+    worker = c.app.state.runtime.model.worker  # type: ignore[attr-defined]
     real_plan = worker_mod.plan
 
     def plan(*args: Any, **kwargs: Any) -> Any:
@@ -151,7 +154,8 @@ def test_probes_and_scrapes_answer_while_the_thread_pool_is_full(make_client: Ca
 
 
 def test_deadline_counts_from_arrival_not_from_when_the_dependency_ran(checkpoint_dir: Any) -> None:
-    rt = Runtime(Settings(checkpoint=checkpoint_dir, device="cpu"), Metrics())
+    settings, metrics = Settings(checkpoint=checkpoint_dir, device="cpu"), Metrics()
+    rt = Runtime(settings, metrics, LocalModel(settings, metrics))  # not opened: its clock is the monotonic one
     arrived = time.monotonic() - 5.0  # the request waited 5 s before its dependencies ran
     scope = {"type": "http", "method": "POST", "path": "/classify", "headers": [], ARRIVAL_KEY: arrived}
     deadline = asyncio.run(request_deadline(Request(scope), rt, 1000.0))
@@ -215,7 +219,7 @@ def test_shutdown_order_readiness_first_then_refuse_with_connection_close(
     r = post(c, PNG)
     assert r.status_code == 200  # still served: the load balancer has not noticed yet
     assert r.headers["connection"] == "close"  # but the client will not reuse the connection
-    rt.draining = True
+    rt.state = Lifecycle.DRAINING
     r = post(c, PNG)
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
     assert r.headers["connection"] == "close"

@@ -8,7 +8,8 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 from service_support import wait_ready
 
-from service.frontend.app import create_app
+from service.app import create_app
+from service.protocol import Lifecycle
 from service.settings import Settings
 
 
@@ -25,7 +26,7 @@ def test_healthz_and_readyz_when_ready(client: TestClient) -> None:
 def test_readyz_503_while_warming_up_and_classify_refused(make_client: Callable[..., TestClient]) -> None:
     c = make_client()
     rt = c.app.state.runtime  # type: ignore[attr-defined]
-    rt.ready = False  # as between engine load and the end of warm-up
+    rt.state = Lifecycle.LOADING  # as between engine load and the end of warm-up
     try:
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
@@ -33,16 +34,16 @@ def test_readyz_503_while_warming_up_and_classify_refused(make_client: Callable[
         assert c.get("/healthz").status_code == 200
         r = c.post("/classify", content=b"x", headers={"content-type": "image/png"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
-        rt.startup_error = "RuntimeError: CUDA out of memory"
+        rt.state, rt.startup_error = Lifecycle.FAILED, "RuntimeError: CUDA out of memory"
         assert "CUDA out of memory" in c.get("/readyz").json()["error"]["message"]
     finally:
-        rt.ready, rt.startup_error = True, None
+        rt.state, rt.startup_error = Lifecycle.READY, None
     assert c.get("/readyz").status_code == 200
 
 
 def test_readyz_503_when_draining(make_client: Callable[..., TestClient]) -> None:
     c = make_client()
-    c.app.state.runtime.draining = True  # type: ignore[attr-defined]  # what SIGTERM sets in `patchlife serve`
+    c.app.state.runtime.state = Lifecycle.DRAINING  # type: ignore[attr-defined]  # what SIGTERM sets in `patchlife serve`
     r = c.get("/readyz")
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
 
@@ -51,7 +52,7 @@ def test_lifespan_shutdown_stops_the_worker(checkpoint_dir: Path) -> None:
     app = create_app(Settings(checkpoint=checkpoint_dir, device="cpu", warmup_batches=0, grpc_port=0))
     with TestClient(app) as c:
         wait_ready(c)
-        worker = app.state.runtime.worker
+        worker = app.state.runtime.model.worker
         assert worker is not None and worker._thread is not None and worker._thread.is_alive()
-    assert app.state.runtime.draining and not app.state.runtime.ready
+    assert app.state.runtime.state == Lifecycle.STOPPED
     assert worker._thread is None  # joined

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from service_support import encode, photo, png_bomb
 
-from service.frontend.decode import tiff_pages
+from service.decode import tiff_pages
 from service.frontend.upload import shown_filename
 
 GOOD = encode(photo((40, 40)), "PNG")

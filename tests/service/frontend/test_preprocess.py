@@ -1,4 +1,4 @@
-"""service/frontend/preprocess.py: one resize of the stored pixels gives what timm's transform gives on the
+"""service/preprocess.py: one resize of the stored pixels gives what timm's transform gives on the
 upright RGB image (every image kind, every EXIF orientation, three preprocessing configurations)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from service_support import all_kinds, encode, photo
 from starlette.requests import Request
 
 from bench.photos import photo_jpeg
-from service.frontend.decode import decode_image, decode_stored, limit_aspect
-from service.frontend.preprocess import _aspect_region, fast_config, model_input, resize_side, view_geometry
+from service.decode import decode_image, decode_stored, limit_aspect
 from service.frontend.upload import UploadLimits, read_payload
+from service.preprocess import _aspect_region, fast_config, model_input, resize_side, view_geometry
 from service.runtime.engine import uint8_transform
 
 CONFIGS = {

@@ -19,6 +19,7 @@ from PIL import Image
 from service_support import CLASSES, encode, photo
 
 from service.frontend import oip
+from service.protocol import Lifecycle
 
 MODEL = "nano-test"
 INFER = f"/v2/models/{MODEL}/infer"
@@ -241,7 +242,7 @@ def test_unknown_model_infer_is_404(client: TestClient) -> None:
 def test_draining_server_is_not_ready(client: TestClient) -> None:
     c = client
     rt = c.app.state.runtime  # type: ignore[attr-defined]
-    rt.draining = True
+    rt.state = Lifecycle.DRAINING
     try:
         for path in ("/v2/health/ready", f"/v2/models/{MODEL}/ready"):
             r = c.get(path)
@@ -250,7 +251,7 @@ def test_draining_server_is_not_ready(client: TestClient) -> None:
         assert r.status_code == 503 and "shutting down" in r.json()["error"]
         assert c.get("/v2/health/live").status_code == 200
     finally:
-        rt.draining = False
+        rt.state = Lifecycle.READY
 
 
 def test_v2_requests_show_in_the_http_metrics(client: TestClient) -> None:

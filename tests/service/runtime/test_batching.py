@@ -36,7 +36,7 @@ def test_nothing_queued_means_nothing_to_do() -> None:
 def test_head_waits_for_its_delay_then_flushes() -> None:
     lim = BatchLimits(max_batch_size=4, max_delay_s=0.010)
     q = head_q(1.000, 1.004)
-    busy = tail_q((1.003, A))  # phase B holds work (not yet due): the head batch may wait to fill
+    busy = tail_q((1.003, A))  # the tail holds work (not yet due): the head batch may wait to fill
     assert plan(q, busy, 1.005, lim, cost) == pytest.approx(1.010)  # wake when the oldest is due
     batch = plan(q, busy, 1.010, lim, cost)
     assert isinstance(batch, Batch)
@@ -53,7 +53,7 @@ def test_head_flushes_at_once_when_full_and_takes_fifo_prefix() -> None:
 def test_tail_groups_by_bucket_and_runs_at_the_bucket() -> None:
     lim = BatchLimits(max_batch_size=8, max_delay_s=0.010, max_waste=0.0)
     q = tail_q((1.000, A), (1.001, B), (1.002, A), (1.003, B))
-    head = head_q(1.004)  # an image still to go through phase A could join a bucket: buckets wait
+    head = head_q(1.004)  # an image still to go through the head could join a bucket: buckets wait
     assert plan(head, q, 1.005, lim, cost) == pytest.approx(1.010)
     batch = plan(head, q, 1.010, lim, cost)
     assert isinstance(batch, Batch)
@@ -98,7 +98,7 @@ def test_oldest_due_bucket_goes_before_newer_full_buckets() -> None:
 def test_ready_batches_run_oldest_request_first_tail_before_head_on_ties() -> None:
     lim = BatchLimits(max_batch_size=2, max_delay_s=0.0)
     head = [Waiting(1, 2.0, 2.0)]
-    tail = [Waiting(2, 1.0, 2.5, A)]  # submitted before the head image, entered phase B later
+    tail = [Waiting(2, 1.0, 2.5, A)]  # submitted before the head image, entered the tail later
     batch = plan(head, tail, 3.0, lim, cost)
     assert isinstance(batch, Batch) and batch.phase == "tail"
     tie = plan([Waiting(1, 1.0, 1.0)], [Waiting(2, 1.0, 1.5, A)], 3.0, lim, cost)
@@ -110,7 +110,7 @@ def test_idle_head_batch_goes_at_once_when_phase_b_is_empty() -> None:
     batch = plan(head_q(1.000, 1.001), [], 1.001, lim, cost)
     assert isinstance(batch, Batch)
     assert (batch.phase, batch.keys, batch.reason) == ("head", (0, 1), "idle")
-    # With phase-B work queued (not yet due) the head batch waits to fill, as before.
+    # With tail work queued (not yet due) the head batch waits to fill, as before.
     assert plan(head_q(1.000, 1.001), tail_q((1.0005, A)), 1.001, lim, cost) == pytest.approx(1.010)
 
 
@@ -131,7 +131,7 @@ def test_under_load_buckets_still_wait_for_images_in_phase_a() -> None:
     assert plan(head, tail, 1.005, lim, cost) == pytest.approx(1.012)  # A's delay runs out first
     batch = plan(head, tail, 1.012, lim, cost)
     assert isinstance(batch, Batch) and (batch.counts, batch.reason) == (A, "delay")
-    # Once the phase-A image has gone through, the buckets have nothing left to wait for.
+    # Once the head image has gone through, the buckets have nothing left to wait for.
     later_tail = [*tail_q((1.003, B)), Waiting(0, 1.004, 1.0125, B)]
     batch = plan([], later_tail, 1.0125, lim, cost)  # B's delay would run out at 1.013
     assert isinstance(batch, Batch) and (batch.keys, batch.reason) == ((100, 0), "idle")
@@ -225,7 +225,7 @@ def simulate(mode: str, arrivals: list[tuple[float, tuple[int, ...]]], limits: B
              batch_s: float, price: BatchCost | None = None) -> tuple[list[Batch], dict[int, list[float]]]:
     """Drive ``plan`` like the worker does; every batch takes ``batch_s``.
 
-    Returns the batches in order and, per image, its waits ``[phase A, phase B]``.
+    Returns the batches in order and, per image, its waits ``[head, tail]``.
     """
     lim = replace(limits, mode=mode)
     pending = sorted(enumerate(arrivals), key=lambda kv: kv[1][0])

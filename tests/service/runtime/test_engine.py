@@ -53,7 +53,7 @@ def test_uint8_input_matches_timm_float_preprocessing(eager: Engine) -> None:
 
 
 def test_bucket_grid_is_fitted_and_small(eager: Engine) -> None:
-    points = eager.buckets.points
+    points = eager.bucket_grid.points
     assert 2 <= len(points) <= 9  # 8 fitted (fewer if they coincide) + the full budget
     assert points[-1] == (eager.model.num_patches,) * len(points[0])
     hb = eager.head(pixels(16), [None, 0.5, 0.7, 0.9] * 4)
@@ -65,11 +65,11 @@ def test_bucket_grid_is_fitted_and_small(eager: Engine) -> None:
 
 def test_vectorised_round_up_equals_the_rule_on_every_budget(eager: Engine) -> None:
     g = torch.Generator().manual_seed(0)
-    S, P = len(eager.buckets.weights), eager.model.num_patches
+    S, P = len(eager.bucket_grid.weights), eager.model.num_patches
     budgets = torch.randint(1, P + 1, (500, S), generator=g).sort(dim=1, descending=True).values
     stepped = BucketGrid.stepped(eager.model.schedule, 4)  # a checkpoint stored without a budget sample
     assert tuple(stepped.table().shape) == (0, S)
-    for grid in (eager.buckets, stepped):
+    for grid in (eager.bucket_grid, stepped):
         rows = grid.round_up_rows(budgets, grid.table())
         assert rows.dtype == torch.int64 and [tuple(r) for r in rows.tolist()] == \
             [grid.round_up(b) for b in budgets.tolist()]
@@ -99,7 +99,7 @@ def test_head_runs_one_lives_pass_per_distinct_keep_rate(eager: Engine, monkeypa
 
 def test_padded_shapes_equal_eager_for_every_captured_class(eager: Engine, padded: Engine) -> None:
     assert batch_classes(8) == (1, 2, 4, 8)
-    points = padded.buckets.points
+    points = padded.bucket_grid.points
     assert padded.runner.describe()["captured"] == len(batch_classes(8)) * (1 + len(points))
     for n in (1, 2, 3, 5, 8):  # 3 and 5 run padded to 4 and 8
         x, rates = pixels(n, seed=n), [None] * n
@@ -120,7 +120,7 @@ def test_padded_shapes_equal_eager_for_every_captured_class(eager: Engine, padde
             mixed = padded.tail([Rows(b, shuffled[:half]), Rows(a, shuffled[half:])], counts).get()
             torch.testing.assert_close(mixed, pb[shuffled], rtol=0, atol=1e-5)
         by_bucket = padded.tail_by_bucket(b).get()
-        ref = eager.model(eager.normalize(x), None, eager.buckets).softmax(-1)
+        ref = eager.model(eager.normalize(x), None, eager.bucket_grid).softmax(-1)
         torch.testing.assert_close(by_bucket, ref, rtol=0, atol=1e-5)
     assert padded.runner.eager_fallbacks == 0
 
@@ -130,7 +130,7 @@ def test_uncaptured_shapes_fall_back_to_eager_and_are_counted(eager: Engine, pad
     x = pixels(9, seed=9)  # larger than the largest class (8)
     hb = padded.head(x, [None] * 9)
     assert padded.runner.eager_fallbacks == before + 1 and padded.padded_rows(9) == 9
-    odd = tuple(p - 1 for p in padded.buckets.points[-1])  # not a grid point
+    odd = tuple(p - 1 for p in padded.bucket_grid.points[-1])  # not a grid point
     probs = padded.tail([Rows(hb, torch.arange(2))], odd).get()
     assert padded.runner.eager_fallbacks == before + 2
     reference = eager.tail([Rows(eager.head(x[:2], [None, None]), torch.arange(2))], odd).get()
@@ -143,7 +143,7 @@ def test_warmup_times_both_phases_for_the_cost_model(padded: Engine) -> None:
     phases = {(t.phase, t.rows) for t in timings}
     assert {("head", 1), ("head", 8), ("tail", 1), ("tail", 8)} <= phases
     assert all(t.seconds > 0 for t in timings) and {t.tokens_per_row for t in timings if t.phase == "tail"} \
-        == {padded.tail_tokens(padded.buckets.points[0]), padded.tail_tokens(padded.buckets.points[-1])}
+        == {padded.tail_tokens(padded.bucket_grid.points[0]), padded.tail_tokens(padded.bucket_grid.points[-1])}
 
 
 def test_calibration_statistics_stay_float32_whatever_the_model_dtype(checkpoint_dir: Path) -> None:
@@ -182,7 +182,7 @@ def test_head_and_tail_only_queue_device_work(checkpoint_dir: Path) -> None:
     T, D = engine.model.num_prefix_tokens, engine.model.backbone.embed_dim
     assert hb.tokens.device.type == "meta" and tuple(hb.tokens.shape) == (n, T + P, D)
     assert hb.plan.tensor.device.type == "meta" and tuple(hb.plan.tensor.shape) == (n, P + 2 * S)
-    counts = engine.buckets.points[0]
+    counts = engine.bucket_grid.points[0]
     parts = [Rows(hb, torch.tensor([4, 0, 2])), Rows(hb2, torch.tensor([1]))]  # host indices, as the worker sends
     with OneDevice():
         probs = engine.tail(parts, counts).tensor

@@ -1,6 +1,6 @@
 """The served batch path costs the host a fixed number of ATen ops per batch, whatever its size.
 
-Counted on the CPU with a ``TorchDispatchMode`` around ``served_forward`` (head, one tail call per
+Counted on the CPU with a ``TorchDispatchMode`` around ``Engine.run_batch`` (head, one tail call per
 bucket, one copy of the answers): a batch of 64 may dispatch more ops than a batch of 8 only by what
 its extra buckets cost, never by anything per image. A Python loop over images (a ``tokens[i]``, a
 ``torch.stack`` of slices, a copy per image) shows up here as ops that grow with the batch. On a GPU
@@ -17,7 +17,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.served import served_forward
 from service.runtime.engine import Engine
 from service.runtime.handoff import Rows
 
@@ -37,7 +36,7 @@ class OpCounter(TorchDispatchMode):
 def served_ops(engine: Engine, pixels: torch.Tensor) -> tuple[Counter[str], int]:
     """(ops dispatched by one served batch, buckets it ran)."""
     with OpCounter() as counter:
-        hb = served_forward(engine, pixels)
+        hb, _ = engine.run_batch(pixels)
     return counter.ops, len({tuple(b) for b in hb.buckets.tolist()})
 
 
@@ -82,7 +81,7 @@ def test_ops_per_batch_differ_only_by_the_buckets(engine: Engine) -> None:
 def test_the_workers_calls_dispatch_the_same_ops_at_8_and_64(engine: Engine) -> None:
     """As the worker calls the engine: one ``[3, H, W]`` tensor per image into the head, then a tail
     batch gathered from two head batches (one ``index_select`` each) at one bucket's counts."""
-    counts = engine.buckets.points[-1]
+    counts = engine.bucket_grid.points[-1]
     totals = []
     for n in (8, 64):
         images = list(varied(n, seed=4))

@@ -231,7 +231,7 @@ def test_deadline_passed_while_queued_answers_deadline_and_never_runs() -> None:
         engine.gate.clear()
         engine.entered.clear()
         blocker = asyncio.create_task(worker.submit(images(1), None, later()))
-        await wait_until(engine.entered.is_set)  # image 1 is in phase A; the model is busy
+        await wait_until(engine.entered.is_set)  # image 1 is in the head; the model is busy
         late = asyncio.create_task(worker.submit(images(2, 3), None, later(0.05)))
         await asyncio.sleep(0.15)
         engine.gate.set()
@@ -328,7 +328,7 @@ def test_stop_drains_queued_work_and_refuses_new_work() -> None:
 
     async def main() -> None:
         # A long delay: draining must send the partial batches without waiting for it.
-        # Request 0 holds the model while the others queue; once it leaves phase A both queues hold
+        # Request 0 holds the model while the others queue; once it leaves the head both queues hold
         # work, so without draining nothing would be due for a minute.
         worker = Worker(engine, settings(max_delay_ms=60_000), hooks)
         await worker.start()
@@ -366,7 +366,7 @@ def test_stop_fails_what_the_grace_period_cannot_finish() -> None:
         await worker.stop()
         assert time.monotonic() - t0 < 1.0, "stop waits for the running batch only, not the queue"
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        # Image 0 was in phase A when the grace ran out; nothing else started; nobody gets an answer.
+        # Image 0 was in the head when the grace ran out; nothing else started; nobody gets an answer.
         assert all(isinstance(o, WorkerStopping) for o in outcomes)
 
     asyncio.run(main())
@@ -433,7 +433,7 @@ def test_an_asynchronous_engine_gets_the_next_batch_before_the_worker_waits(asyn
         first = asyncio.create_task(worker.submit(images(1, 2), None, later()))
         await wait_until(engine.entered.is_set)  # head (1, 2) is launching
         second = asyncio.create_task(worker.submit(images(3, 4), 0.75, later()))
-        await wait_until(lambda: worker._queued_tokens > 0 and len(worker._head) == 2)
+        await wait_until(lambda: worker.queues.tokens > 0 and len(worker.queues.head) == 2)
         engine.gate.set()
         out = [await first, await second]
         await worker.stop()

@@ -107,7 +107,7 @@ def test_concurrent_budget_batching_gives_the_single_request_answers(engine: Eng
     for (px, rate), a_list in zip(reqs, single, strict=True):
         sched = engine.schedule(rate)
         with torch.inference_mode():
-            ref = engine.model(engine.normalize(torch.stack(px)), sched, engine.buckets).softmax(-1)
+            ref = engine.model(engine.normalize(torch.stack(px)), sched, engine.bucket_grid).softmax(-1)
         torch.testing.assert_close(torch.stack([a.probs for a in a_list]), ref, rtol=0, atol=1e-6)
 
 

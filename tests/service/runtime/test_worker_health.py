@@ -166,7 +166,7 @@ def test_admission_estimates_stay_bounded_whatever_keep_rates_clients_send() -> 
         await worker.start()
         rates = [0.5 + i * 1e-5 for i in range(300)]  # 300 distinct rates within 0.003 of each other
         await asyncio.gather(*(worker.submit(images(i), r, later()) for i, r in enumerate(rates)))
-        assert len(worker._estimates) <= 2
+        assert len(worker.queues.estimates) <= 2
         await worker.stop()
 
     asyncio.run(main())

@@ -1,8 +1,8 @@
 """A bound on the memory of decoding: bytes being decoded at once, over all requests.
 
-    budget = DecodeBudget(capacity=decode_capacity(80_000_000))   # PATCHLIFE_MAX_DECODE_PIXELS
+    gate = DecodeGate(capacity=decode_capacity(80_000_000))     # PATCHLIFE_MAX_DECODE_PIXELS
     cost = decode_cost(width * height, mode, format)              # from the header, nothing decoded
-    async with budget.hold(cost, timeout_s=10.0):                 # raises DecodeBusy after timeout_s
+    async with gate.hold(cost, timeout_s=10.0):                   # raises DecodeBusy after timeout_s
         image = await anyio.to_thread.run_sync(decode, data)
 
 A decode's peak memory is its pixel count times a number of bytes that depends on the image's mode
@@ -10,7 +10,7 @@ and format (``BYTES_PER_PIXEL``): 4 for 8-bit RGB (Pillow stores RGB as 4 bytes)
 an alpha channel (compositing over white makes three RGBA copies), 7 for 16-bit grey, 12 for 32-bit
 integer or float grey, 16 for any WebP. Holding that for the length of the decode bounds the memory
 all decodes hold together. Waiters are served in arrival order (a large image is not starved by a
-stream of small ones); an image larger than the whole budget waits for all of it. Event-loop only:
+stream of small ones); an image larger than the whole capacity waits for all of it. Event-loop only:
 no locks.
 """
 
@@ -34,7 +34,7 @@ RGB_BYTES_PER_PIXEL = BYTES_PER_PIXEL["RGB"]
 
 
 def decode_capacity(max_decode_pixels: int) -> int:
-    """The budget in bytes: PATCHLIFE_MAX_DECODE_PIXELS counts pixels of 8-bit RGB."""
+    """The capacity in bytes: PATCHLIFE_MAX_DECODE_PIXELS counts pixels of 8-bit RGB."""
     return max_decode_pixels * RGB_BYTES_PER_PIXEL
 
 
@@ -54,7 +54,9 @@ class DecodeBusy(Exception):
     """No room to decode within the wait limit."""
 
 
-class DecodeBudget:
+class DecodeGate:
+    """Bytes being decoded at once, over all requests (a semaphore weighted by each decode's cost)."""
+
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.available = capacity

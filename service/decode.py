@@ -32,7 +32,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
-from .errors import BadImage, TooManyPixels, UnsupportedMediaType
+from .api_errors import BadImage, TooManyPixels, UnsupportedMediaType
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")  # JPEG includes multi-picture (MPO) files
 ACCEPTED_NON_IMAGE_TYPES = ("application/octet-stream",)
@@ -173,10 +173,17 @@ def decode_stored(data: bytes, max_pixels: int, *, min_side: int | None = None,
         raise BadImage(f"{source}: could not decode the image ({type(exc).__name__}: {exc})") from None
 
 
+def device_decodable(image_format: str | None, mode: str) -> bool:
+    """A YCbCr or grey JPEG (by its header): what the model process decodes in batches on its device
+    when PATCHLIFE_DECODE says so, and what libjpeg-turbo decodes here; CMYK JPEGs and every other
+    format are Pillow's."""
+    return image_format in ("JPEG", "MPO") and mode in ("RGB", "L")
+
+
 def _turbo(data: bytes, header: Image.Image, min_side: int | None) -> Image.Image | None:
     """A YCbCr or grey JPEG decoded by libjpeg-turbo at the smallest M/8 scale covering ``min_side``;
     None for anything else, or when libjpeg-turbo refuses the file (Pillow then decodes it, or says why not)."""
-    if header.format not in ("JPEG", "MPO") or header.mode not in ("RGB", "L"):
+    if not device_decodable(header.format, header.mode):
         return None
     # scale only by 2 or more: a 7/8 IDCT costs nearly a full decode and blurs more than the resize would
     side = min_side if min_side and min(header.size) >= 2 * min_side else 0
@@ -246,7 +253,7 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
 
     Row blocks at a time, so that the wide temporaries (int64, float32) cost a few MB instead of
     8 bytes per pixel of a 40-megapixel image (the decode budget charges what is left, see
-    ``service/frontend/decode_budget.py``)."""
+    ``service/frontend/decode_gate.py``)."""
     out = np.empty(arr.shape, np.uint8)
     rows = max(1, _BLOCK_PIXELS // max(1, arr.shape[-1]))
     blocks = [slice(r, r + rows) for r in range(0, arr.shape[0], rows)]

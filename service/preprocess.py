@@ -7,7 +7,7 @@ resize of the stored image: the centre crop becomes a ``box`` of the resize (Pil
 the kept output pixels, with the same filter taps as resize-then-crop), the EXIF rotation is applied
 to the 224x224 result instead of the full photo, and the conversion to RGB of a grey image too.
 
-``view_geometry`` is the one home of that arithmetic; the GPU decoder (:mod:`service.frontend.gpu_decode`)
+``view_geometry`` is the one home of that arithmetic; the GPU decoder (:mod:`service.runtime.gpu_decode`)
 resizes and crops by the same numbers.
 """
 
@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from .api_errors import BadImage
 from .decode import MAX_ASPECT, UPRIGHT, Decoded, limit_aspect, to_rgb, upright
-from .errors import BadImage
+from .transforms import uint8_transform
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -133,3 +134,22 @@ def _rgb(im: Image.Image, source: str) -> Image.Image:
         return to_rgb(im)
     except Exception as exc:  # a mode Pillow cannot convert: the file's fault
         raise BadImage(f"{source}: could not decode the image ({type(exc).__name__}: {exc})") from None
+
+
+class Preprocessor:
+    """The served model's preprocessing (from its card's timm config): decoded image -> ``uint8 [3, H, W]``.
+
+    timm's transform is built once, for the configurations ``fast_config`` does not cover and for raw
+    pixel arrays (/v2); normalisation is the model process's (``service/transforms.py``).
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.transform = uint8_transform(config)[0]
+
+    def model_input(self, decoded: Decoded, source: str = "image") -> torch.Tensor:
+        return model_input(decoded, self.config, self.pil, source)
+
+    def pil(self, image: Image.Image) -> torch.Tensor:
+        """An upright PIL image -> the model's input, through timm's transform."""
+        return self.transform(image.convert("RGB"))  # type: ignore[no-any-return]

@@ -1,0 +1,302 @@
+"""``patchlife serve`` with API processes: this process is the model process; it starts the API processes.
+
+    model process (this one)                      API process x PATCHLIFE_API_PROCESSES
+    engine, batching worker, the GPU       <-->   uvicorn + FastAPI on the shared port: HTTP, limits,
+    ModelHost on a Unix socket                    decoding, preprocessing; RemoteModel: pixels into
+    metrics of the worker                         shared-memory slots, descriptors over the socket
+
+The settings are parsed and the checkpoint loaded once, here, before the port is bound, so a bad
+checkpoint ends the command with its message and no port ever opens. The listening socket is bound
+here and inherited by every API process (the kernel spreads connections over them); gRPC listens in
+each API process with SO_REUSEPORT. Metrics of every process go to one prometheus_client multiprocess
+directory, so any API process's ``/metrics`` shows the whole service.
+
+Supervision: an API process that dies is replaced (after too many deaths in a row, ``serve`` gives
+up and exits 1). If this process dies, every API process loses its connection: it answers 503 from
+then on and exits, and ``serve``'s exit status is that of this process (non-zero), so Kubernetes
+restarts the pod (docs/ops.md). SIGTERM/SIGINT: forwarded to the API processes, which drain as the
+single-process service does (``service/serve.py``) while the model keeps serving them; when they have
+exited the worker stops and ``serve`` exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from .logs import configure_logging
+from .metrics_dir import cleanup_multiprocess, enable_multiprocess, mark_process_dead, multiprocess_dir
+from .settings import Settings
+from .transport.slots import shm_free_bytes
+
+log = logging.getLogger("patchlife.serve")
+MAX_QUICK_DEATHS = 5        # API processes that die within QUICK_DEATH_S of their start, in a row: give up
+QUICK_DEATH_S = 10.0
+RESPAWN_DELAY_S = 0.5
+EXIT_MARGIN_S = 10.0        # beyond the API processes' own drain before they are killed
+
+
+@dataclass(frozen=True)
+class ApiSpec:
+    """What an API process needs, pickled to it at spawn."""
+
+    index: int
+    settings: Settings
+    ipc_path: Path
+    metrics_dir: Path | None
+    slots: int
+    log_level: str
+
+
+def bind(host: str, port: int, listen: bool = True) -> socket.socket:
+    """The shared listening socket (as uvicorn binds it), inheritable by the API processes."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"port {port}: {exc.strerror}") from None
+    if listen:
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    return sock
+
+
+def shm_problem(pool_bytes: int) -> str | None:
+    """Why the pixel slots cannot fit in /dev/shm (None when they can): a slot written past the end of
+    a full tmpfs kills its API process with SIGBUS, so this is refused at start-up instead."""
+    free = shm_free_bytes()
+    if free is None or pool_bytes <= free:
+        return None
+    return (f"the pixel slots need {pool_bytes / 2**20:.0f} MiB of shared memory and /dev/shm has "
+            f"{free / 2**20:.0f} MiB free: mount a larger /dev/shm (docker: --shm-size, Kubernetes: an emptyDir "
+            "with medium Memory, see docs/ops.md) or lower PATCHLIFE_PIXEL_SLOTS / PATCHLIFE_API_PROCESSES")
+
+
+def run(args: argparse.Namespace, settings: Settings, processes: int) -> int:
+    """The model process: load, bind, start the API processes, serve them until SIGTERM."""
+    from .runtime.engine import Engine  # after the metrics directory is chosen: see metrics_mod
+
+    workdir = Path(tempfile.mkdtemp(prefix="patchlife-"))  # 0700: the socket and metrics are ours alone
+    try:
+        # one directory for every process's metrics (PROMETHEUS_MULTIPROC_DIR if set, emptied first)
+        metrics_dir = multiprocess_dir() or workdir / "metrics"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        enable_multiprocess(metrics_dir, fresh=True)
+        configure_logging(args.log_level, settings.log_format, "model")
+        try:
+            engine = Engine.from_settings(settings)
+        except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
+            print(f"patchlife serve: {exc}", file=sys.stderr)
+            return 1
+        slots = settings.slots_per_process(processes)
+        problem = shm_problem(processes * slots * math.prod(engine.card().input_shape))
+        if problem:
+            print(f"patchlife serve: {problem}", file=sys.stderr)
+            return 1
+        try:
+            sock = bind(settings.host, settings.port)
+            if settings.grpc_port:  # the API processes share it with SO_REUSEPORT: check nobody else has it
+                bind(settings.host, settings.grpc_port, listen=False).close()
+        except OSError as exc:
+            print(f"patchlife serve: cannot listen on {settings.host}: {exc}", file=sys.stderr)
+            return 1
+        spec = ApiSpec(0, settings, workdir / "model.sock", metrics_dir, slots, args.log_level)
+        return asyncio.run(_model_process(engine, settings, spec, sock, processes))
+    finally:
+        if multiprocess_dir() is not None:
+            cleanup_multiprocess(multiprocess_dir())  # type: ignore[arg-type]
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class _Supervisor:
+    """Starts, watches and replaces the API processes; forwards the shutdown signal to them."""
+
+    def __init__(self, spec: ApiSpec, sock: socket.socket, count: int) -> None:
+        self.spec, self.sock, self.count = spec, sock, count
+        self.context = multiprocessing.get_context("spawn")
+        self.procs: dict[int, tuple[BaseProcess, float]] = {}
+        self.stopping = False
+        self.quick_deaths = 0
+
+    def spawn(self, index: int) -> None:
+        spec = ApiSpec(index, *(getattr(self.spec, f) for f in ("settings", "ipc_path", "metrics_dir", "slots",
+                                                                   "log_level")))
+        proc = self.context.Process(target=api_main, args=(spec, self.sock), name=f"patchlife-api-{index}",
+                                    daemon=False)
+        proc.start()
+        self.procs[index] = (proc, time.monotonic())
+
+    def start_all(self) -> None:
+        for i in range(1, self.count + 1):
+            self.spawn(i)
+        log.info("%d API processes serving http://%s:%d", self.count, self.spec.settings.host,
+                 self.spec.settings.port)
+
+    async def watch(self) -> int | None:
+        """Replace API processes that die; returns an exit status when serve must give up."""
+        while not self.stopping:
+            for index, (proc, started) in list(self.procs.items()):
+                if proc.is_alive():
+                    continue
+                code = proc.exitcode
+                _mark_dead(proc.pid)
+                if self.stopping:
+                    break
+                quick = time.monotonic() - started < QUICK_DEATH_S
+                self.quick_deaths = self.quick_deaths + 1 if quick else 0
+                log.error("API process %d (pid %s) exited with status %s; %s", index, proc.pid, code,
+                          "giving up" if self.quick_deaths >= MAX_QUICK_DEATHS else "starting another")
+                if self.quick_deaths >= MAX_QUICK_DEATHS:
+                    return 1
+                await asyncio.sleep(RESPAWN_DELAY_S)
+                if not self.stopping:
+                    try:
+                        self.spawn(index)
+                    except Exception:  # counted as a quick death when the loop comes round to it again
+                        log.exception("could not start API process %d", index)
+                        self.procs[index] = (proc, time.monotonic())
+            await asyncio.sleep(0.1)
+        return None
+
+    def signal_all(self, sig: int) -> None:
+        for proc, _ in self.procs.values():
+            if proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
+    async def wait_all(self, limit_s: float) -> None:
+        end = time.monotonic() + limit_s
+        while any(p.is_alive() for p, _ in self.procs.values()) and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        for proc, _ in self.procs.values():
+            if proc.is_alive():
+                log.error("API process pid %s did not exit after its drain: killed", proc.pid)
+                proc.kill()
+            proc.join(1.0)
+            _mark_dead(proc.pid)
+
+
+async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock: socket.socket,
+                         processes: int) -> int:
+    from .metrics import Metrics
+    from .runtime.local import LocalModel
+    from .transport.host import ModelHost
+
+    metrics = Metrics()
+    model = LocalModel(settings, metrics, engine)  # type: ignore[arg-type]
+    card = await model.open()
+    host = ModelHost(model, card, heartbeat=metrics.sample)  # health, graphs, device memory into the gauges
+    await host.start(spec.ipc_path)
+    supervisor = _Supervisor(spec, sock, processes)
+    supervisor.start_all()
+    starting = asyncio.create_task(_start(model, host))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(sig: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            supervisor.stopping = True
+            sock.close()  # no API process will be started again: once they have closed theirs, the port is closed
+            model.begin_drain()
+            host.push_status()
+            stop.set()
+        supervisor.signal_all(sig if signals == 1 else signal.SIGKILL if signals > 2 else signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    watching = asyncio.create_task(supervisor.watch())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({watching, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    status = None
+    if watching.done():
+        try:
+            status = watching.result()
+        except Exception:  # a bug in the supervision: stop everything rather than serve unsupervised
+            log.exception("supervising the API processes failed")
+            status = 1
+    if status is not None:  # API processes keep dying: stop them all
+        supervisor.stopping = True
+        sock.close()
+        supervisor.signal_all(signal.SIGTERM)
+    watching.cancel()
+    drain_s = settings.shutdown_delay_s + settings.shutdown_grace_s + EXIT_MARGIN_S
+    await supervisor.wait_all(drain_s)
+    await starting
+    await model.stop(grace_s=settings.shutdown_grace_s)
+    await host.close()
+    log.info("model process stopped")
+    return status or 0
+
+
+async def _start(model: object, host: object) -> None:
+    try:
+        await model.start()  # type: ignore[attr-defined]
+    except Exception:
+        pass  # LocalModel logged it; the status says FAILED with the reason
+    host.push_status()  # type: ignore[attr-defined]
+
+
+def _mark_dead(pid: int | None) -> None:
+    """Its live gauges (requests in flight) leave the merge; its counters stay in the totals."""
+    if pid is not None:
+        with contextlib.suppress(OSError):
+            mark_process_dead(pid)
+
+
+# -- the API process ------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """SIGTERM when the model process dies (Linux), even if it could not say goodbye."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def api_main(spec: ApiSpec, sock: socket.socket) -> None:
+    """An API process: the front end's app on the inherited socket, the model behind a RemoteModel."""
+    os.setpgrp()  # a terminal's Ctrl-C reaches the model process only, which forwards one SIGTERM
+    _die_with_parent()
+    if spec.metrics_dir is not None:
+        enable_multiprocess(spec.metrics_dir)
+    configure_logging(spec.log_level, spec.settings.log_format, f"api-{spec.index}")
+    import torch
+
+    torch.set_num_threads(1)  # no model here: a thread team would only spin beside the model process's
+    from .frontend.app import make_app
+    from .metrics import Metrics
+    from .serve import make_server
+    from .transport.client import RemoteModel
+
+    server_box: list[object] = []
+
+    def lost() -> None:  # the model process is gone: answer 503 briefly, then exit (serve is ending)
+        if server_box:
+            loop = asyncio.get_event_loop()
+            loop.call_later(1.0, setattr, server_box[0], "should_exit", True)
+
+    metrics = Metrics()
+    model = RemoteModel(spec.ipc_path, spec.slots, on_lost=lost, on_reject=metrics.reject)
+    app = make_app(spec.settings, model, metrics, shared_ports=True)
+    server = make_server(app, spec.settings, spec.log_level)
+    server_box.append(server)
+    server.run(sockets=[sock])
+    sys.exit(0 if server.started else 1)

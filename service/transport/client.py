@@ -1,0 +1,192 @@
+"""The API process's side of the hand-off: a :class:`~service.protocol.ModelClient` whose model runs
+in the model process.
+
+``submit`` takes one shared-memory slot per image (503 + Retry-After when the pool is full: the
+front end's own overload signal), writes the preprocessed pixels there, sends a descriptor (with
+the JPEGs the model process decodes itself inline) and awaits the answer. A cancelled submit (the
+client went away) sends a cancel; its slots come back only with the model process's answer. When
+the connection ends (the model process died, or is gone for good), every waiting request gets 503
+``model_unavailable``, ``status()`` says why, and ``on_lost``
+runs (the API process then exits: its parent is gone or going).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..logs import current_request_id
+from ..protocol import EncodedImage, ImageResult, Lifecycle, ModelCard, ModelFailed, ModelStatus, QueueFull
+from . import wire
+from .slots import SlotPool
+
+log = logging.getLogger("patchlife.transport")
+LOST = "the model process is gone"
+
+
+class RemoteModel:
+    """Connects to the model process's socket at ``path``; ``slots``: this process's pixel slots."""
+
+    def __init__(self, path: Path, slots: int, on_lost: Callable[[], None] | None = None,
+                 on_reject: Callable[[str], None] | None = None, connect_timeout_s: float = 30.0) -> None:
+        self.path, self.slots, self.on_lost = path, slots, on_lost
+        self.on_reject = on_reject or (lambda reason: None)  # this side's refusals (the worker counts its own)
+        self.connect_timeout_s = connect_timeout_s
+        self.card: ModelCard | None = None
+        self.pool: SlotPool | None = None
+        self._status = ModelStatus()
+        self._lost = False
+        self._stopped = False
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._pending: dict[int, tuple[asyncio.Future[list[ImageResult]], list[int]]] = {}
+        self._ids = itertools.count(1)
+        self._changed = asyncio.Event()
+
+    async def open(self) -> ModelCard:
+        reader, writer = await self._connect()
+        first = await wire.receive(reader)  # the card comes before the pool: its shape sizes the slots
+        if not isinstance(first, wire.Welcome):
+            raise RuntimeError(f"unexpected first message from the model process: {first!r}")
+        self.card, self._status = first.card, first.status
+        self.pool = SlotPool(self.slots, first.card.input_shape)
+        wire.send(writer, wire.Hello(os.getpid(), self.pool.name, self.slots, first.card.input_shape))
+        self._writer = writer
+        self._reader_task = asyncio.create_task(self._read(reader))
+        return first.card
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        end = time.monotonic() + self.connect_timeout_s
+        while True:
+            try:
+                return await asyncio.open_unix_connection(str(self.path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > end:
+                    raise RuntimeError(f"no model process listening at {self.path}") from None
+                await asyncio.sleep(0.05)
+
+    async def start(self) -> None:
+        """Wait until the model process has warmed up (or failed to)."""
+        while self._status.state == Lifecycle.LOADING and not self._lost and not self._stopped:
+            self._changed.clear()
+            await self._changed.wait()
+        if self._status.state == Lifecycle.FAILED:
+            raise RuntimeError(self._status.error or "the model failed to start")
+        if self._lost:
+            raise RuntimeError(LOST)
+        if self._status.state == Lifecycle.LOADING:  # stop() cancelled the reader: no status will come
+            raise RuntimeError("stopped while the model was loading")
+
+    def status(self) -> ModelStatus:
+        if self._lost:
+            return ModelStatus(Lifecycle.STOPPED, self._status.error, LOST, self._status.warmup_seconds,
+                               self._status.detail)
+        return self._status
+
+    def clock(self) -> float:
+        return time.monotonic()
+
+    async def submit(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None,
+                     deadline: float) -> list[ImageResult]:
+        if self._lost or self._writer is None or self.pool is None:
+            self.on_reject("model_error")
+            raise ModelFailed(LOST, retry_after_s=5.0)
+        tensors = [p for p in pixels if not isinstance(p, EncodedImage)]  # encoded JPEGs go inline, not in slots
+        ids = self.pool.take(len(tensors))
+        if ids is None:
+            self.on_reject("overloaded")
+            raise QueueFull(1.0, f"server overloaded: {self.pool.free} of {self.pool.slots} pixel slots free in this "
+                                 "API process (PATCHLIFE_PIXEL_SLOTS); retry after 1.0 s")
+        try:
+            for slot, p in zip(ids, tensors, strict=True):
+                self.pool.write(slot, p)
+        except Exception:
+            self.pool.give(ids)
+            raise
+        slots = iter(ids)
+        items = tuple(p if isinstance(p, EncodedImage) else next(slots) for p in pixels)
+        rid = next(self._ids)
+        future: asyncio.Future[list[ImageResult]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (future, ids)
+        wire.send(self._writer, wire.Submit(rid, items, keep_rate, deadline, current_request_id()))
+        try:
+            return await future  # a cancelled wait cancels the future: a late answer only frees the slots
+        except asyncio.CancelledError:
+            if not self._lost and rid in self._pending:
+                wire.send(self._writer, wire.Cancel(rid))  # the slots come back with the answer
+            raise
+
+    def begin_drain(self) -> None:
+        """Nothing to do here: the model process drains on its own signal."""
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Let the requests on their way finish within ``grace_s``, then close the connection (the model
+        process cancels what is left of ours: those requests are answered 503) and the pool. A ``start``
+        still waiting for the warm-up ends (the lifespan awaits it before the process can exit)."""
+        self._stopped = True
+        self._changed.set()
+        end = time.monotonic() + (grace_s or 0.0)
+        while self._pending and not self._lost and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        self._fail_pending()
+        if self.pool is not None:
+            self.pool.close(unlink=True)
+            self.pool = None
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                message = await wire.receive(reader)
+                if isinstance(message, wire.StatusUpdate):
+                    self._status = message.status
+                    self._changed.set()
+                elif isinstance(message, wire.Done | wire.Failed):
+                    self._answer(message)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            return  # stop(): not a loss
+        except Exception:
+            log.exception("reading from the model process failed")
+        self._lost = True
+        self._changed.set()
+        log.error("%s: answering 503 from now on", LOST)
+        self._fail_pending()
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def _answer(self, message: wire.Done | wire.Failed) -> None:
+        entry = self._pending.pop(message.id, None)
+        if entry is None:
+            return
+        future, ids = entry
+        if self.pool is not None:
+            self.pool.give(ids)
+        if future.done():  # cancelled meanwhile
+            return
+        if isinstance(message, wire.Done):
+            future.set_result(wire.unpack_results(message))
+        else:
+            try:
+                wire.raise_failure(message)
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def _fail_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for future, _ in pending.values():  # the slots are not given back: nobody will read them again
+            if not future.done():
+                self.on_reject("model_error")
+                future.set_exception(ModelFailed(LOST, retry_after_s=5.0))

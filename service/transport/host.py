@@ -1,0 +1,145 @@
+"""The model process's side of the hand-off: serves one :class:`~service.protocol.ModelClient` (the
+engine and its batching worker, ``service/runtime/local.py``) to every API process.
+
+Each API process holds one connection: this side sends the card first (it sizes the API process's
+slots), the API process answers with its pool. A :class:`~.wire.Submit` becomes one task that reads its
+pixels from the sender's shared-memory slots (views, no copy; encoded JPEGs come inline), awaits
+``model.submit`` with the request's deadline and keep rate, and answers :class:`~.wire.Done` or
+:class:`~.wire.Failed`; a :class:`~.wire.Cancel` cancels that task, so the worker drops what it still
+queues for it, as when an HTTP client goes away in the single-process service. Status (readiness,
+health) is pushed on change and every ``HEARTBEAT_S``. When a connection ends (its API process exited or died) its tasks
+are cancelled and its segment is unmapped and removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from ..logs import set_request_id
+from ..protocol import EncodedImage, ModelCard, ModelClient, WorkerError
+from . import wire
+from .slots import SlotPool
+
+log = logging.getLogger("patchlife.transport")
+
+
+class _Connection:
+    def __init__(self, writer: asyncio.StreamWriter, pool: SlotPool, pid: int) -> None:
+        self.writer, self.pool, self.pid = writer, pool, pid
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+
+
+class ModelHost:
+    """``await host.start(path)`` listens on a Unix socket; ``heartbeat`` (optional) runs every
+    ``HEARTBEAT_S`` before the status goes out (the model process samples its metrics there)."""
+
+    def __init__(self, model: ModelClient, card: ModelCard, heartbeat: Callable[[], None] | None = None) -> None:
+        self.model, self.card, self.heartbeat = model, card, heartbeat
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._beat: asyncio.Task[None] | None = None
+
+    async def start(self, path: Path) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, path=str(path))
+        self._beat = asyncio.create_task(self._heartbeat())
+
+    async def close(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.writer.close()
+
+    def push_status(self) -> None:
+        status = wire.StatusUpdate(self.model.status())
+        for conn in self.connections:
+            if not conn.writer.is_closing():
+                wire.send(conn.writer, status)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(wire.HEARTBEAT_S)
+            try:
+                if self.heartbeat is not None:
+                    self.heartbeat()
+                self.push_status()
+            except Exception:  # a metrics read must not end the heartbeat
+                log.exception("heartbeat failed")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            wire.send(writer, wire.Welcome(self.card, self.model.status()))  # the card sizes the sender's slots
+            hello = await wire.receive(reader)
+            if not isinstance(hello, wire.Hello) or tuple(hello.shape) != self.card.input_shape:
+                raise ValueError(f"bad hello: {hello!r}")
+            pool = SlotPool(hello.slots, hello.shape, name=hello.shm_name)
+        except Exception:
+            log.exception("an API process could not connect")
+            writer.close()
+            return
+        conn = _Connection(writer, pool, hello.pid)
+        self.connections.add(conn)
+        wire.send(writer, wire.StatusUpdate(self.model.status()))  # it may have changed while the sender set up
+        log.info("API process %d connected (%d pixel slots)", hello.pid, hello.slots)
+        try:
+            while True:
+                message = await wire.receive(reader)
+                if isinstance(message, wire.Submit):
+                    run = asyncio.create_task(self._run(conn, message))
+                    run.add_done_callback(functools.partial(self._cancelled_unstarted, conn, message.id))
+                    conn.tasks[message.id] = run
+                elif isinstance(message, wire.Cancel):
+                    task = conn.tasks.get(message.id)
+                    if task is not None:
+                        task.cancel()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the API process closed or died
+        except Exception:
+            log.exception("connection of API process %d failed", hello.pid)
+        finally:
+            self.connections.discard(conn)
+            tasks = list(conn.tasks.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            writer.close()
+            conn.pool.close(unlink=True)  # the owner unlinks on a clean exit; after a crash, this does
+            log.info("API process %d disconnected", hello.pid)
+
+    def _cancelled_unstarted(self, conn: _Connection, rid: int, task: asyncio.Task[None]) -> None:
+        """A cancel read right behind its submit (both in one read) cancels the task before its first
+        step, so ``_run``'s own ``except`` never runs: answer for it here, or the sender's slots never
+        come back. (``_run`` catches a cancel once started, so its task ends cancelled only this way.)"""
+        if task.cancelled():
+            conn.tasks.pop(rid, None)
+            if not conn.writer.is_closing():
+                with contextlib.suppress(ConnectionError):
+                    wire.send(conn.writer, wire.Failed(rid, "cancelled", "cancelled by the API process"))
+
+    async def _run(self, conn: _Connection, msg: wire.Submit) -> None:
+        set_request_id(msg.request_id)  # this task's log lines carry the HTTP request's id
+        answer: wire.Done | wire.Failed
+        try:
+            views = iter(conn.pool.read([i for i in msg.slots if isinstance(i, int)]))
+            pixels = [i if isinstance(i, EncodedImage) else next(views) for i in msg.slots]
+            results = await self.model.submit(pixels, msg.keep_rate, msg.deadline)
+            answer = wire.pack_results(msg.id, results)
+            log.debug("%d images answered", len(results))
+        except asyncio.CancelledError:
+            answer = wire.Failed(msg.id, "cancelled", "cancelled by the API process")
+        except WorkerError as exc:
+            answer = wire.failed(msg.id, exc)
+        except Exception as exc:  # a bug here must not leave the API process waiting
+            log.exception("request failed in the model process")
+            answer = wire.Failed(msg.id, "ModelFailed", f"model process error: {type(exc).__name__}: {exc}")
+        finally:
+            conn.tasks.pop(msg.id, None)
+        if not conn.writer.is_closing():
+            with contextlib.suppress(ConnectionError):
+                wire.send(conn.writer, answer)

@@ -1,0 +1,374 @@
+"""The hand-off between an API process and the model process, in one event loop: a real
+:class:`ModelHost` on a Unix socket serving a stub :class:`ModelClient` (no engine), and a real
+:class:`RemoteModel` with its shared-memory slots.
+
+The stub derives each result from the pixels it read out of the slots, so a result that crossed to
+the wrong request, or pixels that were not what the sender wrote, cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.protocol import (
+    DeadlinePassed,
+    ImageResult,
+    Lifecycle,
+    ModelCard,
+    ModelFailed,
+    ModelStatus,
+    QueueFull,
+    WorkerError,
+    WorkerStopping,
+)
+from service.transport import wire
+from service.transport.client import LOST, RemoteModel
+from service.transport.host import ModelHost
+from service.transport.slots import SlotPool
+
+SHAPE = (3, 8, 8)
+CARD = ModelCard(name="stub", info={"device": "cpu", "dtype": "float32"}, class_names=("a", "b", "c"),
+                 preprocess={"input_size": SHAPE}, grid=(2, 2), dense_gflops=1.0, first_block=1, depth=4,
+                 checkpoint="/nowhere", batch_classes=(1, 2))
+
+
+def image(seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, SHAPE, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def expected(pixels: torch.Tensor, keep_rate: float | None) -> ImageResult:
+    """What the stub answers for ``pixels``: every field depends on them (or on the keep rate)."""
+    x = pixels.float()
+    total = int(pixels.long().sum())
+    return ImageResult(probs=x.mean(dim=(1, 2)) / 255.0, lives=x[0, :2, :2] / 64.0, budget=(total % 97, 4),
+                       counts=(total % 89, 4), gflops=total / 1e6, keep_rate=keep_rate or 0.7,
+                       queue_ms=float(total % 7), compute_ms=float(total % 11))
+
+
+class StubModel:
+    """A :class:`ModelClient` without an engine. ``fail``: a refusal to raise instead of answering;
+    ``hold``: submits wait for it; while cancelled they keep the answer back until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.state = Lifecycle.LOADING
+        self.error: str | None = None
+        self.problem: str | None = None
+        self.fail: Exception | None = None
+        self.hold: asyncio.Event | None = None
+        self.release = asyncio.Event()
+        self.release.set()
+        self.cancelled = 0
+        self.seen: list[tuple[list[torch.Tensor], float | None, float]] = []
+
+    async def open(self) -> ModelCard:
+        return CARD
+
+    async def start(self) -> None:
+        self.state = Lifecycle.READY
+
+    def status(self) -> ModelStatus:
+        return ModelStatus(self.state, self.error, self.problem)
+
+    def clock(self) -> float:
+        return 0.0
+
+    async def submit(self, pixels: Sequence[torch.Tensor], keep_rate: float | None,
+                     deadline: float) -> list[ImageResult]:
+        self.seen.append(([p.clone() for p in pixels], keep_rate, deadline))
+        if self.hold is not None:
+            try:
+                await self.hold.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                await self.release.wait()  # the host's answer to the cancel waits for this
+                raise
+        if self.fail is not None:
+            raise self.fail
+        return [expected(p, keep_rate) for p in pixels]
+
+    def begin_drain(self) -> None:
+        self.state = Lifecycle.STOPPING
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        self.state = Lifecycle.STOPPED
+
+
+Scenario = Callable[[StubModel, ModelHost, RemoteModel], Awaitable[None]]
+
+
+def run(tmp_path: Path, scenario: Scenario, slots: int = 4) -> None:
+    """``scenario(stub, host, remote)`` with the host listening and the remote connected (ready)."""
+
+    async def main() -> None:
+        stub = StubModel()
+        host = ModelHost(stub, CARD)
+        path = tmp_path / "model.sock"
+        await host.start(path)
+        remote = RemoteModel(path, slots, connect_timeout_s=5.0)
+        try:
+            assert await remote.open() == CARD
+            await stub.start()
+            host.push_status()
+            await asyncio.wait_for(remote.start(), 5)
+            await scenario(stub, host, remote)
+        finally:
+            await remote.stop(grace_s=0.0)
+            await host.close()
+
+    asyncio.run(main())
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not check():
+        assert loop.time() < end, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def assert_same(got: list[ImageResult], want: list[ImageResult]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.probs, w.probs) and torch.equal(g.lives, w.lives)
+        assert (g.budget, g.counts, g.gflops, g.keep_rate, g.queue_ms, g.compute_ms) == \
+               (w.budget, w.counts, w.gflops, w.keep_rate, w.queue_ms, w.compute_ms)
+
+
+def test_results_round_trip_equal_and_in_order(tmp_path: Path) -> None:
+    async def scenario(stub: StubModel, host: ModelHost, remote: RemoteModel) -> None:
+        batches = [[image(i), image(i + 10)] for i in range(6)]  # 12 images through 4 slots: slots are reused
+        for n, pixels in enumerate(batches):
+            keep = None if n % 2 else 0.5
+            got = await remote.submit(pixels, keep, 123.5)
+            assert_same(got, [expected(p, keep) for p in pixels])
+        concurrent = await asyncio.gather(*(remote.submit(p[:1], 0.9, 9.0) for p in batches[:4]))
+        for got, pixels in zip(concurrent, batches[:4], strict=True):
+            assert_same(got, [expected(pixels[0], 0.9)])
+        sent, keep, deadline = stub.seen[0]
+        assert all(torch.equal(a, b) for a, b in zip(sent, batches[0], strict=True))  # what was written is read
+        assert (keep, deadline) == (0.5, 123.5)
+        assert remote.pool is not None and remote.pool.free == 4
+
+    run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("refusal", [QueueFull(2.5, "queue is full"), ModelFailed("batch failed", 7.0),
+                                     DeadlinePassed("too late"), WorkerStopping("stopping")],
+                         ids=lambda e: type(e).__name__)
+def test_each_refusal_crosses_with_its_kind_message_and_retry_after(tmp_path: Path, refusal: WorkerError) -> None:
+    async def scenario(stub: StubModel, host: ModelHost, remote: RemoteModel) -> None:
+        stub.fail = refusal
+        with pytest.raises(type(refusal)) as caught:
+            await remote.submit([image(1)], None, 1.0)
+        assert type(caught.value) is type(refusal) and str(caught.value) == str(refusal)
+        assert getattr(caught.value, "retry_after_s", None) == getattr(refusal, "retry_after_s", None)
+        assert remote.pool is not None and remote.pool.free == 4  # a refusal gives the slots back
+
+    run(tmp_path, scenario)
+
+
+def test_a_bug_in_the_model_process_is_model_failed_not_a_hang(tmp_path: Path) -> None:
+    async def scenario(stub: StubModel, host: ModelHost, remote: RemoteModel) -> None:
+        stub.fail = ZeroDivisionError("oops")
+        with pytest.raises(ModelFailed, match="ZeroDivisionError: oops"):
+            await asyncio.wait_for(remote.submit([image(1)], None, 1.0), 5)
+
+    run(tmp_path, scenario)
+
+
+def test_a_cancel_gives_the_slots_back_only_with_the_hosts_answer(tmp_path: Path) -> None:
+    async def scenario(stub: StubModel, host: ModelHost, remote: RemoteModel) -> None:
+        pool = remote.pool
+        assert pool is not None
+        stub.hold, stub.release = asyncio.Event(), asyncio.Event()
+        waiting = asyncio.create_task(remote.submit([image(1), image(2), image(3)], None, 1.0))
+        await until(lambda: len(stub.seen) == 1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await until(lambda: stub.cancelled == 1)  # the cancel reached the model's submit
+        await asyncio.sleep(0.1)
+        assert pool.free == 1  # the model process may still read them: not reusable yet
+        with pytest.raises(QueueFull, match="pixel slots"):
+            await remote.submit([image(4), image(5)], None, 1.0)
+        stub.release.set()  # the host answers "cancelled"
+        await until(lambda: pool.free == 4)
+        stub.hold.set()
+        assert_same(await remote.submit([image(6)], None, 1.0), [expected(image(6), None)])
+
+    run(tmp_path, scenario)
+
+
+def test_a_cancel_right_behind_its_submit_still_gives_the_slots_back(tmp_path: Path) -> None:
+    """The host reads the submit and its cancel in one go, before the submit's task has run (a client
+    that leaves at once, a busy or paused model process): it must still answer, or the slots leak."""
+    async def scenario(stub: StubModel, host: ModelHost, remote: RemoteModel) -> None:
+        pool = remote.pool
+        assert pool is not None
+        for _ in range(3):
+            waiting = asyncio.create_task(remote.submit([image(1), image(2)], None, 1.0))
+            await asyncio.sleep(0)  # the submit is written; the host has not read it yet
+            waiting.cancel()  # the cancel is written right behind it
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await until(lambda: pool.free == 4)
+        assert_same(await remote.submit([image(3)], None, 1.0), [expected(image(3), None)])
+
+    run(tmp_path, scenario)
+
+
+def test_losing_the_host_fails_pending_requests_and_says_why(tmp_path: Path) -> None:
+    lost: list[bool] = []
+
+    async def main() -> None:
+        stub = StubModel()
+        await stub.start()
+        host = ModelHost(stub, CARD)
+        await host.start(tmp_path / "model.sock")
+        remote = RemoteModel(tmp_path / "model.sock", 2, on_lost=lambda: lost.append(True))
+        await remote.open()
+        await asyncio.wait_for(remote.start(), 5)
+        assert remote.status().problem is None
+        stub.hold = asyncio.Event()
+        pending = [asyncio.create_task(remote.submit([image(i)], None, 1.0)) for i in range(2)]
+        await until(lambda: len(stub.seen) == 2)
+        await host.close()  # as the model process dying closes its end of every connection
+        for task in pending:
+            with pytest.raises(ModelFailed, match=LOST) as caught:
+                await asyncio.wait_for(task, 5)
+            assert caught.value.retry_after_s > 0
+        status = remote.status()
+        assert status.problem == LOST and status.state == Lifecycle.STOPPED
+        assert lost == [True]
+        with pytest.raises(ModelFailed, match=LOST):
+            await remote.submit([image(9)], None, 1.0)
+        await remote.stop(grace_s=0.0)
+
+    asyncio.run(main())
+
+
+def test_status_changes_reach_the_api_process(tmp_path: Path) -> None:
+    async def scenario(stub: StubModel, host: ModelHost, remote: RemoteModel) -> None:
+        assert remote.status().state == Lifecycle.READY
+        stub.problem = "batches keep failing"
+        host.push_status()
+        await until(lambda: remote.status().problem == "batches keep failing")
+        stub.problem = None
+        await until(lambda: remote.status().problem is None, timeout_s=wire.HEARTBEAT_S * 4)  # the heartbeat
+
+    run(tmp_path, scenario)
+
+
+def test_a_failed_start_is_raised_by_start(tmp_path: Path) -> None:
+    async def main() -> None:
+        stub = StubModel()
+        host = ModelHost(stub, CARD)
+        await host.start(tmp_path / "model.sock")
+        remote = RemoteModel(tmp_path / "model.sock", 1)
+        await remote.open()
+        starting = asyncio.create_task(remote.start())
+        await asyncio.sleep(0.05)
+        assert not starting.done()  # LOADING: start waits
+        stub.state, stub.error = Lifecycle.FAILED, "no memory"
+        host.push_status()
+        with pytest.raises(RuntimeError, match="no memory"):
+            await asyncio.wait_for(starting, 5)
+        await remote.stop(grace_s=0.0)
+        await host.close()
+
+    asyncio.run(main())
+
+
+def test_stopping_while_the_model_loads_ends_start(tmp_path: Path) -> None:
+    """SIGTERM (or the model process's death) while it warms up: the API process's drain stops the
+    remote, and its lifespan then awaits ``start``: that must end, or the process never exits."""
+    async def main() -> None:
+        stub = StubModel()  # LOADING for ever
+        host = ModelHost(stub, CARD)
+        await host.start(tmp_path / "model.sock")
+        remote = RemoteModel(tmp_path / "model.sock", 1)
+        await remote.open()
+        starting = asyncio.create_task(remote.start())
+        await asyncio.sleep(0.05)
+        await remote.stop(grace_s=0.0)
+        with pytest.raises(RuntimeError, match="stopped"):
+            await asyncio.wait_for(starting, 5)
+        await host.close()
+
+    asyncio.run(main())
+
+
+def test_the_host_removes_the_segment_of_an_api_process_that_died(tmp_path: Path) -> None:
+    async def scenario(stub: StubModel, host: ModelHost, remote: RemoteModel) -> None:
+        assert remote.pool is not None and remote._writer is not None
+        name = remote.pool.name
+        assert Path("/dev/shm", name).exists()
+        remote._writer.close()  # as the API process's death ends its connection; it never unlinks
+        await until(lambda: not host.connections)
+        assert not Path("/dev/shm", name).exists()
+
+    run(tmp_path, scenario)
+
+
+def test_wrong_pixels_are_refused_and_their_slots_given_back(tmp_path: Path) -> None:
+    async def scenario(stub: StubModel, host: ModelHost, remote: RemoteModel) -> None:
+        assert remote.pool is not None
+        for bad in (torch.zeros(3, 8, 9, dtype=torch.uint8), torch.zeros(SHAPE, dtype=torch.float32)):
+            with pytest.raises(ValueError, match="a slot holds uint8"):
+                await remote.submit([image(1), bad], None, 1.0)
+            assert remote.pool.free == 4
+        assert not stub.seen  # nothing was sent
+
+    run(tmp_path, scenario)
+
+
+def test_a_slot_pool_refuses_wrong_shapes_dtypes_and_ids() -> None:
+    owner = SlotPool(2, SHAPE)
+    try:
+        with pytest.raises(ValueError, match=r"uint8 \[3, 8, 8\]"):
+            owner.write(0, torch.zeros(3, 8, 7, dtype=torch.uint8))
+        with pytest.raises(ValueError, match="torch.float32"):
+            owner.write(0, torch.zeros(SHAPE))
+        assert owner.take(3) is None and owner.free == 2  # all or nothing
+        ids = owner.take(2)
+        assert ids is not None and owner.take(1) is None
+        owner.write(ids[0], image(7))
+        reader = SlotPool(2, SHAPE, name=owner.name)  # the model process's side
+        try:
+            assert torch.equal(reader.read([ids[0]])[0], image(7))
+            with pytest.raises(ValueError, match="out of range"):
+                reader.read([2])
+        finally:
+            reader.close()
+        owner.give(ids)
+        assert owner.free == 2
+    finally:
+        owner.close(unlink=True)
+    assert not Path("/dev/shm", owner.name).exists()
+
+
+def test_the_host_refuses_a_hello_for_another_shape(tmp_path: Path) -> None:
+    async def main() -> None:
+        stub = StubModel()
+        host = ModelHost(stub, CARD)
+        await host.start(tmp_path / "model.sock")
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "model.sock"))
+        assert isinstance(await wire.receive(reader), wire.Welcome)
+        pool = SlotPool(1, (3, 4, 4))
+        try:
+            wire.send(writer, wire.Hello(os.getpid(), pool.name, 1, (3, 4, 4)))
+            with pytest.raises(asyncio.IncompleteReadError):  # closed: no status, no service
+                await asyncio.wait_for(wire.receive(reader), 5)
+            assert not host.connections
+        finally:
+            writer.close()
+            pool.close(unlink=True)
+            await host.close()
+
+    asyncio.run(main())
