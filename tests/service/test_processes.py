@@ -272,17 +272,31 @@ def classify_until_each_process_answered(service: Service, images: int, timeout_
 
 @pytest.mark.timeout(180)
 def test_clients_that_leave_mid_request_give_their_slots_back(service: Service) -> None:
-    """The model process is stopped (SIGSTOP) while 8 clients send a 4-image request each (4 slots: all
-    of an API process's) and leave; the slots stay taken until the model process answers the cancels
-    (a request then is 503 overloaded); once it runs again, each API process serves 4 images again."""
+    """The model process is stopped (SIGSTOP) while clients send 4-image requests (4 slots: all of an
+    API process's) and leave; the slots stay taken until the model process answers the cancels (a
+    request then is 503 overloaded); once it runs again, each API process serves 4 images again.
+
+    Which API process accepts a connection is the kernel's choice (one may take them all), so requests
+    are sent until each API process has refused one: both then hold a request's slots."""
     prepared = httpx.Request("POST", service.url + "/classify", files=files(*PNGS))
-    body = raw_request("/classify", prepared.read(), {"Content-Type": prepared.headers["content-type"]})
+    content_type = prepared.headers["content-type"]
+    body = prepared.read()
     service.proc.send_signal(signal.SIGSTOP)
+    socks = []
     try:
-        socks = [connect(service.url) for _ in range(8)]
-        for sock in socks:
-            sock.sendall(body)
-        time.sleep(1.0)  # the API processes decode and submit; nothing answers
+        full: set[str] = set()
+        for _ in range(40):
+            request_id = rid("leave")
+            sock = connect(service.url)
+            sock.sendall(raw_request("/classify", body, {"Content-Type": content_type, "X-Request-ID": request_id}))
+            socks.append(sock)
+            with contextlib.suppress(AssertionError):  # no answer: it holds that process's slots
+                process, status = service.answered_by(request_id, timeout_s=1.0)
+                assert status == 503
+                full.add(process)
+            if len(full) == 2:
+                break
+        assert full == {"api-1", "api-2"}, f"only {sorted(full)} refused a request"
         refused = httpx.post(service.url + "/classify", files=files(PNGS[0]), timeout=30)
         for sock in socks:
             sock.close()
@@ -290,6 +304,8 @@ def test_clients_that_leave_mid_request_give_their_slots_back(service: Service) 
         held = httpx.post(service.url + "/classify", files=files(PNGS[0]), timeout=30)
     finally:
         service.proc.send_signal(signal.SIGCONT)
+        for sock in socks:
+            sock.close()
     for r in (refused, held):  # each API process holds its 4 slots for a request whose client has gone
         assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
         assert "PATCHLIFE_PIXEL_SLOTS" in r.json()["error"]["message"] and r.headers["retry-after"] == "1"
