@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from bench.child import ServeChild, serve_child
+from bench.proctree import descendants, scan
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]  # of the test checkpoint
@@ -159,20 +160,9 @@ def serve_process(checkpoint: Path, env: dict[str, str] | None = None, timeout: 
 
 
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (the API processes of a multi-process ``patchlife serve``)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # exited meanwhile
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
+    """``pid`` and its descendants (the API processes of a multi-process ``patchlife serve``), read by
+    the load tools' own /proc reader (bench/proctree.py)."""
+    return [s.pid for s in descendants(scan(), pid)] or [pid]
 
 
 def tree_rss_bytes(pid: int) -> int:
