@@ -23,9 +23,11 @@ from .. import package_version
 from ..metrics import HttpMetricsMiddleware, Metrics
 from ..protocol import Lifecycle, ModelClient
 from ..settings import Settings
+from .access import Group, require
 from .bodyread import BodyReadMiddleware
 from .context import RequestContextMiddleware
 from .errors import LastResortMiddleware, install_error_handlers
+from .head import HeadAsGetMiddleware
 from .openapi import install_openapi
 from .routes import classify, docs, explain, health, models, ui, v2
 from .routes import metrics as metrics_route
@@ -119,12 +121,17 @@ def make_app(settings: Settings, model: ModelClient, metrics: Metrics, shared_po
     app.state.runtime = rt
     install_error_handlers(app, rt.metrics.reject)
     # Each add_middleware wraps the ones before it: the last added runs first.
+    app.add_middleware(HeadAsGetMiddleware)  # HEAD on every GET route, routed as GET inside the metrics
     app.add_middleware(LastResortMiddleware)  # innermost: a bug's 500 is still counted and carries the request id
     app.add_middleware(HttpMetricsMiddleware, metrics=rt.metrics)
     app.add_middleware(RequestContextMiddleware, in_flight=rt.in_flight)  # arrival stamped before any app code
     app.add_middleware(BodyReadMiddleware, runtime=rt)  # outermost: sees every answer that closes the connection
+    # Each router's access group (service/frontend/access.py); the others are open (probes, page, docs).
+    groups = {classify: Group.INFERENCE, explain: Group.INFERENCE, models: Group.METADATA,
+              metrics_route: Group.METRICS}
     for module in (classify, explain, health, models, metrics_route, ui, docs):  # docs: /docs, /redoc offline
-        app.include_router(module.router)
+        group = groups.get(module)
+        app.include_router(module.router, dependencies=[require(group)] if group else None)
     app.include_router(v2.router)  # Open Inference Protocol v2 (KServe, Triton clients)
     install_openapi(app, rt)  # /openapi.json describes the bodies parsed by hand, with this server's limits
     return app
