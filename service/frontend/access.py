@@ -22,12 +22,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Callable, Coroutine
+import logging
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 
 from ..settings import Settings
 from .errors import ApiError
@@ -44,6 +46,7 @@ class Group(str, Enum):
 
 
 REALM = "patchlife"
+log = logging.getLogger("patchlife.access")
 
 
 class Unauthorized(ApiError):
@@ -119,6 +122,24 @@ def require(group: Group) -> Any:
     return Depends(check_key)
 
 
+def api_routes(routes: Iterable[Any]) -> Iterator[APIRoute]:
+    """Every APIRoute under ``routes`` (an app's), also those of routers FastAPI keeps included as a
+    unit (``original_router`` in FastAPI >= 0.160) rather than copied into the app's list."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif (router := getattr(route, "original_router", None)) is not None:
+            yield from api_routes(router.routes)
+
+
+def route_group(route: APIRoute) -> Group | None:
+    """The access group of a route (from its router's or its own :func:`require`), None if open."""
+    groups = {g for d in route.dependencies if (g := group_of(d.dependency)) is not None}
+    if len(groups) > 1:
+        raise ValueError(f"{route.path} is in several access groups: {sorted(g.value for g in groups)}")
+    return groups.pop() if groups else None
+
+
 def group_of(dependency: Callable[..., Coroutine[Any, Any, None]] | Any) -> Group | None:
     """The group a :func:`require` dependency checks (None for any other dependency)."""
     return getattr(dependency, "access_group", None)
@@ -161,3 +182,10 @@ def open_groups_warning(settings: Settings) -> str | None:
     settings_names = ", ".join(g.setting for g in open_groups)
     return (f"serving on {settings.host} (not a loopback address) with no key for: {names}; anyone who "
             f"reaches the port may call them. Set {settings_names} to require a key.")
+
+
+def warn_if_open(settings: Settings) -> None:
+    """Log :func:`open_groups_warning` (once, by ``patchlife serve`` before it starts any process)."""
+    message = open_groups_warning(settings)
+    if message is not None:
+        log.warning("%s", message)

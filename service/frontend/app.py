@@ -23,7 +23,6 @@ from .. import package_version
 from ..metrics import HttpMetricsMiddleware, Metrics
 from ..protocol import Lifecycle, ModelClient
 from ..settings import Settings
-from .access import Group, require
 from .bodyread import BodyReadMiddleware
 from .context import RequestContextMiddleware
 from .errors import LastResortMiddleware, install_error_handlers
@@ -126,12 +125,9 @@ def make_app(settings: Settings, model: ModelClient, metrics: Metrics, shared_po
     app.add_middleware(HttpMetricsMiddleware, metrics=rt.metrics)
     app.add_middleware(RequestContextMiddleware, in_flight=rt.in_flight)  # arrival stamped before any app code
     app.add_middleware(BodyReadMiddleware, runtime=rt)  # outermost: sees every answer that closes the connection
-    # Each router's access group (service/frontend/access.py); the others are open (probes, page, docs).
-    groups = {classify: Group.INFERENCE, explain: Group.INFERENCE, models: Group.METADATA,
-              metrics_route: Group.METRICS}
+    # Each router names its access group (service/frontend/access.py); health, ui and docs are open.
     for module in (classify, explain, health, models, metrics_route, ui, docs):  # docs: /docs, /redoc offline
-        group = groups.get(module)
-        app.include_router(module.router, dependencies=[require(group)] if group else None)
+        app.include_router(module.router)
     app.include_router(v2.router)  # Open Inference Protocol v2 (KServe, Triton clients)
     install_openapi(app, rt)  # /openapi.json describes the bodies parsed by hand, with this server's limits
     return app

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute
 
 from . import oip
-from .access import group_of
+from .access import api_routes, route_group
 from .schemas import _PIXEL
 
 if TYPE_CHECKING:
@@ -126,11 +125,9 @@ def _secure(app: FastAPI, rt: Runtime, spec: dict[str, Any]) -> None:
     """The operations of each access group that has a key (service/frontend/access.py) require the
     bearer scheme, and may answer 401; /docs then shows its Authorize button. Open groups say nothing."""
     keyed = False
-    for route in app.routes:
-        if not isinstance(route, APIRoute) or route.path_format not in spec["paths"]:
-            continue
-        groups = [g for d in route.dependencies if (g := group_of(d.dependency)) is not None]
-        if not groups or not rt.keys.required(groups[0]):
+    for route in api_routes(app.routes):
+        group = route_group(route)
+        if route.path_format not in spec["paths"] or group is None or not rt.keys.required(group):
             continue
         keyed = True
         for method in route.methods:
@@ -140,7 +137,7 @@ def _secure(app: FastAPI, rt: Runtime, spec: dict[str, Any]) -> None:
             op["security"] = [{"bearer": []}]
             schema = _V2_ERROR if route.path_format.startswith("/v2") else _NATIVE_ERROR
             op.setdefault("responses", {})["401"] = _error(
-                f"No key or a wrong key for the {groups[0].value} group ({groups[0].setting})", schema)
+                f"No key or a wrong key for the {group.value} group ({group.setting})", schema)
     if keyed:
         spec.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer",
