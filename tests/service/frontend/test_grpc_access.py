@@ -53,9 +53,10 @@ CALLS: dict[Group, list[Callable[[Any, dict[str, str] | None], Any]]] = {
 }
 
 
-def unauthenticated(fn: Callable[[], Any]) -> str:
+def unauthenticated(call: Callable[[Any, dict[str, str] | None], Any], triton: Any,
+                    headers: dict[str, str] | None) -> str:
     with pytest.raises(InferenceServerException) as info:
-        fn()
+        call(triton, headers)
     assert info.value.status() == "StatusCode.UNAUTHENTICATED", info.value
     return str(info.value.message())
 
@@ -64,9 +65,9 @@ def unauthenticated(fn: Callable[[], Any]) -> str:
 def test_each_group_needs_its_key_over_grpc(triton: Any, group: Group) -> None:
     other = next(k for g, k in KEYS.items() if g != group)
     for call in CALLS[group]:
-        assert group.setting in unauthenticated(lambda: call(triton, None))                 # missing
-        assert "wrong key" in unauthenticated(lambda: call(triton, auth("nope")))           # wrong
-        assert "wrong key" in unauthenticated(lambda: call(triton, auth(other)))            # another group's
+        assert group.setting in unauthenticated(call, triton, None)                 # missing
+        assert "wrong key" in unauthenticated(call, triton, auth("nope"))           # wrong
+        assert "wrong key" in unauthenticated(call, triton, auth(other))            # another group's
         assert call(triton, auth(KEYS[group])) is not None                                  # right
 
 

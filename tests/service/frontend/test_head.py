@@ -23,9 +23,9 @@ def get_paths(client: TestClient) -> list[str]:
     for route in api_routes(client.app.routes):  # type: ignore[attr-defined]
         if "GET" not in route.methods:
             continue
-        name = "app.js" if route.path.startswith("/static") else \
-            "swagger-ui.css" if route.path.startswith("/docs-assets") else FILL["name"]
-        paths.append(re.sub(r"\{(\w+)\}", lambda m: name if m.group(1) == "name" else FILL[m.group(1)], route.path))
+        fill = {**FILL, "name": "app.js" if route.path.startswith("/static") else
+                "swagger-ui.css" if route.path.startswith("/docs-assets") else MODEL}
+        paths.append(re.sub(r"\{(\w+)\}", lambda m, fill=fill: fill[m.group(1)], route.path))
     return [*paths, "/openapi.json"]
 
 
