@@ -95,3 +95,21 @@ def test_head_on_a_kept_alive_connection(keyed: ServeChild, path: str) -> None:
         assert status == 200 and len(body) == length
     finally:
         sock.close()
+
+
+def test_tritonclient_http_sends_the_key_in_headers(keyed: ServeChild) -> None:
+    """What docs/api.md#access-keys shows for Triton's HTTP client: ``headers=`` on each call."""
+    th = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+    from tritonclient.utils import InferenceServerException
+
+    client = th.InferenceServerClient(keyed.url.removeprefix("http://"))
+    try:
+        tensor = th.InferInput("images", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([PNG], dtype=np.object_))
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("nano-test", [tensor])
+        assert "key" in str(info.value.message()) and info.value.status() == "401"
+        result = client.infer("nano-test", [tensor], headers={"Authorization": f"Bearer {INFERENCE_KEY}"})
+        assert result.as_numpy("labels").shape[0] == 1
+    finally:
+        client.close()
