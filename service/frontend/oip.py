@@ -95,7 +95,7 @@ class Images:
 BODY_TYPES = ("application/json", "application/octet-stream")  # JSON, or JSON + binary tensor data
 
 
-def check_media_type(content_type: str | None) -> None:
+def check_body_type(content_type: str | None) -> None:
     """415 unless the body is declared JSON or octet-stream (the binary extension), or not declared
     (tritonclient sends none): ``text/plain``, a form, ... are not an inference request."""
     if content_type is None:

@@ -206,7 +206,7 @@ async def infer(request: Request, rt: RuntimeDep, deadline: DeadlineDep, name: s
     """Inputs ``images`` (BYTES [N], encoded) and/or ``pixels`` (UINT8 [N, H, W, 3]); parameters
     ``top_k`` and ``keep_rate``; outputs ``probabilities``, ``labels``, ``lifespans``, ``budget``."""
     card = check_model(rt, name, version)
-    oip.check_media_type(request.headers.get("content-type"))
+    oip.check_body_type(request.headers.get("content-type"))
     limits = rt.limits()
     _check_content_length(request, limits.max_body_bytes)
     body = await _read_body(request, limits.max_body_bytes, "request body (PATCHLIFE_MAX_REQUEST_BYTES)")
