@@ -130,7 +130,7 @@ def _secure(app: FastAPI, rt: Runtime, spec: dict[str, Any]) -> None:
         if route.path_format not in spec["paths"] or group is None or not rt.keys.required(group):
             continue
         keyed = True
-        for method in route.methods:
+        for method in route.methods or ():
             op = spec["paths"][route.path_format].get(method.lower())
             if op is None:
                 continue

@@ -174,7 +174,7 @@ def test_bearer_token(value: str | None, token: str | None) -> None:
     ("0.0.0.0", {}, ["inference", "metadata", "metrics"]), ("::", {}, ["inference", "metadata", "metrics"]),
     ("10.1.2.3", {"api_key_inference": "k"}, ["metadata", "metrics"]),
     ("0.0.0.0", {"api_key_inference": "a", "api_key_metadata": "b", "api_key_metrics": "c"}, None)])
-def test_open_groups_warning(host: str, keys: dict[str, str], warned: list[str] | None) -> None:
+def test_open_groups_warning(host: str, keys: dict[str, Any], warned: list[str] | None) -> None:
     message = open_groups_warning(Settings(host=host, **keys))
     if warned is None:
         assert message is None

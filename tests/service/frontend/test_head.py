@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,15 +18,19 @@ FILL = {"name": MODEL, "version": "1", "file": "none.png"}
 CHANGING = {"/metrics", "/v2/models/stats", f"/v2/models/{MODEL}/stats", f"/v2/models/{MODEL}/versions/1/stats"}
 
 
+def _fill(values: dict[str, str], match: re.Match[str]) -> str:
+    return values[match.group(1)]
+
+
 def get_paths(client: TestClient) -> list[str]:
     """Every GET route of the app as a concrete path (the static and docs files by a real name)."""
     paths = []
     for route in api_routes(client.app.routes):  # type: ignore[attr-defined]
-        if "GET" not in route.methods:
+        if "GET" not in (route.methods or set()):
             continue
         fill = {**FILL, "name": "app.js" if route.path.startswith("/static") else
                 "swagger-ui.css" if route.path.startswith("/docs-assets") else MODEL}
-        paths.append(re.sub(r"\{(\w+)\}", lambda m, fill=fill: fill[m.group(1)], route.path))
+        paths.append(re.sub(r"\{(\w+)\}", partial(_fill, fill), route.path))
     return [*paths, "/openapi.json"]
 
 
