@@ -258,9 +258,13 @@ def _uint8_from_json(t: InputTensor, want: int) -> np.ndarray:
                              "list here is a ragged array)")
     if values.size != want:
         raise InvalidRequest(f"input {PIXELS!r}: {values.size} values for a shape holding {want}")
-    if values.size and (min(values) < 0 or max(values) > 255):
+    try:
+        ints = values.astype(np.int64)  # every element is an int now: no bool or float is converted
+    except OverflowError:
+        ints = np.array([-1])
+    if ints.size and (int(ints.min()) < 0 or int(ints.max()) > 255):
         raise InvalidRequest(f"input {PIXELS!r}: values must be integers from 0 to 255")
-    return values.astype(np.uint8)
+    return ints.astype(np.uint8)
 
 
 # -- response -----------------------------------------------------------------------------------
