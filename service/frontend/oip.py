@@ -30,17 +30,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..api_errors import UnsupportedMediaType
 from ..protocol import ImageResult
-from .errors import (
-    ApiError,
-    BadImage,
-    InvalidRequest,
-    TooLarge,
-    TooManyImages,
-    TooManyPixels,
-    UnsupportedMediaType,
-    invalid_json,
-)
+from .errors import ApiError, BadImage, InvalidRequest, TooLarge, TooManyImages, TooManyPixels, invalid_json
 from .numbers import parse_int
 from .upload import RawImage, UploadLimits, _from_base64
 
