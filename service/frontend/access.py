@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -123,8 +123,8 @@ def require(group: Group) -> Any:
 
 
 def api_routes(routes: Iterable[Any]) -> Iterator[APIRoute]:
-    """Every APIRoute under ``routes`` (an app's), also those of routers FastAPI keeps included as a
-    unit (``original_router`` in FastAPI >= 0.160) rather than copied into the app's list."""
+    """Every APIRoute under ``routes`` (an app's), also those of routers that newer FastAPI releases
+    (0.165 here) keep included as a unit (``original_router``) rather than copied into the app's list."""
     for route in routes:
         if isinstance(route, APIRoute):
             yield route
@@ -140,7 +140,7 @@ def route_group(route: APIRoute) -> Group | None:
     return groups.pop() if groups else None
 
 
-def group_of(dependency: Callable[..., Coroutine[Any, Any, None]] | Any) -> Group | None:
+def group_of(dependency: Any) -> Group | None:
     """The group a :func:`require` dependency checks (None for any other dependency)."""
     return getattr(dependency, "access_group", None)
 
