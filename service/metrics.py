@@ -41,7 +41,7 @@ __all__ = ["Metrics", "HttpMetricsMiddleware", "DeviceMemoryCollector", "enable_
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REJECT_REASONS = ("bad_image", "unsupported_media_type", "invalid_request", "too_large", "too_many_images",
                   "image_too_many_pixels", "request_too_many_pixels", "overloaded", "deadline", "disconnected",
-                  "shutdown", "model_error", "read_timeout")
+                  "shutdown", "model_error", "read_timeout", "unauthorized")
 FAILURE_REASONS = ("out_of_memory", "batch_error", "worker_died")
 # Images the GPU decoder handed to the CPU path: another format, a JPEG nvJPEG refused, a GPU decode error.
 DECODE_FALLBACK_REASONS = ("not_jpeg", "refused", "error")

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from .app import create_app
+from .frontend.access import warn_if_open
 from .frontend.app import begin_shutdown, drain
 from .frontend.http_protocol import TimedHttpProtocol, timed_protocol
 from .frontend.routes.common import Runtime
@@ -139,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"patchlife serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level, settings.log_format)
+    warn_if_open(settings)  # here, once: not in each API process
     cuda = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
     cores = len(os.sched_getaffinity(0))
     processes = settings.api_process_count(cuda, cores)
@@ -146,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
         from .processes import run as run_processes
 
         return run_processes(args, settings.model_threads_beside(processes, cuda, cores), processes)
-    configure_logging(args.log_level, settings.log_format)
     try:
         engine = Engine.from_settings(settings)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.defaults import GRID_KEEP_RATES, GRID_SIZE, GRID_STEP
@@ -83,6 +83,18 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or one JSON object per line (time, level, logger, message, "
                             "request_id, exception); both carry the request's X-Request-ID.")
+
+    # --- access (service/frontend/access.py) --------------------------------------------------
+    api_key_inference: SecretStr | None = Field(
+        None, description="Key of the inference API group (POST /classify, /explain, /v2 infer; gRPC ModelInfer): "
+                          "requests must send `Authorization: Bearer <key>` (gRPC metadata `authorization`), else "
+                          "401 / UNAUTHENTICATED. Empty: open. Probes, the page's files and /docs stay open.")
+    api_key_metadata: SecretStr | None = Field(
+        None, description="Key of the metadata and statistics group (GET /v1/models, /v2, /v2/models/...: "
+                          "metadata, config, stats; their gRPC calls), sent as for the inference key. Empty: open.")
+    api_key_metrics: SecretStr | None = Field(
+        None, description="Key of GET /metrics, sent as for the inference key (Prometheus: the scrape's "
+                          "`authorization`). Empty: open.")
 
     # --- batching ----------------------------------------------------------------------------
     batching: Literal["budget", "fifo", "unbatched"] = Field(

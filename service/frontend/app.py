@@ -26,6 +26,7 @@ from ..settings import Settings
 from .bodyread import BodyReadMiddleware
 from .context import RequestContextMiddleware
 from .errors import LastResortMiddleware, install_error_handlers
+from .head import HeadAsGetMiddleware
 from .openapi import install_openapi
 from .routes import classify, docs, explain, health, models, ui, v2
 from .routes import metrics as metrics_route
@@ -119,10 +120,12 @@ def make_app(settings: Settings, model: ModelClient, metrics: Metrics, shared_po
     app.state.runtime = rt
     install_error_handlers(app, rt.metrics.reject)
     # Each add_middleware wraps the ones before it: the last added runs first.
+    app.add_middleware(HeadAsGetMiddleware)  # HEAD on every GET route, routed as GET inside the metrics
     app.add_middleware(LastResortMiddleware)  # innermost: a bug's 500 is still counted and carries the request id
     app.add_middleware(HttpMetricsMiddleware, metrics=rt.metrics)
     app.add_middleware(RequestContextMiddleware, in_flight=rt.in_flight)  # arrival stamped before any app code
     app.add_middleware(BodyReadMiddleware, runtime=rt)  # outermost: sees every answer that closes the connection
+    # Each router names its access group (service/frontend/access.py); health, ui and docs are open.
     for module in (classify, explain, health, models, metrics_route, ui, docs):  # docs: /docs, /redoc offline
         app.include_router(module.router)
     app.include_router(v2.router)  # Open Inference Protocol v2 (KServe, Triton clients)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..api_errors import UnsupportedMediaType
 from ..protocol import ImageResult
 from .errors import ApiError, BadImage, InvalidRequest, TooLarge, TooManyImages, TooManyPixels, invalid_json
 from .numbers import parse_int
@@ -81,6 +82,20 @@ class Images:
 
     request: InferRequest
     items: list[RawImage | np.ndarray] = field(default_factory=list)
+
+
+BODY_TYPES = ("application/json", "application/octet-stream")  # JSON, or JSON + binary tensor data
+
+
+def check_body_type(content_type: str | None) -> None:
+    """415 unless the body is declared JSON or octet-stream (the binary extension), or not declared
+    (tritonclient sends none): ``text/plain``, a form, ... are not an inference request."""
+    if content_type is None:
+        return
+    media = content_type.partition(";")[0].strip().lower()
+    if media not in BODY_TYPES:
+        raise UnsupportedMediaType(f"Content-Type {media or content_type!r} is not an inference request: send "
+                                   f"{' or '.join(BODY_TYPES)}")
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -169,8 +184,8 @@ def _check_counts(inputs: list[InputTensor], limits: UploadLimits) -> None:
 def _encoded_images(t: InputTensor, chunk: bytes | None, limits: UploadLimits) -> list[RawImage]:
     n = t.shape[0]
     if chunk is None:  # JSON: strings, base64 (binary image bytes are not valid JSON strings)
-        values = list(np.asarray(t.data, dtype=object).ravel()) if t.data else []
-        if len(values) != n or not all(isinstance(v, str) for v in values):
+        values = list(_json_values(t, IMAGES))
+        if len(values) != n or not all(type(v) is str for v in values):
             raise InvalidRequest(f"input {IMAGES!r}: data must hold {n} base64 strings")
         return [_from_base64(v, f"{IMAGES}[{i}]", limits.max_file_bytes) for i, v in enumerate(values)]
     out: list[RawImage] = []
@@ -208,20 +223,40 @@ def _pixel_images(t: InputTensor, chunk: bytes | None, limits: UploadLimits, max
                                  f"({want} bytes)", status=400)
         arr = np.frombuffer(chunk, np.uint8)
     else:
-        arr = _uint8_from_json(t.data, want)
+        arr = _uint8_from_json(t, want)
     return list(arr.reshape(n, h, w, 3))
 
 
-def _uint8_from_json(data: list[Any] | None, want: int) -> np.ndarray:
+def _json_values(t: InputTensor, name: str) -> np.ndarray:
+    """A tensor's JSON ``data`` as a flat object array, strict as Triton reads it: flat (row-major),
+    or nested exactly as its shape; deeper or other nesting is 422."""
     try:
-        arr = np.asarray(data if data is not None else [])
-    except ValueError:  # ragged nesting
-        raise InvalidRequest(f"input {PIXELS!r}: data is not a regular array") from None
-    if arr.size != want:
-        raise InvalidRequest(f"input {PIXELS!r}: {arr.size} values for a shape holding {want}")
-    if arr.size and (arr.dtype.kind not in "iu" or int(arr.min()) < 0 or int(arr.max()) > 255):
+        arr = np.asarray(t.data if t.data is not None else [], dtype=object)
+    except ValueError:  # nesting numpy cannot hold (over its dimension limit)
+        raise InvalidRequest(f"input {name!r}: data is nested deeper than its shape {t.shape}") from None
+    if arr.ndim > 1 and arr.shape != tuple(t.shape):
+        raise InvalidRequest(f"input {name!r}: data nested as {list(arr.shape)}, not as its shape {t.shape}: "
+                             "send it flat (row-major) or nested as the shape")
+    return arr.ravel()
+
+
+def _uint8_from_json(t: InputTensor, want: int) -> np.ndarray:
+    """UINT8 data: every element a JSON integer from 0 to 255 (``true`` or ``1.0`` is not a UINT8)."""
+    values = _json_values(t, PIXELS)
+    kinds = set(map(type, values))  # bool is not int here: type(True) is bool
+    if kinds - {int}:
+        found = ", ".join(sorted(k.__name__ for k in kinds - {int}))
+        raise InvalidRequest(f"input {PIXELS!r}: values must be integers from 0 to 255 (found {found}; a "
+                             "list here is a ragged array)")
+    if values.size != want:
+        raise InvalidRequest(f"input {PIXELS!r}: {values.size} values for a shape holding {want}")
+    try:
+        ints = values.astype(np.int64)  # every element is an int now: no bool or float is converted
+    except OverflowError:
+        ints = np.array([-1])
+    if ints.size and (int(ints.min()) < 0 or int(ints.max()) > 255):
         raise InvalidRequest(f"input {PIXELS!r}: values must be integers from 0 to 255")
-    return arr.astype(np.uint8).ravel()
+    return ints.astype(np.uint8)
 
 
 # -- response -----------------------------------------------------------------------------------
@@ -236,9 +271,13 @@ def requested_outputs(request: InferRequest, max_top_k: int) -> list[OutputSpec]
     default_binary = _flag((request.parameters or {}).get("binary_data_output", False), "binary_data_output")
     asked = request.outputs if request.outputs is not None else [RequestedOutput(name=n) for n in OUTPUTS]
     specs: list[OutputSpec] = []
-    for out in asked:
+    seen: set[str] = set()
+    for out in asked:  # 400 as Triton answers an output it cannot give; each at most once bounds the answer
         if out.name not in OUTPUTS:
-            raise InvalidRequest(f"unknown output {out.name!r}: expected one of {', '.join(OUTPUTS)}")
+            raise InvalidRequest(f"unknown output {out.name!r}: expected one of {', '.join(OUTPUTS)}", status=400)
+        if out.name in seen:
+            raise InvalidRequest(f"output {out.name!r} requested twice: name each output at most once", status=400)
+        seen.add(out.name)
         params = out.parameters or {}
         binary = _flag(params.get("binary_data", default_binary), "binary_data")
         k = params.get("classification")

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from . import oip
+from .access import api_routes, route_group
 from .schemas import _PIXEL
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ def _infer_responses(op: dict[str, Any]) -> None:
     for status, what in (("400", "Malformed body or binary framing"), ("404", "Unknown model name or version"),
                          ("408", "The body stopped arriving (PATCHLIFE_READ_TIMEOUT_S)"),
                          ("413", "Over a size, count or pixel limit"),
+                         ("415", "A Content-Type other than application/json or application/octet-stream"),
                          ("422", "Invalid tensors or parameters"),
                          ("503", "Not ready, overloaded or shutting down"),
                          ("504", "The deadline passed (X-Request-Deadline-Ms)")):
@@ -114,8 +116,32 @@ def build_openapi(app: FastAPI, rt: Runtime) -> dict[str, Any]:
             elif method == "post":
                 op["responses"]["408"] = _error("The body stopped arriving (PATCHLIFE_READ_TIMEOUT_S)",
                                                 _NATIVE_ERROR)
+    _secure(app, rt, spec)
     _tighten(spec, rt.settings.max_top_k)
     return spec
+
+
+def _secure(app: FastAPI, rt: Runtime, spec: dict[str, Any]) -> None:
+    """The operations of each access group that has a key (service/frontend/access.py) require the
+    bearer scheme, and may answer 401; /docs then shows its Authorize button. Open groups say nothing."""
+    keyed = False
+    for route in api_routes(app.routes):
+        group = route_group(route)
+        if route.path_format not in spec["paths"] or group is None or not rt.keys.required(group):
+            continue
+        keyed = True
+        for method in route.methods or ():
+            op = spec["paths"][route.path_format].get(method.lower())
+            if op is None:
+                continue
+            op["security"] = [{"bearer": []}]
+            schema = _V2_ERROR if route.path_format.startswith("/v2") else _NATIVE_ERROR
+            op.setdefault("responses", {})["401"] = _error(
+                f"No key or a wrong key for the {group.value} group ({group.setting})", schema)
+    if keyed:
+        spec.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer",
+            "description": "The key of the operation's API group, as `Authorization: Bearer <key>`."}
 
 
 def install_openapi(app: FastAPI, rt: Runtime) -> None:

@@ -323,3 +323,71 @@ def test_kserve_runtime_serves_the_inference_services(rendered: dict[str, list[d
     (h2c,) = services["grpc-v2"]["spec"]["predictor"]["model"]["ports"]
     assert h2c["name"] == "h2c" and h2c["containerPort"] == int(env(c)["PATCHLIFE_GRPC_PORT"])
     assert "ports" not in services["v2"]["spec"]["predictor"]["model"]  # the runtime's HTTP port
+
+
+# -- access keys ----------------------------------------------------------------------------------
+KEYS_SECRET = "patchlife-api-keys"
+
+
+def key_refs(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """PATCHLIFE_API_KEY_* of a container -> its secretKeyRef."""
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c.get("env", [])
+            if e["name"].startswith("PATCHLIFE_API_KEY_")}
+
+
+def test_keys_come_from_an_optional_secret(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Every group's key from one Secret, each optional (the pod starts without the Secret), named as
+    the settings name them; no render ships a Secret (keys are the operator's)."""
+    from service.frontend.access import Group
+    from service.settings import Settings
+
+    containers = [container(one(rendered[n], "Deployment")) for n in ("base", "overlays/cpu", "overlays/gpu")]
+    containers += one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
+    for c in containers:
+        refs = key_refs(c)
+        assert set(refs) == {g.setting for g in Group}, c["name"]
+        for group in Group:
+            assert f"api_key_{group.value}" in Settings.model_fields
+            assert refs[group.setting] == {"name": KEYS_SECRET, "key": group.value, "optional": True}
+    assert not [d for docs in rendered.values() for d in docs if d["kind"] == "Secret"]
+
+
+def test_probes_stay_open_whatever_keys_are_set(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Each probe path of every render is served by a route of no access group."""
+    from starlette.routing import Match
+
+    from service.app import create_app
+    from service.frontend.access import api_routes, route_group
+    from service.settings import Settings
+
+    app = create_app(Settings(device="cpu", grpc_port=0, api_key_inference="a", api_key_metadata="b",
+                              api_key_metrics="c"))
+    routes = list(api_routes(app.routes))
+    containers = [container(one(rendered[n], "Deployment")) for n in ("base", "overlays/cpu", "overlays/gpu")]
+    containers += one(rendered["kserve"], "ServingRuntime")["spec"]["containers"]
+    paths = {p["httpGet"]["path"] for c in containers for p in probes(c).values()}
+    assert {"/healthz", "/readyz", "/v2/health/ready", "/v2/health/live"} <= paths
+    for path in paths:
+        (route,) = [r for r in routes if r.matches({"type": "http", "path": path, "method": "GET"})[0] == Match.FULL]
+        assert route_group(route) is None, f"probe {path} needs a key"
+
+
+def test_metrics_key_component_sends_the_deployments_key(kubectl: str, rendered: dict[str, list[dict[str, Any]]],
+                                                        tmp_path: Path) -> None:
+    """components/metrics-key on an overlay: the PodMonitor validates and scrapes with the Secret key the
+    Deployment reads PATCHLIFE_API_KEY_METRICS from."""
+    import os
+
+    root = os.path.relpath(K8S, tmp_path)  # kustomize takes relative paths only
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {root}/overlays/cpu\ncomponents:\n  - {root}/components/metrics-key\n")
+    result = run([kubectl, "kustomize", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    monitor = one(docs, "PodMonitor")
+    validate(monitor)
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ref = key_refs(container(one(docs, "Deployment")))["PATCHLIFE_API_KEY_METRICS"]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": ref["name"], "key": ref["key"]}}
+    assert "authorization" not in one(rendered["overlays/cpu"], "PodMonitor")["spec"]["podMetricsEndpoints"][0]

@@ -21,6 +21,7 @@ import grpc
 from google.protobuf.message import Message
 
 from .. import oip, triton
+from ..access import GRPC_GROUPS, Group, grpc_authorization
 from ..errors import ApiError
 from ..routes.common import Runtime
 from ..routes.v2 import check_model, infer_images, served_model
@@ -29,8 +30,9 @@ from . import grpc_service_pb2 as pb
 
 log = logging.getLogger("patchlife.grpc")
 SERVICE = "inference.GRPCInferenceService"  # the protocol's name (the messages' package differs, see the .proto)
-GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT,
-              422: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+              415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+              404: grpc.StatusCode.NOT_FOUND,
               413: grpc.StatusCode.RESOURCE_EXHAUSTED, 499: grpc.StatusCode.CANCELLED,
               503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
@@ -105,14 +107,17 @@ def _failure(rt: Runtime, exc: Exception) -> tuple[grpc.StatusCode, str, tuple[t
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log", ()
 
 
-def _wrap(rt: Runtime, method: str, handler: Handler) -> Handler:
-    """Counts the call in flight (the drain waits for it) and in the latency metric; errors -> status."""
+def _wrap(rt: Runtime, method: str, handler: Handler, group: Group | None) -> Handler:
+    """Checks the key of the method's access ``group`` (None: open), counts the call in flight (the
+    drain waits for it) and in the latency metric; errors -> status."""
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Message:
         code = grpc.StatusCode.CANCELLED  # what is recorded if the call is cancelled (client gone, deadline)
         rt.in_flight.count += 1
         t0 = time.perf_counter()
         try:
+            if group is not None:
+                rt.keys.check(group, grpc_authorization(context.invocation_metadata()))
             response = await handler(request, context)
             code = grpc.StatusCode.OK
             return response
@@ -129,14 +134,15 @@ def _wrap(rt: Runtime, method: str, handler: Handler) -> Handler:
 
 
 def generic_handler(rt: Runtime, version: str) -> grpc.GenericRpcHandler:
-    """Every RPC the .proto declares, served under the protocol's service name."""
+    """Every RPC the .proto declares, served under the protocol's service name, each in its access
+    group (``access.GRPC_GROUPS``: a method missing there is a KeyError at start, never an open door)."""
     servicer = InferenceServicer(rt, version)
     methods = {}
     for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
         request_cls, response_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
         methods[m.name] = grpc.unary_unary_rpc_method_handler(
-            _wrap(rt, m.name, getattr(servicer, m.name)), request_deserializer=request_cls.FromString,
-            response_serializer=response_cls.SerializeToString)
+            _wrap(rt, m.name, getattr(servicer, m.name), GRPC_GROUPS[m.name]),
+            request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 

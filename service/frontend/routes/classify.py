@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from ..access import Group, require
 from ..schemas import IMAGE_ERRORS, IMAGES_REQUEST_BODY, ClassifyResponse
 from ..upload import read_payload
 from .common import (
@@ -17,7 +18,7 @@ from .common import (
     run_model,
 )
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], dependencies=[require(Group.INFERENCE)])
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=IMAGE_ERRORS,

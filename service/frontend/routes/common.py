@@ -24,6 +24,7 @@ from ...metrics import Metrics
 from ...preprocess import Preprocessor, resize_side
 from ...protocol import EncodedImage, ImageResult, Lifecycle, ModelCard, ModelClient, ModelStatus
 from ...settings import Settings
+from ..access import Keys
 from ..bodyread import DEADLINE_KEY
 from ..context import ARRIVAL_KEY, InFlight
 from ..decode_gate import DecodeBusy, DecodeGate, decode_capacity, decode_cost
@@ -62,10 +63,12 @@ class Runtime:
     shared_ports: bool = False  # one of several API processes on the same ports
     in_flight: InFlight = field(default_factory=InFlight)
     decode_gate: DecodeGate = field(init=False)
+    keys: Keys = field(init=False)  # the access keys' digests (service/frontend/access.py)
     _preprocessor: Preprocessor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.decode_gate = DecodeGate(decode_capacity(self.settings.max_decode_pixels))
+        self.keys = Keys.from_settings(self.settings)
 
     @property
     def draining(self) -> bool:

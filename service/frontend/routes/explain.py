@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from PIL import Image
 
 from ...protocol import ModelCard
+from ..access import Group, require
 from ..explain import render_heatmap
 from ..schemas import IMAGE_ERRORS, IMAGES_REQUEST_BODY, ExplainResponse
 from ..upload import read_payload
@@ -26,7 +27,7 @@ from .common import (
     run_model,
 )
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], dependencies=[require(Group.INFERENCE)])
 FormatQuery = Annotated[Literal["png", "json"] | None, Query(
     description="png (default) or json; without it, `Accept: application/json` selects json.")]
 

@@ -8,9 +8,10 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from ...metrics import CONTENT_TYPE
+from ..access import Group, require
 from .common import RuntimeDep
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], dependencies=[require(Group.METRICS)])
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from ..access import Group, require
 from ..schemas import ErrorResponse, ModelInfo
 from .common import RuntimeDep
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], dependencies=[require(Group.METADATA)])
 
 
 @router.get("/v1/models", response_model=ModelInfo, responses={503: {"model": ErrorResponse}},

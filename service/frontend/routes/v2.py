@@ -26,6 +26,7 @@ from PIL import Image
 from ...decode import limit_aspect
 from ...protocol import EncodedImage, ImageResult, ModelCard
 from .. import oip, triton
+from ..access import Group, require
 from ..errors import ApiError, NotReady, RequestTooManyPixels
 from ..upload import RawImage, _check_content_length, _read_body
 from .common import DeadlineDep, Prepared, Runtime, RuntimeDep, prepare_images, resolve_options, run_model
@@ -55,6 +56,8 @@ class V2Route(APIRoute):
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=V2Route)
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model name or version"}}
+# Access groups (service/frontend/access.py); health and model readiness stay open (probes).
+METADATA, INFERENCE = [require(Group.METADATA)], [require(Group.INFERENCE)]
 
 
 def served_model(rt: Runtime, name: str, version: str | None = None) -> ModelCard:
@@ -81,34 +84,40 @@ async def ready(rt: RuntimeDep) -> dict[str, bool]:
     return {"ready": True}
 
 
-@router.get("", summary="Server metadata")
+@router.get("", dependencies=METADATA, summary="Server metadata")
 async def server_metadata(request: Request) -> dict[str, Any]:
     return {"name": "patchlife", "version": request.app.version, "extensions": oip.EXTENSIONS}
 
 
 # -- model ----------------------------------------------------------------------------------------
-@router.get("/models/stats", summary="Statistics of every model (Triton's statistics extension)")
+@router.get("/models/stats", dependencies=METADATA,
+            summary="Statistics of every model (Triton's statistics extension)")
 async def all_statistics(rt: RuntimeDep) -> dict[str, Any]:
     if rt.card is None:
         return {"model_stats": []}
     return {"model_stats": [triton.model_statistics(rt.metrics, rt.card.name)]}
 
 
-@router.get("/models/{name}/stats", responses=_NOT_FOUND, summary="Model statistics (Triton's statistics extension)")
-@router.get("/models/{name}/versions/{version}/stats", responses=_NOT_FOUND, include_in_schema=False)
+@router.get("/models/{name}/stats", dependencies=METADATA, responses=_NOT_FOUND,
+            summary="Model statistics (Triton's statistics extension)")
+@router.get("/models/{name}/versions/{version}/stats", dependencies=METADATA, responses=_NOT_FOUND,
+            include_in_schema=False)
 async def get_model_statistics(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
     return {"model_stats": [triton.model_statistics(rt.metrics, served_model(rt, name, version).name)]}
 
 
-@router.get("/models/{name}/config", responses=_NOT_FOUND,
+@router.get("/models/{name}/config", dependencies=METADATA, responses=_NOT_FOUND,
             summary="Model configuration (Triton's model configuration extension)")
-@router.get("/models/{name}/versions/{version}/config", responses=_NOT_FOUND, include_in_schema=False)
+@router.get("/models/{name}/versions/{version}/config", dependencies=METADATA, responses=_NOT_FOUND,
+            include_in_schema=False)
 async def get_model_config(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
     return triton.model_config(served_model(rt, name, version), rt.settings)
 
 
-@router.get("/models/{name}", responses=_NOT_FOUND, summary="Model metadata: input and output tensors")
-@router.get("/models/{name}/versions/{version}", responses=_NOT_FOUND, include_in_schema=False)
+@router.get("/models/{name}", dependencies=METADATA, responses=_NOT_FOUND,
+            summary="Model metadata: input and output tensors")
+@router.get("/models/{name}/versions/{version}", dependencies=METADATA, responses=_NOT_FOUND,
+            include_in_schema=False)
 async def get_model_metadata(rt: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
     return oip.model_metadata(served_model(rt, name, version).info)
 
@@ -188,13 +197,16 @@ async def infer_images(rt: Runtime, parsed: oip.Images, deadline: float, request
     return Inference(specs, results, options.top_k)
 
 
-@router.post("/models/{name}/infer", responses=_NOT_FOUND, summary="Inference (binary tensor data extension)")
-@router.post("/models/{name}/versions/{version}/infer", responses=_NOT_FOUND, include_in_schema=False)
+@router.post("/models/{name}/infer", dependencies=INFERENCE, responses=_NOT_FOUND,
+             summary="Inference (binary tensor data extension)")
+@router.post("/models/{name}/versions/{version}/infer", dependencies=INFERENCE, responses=_NOT_FOUND,
+             include_in_schema=False)
 async def infer(request: Request, rt: RuntimeDep, deadline: DeadlineDep, name: str,
                 version: str | None = None) -> Response:
     """Inputs ``images`` (BYTES [N], encoded) and/or ``pixels`` (UINT8 [N, H, W, 3]); parameters
     ``top_k`` and ``keep_rate``; outputs ``probabilities``, ``labels``, ``lifespans``, ``budget``."""
     card = check_model(rt, name, version)
+    oip.check_body_type(request.headers.get("content-type"))
     limits = rt.limits()
     _check_content_length(request, limits.max_body_bytes)
     body = await _read_body(request, limits.max_body_bytes, "request body (PATCHLIFE_MAX_REQUEST_BYTES)")

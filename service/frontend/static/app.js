@@ -22,11 +22,51 @@ class ApiError extends Error {
   }
 }
 
+// -- the API key: a server with PATCHLIFE_API_KEY_* set answers 401 without it ------------------------
+// Kept in this browser only (localStorage), sent as "Authorization: Bearer <key>" to this server.
+const KEY_STORE = "patchlife.apiKey";
+
+function storedKey() {
+  try { return localStorage.getItem(KEY_STORE) || ""; } catch (_) { return ""; }
+}
+
+function withKey(options) {
+  const key = storedKey();
+  if (!key) return options;
+  const o = { ...(options || {}) };
+  o.headers = { ...(o.headers || {}), Authorization: `Bearer ${key}` };
+  return o;
+}
+
+function showKeyBox(open) {
+  $("key-box").open = open;
+  $("key-state").textContent = storedKey() ? "a key is saved in this browser" : "no key saved";
+}
+
+function saveKey(event) {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  try {
+    if (key) localStorage.setItem(KEY_STORE, key); else localStorage.removeItem(KEY_STORE);
+  } catch (_) { /* storage refused (private mode): nothing is kept */ }
+  $("api-key").value = "";
+  showKeyBox(false);
+  showError(null);
+  if (!state.model) start();  // the model's description needed the key
+  else if (state.blob) classify(state.blob, state.name, state.exampleUrl);
+}
+
+function forgetKey() {
+  try { localStorage.removeItem(KEY_STORE); } catch (_) { /* nothing was kept */ }
+  $("api-key").value = "";
+  showKeyBox(true);
+}
+
 /** fetch + JSON; an error answer becomes an ApiError carrying the API's own message and code. */
 async function api(path, options) {
   let response;
   try {
-    response = await fetch(path, options);
+    response = await fetch(path, withKey(options));
   } catch (err) {
     throw new ApiError(`Could not reach the server (${err.message}). If the file is very large, ` +
       "the server may have refused it before reading it.", "network_error", 0);
@@ -34,6 +74,7 @@ async function api(path, options) {
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON */ }
   if (!response.ok) {
+    if (response.status === 401) showKeyBox(true);
     const e = body && body.error;
     throw new ApiError(e && e.message ? e.message : `${response.status} ${response.statusText}`,
       e && e.code ? e.code : "http_error", response.status, response.headers.get("Retry-After"));
@@ -175,7 +216,8 @@ function showCurl() {
   const { name, keepRate, example } = state.sent, origin = window.location.origin, lines = [];
   if (example) lines.push(`curl -s -o ${shellQuote(name)} ${shellQuote(origin + example)}`);
   const rate = keepRate === null ? "" : ` -F keep_rate=${keepRate}`;
-  lines.push(`curl -s -F file=@${shellQuote(name)}${rate} ${shellQuote(origin + "/classify")} | python3 -m json.tool`);
+  const key = storedKey() ? ' -H "Authorization: Bearer $PATCHLIFE_API_KEY_INFERENCE"' : "";
+  lines.push(`curl -s${key} -F file=@${shellQuote(name)}${rate} ${shellQuote(origin + "/classify")} | python3 -m json.tool`);
   $("curl").textContent = lines.join("\n");
   $("copied").textContent = "";
 }
@@ -305,15 +347,22 @@ function wire() {
   $("heatmap").addEventListener("pointerdown", showPatch);
   $("download").addEventListener("click", downloadHeatmap);
   $("copy-curl").addEventListener("click", copyCurl);
+  $("key-form").addEventListener("submit", saveKey);
+  $("forget-key").addEventListener("click", forgetKey);
   $("patch-info").textContent = PATCH_HINT;
+}
+
+async function start() {
+  await loadModel();
+  if (state.model) await loadExamples();
+  document.body.dataset.ready = "true";
 }
 
 async function main() {
   wire();
+  showKeyBox(false);
   $("rate").disabled = $("default-rate").checked;
-  await loadModel();
-  await loadExamples();
-  document.body.dataset.ready = "true";
+  await start();
 }
 
 main();

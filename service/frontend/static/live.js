@@ -26,7 +26,9 @@
     if (document.hidden) return;
     let text;
     try {
-      const response = await fetch("/metrics");
+      let key = "";  // the API key the page keeps (app.js), for a server with PATCHLIFE_API_KEY_METRICS
+      try { key = localStorage.getItem("patchlife.apiKey") || ""; } catch (_) { /* no storage */ }
+      const response = await fetch("/metrics", key ? { headers: { Authorization: `Bearer ${key}` } } : undefined);
       if (!response.ok) return;
       text = await response.text();
     } catch (_) { return; }

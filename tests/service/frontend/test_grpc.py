@@ -238,3 +238,12 @@ def test_calls_show_in_the_metrics(triton: Any, http: TestClient, metric: Callab
     before = metric(http, "patchlife_grpc_request_duration_seconds_count", missing)
     _error(lambda: triton.get_model_metadata("nope"))
     assert metric(http, "patchlife_grpc_request_duration_seconds_count", missing) == before + 1
+
+
+def test_an_output_named_twice_or_unknown_is_invalid_argument(triton: Any) -> None:
+    """As over REST (400): each output at most once bounds the answer's size."""
+    for outputs, words in (([tg.InferRequestedOutput("lifespans")] * 3, "requested twice"),
+                           ([tg.InferRequestedOutput("logits")], "unknown output")):
+        with pytest.raises(InferenceServerException) as info:
+            triton.infer(MODEL, [images_input(pngs(1))], outputs=outputs)
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and words in str(info.value.message())

@@ -185,7 +185,20 @@ ERROR_CASES: list[tuple[str, Any, int, str]] = [
     ("data count", {"inputs": [_tensor(shape=[2], data=[ONE])]}, 422, "2 base64"),
     ("bad image", {"inputs": [_tensor(data=[base64.b64encode(b"not an image").decode()])]}, 400, "images[0]"),
     ("bad base64", {"inputs": [_tensor(data=["***"])]}, 400, "base64"),
-    ("unknown output", {"inputs": [_tensor(data=[ONE])], "outputs": [{"name": "logits"}]}, 422, "unknown output"),
+    ("unknown output", {"inputs": [_tensor(data=[ONE])], "outputs": [{"name": "logits"}]}, 400, "unknown output"),
+    ("output named twice", {"inputs": [_tensor(data=[ONE])], "outputs": [{"name": "lifespans"}] * 3}, 400,
+     "requested twice"),
+    ("true in UINT8 data", {"inputs": [_tensor("pixels", "UINT8", [1, 2, 2, 3], data=[True] + [0] * 11)]}, 422,
+     "found bool"),
+    ("float in UINT8 data", {"inputs": [_tensor("pixels", "UINT8", [1, 2, 2, 3], data=[1.0] * 12)]}, 422,
+     "integers from 0 to 255"),
+    ("ragged UINT8 data", {"inputs": [_tensor("pixels", "UINT8", [1, 2, 2, 3], data=[[0] * 6, [0] * 5, 0])]}, 422,
+     "integers from 0 to 255"),
+    ("images nested deeper than [1]", {"inputs": [_tensor(data=[[[[[[ONE]]]]]])]}, 422, "nested"),
+    ("pixels nested deeper than the shape", {"inputs": [_tensor("pixels", "UINT8", [1, 1, 1, 3],
+                                                                data=[[[[[0], [0], [0]]]]])]}, 422, "nested"),
+    ("pixels nested unlike the shape", {"inputs": [_tensor("pixels", "UINT8", [1, 2, 2, 3],
+                                                           data=[[0] * 3] * 4)]}, 422, "nested"),
     ("top_k range", {"inputs": [_tensor(data=[ONE])], "parameters": {"top_k": 99}}, 422, "top_k"),
     ("keep_rate range", {"inputs": [_tensor(data=[ONE])], "parameters": {"keep_rate": 2}}, 422, "keep_rate"),
     ("too many images", {"inputs": [_tensor(shape=[5], data=[ONE] * 5)]}, 413, "PATCHLIFE_MAX_IMAGES_PER_REQUEST"),
@@ -206,6 +219,34 @@ def test_errors_in_protocol_form(client: TestClient, metric: Callable[..., float
     assert set(r.json()) == {"error"} and words in r.json()["error"], r.json()
     if reason:
         assert metric(client, "patchlife_rejected_requests_total", {"reason": reason}) == before + 1
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "image/png"])
+def test_a_body_declared_as_another_type_is_415(client: TestClient, content_type: str) -> None:
+    body = json.dumps({"inputs": [_tensor(data=[ONE])]})
+    r = client.post(INFER, content=body, headers={"content-type": content_type})
+    assert r.status_code == 415, r.text
+    assert set(r.json()) == {"error"} and "Content-Type" in r.json()["error"]
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json", "Application/JSON; charset=utf-8",
+                                          "application/octet-stream"])
+def test_json_bodies_as_clients_declare_them_are_served(client: TestClient, content_type: str | None) -> None:
+    body = json.dumps({"inputs": [_tensor(data=[ONE])], "outputs": [{"name": "labels"}]})
+    headers = {"content-type": content_type} if content_type else {}
+    r = client.post(INFER, content=body, headers=headers)
+    assert r.status_code == 200, r.text
+
+
+def test_pixels_nested_as_the_shape_or_flat_give_the_same_answer(client: TestClient) -> None:
+    pixels = np.asarray(Image.open(io.BytesIO(pngs(1)[0])).convert("RGB"))[None]
+    answers = []
+    for data in (pixels.tolist(), pixels.ravel().tolist()):
+        r = client.post(INFER, json={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+                                                 "data": data}], "outputs": [{"name": "probabilities"}]})
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["outputs"][0]["data"])
+    assert answers[0] == answers[1]
 
 
 def test_binary_framing_errors(client: TestClient) -> None:
