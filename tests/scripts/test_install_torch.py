@@ -9,12 +9,12 @@ import socket
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("install_torch", REPO / "scripts" / "install_torch.py")
