@@ -116,12 +116,12 @@ def build_openapi(app: FastAPI, rt: Runtime) -> dict[str, Any]:
                                                 _NATIVE_ERROR)
     _tighten(spec, rt.settings.max_top_k)
     if rt.card is not None:
-        spec["info"]["description"] = served_model(rt.card.name, rt.card.info.get("description", ""),
+        spec["info"]["description"] = about_served_model(rt.card.name, rt.card.info.get("description", ""),
                                                    rt.card.class_names)
     return spec
 
 
-def served_model(name: str, description: str, classes: tuple[str, ...] | list[str]) -> str:
+def about_served_model(name: str, description: str, classes: tuple[str, ...] | list[str]) -> str:
     """The top of /docs and /redoc: what the served model recognises, so nobody sends it what it cannot read."""
     shown = ", ".join(f"`{c}`" for c in classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
     about = description.strip() or "(its checkpoint records no description)"

@@ -46,8 +46,8 @@ def test_openapi_says_what_the_served_model_recognises(client: TestClient) -> No
 
 
 def test_openapi_lists_at_most_20_classes() -> None:
-    from service.frontend.openapi import served_model
+    from service.frontend.openapi import about_served_model
 
-    about = served_model("m", "", [f"c{i}" for i in range(25)])
+    about = about_served_model("m", "", [f"c{i}" for i in range(25)])
     assert "`c19`" in about and "`c20`" not in about and "and 5 more" in about
     assert "records no description" in about
