@@ -1,6 +1,11 @@
 # patchlife: `make run` serves the embedded default model, `make test` runs the test suite.
 # Both create the virtual environment in .venv on first use.
 PYTHON ?= python3
+# Which torch build goes into .venv (scripts/install_torch.py): auto (the default) takes the CPU-only build from
+# PyTorch's CPU wheel index where no NVIDIA driver is present and that index is reachable, else the registry's
+# default; cpu forces the CPU-only build (same fallback); cuda the registry's default (CUDA on Linux x86_64).
+# It applies when .venv is created: `make clean` first to switch.
+TORCH  ?= auto
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
@@ -10,6 +15,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python scripts/install_torch.py $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -45,6 +45,12 @@ def serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path,
                    help="checkpoint directory (default: PATCHLIFE_CHECKPOINT, else the embedded model)")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's and patchlife's log level")
+    p.epilog = ("Serves, on http://HOST:PORT (127.0.0.1:8000 by default): the web page at /, the API (/classify, "
+                "/explain, /v1/models, the Open Inference Protocol v2 under /v2) browsable at /docs, /healthz, "
+                "/readyz and /metrics; and the v2 protocol over gRPC on PATCHLIFE_GRPC_PORT (8001; 0: off). "
+                "PATCHLIFE_API_PROCESSES (auto) sets how many API processes answer clients beside the one model "
+                "process (0: one process does everything). Every setting is a PATCHLIFE_* environment variable: "
+                "docs/api.md#settings.")
 
 
 def bench_overhead(p: argparse.ArgumentParser) -> None:

@@ -147,8 +147,7 @@ class _Supervisor:
     def start_all(self) -> None:
         for i in range(1, self.count + 1):
             self.spawn(i)
-        log.info("%d API processes serving http://%s:%d", self.count, self.spec.settings.host,
-                 self.spec.settings.port)
+        log.info("starting %s", _api_processes(self.count))
 
     async def watch(self) -> int | None:
         """Replace API processes that die; returns an exit status when serve must give up."""
@@ -208,6 +207,7 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
     supervisor = _Supervisor(spec, sock, processes)
     supervisor.start_all()
     starting = asyncio.create_task(_start(model, host))
+    announcing = asyncio.create_task(_announce(starting, host, _serving_line(settings, processes)))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -240,6 +240,7 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
         sock.close()
         supervisor.signal_all(signal.SIGTERM)
     watching.cancel()
+    announcing.cancel()
     drain_s = settings.shutdown_delay_s + settings.shutdown_grace_s + EXIT_MARGIN_S
     await supervisor.wait_all(drain_s)
     await starting
@@ -249,12 +250,32 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
     return status or 0
 
 
-async def _start(model: object, host: object) -> None:
+def _api_processes(count: int) -> str:
+    return f"{count} API process" + ("" if count == 1 else "es")
+
+
+def _serving_line(settings: Settings, processes: int) -> str:
+    grpc = f", gRPC on port {settings.grpc_port}" if settings.grpc_port else ""
+    return f"serving http://{settings.host}:{settings.port} ({_api_processes(processes)}{grpc})"
+
+
+async def _start(model: object, host: object) -> bool:
     try:
         await model.start()  # type: ignore[attr-defined]
+        started = True
     except Exception:
-        pass  # LocalModel logged it; the status says FAILED with the reason
+        started = False  # LocalModel logged it; the status says FAILED with the reason
     host.push_status()  # type: ignore[attr-defined]
+    return started
+
+
+async def _announce(starting: asyncio.Task[bool], host: object, serving: str) -> None:
+    """Log "serving" once a request would be answered: the model warmed up and an API process connected."""
+    if not await asyncio.shield(starting):
+        return
+    while not host.connections:  # type: ignore[attr-defined]
+        await asyncio.sleep(0.05)
+    log.info("%s", serving)
 
 
 def _mark_dead(pid: int | None) -> None:

@@ -118,6 +118,9 @@ def build_openapi(app: FastAPI, rt: Runtime) -> dict[str, Any]:
                                                 _NATIVE_ERROR)
     _secure(app, rt, spec)
     _tighten(spec, rt.settings.max_top_k)
+    if rt.card is not None:
+        spec["info"]["description"] = about_served_model(rt.card.name, rt.card.info.get("description", ""),
+                                                   rt.card.class_names)
     return spec
 
 
@@ -142,6 +145,14 @@ def _secure(app: FastAPI, rt: Runtime, spec: dict[str, Any]) -> None:
         spec.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
             "type": "http", "scheme": "bearer",
             "description": "The key of the operation's API group, as `Authorization: Bearer <key>`."}
+
+
+def about_served_model(name: str, description: str, classes: tuple[str, ...] | list[str]) -> str:
+    """The top of /docs and /redoc: what the served model recognises, so nobody sends it what it cannot read."""
+    shown = ", ".join(f"`{c}`" for c in classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
+    about = description.strip() or "(its checkpoint records no description)"
+    return (f"**Served model: `{name}`.** {about}\n\n"
+            f"Its {len(classes)} classes: {shown}. `GET /v1/models` describes it in full.")
 
 
 def install_openapi(app: FastAPI, rt: Runtime) -> None:

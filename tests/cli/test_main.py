@@ -83,3 +83,10 @@ def test_ensure_default_answers_from_metrics_without_torch() -> None:
     run = json.loads((DEFAULT_CHECKPOINT / METRICS_FILE).read_text())["one_command_run"]
     assert f"took {run['wall_seconds']:.0f} s wall, {run['process_cpu_seconds']:.0f} s CPU" in p.stdout
     assert run["train_command"] in p.stdout and "--init-from" not in p.stdout
+
+
+def test_serve_help_names_what_it_serves() -> None:
+    text = " ".join(cli.parser_for("serve").format_help().split())  # unwrapped
+    for words in ("web page at /", "/docs", "gRPC on PATCHLIFE_GRPC_PORT (8001", "PATCHLIFE_API_PROCESSES",
+                  "docs/api.md#settings"):
+        assert words in text, words

@@ -1,8 +1,8 @@
 """Triton's perf_analyzer against a real ``patchlife serve``, briefly, over gRPC and HTTP (optional).
 
 It runs where perf_analyzer is already at hand: ``PATCHLIFE_PERF_ANALYZER`` (a command), a
-``perf_analyzer`` on the PATH, or the shared wrapper ``../shared/tools/perf-analyzer`` once its cache
-holds the binary (this test never downloads it); otherwise it skips and says so. The figures of
+``perf_analyzer`` on the PATH, or the project's ``scripts/perf-analyzer`` once its cache holds what it
+needs (run it once by hand; this test never downloads it); otherwise it skips and says so. The figures of
 docs/api.md come from the full sweep there, not from this check.
 """
 
@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,7 @@ from ops_support import REPO
 from bench.perf_inputs import input_data
 
 MODEL = "ops-tiny"
-WRAPPER = REPO.parent / "shared" / "tools" / "perf-analyzer"
-WRAPPER_CACHE = Path(os.environ.get("PERF_ANALYZER_HOME", Path.home() / ".cache" / "perf-analyzer"))
+WRAPPER = REPO / "scripts" / "perf-analyzer"
 
 
 def _command() -> list[str]:
@@ -31,10 +31,10 @@ def _command() -> list[str]:
     found = shutil.which("perf_analyzer")
     if found:
         return [found]
-    if WRAPPER.is_file() and (WRAPPER_CACHE / "wheel" / "perf_analyzer" / "bin" / "perf_analyzer").is_file():
-        return ["bash", str(WRAPPER)]
+    if subprocess.run([sys.executable, str(WRAPPER), "--cached"]).returncode == 0:
+        return [sys.executable, str(WRAPPER)]
     pytest.skip("perf_analyzer is not available: Triton's load tool was NOT run against the server (set "
-                "PATCHLIFE_PERF_ANALYZER, put perf_analyzer on the PATH, or run ../shared/tools/perf-analyzer once)")
+                "PATCHLIFE_PERF_ANALYZER, put perf_analyzer on the PATH, or run scripts/perf-analyzer once)")
 
 
 @pytest.mark.timeout(300)

@@ -37,3 +37,17 @@ def test_openapi_documents_the_endpoints(client: TestClient) -> None:
     body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
     assert spec["components"]["schemas"]["ClassifyResponse"]["examples"]
+
+
+def test_openapi_says_what_the_served_model_recognises(client: TestClient) -> None:
+    about = client.get("/openapi.json").json()["info"]["description"]
+    assert "`nano-test`" in about and "a nano test model" in about  # its name and the checkpoint's description
+    assert f"Its {len(CLASSES)} classes: " in about and all(f"`{c}`" in about for c in CLASSES)
+
+
+def test_openapi_lists_at_most_20_classes() -> None:
+    from service.frontend.openapi import about_served_model
+
+    about = about_served_model("m", "", [f"c{i}" for i in range(25)])
+    assert "`c19`" in about and "`c20`" not in about and "and 5 more" in about
+    assert "records no description" in about
