@@ -226,8 +226,9 @@ def _check_program(name: str, words: list[str]) -> list[str]:
         return CHECKS[name](words)
     if name in EXTERNAL or name in VENV_TOOLS:
         return []
-    if "/" in name:
-        return [] if (REPO / name).is_file() else [f"`{name}`: no such file in the repository"]
+    if "/" in name:  # inside the repository only: a newcomer has nothing beside it (../shared is ours)
+        inside = (REPO / name).resolve().is_relative_to(REPO)
+        return [] if inside and (REPO / name).is_file() else [f"`{name}`: no such file in the repository"]
     return [f"`{name}`: neither the project's nor a stated prerequisite (tests/docs_commands.py)"]
 
 
