@@ -26,7 +26,7 @@ def plot(body: dict[str, Any], path: str) -> None:
 
     panels = (("goodput", "goodput (correct within objective, images/s)", 1.0),
               ("p99_ms", "p99 latency (ms)", 1.0), ("top1", "served top-1 (%)", 100.0))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharex=True, constrained_layout=True)
     for ax, (key, title, scale) in zip(axes, panels, strict=True):
         for config, rows in body["results"].items():
             colour, marker, label = STYLE.get(config, ("tab:grey", "x", config))

@@ -85,10 +85,11 @@ def pass_summary(answers: Sequence[Answer], labels: Sequence[Sequence[str]], obj
         told += sum(a.scaled is not None for a in served)
         scaled += sum(a.scaled is True for a in served)
         keep_rates += [a.keep_rate for a in served if a.keep_rate is not None]
-    ms = np.array(latencies or [float("nan")]) * 1000.0
+    ms = np.array(latencies) * 1000.0
+    p50, p99 = (round(float(np.percentile(ms, q)), 2) if latencies else None for q in (50, 99))
     requests = len(answers)
     return {"requests": requests, "images": images, "images_per_s": round(images / elapsed_s, 2) if elapsed_s else None,
-            "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "p50_ms": p50, "p99_ms": p99,
             "attainment": _ratio(within, requests) if objective_s is not None else None,
             "goodput": round(good / window_s, 2) if objective_s is not None and window_s else None,
             "top1": _ratio(correct, images), "scaled_share": _ratio(scaled, told) if told else None,

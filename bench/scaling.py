@@ -146,33 +146,35 @@ def _capacity(url: str, payloads: list[LoadRequest], floor_payloads: list[LoadRe
     return out
 
 
-def _floor(args: argparse.Namespace, url: str) -> float:
+async def _models(url: str, args: argparse.Namespace) -> Any:
+    """The server's ``GET /v1/models`` answer ({} when it has none)."""
+    async with _client(url, args) as client:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            return (await client.get("/v1/models")).json()
+    return {}
+
+
+def _floor(args: argparse.Namespace, models: Any) -> float:
     if args.floor is not None:
         return float(args.floor)
     if os.environ.get(FLOOR_ENV):
         return float(os.environ[FLOOR_ENV])
-    found = _find_key(httpx.get(url + "/v1/models", timeout=10).json(), "min_keep_rate")
-    if not isinstance(found, int | float):
+    found = find_key(models, "min_keep_rate")
+    if not isinstance(found, int | float) or isinstance(found, bool):
         raise RuntimeError(f"no floor: give --floor (or set {FLOOR_ENV}); /v1/models does not report min_keep_rate")
     return float(found)
 
 
-def _find_key(body: Any, key: str) -> Any:
+def find_key(body: Any, key: str) -> Any:
+    """The first value of ``key`` in nested dicts and lists (depth first), or None."""
     if isinstance(body, dict):
         if key in body:
             return body[key]
         body = list(body.values())
     if isinstance(body, list):
         for v in body:
-            if (found := _find_key(v, key)) is not None:
+            if (found := find_key(v, key)) is not None:
                 return found
-    return None
-
-
-def _default_keep_rate(url: str) -> float | None:
-    with contextlib.suppress(httpx.HTTPError, ValueError):
-        keep = _find_key(httpx.get(url + "/v1/models", timeout=10).json(), "keep_rate")
-        return float(keep) if isinstance(keep, int | float) else None
     return None
 
 
@@ -213,8 +215,9 @@ def run(args: argparse.Namespace) -> int:
                 with _server(config, args) as url:
                     asyncio.run(_warm_up(url, payloads, args))
                     if capacity_needed and config == "off":
-                        floor = body.setdefault("floor", _floor(args, url))
-                        body.setdefault("default_keep_rate", _default_keep_rate(url))
+                        models = asyncio.run(_models(url, args))
+                        floor = body.setdefault("floor", _floor(args, models))
+                        body.setdefault("default_keep_rate", find_key(models, "keep_rate"))
                         floor_payloads = make_requests([(png, floor) for png, _ in mix], args.images_per_request,
                                                        labels)
                         capacities.append(_capacity(url, payloads, floor_payloads, args, driver))
