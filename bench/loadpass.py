@@ -94,7 +94,7 @@ async def closed_loop(client: httpx.AsyncClient, payloads: list[LoadRequest], cl
 def arrival_times(rate_per_s: float, requests: int, duration_s: float, seed: int = 0) -> list[float]:
     """A Poisson process: seconds from the start of each arrival at ``rate_per_s`` (independent
     exponential gaps of mean 1/rate), at most ``requests`` of them and none after ``duration_s``."""
-    rng, out, t = random.Random(seed), [], 0.0
+    rng, out, t = random.Random(seed), list[float](), 0.0
     while len(out) < requests:
         t += rng.expovariate(rate_per_s)
         if t > duration_s:

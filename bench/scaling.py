@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"objective_ms": args.objective_ms, "images_per_request": args.images_per_request,
                             "duration_s": args.duration, "order": order, "tokens": tokens}
     capacities: list[dict[str, Any]] = []
-    passes: dict[str, list[list[dict[str, Any]]]] = {}
+    passes: dict[str, list[dict[str, Any]]] = {}
     rates: list[float] | None = None if capacity_needed else sr.resolve_offered(tokens, None, None)
     try:
         with contextlib.ExitStack() as stack:

@@ -67,7 +67,7 @@ def test_open_loop_sends_the_arrivals_and_records_every_answer() -> None:
             return httpx.Response(503, json={"error": {"code": "overloaded"}})
         return httpx.Response(200, content=body(["a", "b"]))
 
-    mix = [(png, None) for png, _ in loadmix.make_mix(4, [None])]
+    mix = loadmix.make_mix(4, [None])
     payloads = loadmix.make_requests(mix, 2, ["a", "b", "c", "d"], {"min_keep_rate": "0.3"})
     assert [p.labels for p in payloads] == [("a", "b"), ("c", "d"), ("a", "b"), ("c", "d")]
 
@@ -154,7 +154,8 @@ def test_the_on_server_sets_the_objective_and_the_off_server_unsets_it(monkeypat
     calls: list[tuple[dict[str, str], tuple[str, ...]]] = []
 
     @contextlib.contextmanager
-    def fake_child(env: dict[str, str], argv: list[str], startup_s: float, unset: tuple[str, ...] = ()) -> Iterator[Any]:
+    def fake_child(env: dict[str, str], argv: list[str], startup_s: float,
+                   unset: tuple[str, ...] = ()) -> Iterator[Any]:
         calls.append((env, tuple(unset)))
         yield argparse.Namespace(url="http://child")
 
