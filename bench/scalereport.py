@@ -215,4 +215,53 @@ def table(body: dict[str, Any]) -> str:
         lines.append(f"at {rate:.1f} images/s: goodput on/off x{ratio}; served top-1 minus the unloaded one "
                      f"(C_default's closed loop): on {_f(c['top1_delta_points_on'], '+.2f')}, off "
                      f"{_f(c['top1_delta_points_off'], '+.2f')} points")
-    return "\n".join(lines)
+    return "\n".join(lines + target_lines(body))
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else "met" if ok else "MISSED"
+
+
+def target_lines(body: dict[str, Any]) -> list[str]:
+    """Issue 33's targets, where the run has their rates: at ``mid``, attainment >= 95% with scaling on,
+    goodput >= 3x off's, served top-1 at most 1.5 points below the unloaded one; at ``0.5d``, no image
+    scaled."""
+    results, out = body.get("results", {}), []
+    if "on" not in results:
+        return out
+    comparisons = body.get("comparison") or [{} for _ in results["on"]]
+    for i, (token, on) in enumerate(zip(body["tokens"], results["on"], strict=False)):
+        delta = comparisons[i].get("top1_delta_points_on")
+        if token == "mid":
+            att, ratio = on.get("attainment"), comparisons[i].get("goodput_ratio")
+            off_goodput = results["off"][i].get("goodput") if "off" in results else None
+            # off's goodput 0 and on's above it: an unbounded ratio, the target is met
+            ratio_ok = ratio >= 3 if ratio is not None else (True if off_goodput == 0 and on.get("goodput") else None)
+            out += [f"target at mid: attainment on {_f(att, '.1%')} (>= 95%): "
+                    f"{_verdict(att >= 0.95 if att is not None else None)}",
+                    f"target at mid: goodput on/off x{_f(ratio, '.2f')} (>= 3): {_verdict(ratio_ok)}",
+                    f"target at mid: served top-1 on {_f(delta, '+.2f')} points vs unloaded (>= -1.5): "
+                    f"{_verdict(delta >= -1.5 if delta is not None else None)}"]
+        elif token == "0.5d":
+            share = on.get("scaled_share")
+            out.append(f"target at 0.5 x C_default: scaled {_f(share, '.1%')} (0): "
+                       f"{_verdict(share == 0 if share is not None else None)}; top-1 on "
+                       f"{_f(delta, '+.2f')} points vs unloaded")
+    return out
+    for token, on, c in zip(body["tokens"], results["on"], body.get("comparison") or [{}] * len(results["on"]),
+                            strict=False):
+        if token == "mid":
+            att, ratio, delta = on.get("attainment"), c.get("goodput_ratio"), c.get("top1_delta_points_on")
+            off_goodput = (results.get("off") or [{}])[0].get("goodput") if "off" in results else None
+            ratio_ok = ratio >= 3 if ratio is not None else (True if off_goodput == 0 and on.get("goodput") else None)
+            out += [f"target at mid: attainment on {_f(att, '.1%')} (>= 95%): "
+                    f"{_verdict(att >= 0.95 if att is not None else None)}",
+                    f"target at mid: goodput on/off x{_f(ratio, '.2f')} (>= 3): {_verdict(ratio_ok)}",
+                    f"target at mid: served top-1 on {_f(delta, '+.2f')} points vs unloaded (>= -1.5): "
+                    f"{_verdict(delta >= -1.5 if delta is not None else None)}"]
+        elif token == "0.5d":
+            share, delta = on.get("scaled_share"), c.get("top1_delta_points_on")
+            out.append(f"target at 0.5 x C_default: scaled {_f(share, '.1%')} (0): "
+                       f"{_verdict(share == 0 if share is not None else None)}; top-1 on "
+                       f"{_f(delta, '+.2f')} points vs unloaded")
+    return out

@@ -299,3 +299,25 @@ def test_a_short_run_against_real_servers_of_a_tiny_model(tmp_path: Path, monkey
         assert r["goodput"] <= r["top1"] * r["images"] / 1.5 + 1e-9
     # the fixed-rate service ran every image at its default keep rate
     assert out["results"]["off"][0]["keep_rate_mean"] == 0.7 and cap["floor"]["keep_rate_mean"] == 0.3
+
+
+def test_target_lines_judge_the_issue_targets_at_their_rates() -> None:
+    def row(att: float, goodput: float, share: float | None) -> dict[str, Any]:
+        return {"attainment": att, "goodput": goodput, "scaled_share": share}
+
+    body = {"tokens": ["0.5d", "mid"], "results": {"on": [row(1.0, 50.0, 0.0), row(0.97, 300.0, 0.4)],
+                                                   "off": [row(1.0, 50.0, None), row(0.05, 20.0, None)]},
+            "comparison": [{"goodput_ratio": 1.0, "top1_delta_points_on": 0.0},
+                           {"goodput_ratio": 15.0, "top1_delta_points_on": -1.6}]}
+    lines = sr.target_lines(body)
+    assert lines == ["target at 0.5 x C_default: scaled 0.0% (0): met; top-1 on +0.00 points vs unloaded",
+                     "target at mid: attainment on 97.0% (>= 95%): met",
+                     "target at mid: goodput on/off x15.00 (>= 3): met",
+                     "target at mid: served top-1 on -1.60 points vs unloaded (>= -1.5): MISSED"]
+    body["results"]["off"][1]["goodput"] = 0.0  # off answered nothing in time: the ratio is unbounded
+    body["comparison"][1]["goodput_ratio"] = None
+    body["results"]["on"][0]["scaled_share"] = None  # a server that does not say
+    lines = sr.target_lines(body)
+    assert lines[0].startswith("target at 0.5 x C_default: scaled n/a (0): n/a")
+    assert lines[2] == "target at mid: goodput on/off xn/a (>= 3): met"
+    assert sr.target_lines({"tokens": ["mid"], "results": {"off": [row(0.1, 1.0, None)]}}) == []
