@@ -226,7 +226,7 @@ def target_lines(body: dict[str, Any]) -> list[str]:
     """Issue 33's targets, where the run has their rates: at ``mid``, attainment >= 95% with scaling on,
     goodput >= 3x off's, served top-1 at most 1.5 points below the unloaded one; at ``0.5d``, no image
     scaled."""
-    results, out = body.get("results", {}), []
+    results, out = body.get("results", {}), list[str]()
     if "on" not in results:
         return out
     comparisons = body.get("comparison") or [{} for _ in results["on"]]

@@ -305,7 +305,7 @@ def test_target_lines_judge_the_issue_targets_at_their_rates() -> None:
     def row(att: float, goodput: float, share: float | None) -> dict[str, Any]:
         return {"attainment": att, "goodput": goodput, "scaled_share": share}
 
-    body = {"tokens": ["0.5d", "mid"], "results": {"on": [row(1.0, 50.0, 0.0), row(0.97, 300.0, 0.4)],
+    body: dict[str, Any] = {"tokens": ["0.5d", "mid"], "results": {"on": [row(1.0, 50.0, 0.0), row(0.97, 300.0, 0.4)],
                                                    "off": [row(1.0, 50.0, None), row(0.05, 20.0, None)]},
             "comparison": [{"goodput_ratio": 1.0, "top1_delta_points_on": 0.0},
                            {"goodput_ratio": 15.0, "top1_delta_points_on": -1.6}]}
