@@ -33,8 +33,12 @@ def plot(body: dict[str, Any], path: str) -> None:
             points = [(r["offered"], scale * r[key]) for r in rows if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), color=colour, marker=marker, label=label)
-        if key == "p99_ms":
+        if key == "p99_ms":  # seconds of queue against a fraction of one: a log axis shows both
             ax.axhline(body["objective_ms"], color="black", linestyle=":", label="objective")
+            ax.set_yscale("log")
+        if key == "top1" and (lows := [scale * r[key] for rows in body["results"].values() for r in rows
+                                       if r.get(key) is not None]):
+            ax.set_ylim(max(0.0, min(lows) - 5.0), 100.0)  # points of accuracy, not a zoom on noise
         for name, style in (("default", "--"), ("floor", "-.")):
             if (c := (body.get("capacity") or {}).get(name)) is not None and c.get("images_per_s"):
                 ax.axvline(c["images_per_s"], color="grey", linestyle=style, label=f"C_{name}")
