@@ -47,7 +47,8 @@ def plot(body: dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     axes[1].legend(fontsize="small")
-    fig.suptitle(f"patchlife open loop: objective {body['objective_ms']:g} ms, "
-                 f"{body['images_per_request']} images per request")
+    n = body["images_per_request"]
+    fig.suptitle(f"patchlife open loop: objective {body['objective_ms']:g} ms, {n} image{'' if n == 1 else 's'} "
+                 "per request")
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -141,7 +141,7 @@ def resolve_offered(tokens: Sequence[str], c_default: float | None, c_floor: flo
 _SUMMED = frozenset({"requests", "images", "status_503", "status_504", "errors"})
 
 
-def combine(passes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def combine_passes(passes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Passes of one configuration at one offered rate: counts summed, every other number the median
     (over the passes that have it), error statuses added up, the passes kept."""
     out: dict[str, Any] = {}
@@ -199,7 +199,8 @@ def table(body: dict[str, Any]) -> str:
     scaling on against off."""
     head = (f"{'scaling':<8} {'offered':>8} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'attain':>7} "
             f"{'503':>5} {'504':>5} {'scaled':>7} {'keep':>5} {'top-1':>6} {'goodput':>8} {'client':>6}")
-    lines = [f"objective {body['objective_ms']:g} ms, {body['images_per_request']} images per request, "
+    n = body["images_per_request"]
+    lines = [f"objective {body['objective_ms']:g} ms, {n} image{'' if n == 1 else 's'} per request, "
              f"{body['duration_s']:g} s per pass", *_capacity_lines(body), "", head, "-" * len(head)]
     for config, rows in body["results"].items():
         for r in rows:

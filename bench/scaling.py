@@ -178,7 +178,7 @@ def find_key(body: Any, key: str) -> Any:
     return None
 
 
-def pass_order(configs: list[str], repeat: int, capacity: bool) -> list[str]:
+def server_order(configs: list[str], repeat: int, capacity: bool) -> list[str]:
     """Configurations alternate pass by pass; ``off`` leads when it measures the capacities."""
     first = sorted(configs, key=lambda c: c != "off") if capacity else configs
     return first * repeat
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     capacity_needed = sr.needs_capacity(tokens)
     if capacity_needed and "off" not in configs:
         configs = [*configs, "off"]  # the capacities are measured on a fixed-rate server
-    order = ["server"] * args.repeat if args.url else pass_order(configs, args.repeat, capacity_needed)
+    order = ["server"] * args.repeat if args.url else server_order(configs, args.repeat, capacity_needed)
     objective_s = args.objective_ms / 1000.0
     body: dict[str, Any] = {"objective_ms": args.objective_ms, "images_per_request": args.images_per_request,
                             "duration_s": args.duration, "order": order, "tokens": tokens}
@@ -235,8 +235,8 @@ def run(args: argparse.Namespace) -> int:
     assert rates is not None
     body["offered"] = rates
     if capacities:
-        body["capacity"] = {k: sr.combine([c[k] for c in capacities]) for k in ("default", "floor")}
-    body["results"] = {c: [sr.combine([p for p in ps if p["offered"] == r]) for r in rates]
+        body["capacity"] = {k: sr.combine_passes([c[k] for c in capacities]) for k in ("default", "floor")}
+    body["results"] = {c: [sr.combine_passes([p for p in ps if p["offered"] == r]) for r in rates]
                        for c, ps in passes.items()}
     if "on" in body["results"] and "off" in body["results"]:
         top1 = body.get("capacity", {}).get("default", {}).get("top1")

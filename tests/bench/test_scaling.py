@@ -137,7 +137,7 @@ def test_combine_sums_counts_and_takes_medians_and_comparison() -> None:
     passes = [{"offered": 100.0, "goodput": g, "top1": t, "status_503": n, "images": 10, "scaled_share": s,
                "error_statuses": {"503": n}} for g, t, n, s in ((10.0, 0.9, 1, None), (30.0, 0.8, 2, 0.5),
                                                                  (20.0, 0.7, 0, 0.7))]
-    c = sr.combine(passes)
+    c = sr.combine_passes(passes)
     assert c["goodput"] == 20.0 and c["top1"] == 0.8 and c["status_503"] == 3 and c["images"] == 30
     assert c["scaled_share"] == 0.6 and c["error_statuses"] == {"503": 3} and len(c["passes"]) == 3
     cmp = sr.comparison({"goodput": 30.0, "top1": 0.91}, {"goodput": 10.0, "top1": 0.93}, 0.92)
@@ -145,9 +145,9 @@ def test_combine_sums_counts_and_takes_medians_and_comparison() -> None:
     assert sr.comparison({"goodput": 5.0, "top1": None}, {"goodput": 0.0, "top1": 0.9}, None)["goodput_ratio"] is None
 
 
-def test_pass_order_alternates_with_off_first_when_it_measures_the_capacities() -> None:
-    assert scaling.pass_order(["on", "off"], 2, capacity=True) == ["off", "on", "off", "on"]
-    assert scaling.pass_order(["on", "off"], 2, capacity=False) == ["on", "off", "on", "off"]
+def test_server_order_alternates_with_off_first_when_it_measures_the_capacities() -> None:
+    assert scaling.server_order(["on", "off"], 2, capacity=True) == ["off", "on", "off", "on"]
+    assert scaling.server_order(["on", "off"], 2, capacity=False) == ["on", "off", "on", "off"]
 
 
 def test_the_on_server_sets_the_objective_and_the_off_server_unsets_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,7 +296,8 @@ def test_a_short_run_against_real_servers_of_a_tiny_model(tmp_path: Path, monkey
         (r,) = out["results"][config]
         assert r["requests"] > 0 and r["errors"] == 0 and r["images"] == 2 * r["requests"]
         assert 0 <= r["top1"] <= 1 and 0 <= r["attainment"] <= 1 and r["p50_ms"] <= r["p99_ms"]
-        assert r["goodput"] <= r["top1"] * r["images"] / 1.5 + 1e-9
+        # good images (right, in time) are at most the right ones; top-1 and goodput are rounded
+        assert r["goodput"] * 1.5 <= r["top1"] * r["images"] + 0.05
     # the fixed-rate service ran every image at its default keep rate
     assert out["results"]["off"][0]["keep_rate_mean"] == 0.7 and cap["floor"]["keep_rate_mean"] == 0.3
 
