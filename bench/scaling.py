@@ -53,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective-ms", type=float, default=250.0,
                    help=f"{OBJECTIVE_ENV} of the 'on' servers, and the objective attainment and goodput count by")
     g.add_argument("--floor", type=float, default=None,
-                   help=f"keep rate of the C_floor closed loop (default: {FLOOR_ENV} if set, else the "
-                        "'min_keep_rate' the server reports in /v1/models)")
+                   help=f"keep rate of the C_floor closed loop (default: {FLOOR_ENV} if set, else the floor the "
+                        "server reports in /v1/models, which a server with the objective off does not: then give it)")
     g.add_argument("--min-keep-rate", type=float, default=None,
                    help="send min_keep_rate=<this> with every open-loop request (default: none, the server's "
                         "default floor applies)")
@@ -159,9 +159,11 @@ def _floor(args: argparse.Namespace, models: Any) -> float:
         return float(args.floor)
     if os.environ.get(FLOOR_ENV):
         return float(os.environ[FLOOR_ENV])
-    found = find_key(models, "min_keep_rate")
+    scaling = find_key(models, "accuracy_scaling")  # what a server with the objective on reports
+    found = scaling.get("floor") if isinstance(scaling, dict) else find_key(models, "min_keep_rate")
     if not isinstance(found, int | float) or isinstance(found, bool):
-        raise RuntimeError(f"no floor: give --floor (or set {FLOOR_ENV}); /v1/models does not report min_keep_rate")
+        raise RuntimeError(f"no floor: give --floor (0.3 for the embedded model) or set {FLOOR_ENV}; the server's "
+                           "/v1/models does not report one (a server with the objective off does not)")
     return float(found)
 
 

@@ -181,7 +181,8 @@ def test_bad_options_are_refused_before_anything_starts(kw: dict[str, Any], mess
 # -- a scripted run: fake servers, real client ---------------------------------------------------
 class FakeServers:
     """``off`` answers every image right but in 300 ms (200 ms at keep_rate=0.3); ``on`` answers in 20 ms,
-    each image scaled, the last of each request wrong. Both report a floor of 0.3 in /v1/models."""
+    each image scaled, the last of each request wrong. Both report accuracy scaling's floor of 0.3 in
+    /v1/models (as a server with the objective on does)."""
 
     def __init__(self, scenes: int) -> None:
         mix, labels = loadmix.labelled_scenes(scenes, 1)
@@ -200,7 +201,8 @@ class FakeServers:
     async def handle(self, request: httpx.Request) -> httpx.Response:
         config = request.url.host
         if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"name": "m", "schedule": {"keep_rate": 0.5}, "min_keep_rate": 0.3})
+            return httpx.Response(200, json={"name": "m", "schedule": {"keep_rate": 0.5}, "batching": {
+                "accuracy_scaling": {"latency_objective_ms": 250.0, "default_keep_rate": 0.5, "floor": 0.3}}})
         content = request.content
         self.queries[config].append(request.url.query.decode())
         labels = [label for _, label in sorted((content.find(png), label) for png, label in self.label_of.items()
@@ -322,3 +324,15 @@ def test_target_lines_judge_the_issue_targets_at_their_rates() -> None:
     assert lines[0].startswith("target at 0.5 x C_default: scaled n/a (0): n/a")
     assert lines[2] == "target at mid: goodput on/off xn/a (>= 3): met"
     assert sr.target_lines({"tokens": ["mid"], "results": {"off": [row(0.1, 1.0, None)]}}) == []
+
+
+def test_the_floor_comes_from_the_option_the_setting_or_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(scaling.FLOOR_ENV, raising=False)
+    on = {"name": "m", "batching": {"accuracy_scaling": {"floor": 0.3, "default_keep_rate": 0.5}}}
+    off = {"name": "m", "batching": {"accuracy_scaling": None}}
+    assert scaling._floor(args(floor=0.4), on) == 0.4
+    assert scaling._floor(args(), on) == 0.3
+    with pytest.raises(RuntimeError, match="give --floor"):
+        scaling._floor(args(), off)
+    monkeypatch.setenv(scaling.FLOOR_ENV, "0.2")
+    assert scaling._floor(args(), off) == 0.2
