@@ -41,7 +41,8 @@ def split(total: int, parts: int) -> list[int]:
 
 
 def _client_process(url: str, payloads: list[Any], clients: int, warmup: int, requests: int, duration_s: float,
-                    start: int, timeout: float, barrier: Any, rate_per_s: float | None = None) -> dict[str, Any]:
+                    start: int, timeout: float, barrier: Any, rate_per_s: float | None = None,
+                    record: bool = False) -> dict[str, Any]:
     """One client process: warm up its connections, wait for the others (and the parent's scrape),
     then run its closed loop (or, with ``rate_per_s``, its open loop at that rate; seeded by
     ``start``, so that processes draw different arrivals). Returns the pass and its busy share."""
@@ -53,9 +54,10 @@ def _client_process(url: str, payloads: list[Any], clients: int, warmup: int, re
             await asyncio.get_running_loop().run_in_executor(None, barrier.wait)  # warmed up: parent scrapes
             await asyncio.get_running_loop().run_in_executor(None, barrier.wait)  # go
             if rate_per_s is None:
-                p = await closed_loop(client, payloads, clients, requests, duration_s, start=start + warmup)
+                p = await closed_loop(client, payloads, clients, requests, duration_s, start=start + warmup,
+                                      record=record)
             else:
-                p = await open_loop(client, payloads, rate_per_s, requests, duration_s, seed=start)
+                p = await open_loop(client, payloads, rate_per_s, requests, duration_s, seed=start, record=record)
         return {"pass": p, "busy": busy_share(p.client_cpu_s, p.elapsed_s)}
 
     return asyncio.run(main())
@@ -67,7 +69,8 @@ class ProcessDriver:
     ``run`` is synchronous (the parent blocks while its children drive the load). ``between`` is
     called when every child has warmed up and before any sends a measured request: the parent reads
     the server's counters there. With ``rate_per_s`` the processes send Poisson arrivals that add up
-    to that rate (open loop) instead of keeping ``clients`` requests in flight.
+    to that rate (open loop) instead of keeping ``clients`` requests in flight; with ``record`` every
+    answer comes back in the merged pass's ``answers``.
     """
 
     def __init__(self, processes: int) -> None:
@@ -87,7 +90,8 @@ class ProcessDriver:
         self.close()
 
     def run(self, url: str, payloads: list[Any], clients: int, warmup: int, requests: int, duration_s: float,
-            timeout: float, between: Any = None, rate_per_s: float | None = None) -> tuple[Pass, list[float | None]]:
+            timeout: float, between: Any = None, rate_per_s: float | None = None,
+            record: bool = False) -> tuple[Pass, list[float | None]]:
         """(the merged pass, each client process's busy share)."""
         n = min(self.processes, clients)
         rate = None if rate_per_s is None else rate_per_s / n
@@ -95,15 +99,17 @@ class ProcessDriver:
         shares, quotas, warmups = split(clients, n), split(requests, n), split(warmup, n)
         offsets = [sum(quotas[:i]) + sum(warmups[:i]) for i in range(n)]  # each process its own slice of the mix
         futures = [self.pool.submit(_client_process, url, payloads, shares[i], warmups[i], quotas[i], duration_s,
-                                    offsets[i], timeout, barrier, rate) for i in range(n)]
+                                    offsets[i], timeout, barrier, rate, record) for i in range(n)]
         barrier.wait()
         if between is not None:
             between()
         barrier.wait()
         results = [f.result() for f in futures]
-        merged = Pass()
+        merged = Pass(answers=[] if record else None)
         for r in results:
             p = r["pass"]
+            if merged.answers is not None and p.answers is not None:
+                merged.answers += p.answers
             merged.latencies_s += p.latencies_s
             merged.statuses.update(p.statuses)
             merged.images += p.images

@@ -31,6 +31,18 @@ def _synthetic_images(n: int, seed: int) -> list[Image.Image]:
     return [data.image(i)[0] for i in range(n)]
 
 
+def labelled_scenes(n: int, seed: int) -> tuple[Mix, list[str]]:
+    """``n`` scenes of the counting task's item stream ``seed`` as PNGs at the model's default keep rate,
+    and each one's class name (what a correct answer's top label is). The training recipe draws its
+    training images from stream ``2 * seed`` and its held-out ones from ``2 * seed + 1``: an odd
+    stream of the recipe's seed (1 for the embedded model) is held out."""
+    from model.training.data import SyntheticShapes
+
+    data = SyntheticShapes(n, seed=seed)
+    items = [data.image(i) for i in range(n)]
+    return [(_png(img), None) for img, _ in items], [label for _, label in items]
+
+
 # Photo-like JPEGs (bench/photos.py) the mix can hold beside the synthetic scenes: name -> (width, height)
 PHOTOS = {"photo224": (224, 224), "photo640": (640, 480), "photo1000": (1000, 872), "photo1500": (1500, 1000)}
 MIX_KINDS = ("scenes", *PHOTOS)
@@ -72,23 +84,28 @@ class LoadRequest:
     headers: dict[str, str]
     images: int
     mix: Mix  # the (PNG, keep rate) of each image it carries
+    labels: tuple[str, ...] = ()  # each image's class name, for labelled scenes (else empty)
 
 
-def make_requests(mix: Mix, per_request: int) -> list[LoadRequest]:
+def make_requests(mix: Mix, per_request: int, labels: list[str] | None = None,
+                  params: dict[str, str] | None = None) -> list[LoadRequest]:
     """``len(mix)`` requests of ``per_request`` images each.
 
     Request ``k`` carries images ``k*n .. k*n+n-1`` of the mix (cyclically) at the keep rate of mix
     entry ``k``: with one image per request that is the mix itself, and with more the keep rates
-    still cycle from request to request.
+    still cycle from request to request. ``labels`` (one per mix image) go with the images they
+    label; ``params`` are added to every request's query (e.g. ``min_keep_rate``).
     """
     out = []
     for k in range(len(mix)):
         rate = mix[k][1]
-        pngs = [mix[(k * per_request + j) % len(mix)][0] for j in range(per_request)]
+        picked = [(k * per_request + j) % len(mix) for j in range(per_request)]
+        pngs = [mix[i][0] for i in picked]
         files = [("files", (f"{j}.{_media(png)[0]}", png, _media(png)[1])) for j, png in enumerate(pngs)]
-        params = {} if rate is None else {"keep_rate": str(rate)}
-        request = httpx.Request("POST", "http://loadtest/classify", params=params, files=files)
+        query = ({} if rate is None else {"keep_rate": str(rate)}) | (params or {})
+        request = httpx.Request("POST", "http://loadtest/classify", params=query, files=files)
         path = request.url.raw_path.decode()
         out.append(LoadRequest(path, request.read(), {"content-type": request.headers["content-type"]},
-                           len(pngs), [(png, rate) for png in pngs]))
+                               len(pngs), [(png, rate) for png in pngs],
+                               tuple(labels[i] for i in picked) if labels is not None else ()))
     return out

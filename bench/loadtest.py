@@ -30,6 +30,9 @@ reports its latency percentiles (measured from the scheduled send time, so a slo
 hide its queueing). With ``--idle-requests K``, K single-image requests are then sent one at a time
 to the idle server; their p50 is compared with the server's own batch-1 compute + decode. ``--url``
 targets a server that is already running (whatever it is configured with) instead of starting one.
+
+``--open-loop`` is another test (``bench.scaling``): latency objective on against off, Poisson arrivals
+of labelled scenes at offered rates, served top-1 and goodput.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import httpx
 from PIL import Image
 
 from . import loadreport as report
+from . import scaling
 from .child import serve_child
 from .loaddrive import ProcessDriver, busy_share, run_wrk, wrk_available
 from .loadmix import MIX_KINDS, LoadRequest, Mix, make_mix, make_requests
@@ -276,8 +280,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"kinds of image in the mix, cycled image by image (comma-separated, from "
                         f"{','.join(MIX_KINDS)}): the synthetic task's PNG scenes and photo-like JPEGs of 224x224, "
                         "640x480, 1000x872 and 1500x1000 made by code")
-    p.add_argument("--images-per-request", type=int, default=1,
-                   help="images in one multipart request (spreads the HTTP cost; the throughput is in images/s)")
+    p.add_argument("--images-per-request", type=int, default=None,
+                   help="images in one multipart request (spreads the HTTP cost; the throughput is in images/s; "
+                        "default: 1, with --open-loop 8)")
     p.add_argument("--keep-rates", type=_rates, default="default,0.5,0.7,0.9",  # argparse applies type
                    help="keep rates the requests cycle through ('default': the model's)")
     p.add_argument("--rate-fraction", type=float, default=0.0,
@@ -306,6 +311,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PATCHLIFE_API_PROCESSES values to compare for each mode (comma-separated, e.g. 0,auto: "
                         "servers alternate pass by pass; ratios to the first value are reported)")
     p.add_argument("--json", action="store_true", help="print only a JSON object (medians and every pass)")
+    scaling.add_arguments(p)
 
 
 def _one_pass(mode: str, payloads: list[LoadRequest], args: argparse.Namespace,
@@ -348,6 +354,10 @@ def _check(args: argparse.Namespace, modes: list[str]) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.open_loop:
+        return scaling.run(args)
+    if args.images_per_request is None:
+        args.images_per_request = 1
     modes = _variants([m.strip() for m in args.modes.split(",") if m.strip()], args.api_processes)
     if problem := _check(args, modes):
         print(f"patchlife loadtest: {problem}", file=sys.stderr)

@@ -36,7 +36,8 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("model.evaluation.evaluate", "accuracy/GFLOPs/speed table against random and top-k token choice",
                     method_options.evaluate),
     "ensure-default": Command("model.training.default_model", "train the embedded default model if it is missing"),
-    "loadtest": Command("bench.loadtest", "closed-loop load test: budget vs FIFO vs unbatched"),
+    "loadtest": Command("bench.loadtest", "closed-loop load test: budget vs FIFO vs unbatched; --open-loop: "
+                       "accuracy scaling on vs off under Poisson arrivals of labelled scenes"),
     "bench-overhead": Command("bench.overhead", "single-request overhead of the service vs batch-1 compute",
                               options.bench_overhead),
     "bench-decode": Command("bench.decode",

@@ -127,3 +127,16 @@ def test_the_open_loop_is_sent_from_the_client_processes(url: str) -> None:
     assert opened["errors"] == 0 and opened["client_processes"] == 2 and opened["client_busy_max"] is not None
     assert opened["rate_per_s"] == pytest.approx(0.5 * result["requests_per_s"], rel=0.01)
     assert 0 < opened["images_per_s"] <= 1.5 * opened["rate_per_s"]  # arrivals at about the rate asked, not flat out
+
+
+def test_client_processes_bring_every_recorded_answer_back(url: str) -> None:
+    payloads = loadmix.make_requests(loadmix.make_mix(4, [None]), 2, labels=["a", "b", "c", "d"])
+    with loaddrive.ProcessDriver(2) as driver:
+        closed, _ = driver.run(url, payloads, 4, 0, 30, 60.0, 10.0, record=True)
+        opened, _ = driver.run(url, payloads, 2, 0, 10**9, 1.0, 10.0, rate_per_s=40.0, record=True)
+        plain, _ = driver.run(url, payloads, 2, 0, 10, 60.0, 10.0)
+    assert closed.answers is not None and len(closed.answers) == 30 == sum(closed.statuses.values())
+    assert sorted(i for i, *_ in closed.answers) == sorted(i % 4 for i in range(30))  # each process its own slice
+    assert all(status == "200" and body.count(b'"timings_ms"') == 2 for _, status, _, body in closed.answers)
+    assert opened.answers is not None and len(opened.answers) == sum(opened.statuses.values()) > 0
+    assert plain.answers is None  # nothing kept unless asked

@@ -48,7 +48,10 @@ def service(tiny_checkpoint: Path) -> Iterator[ServeChild]:
     # PATCHLIFE_MAX_BATCH_WASTE=0: an image always runs at its own bucket, so an answer never depends on what
     # else is queued (the client checks compare labels of the tiny model, whose near-ties a merge can flip)
     env = {"PATCHLIFE_CHECKPOINT": str(tiny_checkpoint), "PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_DTYPE": "float32",
-           "PATCHLIFE_WARMUP_BATCHES": "1", "OMP_NUM_THREADS": "1", "PATCHLIFE_MAX_BATCH_WASTE": "0"}
+           "PATCHLIFE_WARMUP_BATCHES": "1", "OMP_NUM_THREADS": "1", "PATCHLIFE_MAX_BATCH_WASTE": "0",
+           # the objective on (far above any answer's time: nothing is scaled), so that its attainment series
+           # have data for the dashboard's queries
+           "PATCHLIFE_LATENCY_OBJECTIVE_MS": "5000"}
     with serve_child(env, startup_s=90, cwd=str(REPO), grpc=True) as child:
         yield child
 

@@ -208,39 +208,72 @@ def _matchers(query: str) -> dict[str, str]:
     return dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', query))
 
 
+def triggers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The ScaledObject's triggers by name."""
+    return {t["name"]: t for t in one(docs, "ScaledObject")["spec"]["triggers"]}
+
+
 def test_autoscaler_reads_a_queue_metric_the_app_exports(rendered: dict[str, list[dict[str, Any]]],
                                                          service_url: str) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
+    wanted: dict[str, dict[str, str]] = {}  # metric -> labels the query selects it by
     for name in ("overlays/cpu", "overlays/gpu"):
         docs = rendered[name]
         scaled, deployment = one(docs, "ScaledObject"), one(docs, "Deployment")
         target = scaled["spec"]["scaleTargetRef"]
         assert (target.get("kind", "Deployment"), target["name"]) == ("Deployment", deployment["metadata"]["name"])
-        (trigger,) = scaled["spec"]["triggers"]
-        assert trigger["type"] == "prometheus" and trigger.get("metricType", "AverageValue") == "AverageValue"
-        query = trigger["metadata"]["query"]
-        labels = _matchers(query)
-        assert labels.pop("namespace") == deployment["metadata"]["namespace"]
-        names = Query(0, "ScaledObject", "query", query).metric_names()
-        assert names and all(n.startswith("patchlife_") for n in names), query
-        assert scaled["spec"]["minReplicaCount"] >= 1 and float(trigger["metadata"]["threshold"]) > 0
+        assert scaled["spec"]["minReplicaCount"] >= 1
+        found = triggers(docs)
+        assert set(found) == {"queued-images", "scaled-images"}, found
+        for trigger in found.values():
+            assert trigger["type"] == "prometheus"
+            query = trigger["metadata"]["query"]
+            labels = _matchers(query)
+            assert labels.pop("namespace") == deployment["metadata"]["namespace"], query
+            names = Query(0, "ScaledObject", "query", query).metric_names()
+            assert names and all(n.startswith("patchlife_") for n in names), query
+            wanted |= {n: labels for n in names}
+        queue = found["queued-images"]
+        assert queue.get("metricType", "AverageValue") == "AverageValue" and float(queue["metadata"]["threshold"]) > 0
+        assert all("queue" in n for n in Query(0, "", "", queue["metadata"]["query"]).metric_names()), \
+            "the first trigger should read queued work"
 
     page = httpx.get(f"{service_url}/metrics", timeout=10).text
-    samples = [s for f in text_string_to_metric_families(page) for s in f.samples]
-    for metric in names:
+    families = list(text_string_to_metric_families(page))
+    samples = [s for f in families for s in f.samples]
+    for metric, labels in wanted.items():
         matching = [s for s in samples if s.name == metric and labels.items() <= s.labels.items()]
         assert matching, f"the app exports no {metric} series with labels {labels}"
-        assert "queue" in metric, f"{metric}: the autoscaler should read queued work"
+
+
+def test_autoscaler_scales_out_on_the_share_of_scaled_images(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The second trigger: scaled images over images answered, a service-wide share (metricType Value,
+    threshold a fraction), that reads 0 rather than NaN when nothing is answered."""
+    for name in ("overlays/cpu", "overlays/gpu"):
+        trigger = triggers(rendered[name])["scaled-images"]
+        meta = trigger["metadata"]
+        assert trigger["metricType"] == "Value", "a share must not be divided by the replica count"
+        assert 0 < float(meta["activationThreshold"]) < float(meta["threshold"]) < 1
+        query = " ".join(meta["query"].split())
+        assert Query(0, "", "", query).metric_names() == {"patchlife_scaled_images_total",
+                                                          "patchlife_image_flops_count"}
+        numerator, _, denominator = query.partition(" / ")
+        assert "patchlife_scaled_images_total" in numerator and "patchlife_image_flops_count" in denominator
+        assert "> 0" in denominator and query.endswith("or vector(0)"), "no NaN while no image is answered"
+        env_of = env(container(one(rendered[name], "Deployment")))
+        assert float(env_of["PATCHLIFE_LATENCY_OBJECTIVE_MS"]) > 0, "no scaled images without the objective"
 
 
 def test_autoscaler_query_passes_promtool(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
     promtool = require_tool("promtool")
-    query = one(rendered["overlays/cpu"], "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
-    rules = {"groups": [{"name": "keda", "rules": [{"record": "patchlife:keda_query", "expr": query}]}]}
+    queries = [t["metadata"]["query"] for t in triggers(rendered["overlays/cpu"]).values()]
+    rules = {"groups": [{"name": "keda", "rules": [{"record": f"patchlife:keda_query{i}", "expr": q}
+                                                   for i, q in enumerate(queries)]}]}
     (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
     result = run([promtool, "check", "rules", str(tmp_path / "rules.yml")])
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in result.stdout
 
 
 # -- against the image and the drain ---------------------------------------------------------

@@ -43,7 +43,8 @@ CHARTED = ["patchlife_http_request_duration_seconds_count", "patchlife_http_requ
            "patchlife_image_kept_tokens_bucket", "patchlife_image_budget_ratio_bucket",
            "patchlife_image_flops_bucket", "patchlife_device_memory_allocated_bytes",
            "patchlife_device_memory_reserved_bytes", "patchlife_model_failures_total", "patchlife_model_healthy",
-           "patchlife_decode_fallbacks_total"]
+           "patchlife_decode_fallbacks_total", "patchlife_served_keep_rate_bucket", "patchlife_scaled_images_total",
+           "patchlife_objective_answers_total"]
 
 
 def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
