@@ -72,6 +72,8 @@ class LoadRequest:
     headers: dict[str, str]
     images: int
     mix: Mix  # the (PNG, keep rate) of each image it carries
+    answer: bytes = b'"timings_ms"'  # counted in a 200's body: ``answers`` times (None: once per image)
+    answers: int | None = None
 
 
 def make_requests(mix: Mix, per_request: int) -> list[LoadRequest]:
