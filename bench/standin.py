@@ -19,11 +19,13 @@ Budgets are each keep rate's schedule counts (the paper's fixed counts), each ru
 the grid: one tail call per keep rate in a batch. A calibrated model's content-dependent spread over
 several buckets is not reproduced.
 
-How ``serve`` gets it: ``python -m bench.standin_serve`` calls :func:`install`, which replaces ``Engine.from_settings`` in this process
-only, then runs ``patchlife serve``; the model process (single-process serve, or the model process
-of the multi-process one, which is this process) builds its engine through that method. Nothing in
-``service/`` reads a setting or a marker for it, so no production path can take it by mistake, and
-the API processes (spawned, never loading an engine) are the production code unchanged.
+How ``serve`` gets it: ``python -m bench.standin_serve`` calls :func:`install`, which replaces
+``Engine.from_settings`` in that process only, then runs ``patchlife serve``, whose model process
+(the single process, or with API processes the model process, which is this process) builds its
+engine through that method. Nothing in ``service/`` reads a setting, an environment variable or a
+checkpoint marker for it, so no production path can take it by mistake; the API processes (spawned,
+never loading an engine) run the production code unchanged. The price: a rename of that method
+breaks the bench, which tests/bench/test_standin.py then says.
 """
 
 from __future__ import annotations

@@ -140,8 +140,8 @@ def test_bad_stand_in_options_are_refused(capsys: pytest.CaptureFixture[str], tm
         assert says in capsys.readouterr().err
 
 
-def test_bench_frontend_with_the_stand_in_splits_the_cpu_by_process(checkpoint: Path, capsys: pytest.CaptureFixture[str],
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_frontend_with_the_stand_in_splits_the_cpu_by_process(
+        checkpoint: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATCHLIFE_WARMUP_BATCHES", "1")
     code = frontend.run(args(checkpoint=checkpoint, api_processes="1", images_per_request="1,2", processes=1,
                              clients=2, duration=1.0, max_batch_size=8, rate=1000.0, json=True))
