@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import loadtest
+from . import loadtest, standin_frontend
 from .child import serve_child
 from .loaddrive import ProcessDriver, wrk_available
 from .loadmix import make_mix, make_requests
@@ -201,8 +201,6 @@ def _check(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import standin_frontend
-
     stand_in = getattr(args, "engine", "model") == "stand-in"
     if problem := (standin_frontend.check(args) if stand_in else _check(args)):
         print(f"patchlife bench-frontend: {problem}", file=sys.stderr)

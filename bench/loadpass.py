@@ -51,7 +51,8 @@ async def post(client: httpx.AsyncClient, payload: LoadRequest, out: Pass, t0: f
     try:
         r = await client.post(payload.path, content=payload.body, headers=payload.headers)
         status = str(r.status_code)
-        # One result per image, in raw bytes (each result has exactly one "timings_ms" key).
+        # One result per image, in raw bytes (each result has exactly one "timings_ms" key; a request
+        # of another route names what to count instead: LoadRequest.answer).
         want = payload.images if payload.answers is None else payload.answers
         if status == "200" and r.content.count(payload.answer) != want:
             status = "wrong_result_count"

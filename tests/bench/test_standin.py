@@ -76,13 +76,13 @@ def test_the_device_queue_runs_launches_one_after_another_and_waits_asleep() -> 
 
 
 def test_head_and_tail_return_at_once_with_answers_of_the_real_shapes(checkpoint: Path, tmp_path: Path) -> None:
-    engine = StandInEngine(Table.load(write_table(tmp_path / "t.json", 400.0, 400.0)), checkpoint, "cpu", "float32",
+    engine = StandInEngine(Table.load(write_table(tmp_path / "t.json", 1000.0, 1000.0)), checkpoint, "cpu", "float32",
                            max_batch_size=8)
     assert engine.asynchronous and engine.padded_rows(3) == 4 and engine.padded_rows(8) == 8
     pixels = [torch.zeros(3, 32, 32, dtype=torch.uint8) for _ in range(3)]
     hb = engine.head(pixels, [None, 0.5, None])
     copy = engine.tail([Rows(hb, torch.tensor([0, 2]))], engine.schedule_counts(None))
-    assert not hb.plan.ready() and not copy.ready()  # 0.4 s each: launched, not done
+    assert not hb.plan.ready() and not copy.ready()  # 1 s each: launched, not done
     probs = copy.get()
     assert hb.plan.ready()  # the tail ran after the head
     assert probs.shape == (2, len(CLASSES)) and torch.allclose(probs.sum(dim=1), torch.ones(2))
