@@ -363,8 +363,10 @@ def test_sigterm_drain_answers_every_request_and_leaves_nothing_behind(checkpoin
 
 # -- readiness, and processes that die ---------------------------------------------------------------
 def lost_by(log: str) -> set[str]:
-    """The API processes that logged losing the model process (``api-N``)."""
-    return set(re.findall(rf" (api-\d+) \S+ .*{re.escape(LOST)}", log))
+    """The API processes (``api-N``) that logged losing the model process, or draining: the model process's
+    death reaches each as the end of its connection and as SIGTERM (PR_SET_PDEATHSIG), and the drain may
+    stop the connection's reader before it has read the end (it did while the model was loading)."""
+    return set(re.findall(rf" (api-\d+) \S+ .*(?:{re.escape(LOST)}|drained: )", log))
 
 
 def readyz_until_closed(url: str, timeout_s: float = 20.0) -> list[int]:
