@@ -76,17 +76,19 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def serve_child(env: Mapping[str, str] | None = None, args: Sequence[str] = (), startup_s: float = 300.0,
-                cwd: str | None = None, grpc: bool = False, unset: Sequence[str] = ()) -> Iterator[ServeChild]:
+                cwd: str | None = None, grpc: bool = False, unset: Sequence[str] = (),
+                command: Sequence[str] = ("-m", "cli")) -> Iterator[ServeChild]:
     """Start ``patchlife serve`` with ``os.environ`` plus ``env``, less the variables named in ``unset``,
     and extra command-line ``args``; yield once ``/readyz`` answers 200 (RuntimeError with the log's
     tail if it exits or times out first).
     gRPC listens on a free port of its own with ``grpc=True``, else not at all (so that children
-    never contend for the default port)."""
+    never contend for the default port). ``command``: what runs ``serve`` after the interpreter (benches
+    put :mod:`bench.standin_serve` there)."""
     port, grpc_port = free_port(), free_port() if grpc else 0
     full_env = {**{k: v for k, v in os.environ.items() if k not in unset}, **(env or {}),
                 "PATCHLIFE_HOST": "127.0.0.1", "PATCHLIFE_PORT": str(port), "PATCHLIFE_GRPC_PORT": str(grpc_port)}
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", *args], env=full_env, cwd=cwd,
+        proc = subprocess.Popen([sys.executable, *command, "serve", *args], env=full_env, cwd=cwd,
                                 stdout=log, stderr=subprocess.STDOUT)
         child = ServeChild(proc, f"http://127.0.0.1:{port}", log, f"127.0.0.1:{grpc_port}" if grpc else None)
         try:

@@ -13,6 +13,11 @@ image (every process of the server), the open loop's p99, the busiest client pro
 images/s over the offline served path's.
 
 ``--device cpu --model near-null`` runs the same plumbing cheaply without a GPU (the tests do).
+
+``--engine stand-in`` measures the service around the model instead, on any machine: the server's
+engine is a stand-in device that takes a measured table's time per batch (``--table``) without
+using the CPU, and each row gives the CPU of the model process and of the API processes apart, and
+the cores ``--rate`` images/s would need (:mod:`bench.standin_frontend`).
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import loadtest
+from . import loadtest, standin_frontend
 from .child import serve_child
 from .loaddrive import ProcessDriver, wrk_available
 from .loadmix import make_mix, make_requests
 from .loadreport import BUSY_WARNING
 from .models import MODELS
+from .standin_frontend import DEFAULT_RATE as STANDIN_RATE
+from .standin_frontend import INPUTS as STANDIN_INPUTS
 
 PHOTOS = {"224px": "photo224", "1000px": "photo1000"}  # row name -> loadmix kind
 
@@ -70,6 +77,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-wrk", action="store_true", help="client processes for the closed loop even where wrk is")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for /readyz")
     p.add_argument("--json", action="store_true", help="print only a JSON object")
+    stand_in = p.add_argument_group("--engine stand-in (bench/standin_frontend.py)")
+    stand_in.add_argument("--engine", default="model", choices=("model", "stand-in"),
+                          help="model: serve the checkpoint on --device; stand-in: a stand-in device whose batches "
+                               "take --table's times, for the CPU the service itself costs")
+    stand_in.add_argument("--table", type=Path, help="the stand-in's device times, JSON (default: "
+                                                     "bench/tables/h200_deit_small.json)")
+    stand_in.add_argument("--inputs", default=",".join(STANDIN_INPUTS),
+                          help="stand-in inputs (comma-separated, from " + ",".join(STANDIN_INPUTS) + ")")
+    stand_in.add_argument("--rate", type=float, default=STANDIN_RATE, help="images/s to size the cores for")
+    stand_in.add_argument("--max-batch-size", type=int, default=64,
+                          help="PATCHLIFE_MAX_BATCH_SIZE of the stand-in's server (unless set in the environment)")
 
 
 def served_images_per_s(checkpoint: Path, device: str, batch: int) -> float:
@@ -183,10 +201,13 @@ def _check(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if problem := _check(args):
+    stand_in = getattr(args, "engine", "model") == "stand-in"
+    if problem := (standin_frontend.check(args) if stand_in else _check(args)):
         print(f"patchlife bench-frontend: {problem}", file=sys.stderr)
         return 2
     say = (lambda _m: None) if args.json else (lambda m: print(f"[bench-frontend] {m}", file=sys.stderr, flush=True))
+    if stand_in:
+        return standin_frontend.run(args, say)
     try:
         with tempfile.TemporaryDirectory(prefix="patchlife-bench-frontend-") as tmp:
             checkpoint = args.checkpoint

@@ -85,6 +85,8 @@ class LoadRequest:
     images: int
     mix: Mix  # the (PNG, keep rate) of each image it carries
     labels: tuple[str, ...] = ()  # each image's class name, for labelled scenes (else empty)
+    answer: bytes = b'"timings_ms"'  # counted in a 200's body: ``answers`` times (None: once per image)
+    answers: int | None = None
 
 
 def make_requests(mix: Mix, per_request: int, labels: list[str] | None = None,

@@ -73,6 +73,15 @@ def scan(proc: str = "/proc") -> dict[int, ProcStat]:
     return out
 
 
+def own_seconds(pid: int, proc: str = "/proc") -> float | None:
+    """CPU seconds of process ``pid``'s own threads (its children not counted); None when it is gone."""
+    try:
+        stat = parse_stat(Path(proc, str(pid), "stat").read_text())
+    except OSError:
+        return None
+    return None if stat is None else stat.own / _TICK
+
+
 def descendants(stats: dict[int, ProcStat], root: int) -> list[ProcStat]:
     """``root`` and every process below it in ``stats`` (empty when ``root`` is not there)."""
     children: dict[int, list[ProcStat]] = {}

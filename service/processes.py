@@ -15,7 +15,7 @@ Supervision: an API process that dies is replaced (after too many deaths in a ro
 up and exits 1). If this process dies, every API process loses its connection: it answers 503 from
 then on and exits, and ``serve``'s exit status is that of this process (non-zero), so Kubernetes
 restarts the pod (docs/ops.md). SIGTERM/SIGINT: forwarded to the API processes, which drain as the
-single-process service does (``service/serve.py``) while the model keeps serving them; when they have
+single-process service does (``service/frontend/http_server.py``) while the model keeps serving them; when they have
 exited the worker stops and ``serve`` exits 0.
 """
 
@@ -303,8 +303,8 @@ def api_main(spec: ApiSpec, sock: socket.socket) -> None:
 
     torch.set_num_threads(1)  # no model here: a thread team would only spin beside the model process's
     from .frontend.app import make_app
+    from .frontend.http_server import make_server
     from .metrics import Metrics
-    from .serve import make_server
     from .transport.client import RemoteModel
 
     server_box: list[object] = []

@@ -6,7 +6,7 @@
 bad checkpoint fails the start with the engine's message), then in the background let it warm up
 and start; ``/readyz`` turns 200 only then. On shutdown: refuse new work, let the model finish what is
 queued within ``shutdown_grace_s``, stop it. ``patchlife serve`` runs :func:`drain` at SIGTERM, before
-uvicorn closes anything (see ``service/serve.py`` and docs/ops.md for the order of events).
+uvicorn closes anything (see ``service/frontend/http_server.py`` and docs/ops.md for the order of events).
 """
 
 from __future__ import annotations

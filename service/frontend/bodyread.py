@@ -22,14 +22,33 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError, DeadlineExceeded, RequestTimeout, ShuttingDown
 
 if TYPE_CHECKING:
-    from .routes.common import Runtime
+    from ..metrics import Metrics
+    from ..settings import Settings
+    from .context import InFlight
+
+
+class BodyReadState(Protocol):
+    """What the body reader reads of the front end's state (``routes.common.Runtime``): typed here,
+    so that this module, which the routes import, imports none of them."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def in_flight(self) -> InFlight: ...
+
+    @property
+    def grace_over(self) -> bool: ...
 
 LINGER_S = 2.0   # longest a closing answer waits for the rest of the body (below uvicorn's 5 s stop grace)
 POLL_S = 0.1     # how often a body wait looks at the drain's grace
@@ -39,7 +58,7 @@ DEADLINE_KEY = "patchlife.deadline"  # scope: the request's deadline on time.mon
 class BodyReader:
     """One request's ``receive``/``send`` pair with the rules of the module docstring."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, rt: Runtime) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send, rt: BodyReadState) -> None:
         self.scope, self._receive, self._send, self.rt = scope, receive, send, rt
         self.body_done = not _has_body(scope)
         self.stalled = False  # the client stopped sending: no point waiting for the rest
@@ -116,7 +135,7 @@ def _has_body(scope: Scope) -> bool:
 
 
 class BodyReadMiddleware:
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+    def __init__(self, app: ASGIApp, runtime: BodyReadState) -> None:
         self.app = app
         self.runtime = runtime
 

@@ -91,5 +91,8 @@ def test_the_workers_calls_dispatch_the_same_ops_at_8_and_64(engine: Engine) -> 
             engine.tail([Rows(first, torch.arange(0, n, 2)), Rows(second, torch.arange(1, n, 2))], counts).get()
         totals.append((head_ops.ops, tail_ops.ops))
     (head8, tail8), (head64, tail64) = totals
+    # the counter saw the calls (an empty count would be equal at both sizes whatever they dispatch):
+    # the head runs the model's blocks, the tail gathers rows with one index_select per head batch
+    assert sum(head8.values()) > 0 and tail8["aten.index_select"] == 2, (head8, tail8)
     assert head8 == head64 and tail8 == tail64, (sum(head8.values()), sum(head64.values()),
                                                  sum(tail8.values()), sum(tail64.values()))
