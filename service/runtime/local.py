@@ -114,12 +114,12 @@ class LocalModel:
         return self.worker.clock() if self.worker is not None else time.monotonic()
 
     async def submit(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None,
-                     deadline: float) -> list[ImageResult]:
+                     deadline: float, min_keep_rate: float | None = None) -> list[ImageResult]:
         if self.worker is None:
             raise WorkerStopping("the model is not running")
         if any(isinstance(p, EncodedImage) for p in pixels):
-            return await self.worker.submit(await self._decoded(pixels), keep_rate, deadline)
-        return await self.worker.submit(pixels, keep_rate, deadline)  # type: ignore[arg-type]
+            return await self.worker.submit(await self._decoded(pixels), keep_rate, deadline, min_keep_rate)
+        return await self.worker.submit(pixels, keep_rate, deadline, min_keep_rate)  # type: ignore[arg-type]
 
     async def _decoded(self, items: Sequence[torch.Tensor | EncodedImage]) -> list[torch.Tensor]:
         """The encoded images decoded (with those of other requests) and put back in their places; a

@@ -178,7 +178,7 @@ class Worker:
 
     # -- the event-loop side -----------------------------------------------------------------
     async def submit(self, pixels: Sequence[torch.Tensor], keep_rate: float | None,
-                     deadline: float) -> list[ImageResult]:
+                     deadline: float, min_keep_rate: float | None = None) -> list[ImageResult]:
         """Classify ``pixels`` (each ``[3, H, W]``) at ``keep_rate``; results in input order.
 
         Raises QueueFull, DeadlinePassed or WorkerStopping; ``deadline`` is on the worker clock.
