@@ -37,6 +37,7 @@ class Request:
     results: list[ImageResult | None]
     keys: list[int] = field(default_factory=list)
     finished: bool = False       # answered, failed or abandoned: nothing more to do for it
+    objective_at: float | None = None  # accuracy scaling: answered in time when by then (worker clock)
 
 
 @dataclass(eq=False)
@@ -53,6 +54,11 @@ class QueuedImage:
     queue_s: float = 0.0         # both phases so far
     phase_wait_s: float = 0.0    # the last phase only (for the per-phase histogram)
     compute_s: float = 0.0
+    # accuracy scaling: the keep rates it may run at (highest, the requested one, first; () when it
+    # cannot be scaled), after the head its (budget, bucket) at each, and the one its tail ran at
+    rates: tuple[float, ...] = ()
+    options: tuple[tuple[Counts, Counts], ...] = ()
+    rung: int = 0
 
 
 class Queues:
@@ -85,13 +91,15 @@ class Queues:
         return self.estimates[key]
 
     def add_locked(self, request: Request, pixels: Sequence[torch.Tensor], keep_rate: float | None,
-                   estimate: int, now: float) -> None:
-        """Queue a request's images for the head, or raise QueueFull if they would pass capacity."""
+                   estimate: int, now: float, rates: tuple[float, ...] = ()) -> None:
+        """Queue a request's images for the head, or raise QueueFull if they would pass capacity.
+        ``rates``: the keep rates accuracy scaling may run them at (() for none)."""
         self._admit_locked(len(pixels), estimate * len(pixels))
         for i, px in enumerate(pixels):
             key = next(self._ids)
             request.keys.append(key)
-            self.head[key] = QueuedImage(request, i, keep_rate, px, estimate, Waiting(key, now, now))
+            self.head[key] = QueuedImage(request, i, keep_rate, px, estimate, Waiting(key, now, now),
+                                         rates=rates if len(rates) > 1 else ())
         self.tokens += estimate * len(pixels)
         self.depth_changed()
 
@@ -135,8 +143,10 @@ class Queues:
         return images
 
     def to_tail_locked(self, images: Sequence[QueuedImage], hb: HeadBatch, budgets: list[list[int]],
-                       buckets: list[list[int]], compute_s: float, now: float) -> None:
-        """Queue a finished head batch's images (row order) for the tail at their buckets."""
+                       buckets: list[list[int]], compute_s: float, now: float,
+                       extra: dict[float, tuple[list[list[int]], list[list[int]]]] | None = None) -> None:
+        """Queue a finished head batch's images (row order) for the tail at their buckets; ``extra``:
+        budgets and buckets at accuracy scaling's rates (``HeadBatch.at_rate``), for the images' options."""
         tail_tokens = self.engine.tail_tokens
         for row, (image, budget, bucket) in enumerate(zip(images, budgets, buckets, strict=True)):
             if image.request.finished:
@@ -146,6 +156,9 @@ class Queues:
             image.tokens = tail_tokens(tuple(bucket))
             image.wait = Waiting(image.wait.key, image.wait.submitted, now, tuple(bucket),
                                  tail_tokens(image.budget))
+            if image.rates and extra:
+                image.options = ((image.budget, tuple(bucket)),
+                                 *((tuple(extra[r][0][row]), tuple(extra[r][1][row])) for r in image.rates[1:]))
             self.tail[image.wait.key] = image
             self.tokens += image.tokens
         self.depth_changed()
@@ -178,8 +191,9 @@ class Queues:
                 soonest = req.deadline if soonest is None else min(soonest, req.deadline)
         return soonest
 
-    def deliver(self, image: QueuedImage, result: ImageResult) -> None:
-        """Record one image's result; answer its request once its last image is done (takes the lock)."""
+    def deliver(self, image: QueuedImage, result: ImageResult, now: float | None = None) -> None:
+        """Record one image's result; answer its request once its last image is done (takes the lock).
+        ``now``: the worker clock, for the latency objective's count."""
         request = image.request
         with self.cond:
             if request.finished:
@@ -190,6 +204,8 @@ class Queues:
             request.finished = True
         for r in request.results:
             self.hooks.on_image_done(r)  # type: ignore[arg-type]
+        if request.objective_at is not None and now is not None:
+            self.hooks.on_objective(now <= request.objective_at)
         resolve(request, list(request.results))  # type: ignore[arg-type]
 
 

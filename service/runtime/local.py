@@ -35,6 +35,7 @@ from ..settings import Settings
 from . import gpu_decode
 from .engine import Engine
 from .metrics_hooks import PrometheusHooks
+from .scaling import scaling_for
 from .worker import Worker
 
 log = logging.getLogger("patchlife.model")
@@ -89,7 +90,13 @@ class LocalModel:
             graphs = engine.runner.describe()
             self.metrics.set_graphs(engine.runner.describe)
             hooks = PrometheusHooks(self.metrics, engine.dense_gflops, engine.grid[0] * engine.grid[1])
-            worker = Worker(engine, self.settings, hooks, timings=timings)
+            scaling = scaling_for(self.settings, engine.default_schedule.keep_rate, engine.checkpoint,
+                                  engine.model.normalization)
+            if scaling is not None:
+                log.info("accuracy scaling on: objective %.0f ms, default floor %s", scaling.objective_s * 1e3,
+                         "none (requests scale only with their own min_keep_rate)" if scaling.floor is None
+                         else f"keep rate {scaling.floor:g}")
+            worker = Worker(engine, self.settings, hooks, timings=timings, scaling=scaling)
             await worker.start()
             self.metrics.watch_health(lambda: worker.health() is None)
         except Exception as exc:  # the app stays alive (healthz) but never ready; the reason shows in /readyz
