@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from service.protocol import DeadlinePassed, ImageResult, QueueFull
-from service.runtime.batching import Batch, Counts, Waiting
+from service.runtime.batching import Batch, Counts, Phase, Scalable, Waiting
 from service.runtime.handoff import HeadBatch
+from service.runtime.scaling import at_cap
 from service.runtime.seams import ModelEngine, WorkerHooks
 from service.settings import Settings
 
@@ -75,6 +76,7 @@ class Queues:
         self.estimates: dict[float | None, int] = {}  # keep rate (on KEEP_RATE_GRID) -> tail tokens
         self._ids = itertools.count()
         self._rate_tokens_per_s = 0.0        # smoothed tail throughput, for Retry-After
+        self._rate_counts: dict[float | None, Counts] = {}  # schedule counts per keep rate (scaling)
 
     def images(self) -> list[QueuedImage]:
         return [*self.head.values(), *self.tail.values()]
@@ -162,6 +164,50 @@ class Queues:
             self.tail[image.wait.key] = image
             self.tokens += image.tokens
         self.depth_changed()
+
+    # -- accuracy scaling ----------------------------------------------------------------------
+    def scalables_locked(self, each: Callable[[Phase, Counts | None], float]) -> list[Scalable]:
+        """Every queued image's remaining device seconds at each rate it may run at, in arrival order;
+        ``each(phase, counts)``: seconds per image of a full batch (the cost model). A head image's tail
+        is estimated at its rate's schedule counts (its budget is not known yet)."""
+        memo: dict[tuple[Phase, Counts | None], float] = {}
+
+        def cost(phase: Phase, counts: Counts | None) -> float:
+            if (phase, counts) not in memo:
+                memo[phase, counts] = each(phase, counts)
+            return memo[phase, counts]
+
+        out = []
+        head = cost("head", None)
+        for image in self.head.values():
+            rates = image.rates or (image.keep_rate,)
+            out.append(Scalable(image.wait.submitted, image.rates or (1.0,),
+                                tuple(head + cost("tail", self._counts_at(r)) for r in rates)))
+        for image in self.tail.values():
+            if image.options:
+                out.append(Scalable(image.wait.submitted, image.rates,
+                                    tuple(cost("tail", bucket) for _, bucket in image.options)))
+            else:
+                out.append(Scalable(image.wait.submitted, (1.0,), (cost("tail", image.wait.bucket),)))
+        out.sort(key=lambda s: s.submitted)
+        return out
+
+    def tail_waits_locked(self, cap: float) -> list[Waiting]:
+        """The tail's images re-bucketed at their rates under ``cap`` (the planner's view)."""
+        waits = []
+        for image in self.tail.values():
+            rung = at_cap(image.rates, cap) if image.options else 0
+            if rung == 0:
+                waits.append(image.wait)
+            else:
+                budget, bucket = image.options[rung]
+                waits.append(replace(image.wait, bucket=bucket, need=self.engine.tail_tokens(budget)))
+        return waits
+
+    def _counts_at(self, rate: float | None) -> Counts:
+        if rate not in self._rate_counts:
+            self._rate_counts[rate] = tuple(self.engine.schedule_counts(rate))
+        return self._rate_counts[rate]
 
     # -- answers -------------------------------------------------------------------------------
     def fail_locked(self, request: Request, error: Exception | None, reason: str | None) -> None:

@@ -40,14 +40,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from service.protocol import DeadlinePassed, ImageResult, Lifecycle, ModelFailed, WorkerStopping
 from service.runtime.admission import QueuedImage, Queues, Request
-from service.runtime.batching import Batch, BatchLimits, Counts, Phase, Scalable, Waiting, plan, scale_cap
+from service.runtime.batching import Batch, BatchLimits, Counts, Phase, Waiting, plan, scale_cap
 from service.runtime.costmodel import CostModel, Timing
 from service.runtime.handoff import HeadBatch, HostCopy, Rows
 from service.runtime.scaling import CAPS, Scaling, at_cap
@@ -118,7 +118,6 @@ class Worker:
         self.hooks.on_cost_model(self.cost)
         self.scaling = scaling               # accuracy scaling (None: off, every image at its own rate)
         self.cap = CAPS[0]                   # its current cap on the tail's keep rates (1.0: none)
-        self._rate_counts: dict[float | None, Counts] = {}
 
     def batch_seconds(self, phase: Phase, images: int, counts: Counts | None) -> float:
         """Predicted device time of a batch, padding included (the planner's price)."""
@@ -267,12 +266,10 @@ class Worker:
     def _launch_phase(self, batch: Batch, images: list[QueuedImage]) -> tuple[list[QueuedImage], Any]:
         """Queue one batch on the engine: (its images in the order of the answer's rows, the handle)."""
         if batch.phase == "head":
+            # accuracy scaling: also plan the budgets at the rates these images may be scaled to
             extra = sorted({r for im in images for r in im.rates[1:]}, reverse=True)
-            if extra:  # accuracy scaling: plan the budgets at the rates these images may be scaled to
-                return images, self.engine.head([im.pixels for im in images],  # type: ignore[misc]
-                                                [im.keep_rate for im in images], extra)
             return images, self.engine.head([im.pixels for im in images],  # type: ignore[misc]
-                                            [im.keep_rate for im in images])
+                                            [im.keep_rate for im in images], *([extra] if extra else []))
         assert batch.counts is not None
         parts: dict[int, tuple[HeadBatch, list[int], list[QueuedImage]]] = {}
         for im in images:  # rows grouped by the head batch they came from: one gather each
@@ -403,52 +400,12 @@ class Worker:
     def _tail_waits_locked(self, now: float) -> list[Waiting]:
         """The tail's images as the planner sees them: with accuracy scaling, the cap is decided first
         (:func:`service.runtime.batching.scale_cap`) and each image is re-bucketed at its rate under it."""
-        tail = self.queues.tail.values()
         if self.scaling is None or not self.cost.ready:
-            return [i.wait for i in tail]
-        self.cap = scale_cap(self.cap, self._scalables_locked(), now, self.scaling.objective_s,
-                             self.scaling.hysteresis)
-        waits = []
-        for image in tail:
-            rung = at_cap(image.rates, self.cap) if image.options else 0
-            if rung == 0:
-                waits.append(image.wait)
-            else:
-                budget, bucket = image.options[rung]
-                waits.append(replace(image.wait, bucket=bucket, need=self.engine.tail_tokens(budget)))
-        return waits
-
-    def _scalables_locked(self) -> list[Scalable]:
-        """Every queued image's remaining device seconds at each rate it may run at, in arrival order,
-        priced per image of a full batch by the cost model."""
+            return [i.wait for i in self.queues.tail.values()]
         size = self.limits.size
-        memo: dict[tuple[Phase, Counts | None], float] = {}
-
-        def each(phase: Phase, counts: Counts | None) -> float:
-            if (phase, counts) not in memo:
-                memo[phase, counts] = self.batch_seconds(phase, size, counts) / size
-            return memo[phase, counts]
-
-        out = []
-        head = each("head", None)
-        for image in self.queues.head.values():
-            rates = image.rates or (image.keep_rate,)
-            out.append(Scalable(image.wait.submitted, image.rates or (1.0,),
-                                tuple(head + each("tail", self._counts_at(r)) for r in rates)))
-        for image in self.queues.tail.values():
-            if image.options:
-                out.append(Scalable(image.wait.submitted, image.rates,
-                                    tuple(each("tail", bucket) for _, bucket in image.options)))
-            else:
-                out.append(Scalable(image.wait.submitted, (1.0,), (each("tail", image.wait.bucket),)))
-        out.sort(key=lambda s: s.submitted)
-        return out
-
-    def _counts_at(self, rate: float | None) -> Counts:
-        """The schedule's counts at ``rate``: a head image's tail estimate (its budget is not known yet)."""
-        if rate not in self._rate_counts:
-            self._rate_counts[rate] = tuple(self.engine.schedule_counts(rate))
-        return self._rate_counts[rate]
+        queued = self.queues.scalables_locked(lambda phase, counts: self.batch_seconds(phase, size, counts) / size)
+        self.cap = scale_cap(self.cap, queued, now, self.scaling.objective_s, self.scaling.hysteresis)
+        return self.queues.tail_waits_locked(self.cap)
 
     def _learn(self, phase: Phase, images: int, tokens_per_row: int, seconds: float, merged: int = 0) -> int:
         """Feed the cost model one batch and report its shape; returns the rows it ran as (padding included)."""
