@@ -115,7 +115,8 @@ class LocalModel:
         if worker is None or engine is None:
             return ModelStatus(self._state, self._error)
         return ModelStatus(self._state, self._error, worker.health(), self._warmup_seconds,
-                           {"graphs": engine.runner.describe(), "cost_model": worker.cost.describe()})
+                           {"graphs": engine.runner.describe(), "cost_model": worker.cost.describe(),
+                            "accuracy_scaling": worker.describe_scaling()})
 
     def clock(self) -> float:
         return self.worker.clock() if self.worker is not None else time.monotonic()

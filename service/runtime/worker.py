@@ -397,6 +397,14 @@ class Worker:
             self.queues.deliver(image, result, done)
 
     # -- accuracy scaling ----------------------------------------------------------------------
+    def describe_scaling(self) -> dict[str, Any] | None:
+        """Accuracy scaling's settings and current cap (None when off), for /v1/models and /readyz."""
+        s = self.scaling
+        if s is None:
+            return None
+        return {"latency_objective_ms": s.objective_s * 1e3, "default_keep_rate": s.default_rate,
+                "floor": s.floor, "cap": self.cap}
+
     def _tail_waits_locked(self, now: float) -> list[Waiting]:
         """The tail's images as the planner sees them: with accuracy scaling, the cap is decided first
         (:func:`service.runtime.batching.scale_cap`) and each image is re-bucketed at its rate under it."""
