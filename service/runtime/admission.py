@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from operator import itemgetter
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,7 @@ class QueuedImage:
     rates: tuple[float, ...] = ()
     options: tuple[tuple[Counts, Counts], ...] = ()
     rung: int = 0
+    scaled_waits: dict[int, Waiting] = field(default_factory=dict)  # its tail Waiting per rung, made once
 
 
 class Queues:
@@ -170,26 +172,31 @@ class Queues:
         """Every queued image's remaining device seconds at each rate it may run at, in arrival order;
         ``each(phase, counts)``: seconds per image of a full batch (the cost model). A head image's tail
         is estimated at its rate's schedule counts (its budget is not known yet)."""
-        memo: dict[tuple[Phase, Counts | None], float] = {}
+        # Memos by what the seconds depend on: a few distinct values for hundreds of images.
+        tail: dict[Counts | None, float] = {}
+        ladders: dict[object, tuple[float, ...]] = {}
 
-        def cost(phase: Phase, counts: Counts | None) -> float:
-            if (phase, counts) not in memo:
-                memo[phase, counts] = each(phase, counts)
-            return memo[phase, counts]
+        def cost(counts: Counts) -> float:
+            if counts not in tail:
+                tail[counts] = each("tail", counts)
+            return tail[counts]
 
         out = []
-        head = cost("head", None)
+        head = each("head", None)
         for image in self.head.values():
-            rates = image.rates or (image.keep_rate,)
-            out.append(Scalable(image.wait.submitted, image.rates or (1.0,),
-                                tuple(head + cost("tail", self._counts_at(r)) for r in rates)))
+            key = image.rates or image.keep_rate
+            if key not in ladders:
+                ladders[key] = tuple(head + cost(self._counts_at(r)) for r in image.rates or (image.keep_rate,))
+            out.append(Scalable(image.wait.submitted, image.rates or (1.0,), ladders[key]))
         for image in self.tail.values():
             if image.options:
-                out.append(Scalable(image.wait.submitted, image.rates,
-                                    tuple(cost("tail", bucket) for _, bucket in image.options)))
+                buckets = tuple(bucket for _, bucket in image.options)
+                if buckets not in ladders:
+                    ladders[buckets] = tuple(cost(b) for b in buckets)
+                out.append(Scalable(image.wait.submitted, image.rates, ladders[buckets]))
             else:
-                out.append(Scalable(image.wait.submitted, (1.0,), (cost("tail", image.wait.bucket),)))
-        out.sort(key=lambda s: s.submitted)
+                out.append(Scalable(image.wait.submitted, (1.0,), (cost(image.wait.bucket),)))
+        out.sort(key=itemgetter(0))
         return out
 
     def tail_waits_locked(self, cap: float) -> list[Waiting]:
@@ -200,8 +207,12 @@ class Queues:
             if rung == 0:
                 waits.append(image.wait)
             else:
-                budget, bucket = image.options[rung]
-                waits.append(replace(image.wait, bucket=bucket, need=self.engine.tail_tokens(budget)))
+                wait = image.scaled_waits.get(rung)
+                if wait is None:
+                    budget, bucket = image.options[rung]
+                    wait = image.scaled_waits[rung] = replace(image.wait, bucket=bucket,
+                                                              need=self.engine.tail_tokens(budget))
+                waits.append(wait)
         return waits
 
     def _counts_at(self, rate: float | None) -> Counts:

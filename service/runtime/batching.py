@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from service.runtime.costmodel import Phase
 from service.runtime.scaling import CAPS, at_cap
@@ -340,24 +340,25 @@ def plan(head: Sequence[Waiting], tail: Sequence[Waiting], now: float, limits: B
 
 
 # -- accuracy scaling ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Scalable:
+class Scalable(NamedTuple):
     """One queued image as accuracy scaling sees it: when its request reached the queue, the keep
     rates it may run at (highest first, :mod:`service.runtime.scaling`) and the device seconds its
     remaining work costs at each (a head image: the head plus its tail estimated at that rate's
-    schedule; a tail image: its tail at its bucket for that rate, known since the head ran)."""
+    schedule; a tail image: its tail at its bucket for that rate, known since the head ran). A
+    named tuple: the worker makes one per queued image before every batch."""
 
     submitted: float
     rates: tuple[float, ...]
     seconds: tuple[float, ...]
 
 
-def _misses(queued: Sequence[Scalable], now: float, cap: float, within_s: float) -> bool:
+def _misses(queued: Sequence[Scalable], now: float, cap: float, within_s: float,
+            rungs: dict[tuple[float, ...], dict[float, int]]) -> bool:
     """Whether the queue, run in arrival order at ``cap``, would answer some image later than
-    ``within_s`` after its request arrived."""
+    ``within_s`` after its request arrived. ``rungs``: each distinct rate ladder's index at each cap."""
     t = now
     for image in queued:
-        t += image.seconds[at_cap(image.rates, cap)]
+        t += image.seconds[rungs[image.rates][cap]]
         if t - image.submitted > within_s:
             return True
     return False
@@ -371,15 +372,22 @@ def scale_cap(cap: float, queued: Sequence[Scalable], now: float, objective_s: f
     highest lower cap at which it would not (the lowest cap when none would do: every image then runs
     at its floor). Up with hysteresis: the highest higher cap at which the queue would finish within
     ``(1 - hysteresis)`` of the objective; else ``cap`` stays. An empty queue goes back to the top.
-    ``queued`` in arrival order; pure: ``now`` is passed in.
+    ``queued`` in arrival order; pure: ``now`` is passed in. Only caps that change some image's rate
+    (and the current one) are priced: a few per decision, whatever the grid.
     """
-    i = caps.index(cap) if cap in caps else 0
-    if _misses(queued, now, cap, objective_s):
-        for lower in caps[i + 1:]:
-            if not _misses(queued, now, lower, objective_s):
+    if not queued:
+        return caps[0]
+    ladders = {image.rates for image in queued}
+    useful = {caps[0], caps[-1], cap} | {c for c in caps if any(r == c for ladder in ladders for r in ladder)}
+    options = sorted(useful, reverse=True)
+    rungs = {ladder: {c: at_cap(ladder, c) for c in options} for ladder in ladders}
+    i = options.index(cap)
+    if _misses(queued, now, cap, objective_s, rungs):
+        for lower in options[i + 1:]:
+            if not _misses(queued, now, lower, objective_s, rungs):
                 return lower
-        return caps[-1]
-    for higher in caps[:i]:
-        if not _misses(queued, now, higher, (1.0 - hysteresis) * objective_s):
+        return options[-1]
+    for higher in options[:i]:
+        if not _misses(queued, now, higher, (1.0 - hysteresis) * objective_s, rungs):
             return higher
     return cap
