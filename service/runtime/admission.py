@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from operator import itemgetter
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 
 import torch
 

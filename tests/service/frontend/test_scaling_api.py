@@ -151,5 +151,6 @@ def test_grpc_parameter_and_answer_parameters(triton: Any) -> None:
 
 def test_models_says_whether_scaling_is_on(scaling: tuple[TestClient, str], client: TestClient) -> None:
     on = scaling[0].get("/v1/models").json()["batching"]["accuracy_scaling"]
-    assert on["latency_objective_ms"] == pytest.approx(NEVER_MET) and on["floor"] is None and on["default_keep_rate"] == 0.7
+    assert on["latency_objective_ms"] == pytest.approx(NEVER_MET)
+    assert on["floor"] is None and on["default_keep_rate"] == 0.7
     assert client.get("/v1/models").json()["batching"]["accuracy_scaling"] is None
