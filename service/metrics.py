@@ -58,6 +58,9 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKEN_BUCKETS = tuple(float(2**i) for i in range(6, 25))  # 64 .. 16M tokens per batch
 KEPT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 196, 256, 384, 576, 1024, 2048)
 RATIO_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+# The keep rates accuracy scaling serves lie on tenths (its ladder, service/runtime/scaling.py), plus a
+# request's own rate or floor: a bucket at each tenth (`le="0.3"` counts images served at 0.3 or below).
+KEEP_RATE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 FLOPS_BUCKETS = tuple(g * 1e9 for g in (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0,
                                         20.0, 35.0, 50.0, 100.0))
 
@@ -196,6 +199,16 @@ class Metrics:
         self.decode_fallbacks = Counter("patchlife_decode_fallbacks", "Images the GPU decoder passed to the CPU "
                                         "path, by reason: not_jpeg, refused (nvJPEG refused the file), error.",
                                         ["reason"], registry=r)
+        self.served_keep_rate = Histogram("patchlife_served_keep_rate", "Keep rate each answered image ran at "
+                                          "(below its requested rate when accuracy scaling lowered it).",
+                                          buckets=KEEP_RATE_BUCKETS, registry=r)
+        self.scaled_images = Counter("patchlife_scaled_images", "Images answered below their requested keep rate "
+                                     "(accuracy scaling under load).", registry=r)
+        self.objective_answers = Counter("patchlife_objective_answers", "Requests answered while a latency "
+                                         "objective is set (PATCHLIFE_LATENCY_OBJECTIVE_MS), by whether the "
+                                         "answer came within it (met: true/false).", ["met"], registry=r)
+        for met in ("true", "false"):
+            self.objective_answers.labels(met)
         self.device_memory = DeviceMemoryCollector()
         self.memory_gauges: tuple[Gauge, Gauge] | None = None  # multiprocess: sampled, not read at scrape
         if self.shared_dir is None:

@@ -96,7 +96,9 @@ class ModelClient(Protocol):
     ``open`` returns the card (raising the load error), ``start`` warms up and starts serving (the app
     runs it in the background; an exception becomes ``status().error``), ``submit`` runs images through
     the batching worker (raising the :class:`WorkerError` kinds below): each a preprocessed ``uint8
-    [3, H, W]`` tensor, or, where the card says ``decodes_jpeg``, a JPEG still encoded. ``clock`` is the clock deadlines
+    [3, H, W]`` tensor, or, where the card says ``decodes_jpeg``, a JPEG still encoded; ``min_keep_rate``
+    is how far accuracy scaling may lower the keep rate (None: the server's floor, or no scaling below an
+    explicit ``keep_rate``). ``clock`` is the clock deadlines
     are on: the system-wide monotonic clock, the same in every process.
     """
 
@@ -109,7 +111,7 @@ class ModelClient(Protocol):
     def clock(self) -> float: ...
 
     async def submit(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None,
-                     deadline: float) -> list[ImageResult]: ...
+                     deadline: float, min_keep_rate: float | None = None) -> list[ImageResult]: ...
 
     def begin_drain(self) -> None: ...
 
@@ -126,6 +128,8 @@ class ImageResult:
     keep_rate: float
     queue_ms: float              # total time waiting in queues (head + tail)
     compute_ms: float            # wall time of the head batch + the tail batch it ran in
+    scaled: bool = False         # run below its requested keep rate (accuracy scaling under load)
+    requested_keep_rate: float | None = None  # the rate asked for (None: keep_rate, i.e. not scaled)
 
 
 class WorkerError(Exception):

@@ -40,6 +40,17 @@ class Settings(BaseSettings):
                             "request handler. auto: gpu when the model runs on CUDA.")
     keep_rate: float | None = Field(
         None, gt=0, le=1, description="Default keep rate; empty: the checkpoint's own schedule.")
+    latency_objective_ms: float | None = Field(
+        None, gt=0, description="Accuracy scaling: the time within which the service aims to answer. When the "
+                                "queued work at the current keep rates would finish later than this after its "
+                                "requests arrived, tail batches run at lower keep rates (down to each image's "
+                                "floor) until the queue drains. Empty: off, every image runs at its own rate.")
+    min_keep_rate: float | None = Field(
+        None, gt=0, le=1, description="Accuracy scaling: the default floor of an image's keep rate (a request's "
+                                      "min_keep_rate overrides it). Empty: the lowest keep rate whose held-out "
+                                      "top-1 in the checkpoint's metrics.json evaluation is within 2 points of "
+                                      "the default rate's; no such evaluation: no scaling for requests without "
+                                      "their own floor.")
     warmup_batches: int = Field(2, ge=0, description="Forward passes run before /readyz turns ready.")
 
     # --- HTTP --------------------------------------------------------------------------------

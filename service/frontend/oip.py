@@ -16,7 +16,9 @@ Outputs (every one unless ``outputs`` names some):
   labels        BYTES [N, top_k]    class names, most probable first
   lifespans     FP32 [N, rows, cols] patch lives in layer units
   budget        INT32 [N, stages]   the image's own patch counts per pruning stage
-Request ``parameters``: ``top_k``, ``keep_rate`` (as in the native API), ``binary_data_output``.
+Request ``parameters``: ``top_k``, ``keep_rate``, ``min_keep_rate`` (as in the native API),
+``binary_data_output``. Answer ``parameters`` (REST and gRPC): ``keep_rate`` (the lowest rate any of
+the request's images ran at), ``scaled`` (whether accuracy scaling lowered any), ``requested_keep_rate``.
 """
 
 from __future__ import annotations
@@ -343,6 +345,15 @@ def _json_data(datatype: str, arr: np.ndarray) -> list[Any]:
     return arr.ravel().tolist()  # type: ignore[no-any-return]
 
 
+def answer_parameters(results: list[ImageResult]) -> dict[str, Any]:
+    """What accuracy scaling did to the request (the answer's ``parameters``): its images' lowest served
+    keep rate, whether any was scaled, the rate asked for."""
+    requested = [r.keep_rate if r.requested_keep_rate is None else r.requested_keep_rate for r in results]
+    return {"keep_rate": min(r.keep_rate for r in results) if results else 0.0,
+            "scaled": any(r.scaled for r in results),
+            "requested_keep_rate": max(requested) if requested else 0.0}
+
+
 def encode_response(model: str, request: InferRequest, specs: list[OutputSpec], results: list[ImageResult],
                     class_names: list[str], top_k: int) -> tuple[bytes, int | None]:
     """The response body and, when some output is binary, the JSON header's length."""
@@ -357,7 +368,8 @@ def encode_response(model: str, request: InferRequest, specs: list[OutputSpec], 
         else:
             entry["data"] = _json_data(datatype, arr)
         outputs.append(entry)
-    response: dict[str, Any] = {"model_name": model, "model_version": VERSION, "outputs": outputs}
+    response: dict[str, Any] = {"model_name": model, "model_version": VERSION,
+                                "parameters": answer_parameters(results), "outputs": outputs}
     if request.id is not None:
         response["id"] = request.id
     head = json.dumps(response, separators=(",", ":")).encode()

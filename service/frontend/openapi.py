@@ -45,6 +45,7 @@ def _infer_body(model: str) -> dict[str, Any]:
     params = {"type": "object", "properties": {
         "top_k": {"type": "integer", "minimum": 1}, "keep_rate": {"type": "number", "minimum": SMALLEST_FLOAT,
                                                                   "maximum": 1},
+        "min_keep_rate": {"type": "number", "minimum": SMALLEST_FLOAT, "maximum": 1},
         "binary_data_output": {"type": "boolean"}}}
     request = {"type": "object", "required": ["inputs"], "properties": {
         "id": {"type": "string"}, "parameters": params,

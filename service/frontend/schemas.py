@@ -23,6 +23,11 @@ class ImagesJson(BaseModel):
     keep_rate: Any = Field(None, description="Keep schedule for this request, 0 < r <= 1; default: the model's.",
                            json_schema_extra={"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                                                         {"type": "null"}]})
+    min_keep_rate: Any = Field(None, description="Lowest keep rate accuracy scaling may run this request at "
+                                                 "under load, 0 < r <= keep_rate; default: the server's floor "
+                                                 "(none below an explicit keep_rate).",
+                               json_schema_extra={"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                                                            {"type": "null"}]})
 
 
 class Label(BaseModel):
@@ -45,7 +50,11 @@ class Budget(BaseModel):
     gflops: float = Field(description="GFLOPs of this image at counts_run.")
     dense_gflops: float = Field(description="GFLOPs of the unpruned backbone.")
     fraction_of_dense: float
-    keep_rate: float
+    keep_rate: float = Field(description="The keep rate the image ran at.")
+    scaled: bool = Field(False, description="True when accuracy scaling ran it below requested_keep_rate (the "
+                                            "service was behind its latency objective).")
+    requested_keep_rate: float = Field(description="The keep rate asked for (the request's, or the model's "
+                                                   "default); equals keep_rate unless scaled.")
 
 
 class Timings(BaseModel):
@@ -66,7 +75,8 @@ _EXAMPLE_RESULT: dict[str, Any] = {
                {"label": "tiger cat", "index": 282, "probability": 0.11}],
     "lifespans": {"rows": 2, "cols": 2, "values": [[4.0, 12.0], [7.8, 10.3]]},
     "budget": {"patch_counts": [139, 99, 71], "counts_run": [144, 104, 72], "gflops": 3.27,
-               "dense_gflops": 4.6, "fraction_of_dense": 0.71, "keep_rate": 0.7},
+               "dense_gflops": 4.6, "fraction_of_dense": 0.71, "keep_rate": 0.7,
+               "scaled": False, "requested_keep_rate": 0.7},
     "timings_ms": {"decode": 2.1, "queue": 0.4, "compute": 31.5},
 }
 

@@ -31,7 +31,7 @@ from .errors import BadImage, InvalidRequest, TooLarge, TooManyImages, Unsupport
 from .schemas import ImagesJson
 
 IMAGE_FIELDS = ("file", "files")
-OPTION_FIELDS = ("top_k", "keep_rate")
+OPTION_FIELDS = ("top_k", "keep_rate", "min_keep_rate")
 MAX_FIELD_BYTES = 256
 
 
@@ -148,7 +148,7 @@ class _Parts:
                 raise InvalidRequest(f"form field {name!r} given twice")
         else:
             raise InvalidRequest(f"unknown form field {name!r}: expected file or files (images), "
-                                 "top_k, keep_rate")
+                                 "top_k, keep_rate, min_keep_rate")
 
     def _source(self) -> str:
         """The file's name as the client sent it, else the part's place (``files[1]``)."""
@@ -228,7 +228,8 @@ def parse_json_body(body: bytes, limits: UploadLimits) -> Payload:
         raise TooManyImages(f"{len(parsed.images)} images in one request, the limit is {limits.max_images} "
                             "(PATCHLIFE_MAX_IMAGES_PER_REQUEST)")
     images = [_from_base64(text, f"images[{i}]", limits.max_file_bytes) for i, text in enumerate(parsed.images)]
-    options = {k: v for k, v in (("top_k", parsed.top_k), ("keep_rate", parsed.keep_rate)) if v is not None}
+    options = {k: v for k, v in (("top_k", parsed.top_k), ("keep_rate", parsed.keep_rate),
+                                 ("min_keep_rate", parsed.min_keep_rate)) if v is not None}
     return Payload(images, options)
 
 

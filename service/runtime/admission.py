@@ -13,14 +13,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from operator import itemgetter
 
 import torch
 
 from service.protocol import DeadlinePassed, ImageResult, QueueFull
-from service.runtime.batching import Batch, Counts, Waiting
+from service.runtime.batching import Batch, Counts, Phase, Scalable, Waiting
 from service.runtime.handoff import HeadBatch
+from service.runtime.scaling import at_cap
 from service.runtime.seams import ModelEngine, WorkerHooks
 from service.settings import Settings
 
@@ -37,6 +39,7 @@ class Request:
     results: list[ImageResult | None]
     keys: list[int] = field(default_factory=list)
     finished: bool = False       # answered, failed or abandoned: nothing more to do for it
+    objective_at: float | None = None  # accuracy scaling: answered in time when by then (worker clock)
 
 
 @dataclass(eq=False)
@@ -53,6 +56,12 @@ class QueuedImage:
     queue_s: float = 0.0         # both phases so far
     phase_wait_s: float = 0.0    # the last phase only (for the per-phase histogram)
     compute_s: float = 0.0
+    # accuracy scaling: the keep rates it may run at (highest, the requested one, first; () when it
+    # cannot be scaled), after the head its (budget, bucket) at each, and the one its tail ran at
+    rates: tuple[float, ...] = ()
+    options: tuple[tuple[Counts, Counts], ...] = ()
+    rung: int = 0
+    scaled_waits: dict[int, Waiting] = field(default_factory=dict)  # its tail Waiting per rung, made once
 
 
 class Queues:
@@ -69,6 +78,7 @@ class Queues:
         self.estimates: dict[float | None, int] = {}  # keep rate (on KEEP_RATE_GRID) -> tail tokens
         self._ids = itertools.count()
         self._rate_tokens_per_s = 0.0        # smoothed tail throughput, for Retry-After
+        self._rate_counts: dict[float | None, Counts] = {}  # schedule counts per keep rate (scaling)
 
     def images(self) -> list[QueuedImage]:
         return [*self.head.values(), *self.tail.values()]
@@ -85,13 +95,15 @@ class Queues:
         return self.estimates[key]
 
     def add_locked(self, request: Request, pixels: Sequence[torch.Tensor], keep_rate: float | None,
-                   estimate: int, now: float) -> None:
-        """Queue a request's images for the head, or raise QueueFull if they would pass capacity."""
+                   estimate: int, now: float, rates: tuple[float, ...] = ()) -> None:
+        """Queue a request's images for the head, or raise QueueFull if they would pass capacity.
+        ``rates``: the keep rates accuracy scaling may run them at (() for none)."""
         self._admit_locked(len(pixels), estimate * len(pixels))
         for i, px in enumerate(pixels):
             key = next(self._ids)
             request.keys.append(key)
-            self.head[key] = QueuedImage(request, i, keep_rate, px, estimate, Waiting(key, now, now))
+            self.head[key] = QueuedImage(request, i, keep_rate, px, estimate, Waiting(key, now, now),
+                                         rates=rates if len(rates) > 1 else ())
         self.tokens += estimate * len(pixels)
         self.depth_changed()
 
@@ -135,8 +147,10 @@ class Queues:
         return images
 
     def to_tail_locked(self, images: Sequence[QueuedImage], hb: HeadBatch, budgets: list[list[int]],
-                       buckets: list[list[int]], compute_s: float, now: float) -> None:
-        """Queue a finished head batch's images (row order) for the tail at their buckets."""
+                       buckets: list[list[int]], compute_s: float, now: float,
+                       extra: dict[float, tuple[list[list[int]], list[list[int]]]] | None = None) -> None:
+        """Queue a finished head batch's images (row order) for the tail at their buckets; ``extra``:
+        budgets and buckets at accuracy scaling's rates (``HeadBatch.at_rate``), for the images' options."""
         tail_tokens = self.engine.tail_tokens
         for row, (image, budget, bucket) in enumerate(zip(images, budgets, buckets, strict=True)):
             if image.request.finished:
@@ -146,9 +160,65 @@ class Queues:
             image.tokens = tail_tokens(tuple(bucket))
             image.wait = Waiting(image.wait.key, image.wait.submitted, now, tuple(bucket),
                                  tail_tokens(image.budget))
+            if image.rates and extra:
+                image.options = ((image.budget, tuple(bucket)),
+                                 *((tuple(extra[r][0][row]), tuple(extra[r][1][row])) for r in image.rates[1:]))
             self.tail[image.wait.key] = image
             self.tokens += image.tokens
         self.depth_changed()
+
+    # -- accuracy scaling ----------------------------------------------------------------------
+    def scalables_locked(self, each: Callable[[Phase, Counts | None], float]) -> list[Scalable]:
+        """Every queued image's remaining device seconds at each rate it may run at, in arrival order;
+        ``each(phase, counts)``: seconds per image of a full batch (the cost model). A head image's tail
+        is estimated at its rate's schedule counts (its budget is not known yet)."""
+        # Memos by what the seconds depend on: a few distinct values for hundreds of images.
+        tail: dict[Counts | None, float] = {}
+        ladders: dict[object, tuple[float, ...]] = {}
+
+        def cost(counts: Counts) -> float:
+            if counts not in tail:
+                tail[counts] = each("tail", counts)
+            return tail[counts]
+
+        out = []
+        head = each("head", None)
+        for image in self.head.values():
+            key = image.rates or image.keep_rate
+            if key not in ladders:
+                ladders[key] = tuple(head + cost(self._counts_at(r)) for r in image.rates or (image.keep_rate,))
+            out.append(Scalable(image.wait.submitted, image.rates or (1.0,), ladders[key]))
+        for image in self.tail.values():
+            if image.options:
+                buckets = tuple(bucket for _, bucket in image.options)
+                if buckets not in ladders:
+                    ladders[buckets] = tuple(cost(b) for b in buckets)
+                out.append(Scalable(image.wait.submitted, image.rates, ladders[buckets]))
+            else:
+                out.append(Scalable(image.wait.submitted, (1.0,), (cost(image.wait.bucket),)))
+        out.sort(key=itemgetter(0))
+        return out
+
+    def tail_waits_locked(self, cap: float) -> list[Waiting]:
+        """The tail's images re-bucketed at their rates under ``cap`` (the planner's view)."""
+        waits = []
+        for image in self.tail.values():
+            rung = at_cap(image.rates, cap) if image.options else 0
+            if rung == 0:
+                waits.append(image.wait)
+            else:
+                wait = image.scaled_waits.get(rung)
+                if wait is None:
+                    budget, bucket = image.options[rung]
+                    wait = image.scaled_waits[rung] = replace(image.wait, bucket=bucket,
+                                                              need=self.engine.tail_tokens(budget))
+                waits.append(wait)
+        return waits
+
+    def _counts_at(self, rate: float | None) -> Counts:
+        if rate not in self._rate_counts:
+            self._rate_counts[rate] = tuple(self.engine.schedule_counts(rate))
+        return self._rate_counts[rate]
 
     # -- answers -------------------------------------------------------------------------------
     def fail_locked(self, request: Request, error: Exception | None, reason: str | None) -> None:
@@ -178,8 +248,9 @@ class Queues:
                 soonest = req.deadline if soonest is None else min(soonest, req.deadline)
         return soonest
 
-    def deliver(self, image: QueuedImage, result: ImageResult) -> None:
-        """Record one image's result; answer its request once its last image is done (takes the lock)."""
+    def deliver(self, image: QueuedImage, result: ImageResult, now: float | None = None) -> None:
+        """Record one image's result; answer its request once its last image is done (takes the lock).
+        ``now``: the worker clock, for the latency objective's count."""
         request = image.request
         with self.cond:
             if request.finished:
@@ -190,6 +261,8 @@ class Queues:
             request.finished = True
         for r in request.results:
             self.hooks.on_image_done(r)  # type: ignore[arg-type]
+        if request.objective_at is not None and now is not None:
+            self.hooks.on_objective(now <= request.objective_at)
         resolve(request, list(request.results))  # type: ignore[arg-type]
 
 

@@ -39,15 +39,22 @@ Modes (``BatchLimits.mode``):
 * ``fifo``: the tail is one first-in-first-out queue, each batch run at the element-wise maximum of
   the buckets in it (the largest budget); same size, delay and token limits.
 * ``unbatched``: one image per batch, no waiting.
+
+Accuracy scaling (:func:`scale_cap`, with ``PATCHLIFE_LATENCY_OBJECTIVE_MS``): before each plan the
+worker asks for a cap on the keep rate of the tail batches about to run, and re-buckets the tail's
+images at their rates under it. Only the tail is scaled: the head costs the same at any rate, and
+after it each image's budget at every rate it may run at is known, so a lower rate changes the
+tail's counts and nothing else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from service.runtime.costmodel import Phase
+from service.runtime.scaling import CAPS, at_cap
 from service.settings import Settings
 
 Mode = Literal["budget", "fifo", "unbatched"]
@@ -330,3 +337,57 @@ def plan(head: Sequence[Waiting], tail: Sequence[Waiting], now: float, limits: B
         best = _fill(best, tail, limits, tail_tokens) if cost is None else \
             _merge_by_cost(best, tail, limits, tail_tokens, cost)
     return best
+
+
+# -- accuracy scaling ----------------------------------------------------------------------------
+class Scalable(NamedTuple):
+    """One queued image as accuracy scaling sees it: when its request reached the queue, the keep
+    rates it may run at (highest first, :mod:`service.runtime.scaling`) and the device seconds its
+    remaining work costs at each (a head image: the head plus its tail estimated at that rate's
+    schedule; a tail image: its tail at its bucket for that rate, known since the head ran). A
+    named tuple: the worker makes one per queued image before every batch."""
+
+    submitted: float
+    rates: tuple[float, ...]
+    seconds: tuple[float, ...]
+
+
+def _misses(queued: Sequence[Scalable], now: float, cap: float, within_s: float,
+            rungs: dict[tuple[float, ...], dict[float, int]]) -> bool:
+    """Whether the queue, run in arrival order at ``cap``, would answer some image later than
+    ``within_s`` after its request arrived. ``rungs``: each distinct rate ladder's index at each cap."""
+    t = now
+    for image in queued:
+        t += image.seconds[rungs[image.rates][cap]]
+        if t - image.submitted > within_s:
+            return True
+    return False
+
+
+def scale_cap(cap: float, queued: Sequence[Scalable], now: float, objective_s: float,
+              hysteresis: float = 0.25, caps: Sequence[float] = CAPS) -> float:
+    """The keep-rate cap for the batch about to run (``caps`` highest first; ``cap`` the current one).
+
+    Down at once: when the queued work at ``cap`` would finish after some request's objective, the
+    highest lower cap at which it would not (the lowest cap when none would do: every image then runs
+    at its floor). Up with hysteresis: the highest higher cap at which the queue would finish within
+    ``(1 - hysteresis)`` of the objective; else ``cap`` stays. An empty queue goes back to the top.
+    ``queued`` in arrival order; pure: ``now`` is passed in. Only caps that change some image's rate
+    (and the current one) are priced: a few per decision, whatever the grid.
+    """
+    if not queued:
+        return caps[0]
+    ladders = {image.rates for image in queued}
+    useful = {caps[0], caps[-1], cap} | {c for c in caps if any(r == c for ladder in ladders for r in ladder)}
+    options = sorted(useful, reverse=True)
+    rungs = {ladder: {c: at_cap(ladder, c) for c in options} for ladder in ladders}
+    i = options.index(cap)
+    if _misses(queued, now, cap, objective_s, rungs):
+        for lower in options[i + 1:]:
+            if not _misses(queued, now, lower, objective_s, rungs):
+                return lower
+        return options[-1]
+    for higher in options[:i]:
+        if not _misses(queued, now, higher, (1.0 - hysteresis) * objective_s, rungs):
+            return higher
+    return cap

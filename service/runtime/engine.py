@@ -228,9 +228,12 @@ class Engine:
         return on_device
 
     @torch.inference_mode()
-    def head(self, pixels: torch.Tensor | Sequence[torch.Tensor], keep_rates: Sequence[float | None]) -> HeadBatch:
+    def head(self, pixels: torch.Tensor | Sequence[torch.Tensor], keep_rates: Sequence[float | None],
+             extra_rates: Sequence[float] = ()) -> HeadBatch:
         """The head for ``uint8`` pixels (``[B, 3, H, W]``, or B tensors ``[3, H, W]``) at each image's
-        keep rate. Returns at once on a GPU: the plan's copy to the host is queued, not waited for."""
+        keep rate. Returns at once on a GPU: the plan's copy to the host is queued, not waited for.
+        ``extra_rates``: also plan every image's budget and bucket at these rates (accuracy scaling
+        may run its tail at one of them: ``HeadBatch.at_rate``), in the same copy."""
         n = len(pixels)
         if len(keep_rates) != n:
             raise ValueError("one keep rate (or None) per image")
@@ -255,7 +258,18 @@ class Engine:
                 if budgets is not None:
                     budgets[rows] = torch.tensor(schedule.patch_counts)
         known = None if budgets is None else (budgets, self.bucket_grid.round_up_rows(budgets, self._host_points))
-        return HeadBatch(tokens, HostCopy.start(plan), rates, self.grid, known)
+        if extra_rates:
+            plan = torch.cat([plan, *self._extra_plans(scores, extra_rates)], dim=1)
+        return HeadBatch(tokens, HostCopy.start(plan), rates, self.grid, known, tuple(extra_rates))
+
+    def _extra_plans(self, scores: torch.Tensor, rates: Sequence[float]) -> list[torch.Tensor]:
+        """Budgets and buckets (float32 ``[B, S]`` each) of every image at each of ``rates``: the lives
+        are known after the head, so the tail can be re-bucketed at a lower rate without the device."""
+        out: list[torch.Tensor] = []
+        for rate in rates:
+            budgets = self.model.budgets(scores, self.schedule(rate))
+            out += [budgets.float(), self.bucket_grid.round_up_rows(budgets, self._points).float()]
+        return out
 
     def _tail_probs(self, parts: Sequence[Rows], counts: tuple[int, ...]) -> torch.Tensor:
         """Probabilities ``[n, K]`` on the device for the rows of ``parts`` (in order) at ``counts``: each

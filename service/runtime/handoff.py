@@ -65,6 +65,8 @@ class HeadBatch:
     grid: the patch grid ``(rows, cols)``.
     known: ``(budgets, buckets)`` on the host when they did not need the device (per-image
         normalisation: every image keeps its rate's counts), so reading them waits for nothing.
+    extra_rates: keep rates (accuracy scaling's) at which every image's budget and bucket were also
+        planned: ``plan`` then ends with ``[budgets, buckets]`` for each, in this order (:meth:`at_rate`).
     """
 
     tokens: torch.Tensor
@@ -72,6 +74,7 @@ class HeadBatch:
     keep_rates: list[float]
     grid: tuple[int, int]
     known: tuple[torch.Tensor, torch.Tensor] | None = None
+    extra_rates: tuple[float, ...] = ()
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -87,7 +90,15 @@ class HeadBatch:
 
     @property
     def stages(self) -> int:
-        return (self.plan.tensor.shape[1] - self.grid[0] * self.grid[1]) // 2
+        return (self.plan.tensor.shape[1] - self.grid[0] * self.grid[1]) // (2 * (1 + len(self.extra_rates)))
+
+    def at_rate(self, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(budgets, buckets)`` ``[B, S]`` int64 on the CPU at one of ``extra_rates`` (waits for the copy)."""
+        i = self.extra_rates.index(rate)
+        p, s = self.grid[0] * self.grid[1], self.stages
+        start = p + 2 * s * (1 + i)
+        host = self.plan.get()
+        return host[:, start:start + s].long(), host[:, start + s:start + 2 * s].long()
 
     def _part(self, name: str) -> torch.Tensor:
         if name != "lives" and self.known is not None:
@@ -95,7 +106,7 @@ class HeadBatch:
         if name not in self._cache:
             host, p, s = self.plan.get(), self.grid[0] * self.grid[1], self.stages
             self._cache.update(lives=host[:, :p].reshape(-1, *self.grid), budgets=host[:, p:p + s].long(),
-                               buckets=host[:, p + s:].long())
+                               buckets=host[:, p + s:p + 2 * s].long())
         return self._cache[name]
 
     @property

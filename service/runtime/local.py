@@ -35,6 +35,7 @@ from ..settings import Settings
 from . import gpu_decode
 from .engine import Engine
 from .metrics_hooks import PrometheusHooks
+from .scaling import scaling_for
 from .worker import Worker
 
 log = logging.getLogger("patchlife.model")
@@ -89,7 +90,13 @@ class LocalModel:
             graphs = engine.runner.describe()
             self.metrics.set_graphs(engine.runner.describe)
             hooks = PrometheusHooks(self.metrics, engine.dense_gflops, engine.grid[0] * engine.grid[1])
-            worker = Worker(engine, self.settings, hooks, timings=timings)
+            scaling = scaling_for(self.settings, engine.default_schedule.keep_rate, engine.checkpoint,
+                                  engine.model.normalization)
+            if scaling is not None:
+                log.info("accuracy scaling on: objective %.0f ms, default floor %s", scaling.objective_s * 1e3,
+                         "none (requests scale only with their own min_keep_rate)" if scaling.floor is None
+                         else f"keep rate {scaling.floor:g}")
+            worker = Worker(engine, self.settings, hooks, timings=timings, scaling=scaling)
             await worker.start()
             self.metrics.watch_health(lambda: worker.health() is None)
         except Exception as exc:  # the app stays alive (healthz) but never ready; the reason shows in /readyz
@@ -108,18 +115,19 @@ class LocalModel:
         if worker is None or engine is None:
             return ModelStatus(self._state, self._error)
         return ModelStatus(self._state, self._error, worker.health(), self._warmup_seconds,
-                           {"graphs": engine.runner.describe(), "cost_model": worker.cost.describe()})
+                           {"graphs": engine.runner.describe(), "cost_model": worker.cost.describe(),
+                            "accuracy_scaling": worker.describe_scaling()})
 
     def clock(self) -> float:
         return self.worker.clock() if self.worker is not None else time.monotonic()
 
     async def submit(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None,
-                     deadline: float) -> list[ImageResult]:
+                     deadline: float, min_keep_rate: float | None = None) -> list[ImageResult]:
         if self.worker is None:
             raise WorkerStopping("the model is not running")
         if any(isinstance(p, EncodedImage) for p in pixels):
-            return await self.worker.submit(await self._decoded(pixels), keep_rate, deadline)
-        return await self.worker.submit(pixels, keep_rate, deadline)  # type: ignore[arg-type]
+            return await self.worker.submit(await self._decoded(pixels), keep_rate, deadline, min_keep_rate)
+        return await self.worker.submit(pixels, keep_rate, deadline, min_keep_rate)  # type: ignore[arg-type]
 
     async def _decoded(self, items: Sequence[torch.Tensor | EncodedImage]) -> list[torch.Tensor]:
         """The encoded images decoded (with those of other requests) and put back in their places; a

@@ -68,8 +68,14 @@ class PrometheusHooks(WorkerHooks):
             self.m.cost_fixed.labels(phase).set(fit.fixed)
             self.m.cost_slope.labels(phase).set(fit.slope)
 
+    def on_objective(self, met: bool) -> None:
+        self.m.objective_answers.labels("true" if met else "false").inc()
+
     def on_image_done(self, result: ImageResult) -> None:
         self.m.last_inference.set(time.time())
+        self.m.served_keep_rate.observe(result.keep_rate)
+        if result.scaled:
+            self.m.scaled_images.inc()
         self.m.image_compute.observe(result.compute_ms / 1000.0)
         self.m.kept_tokens.observe(result.counts[-1])
         self.m.image_flops.observe(result.gflops * 1e9)

@@ -29,8 +29,10 @@ class ModelEngine(Protocol):
     def asynchronous(self) -> bool:
         """True when ``head``/``tail`` only queue work and their copies are waited for when read."""
 
-    def head(self, pixels: Sequence[torch.Tensor], keep_rates: Sequence[float | None]) -> HeadBatch:
-        """The head for one ``uint8 [3, H, W]`` tensor per image; buckets assigned with the budgets."""
+    def head(self, pixels: Sequence[torch.Tensor], keep_rates: Sequence[float | None],
+             extra_rates: Sequence[float] = ()) -> HeadBatch:
+        """The head for one ``uint8 [3, H, W]`` tensor per image; buckets assigned with the budgets (and,
+        for accuracy scaling, at each of ``extra_rates``: ``HeadBatch.at_rate``)."""
 
     def tail(self, parts: Sequence[Rows], counts: Sequence[int]) -> HostCopy:
         """The tail at ``counts``: probabilities ``[n, K]``, rows in part order."""
@@ -64,6 +66,9 @@ class WorkerHooks:
     def on_reject(self, reason: str) -> None: ...
 
     def on_image_done(self, result: ImageResult) -> None: ...
+
+    def on_objective(self, met: bool) -> None:
+        """A request was answered while a latency objective is set; ``met``: within it."""
 
     def on_model_failure(self, reason: str) -> None:
         """``out_of_memory`` (a batch hit it; it is split and retried), ``batch_error`` (a batch failed

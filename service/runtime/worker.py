@@ -47,9 +47,10 @@ import torch
 
 from service.protocol import DeadlinePassed, ImageResult, Lifecycle, ModelFailed, WorkerStopping
 from service.runtime.admission import QueuedImage, Queues, Request
-from service.runtime.batching import Batch, BatchLimits, Counts, Phase, plan
+from service.runtime.batching import Batch, BatchLimits, Counts, Phase, Waiting, plan, scale_cap
 from service.runtime.costmodel import CostModel, Timing
 from service.runtime.handoff import HeadBatch, HostCopy, Rows
+from service.runtime.scaling import CAPS, Scaling, at_cap
 from service.runtime.seams import ModelEngine, WorkerHooks
 from service.settings import Settings
 
@@ -95,7 +96,8 @@ class Worker:
     """Runs :class:`ModelEngine` head/tail batches in one thread, fed by ``submit`` from the event loop."""
 
     def __init__(self, engine: ModelEngine, settings: Settings, hooks: WorkerHooks | None = None,
-                 clock: Callable[[], float] = time.monotonic, timings: Sequence[Timing] = ()) -> None:
+                 clock: Callable[[], float] = time.monotonic, timings: Sequence[Timing] = (),
+                 scaling: Scaling | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.hooks = hooks or WorkerHooks()
@@ -114,6 +116,8 @@ class Worker:
         self.cost = CostModel()  # what a batch costs on this device, learnt from the batches run
         self.cost.learn(timings)
         self.hooks.on_cost_model(self.cost)
+        self.scaling = scaling               # accuracy scaling (None: off, every image at its own rate)
+        self.cap = CAPS[0]                   # its current cap on the tail's keep rates (1.0: none)
 
     def batch_seconds(self, phase: Phase, images: int, counts: Counts | None) -> float:
         """Predicted device time of a batch, padding included (the planner's price)."""
@@ -178,7 +182,7 @@ class Worker:
 
     # -- the event-loop side -----------------------------------------------------------------
     async def submit(self, pixels: Sequence[torch.Tensor], keep_rate: float | None,
-                     deadline: float) -> list[ImageResult]:
+                     deadline: float, min_keep_rate: float | None = None) -> list[ImageResult]:
         """Classify ``pixels`` (each ``[3, H, W]``) at ``keep_rate``; results in input order.
 
         Raises QueueFull, DeadlinePassed or WorkerStopping; ``deadline`` is on the worker clock.
@@ -192,6 +196,7 @@ class Worker:
         if not pixels:
             return []
         estimate = self.queues.estimate(keep_rate)
+        rates = self.scaling.rates(keep_rate, min_keep_rate) if self.scaling is not None else ()
         loop = asyncio.get_running_loop()
         request = Request(loop.create_future(), loop, deadline, [None] * len(pixels))
         with self._cond:
@@ -202,7 +207,9 @@ class Worker:
             if deadline <= now:
                 self.hooks.on_reject("deadline")
                 raise DeadlinePassed("the request's deadline passed before it was queued")
-            self.queues.add_locked(request, pixels, keep_rate, estimate, now)
+            if self.scaling is not None:
+                request.objective_at = now + self.scaling.objective_s
+            self.queues.add_locked(request, pixels, keep_rate, estimate, now, rates)
             self._cond.notify_all()
         try:
             return await request.future
@@ -259,8 +266,10 @@ class Worker:
     def _launch_phase(self, batch: Batch, images: list[QueuedImage]) -> tuple[list[QueuedImage], Any]:
         """Queue one batch on the engine: (its images in the order of the answer's rows, the handle)."""
         if batch.phase == "head":
+            # accuracy scaling: also plan the budgets at the rates these images may be scaled to
+            extra = sorted({r for im in images for r in im.rates[1:]}, reverse=True)
             return images, self.engine.head([im.pixels for im in images],  # type: ignore[misc]
-                                            [im.keep_rate for im in images])
+                                            [im.keep_rate for im in images], *([extra] if extra else []))
         assert batch.counts is not None
         parts: dict[int, tuple[HeadBatch, list[int], list[QueuedImage]]] = {}
         for im in images:  # rows grouped by the head batch they came from: one gather each
@@ -334,13 +343,17 @@ class Worker:
             now = self.clock()
             next_deadline = self.queues.expire_locked(now)
             queues = self.queues
-            decision = plan([i.wait for i in queues.head.values()], [i.wait for i in queues.tail.values()], now,
+            decision = plan([i.wait for i in queues.head.values()], self._tail_waits_locked(now), now,
                             self.limits, self.engine.tail_tokens, drain=self.state >= Lifecycle.STOPPING,
                             cost=self.batch_seconds if self.cost.ready else None)
             if isinstance(decision, Batch):
                 if not block and decision.reason == "idle":
                     break
-                return decision, self.queues.take_locked(decision, now)
+                images = self.queues.take_locked(decision, now)
+                if decision.phase == "tail":
+                    for image in images:  # the rate the plan bucketed it at
+                        image.rung = at_cap(image.rates, self.cap) if image.options else 0
+                return decision, images
             if not block:
                 break
             wake = [t for t in (decision, next_deadline) if t is not None]
@@ -350,13 +363,14 @@ class Worker:
     def _finish_head(self, images: list[QueuedImage], hb: HeadBatch, launch_s: float) -> None:
         t0 = self.clock()
         budgets, buckets = hb.budgets.tolist(), hb.buckets.tolist()  # waits for the plan's copy
+        extra = {r: tuple(t.tolist() for t in hb.at_rate(r)) for r in hb.extra_rates}
         compute = launch_s + self.clock() - t0
         self._learn("head", len(images), 0, compute)
         self.hooks.on_batch("head", len(images), len(images) * self._head_tokens, None,
                             [im.phase_wait_s for im in images], compute)
         now = self.clock()
         with self._cond:
-            self.queues.to_tail_locked(images, hb, budgets, buckets, compute, now)
+            self.queues.to_tail_locked(images, hb, budgets, buckets, compute, now, extra)  # type: ignore[arg-type]
 
     def _finish_tail(self, images: list[QueuedImage], copy: HostCopy, counts: Counts, launch_s: float) -> None:
         t0 = self.clock()
@@ -371,13 +385,35 @@ class Worker:
         self.hooks.on_waste(needed, per_image * rows)  # padding rows are computed tokens too
         self.queues.observe_rate(per_image * len(images), compute)
         gflops = self.engine.gflops(tuple(counts))
+        done = self.clock()
         for image, p in zip(images, probs, strict=True):
             hb = image.head
             assert hb is not None
-            result = ImageResult(p, hb.lives[image.row], image.budget, tuple(counts), gflops,
-                                 hb.keep_rates[image.row], image.queue_s * 1000.0,
-                                 (image.compute_s + compute) * 1000.0)
-            self.queues.deliver(image, result)
+            requested = hb.keep_rates[image.row]
+            scaled = image.rung > 0  # accuracy scaling ran it at a lower rate, at that rate's budget
+            result = ImageResult(p, hb.lives[image.row], image.options[image.rung][0] if scaled else image.budget,
+                                 tuple(counts), gflops, image.rates[image.rung] if scaled else requested,
+                                 image.queue_s * 1000.0, (image.compute_s + compute) * 1000.0, scaled, requested)
+            self.queues.deliver(image, result, done)
+
+    # -- accuracy scaling ----------------------------------------------------------------------
+    def describe_scaling(self) -> dict[str, Any] | None:
+        """Accuracy scaling's settings and current cap (None when off), for /v1/models and /readyz."""
+        s = self.scaling
+        if s is None:
+            return None
+        return {"latency_objective_ms": s.objective_s * 1e3, "default_keep_rate": s.default_rate,
+                "floor": s.floor, "cap": self.cap}
+
+    def _tail_waits_locked(self, now: float) -> list[Waiting]:
+        """The tail's images as the planner sees them: with accuracy scaling, the cap is decided first
+        (:func:`service.runtime.batching.scale_cap`) and each image is re-bucketed at its rate under it."""
+        if self.scaling is None or not self.cost.ready:
+            return [i.wait for i in self.queues.tail.values()]
+        size = self.limits.size
+        queued = self.queues.scalables_locked(lambda phase, counts: self.batch_seconds(phase, size, counts) / size)
+        self.cap = scale_cap(self.cap, queued, now, self.scaling.objective_s, self.scaling.hysteresis)
+        return self.queues.tail_waits_locked(self.cap)
 
     def _learn(self, phase: Phase, images: int, tokens_per_row: int, seconds: float, merged: int = 0) -> int:
         """Feed the cost model one batch and report its shape; returns the rows it ran as (padding included)."""

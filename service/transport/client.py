@@ -94,7 +94,7 @@ class RemoteModel:
         return time.monotonic()
 
     async def submit(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None,
-                     deadline: float) -> list[ImageResult]:
+                     deadline: float, min_keep_rate: float | None = None) -> list[ImageResult]:
         if self._lost or self._writer is None or self.pool is None:
             self.on_reject("model_error")
             raise ModelFailed(LOST, retry_after_s=5.0)
@@ -115,7 +115,7 @@ class RemoteModel:
         rid = next(self._ids)
         future: asyncio.Future[list[ImageResult]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (future, ids)
-        wire.send(self._writer, wire.Submit(rid, items, keep_rate, deadline, current_request_id()))
+        wire.send(self._writer, wire.Submit(rid, items, keep_rate, deadline, current_request_id(), min_keep_rate))
         try:
             return await future  # a cancelled wait cancels the future: a late answer only frees the slots
         except asyncio.CancelledError:

@@ -128,7 +128,7 @@ class ModelHost:
         try:
             views = iter(conn.pool.read([i for i in msg.slots if isinstance(i, int)]))
             pixels = [i if isinstance(i, EncodedImage) else next(views) for i in msg.slots]
-            results = await self.model.submit(pixels, msg.keep_rate, msg.deadline)
+            results = await self.model.submit(pixels, msg.keep_rate, msg.deadline, msg.min_keep_rate)
             answer = wire.pack_results(msg.id, results)
             log.debug("%d images answered", len(results))
         except asyncio.CancelledError:

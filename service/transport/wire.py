@@ -69,6 +69,7 @@ class Submit:
     keep_rate: float | None
     deadline: float          # time.monotonic(): one clock for every process of the machine
     request_id: str
+    min_keep_rate: float | None = None  # accuracy scaling's floor for this request (None: the server's)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class Done:
     id: int
     probs: np.ndarray        # [n, classes] float32
     lives: np.ndarray        # [n, rows, cols] float32
-    rest: tuple[tuple[Any, ...], ...]  # per image: budget, counts, gflops, keep_rate, queue_ms, compute_ms
+    rest: tuple[tuple[Any, ...], ...]  # per image: budget, counts, gflops, keep_rate, queue_ms, compute_ms,
+    #                                    scaled, requested_keep_rate (ImageResult's order)
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ class Failed:
 def pack_results(rid: int, results: list[ImageResult]) -> Done:
     probs = torch.stack([r.probs for r in results]).numpy()
     lives = torch.stack([r.lives for r in results]).numpy()
-    rest = tuple((r.budget, r.counts, r.gflops, r.keep_rate, r.queue_ms, r.compute_ms) for r in results)
+    rest = tuple((r.budget, r.counts, r.gflops, r.keep_rate, r.queue_ms, r.compute_ms, r.scaled,
+                  r.requested_keep_rate) for r in results)
     return Done(rid, probs, lives, rest)
 
 

@@ -147,3 +147,30 @@ def test_narrow_viewport_fits_and_takes_a_dropped_file(browser: Any, service_url
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375
     page.screenshot(path=str(tmp_path / "page-375.png"), full_page=True)
     page.close()
+
+
+def test_a_scaled_answer_is_shown_as_such(browser: Any, service_url: str) -> None:
+    """The page's result panel says when accuracy scaling ran an image below the rate asked for. The
+    test server has no latency objective, so the route hands the page a real answer marked scaled."""
+    import json
+
+    def scaled(route: Any) -> None:
+        response = route.fetch()
+        body = response.json()
+        budget = body["results"][0]["budget"]
+        budget.update(scaled=True, requested_keep_rate=0.7, keep_rate=0.3)
+        route.fulfill(response=response, body=json.dumps(body), headers={**response.headers,
+                                                                            "content-type": "application/json"})
+
+    page = open_page(browser, service_url, 1200)
+    page.route(re.compile(r".*/classify(\?.*)?$"), scaled)
+    page.locator(f"#examples button[data-file='{EXAMPLES[0]['file']}']").click()
+    page.wait_for_selector("#answer:not([hidden])", timeout=15_000)
+    note = page.locator("#budget .scaled")
+    expect(note).to_contain_text("Scaled under load", timeout=15_000)
+    expect(note).to_contain_text("keep rate 0.30 instead of 0.70")
+    page.unroute(re.compile(r".*/classify(\?.*)?$"))
+    page.locator(f"#examples button[data-file='{EXAMPLES[1]['file']}']").click()
+    expect(page.locator("#budget .scaled")).to_have_count(0, timeout=15_000)  # an unscaled answer: no note
+    assert page.errors == []
+    page.close()

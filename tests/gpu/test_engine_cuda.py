@@ -194,3 +194,17 @@ def test_an_uncaptured_batch_shape_falls_back_to_eager(graph_pair: tuple[Engine,
     p_eager = tail(eager, items_e[:big], counts)
     assert p_graph.shape == p_eager.shape and p_graph.shape[0] == big
     assert float((p_graph - p_eager).abs().max()) <= GRAPH_TOL
+
+
+def test_extra_rates_from_a_graph_replay_equal_eager(graph_pair: tuple[Engine, Engine],
+                                                     photos: list[Image.Image]) -> None:
+    """Accuracy scaling's extra plans are computed after the head's replay, from its static output
+    buffer, before the next replay reuses it: the same budgets and buckets as eager, at every rate."""
+    graphed, eager = graph_pair
+    rates: list[float | None] = [None, 0.7, None, 0.9][: len(photos[:4])]
+    first = graphed.head(pixels_of(graphed, photos[:4]), rates, (0.5, 0.3))
+    graphed.head(pixels_of(graphed, photos[4:8]), [None] * 4, (0.5, 0.3))  # a second replay meanwhile
+    reference = eager.head(pixels_of(eager, photos[:4]), rates, (0.5, 0.3))
+    for rate in (0.5, 0.3):
+        for got, want in zip(first.at_rate(rate), reference.at_rate(rate), strict=True):
+            assert torch.equal(got, want), f"extra plan at keep rate {rate} differs under graph replay"

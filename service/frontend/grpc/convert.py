@@ -72,9 +72,16 @@ def infer_request(msg: pb.ModelInferRequest, limits: UploadLimits, max_pixels: i
     return oip.images_from_tensors(request, chunks, limits, max_pixels)
 
 
-def infer_response(model: str, request_id: str, outputs: list[tuple[str, str, np.ndarray]]) -> pb.ModelInferResponse:
-    """``(name, datatype, array)`` per output -> the answer, every output raw."""
+def infer_response(model: str, request_id: str, outputs: list[tuple[str, str, np.ndarray]],
+                   params: Mapping[str, bool | float] | None = None) -> pb.ModelInferResponse:
+    """``(name, datatype, array)`` per output -> the answer, every output raw; ``params``: the answer's
+    parameters (``oip.answer_parameters``: booleans and floats)."""
     response = pb.ModelInferResponse(model_name=model, model_version=oip.VERSION, id=request_id)
+    for key, value in (params or {}).items():
+        if isinstance(value, bool):
+            response.parameters[key].bool_param = value
+        else:
+            response.parameters[key].double_param = float(value)
     for name, datatype, arr in outputs:
         response.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
         response.raw_output_contents.append(oip.raw_tensor(datatype, arr))

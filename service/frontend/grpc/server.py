@@ -90,7 +90,7 @@ class InferenceServicer:
         t0 = time.perf_counter()
         outputs = [(spec.name, *oip.output_tensor(spec, done.results, list(card.class_names), done.top_k))
                    for spec in done.specs]
-        response = convert.infer_response(card.name, request.id, outputs)
+        response = convert.infer_response(card.name, request.id, outputs, oip.answer_parameters(done.results))
         rt.metrics.encode_seconds.observe(time.perf_counter() - t0)
         return response
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -187,12 +187,25 @@ KeepRateQuery = Annotated[str | None, Query(description="Keep rate for this requ
                                                         "(default: the model's); also a form/JSON field.",
                                             json_schema_extra=documented_as(type="number", exclusiveMinimum=0,
                                                                             maximum=1))]
+MinKeepRateQuery = Annotated[str | None, Query(description="Lowest keep rate accuracy scaling may run this request "
+                                                           "at under load, 0 < r <= keep_rate (default: the "
+                                                           "server's floor; none below an explicit keep_rate); "
+                                                           "also a form/JSON field.",
+                                               json_schema_extra=documented_as(type="number", exclusiveMinimum=0,
+                                                                               maximum=1))]
 
 
 @dataclass(frozen=True)
 class Options:
     top_k: int
     keep_rate: float | None
+    min_keep_rate: float | None = None  # accuracy scaling's floor for this request (None: the server's)
+
+
+def default_keep_rate(card: ModelCard | None, settings: Settings) -> float | None:
+    """The keep rate a request without one runs at: the served schedule's (the card), else the setting."""
+    rate = (card.info.get("schedule") or {}).get("keep_rate") if card is not None else None
+    return float(rate) if isinstance(rate, int | float) else settings.keep_rate
 
 
 def _pick(name: str, query: Any, body: dict[str, Any], parse: Callable[[Any], Any]) -> Any:
@@ -204,11 +217,20 @@ def _pick(name: str, query: Any, body: dict[str, Any], parse: Callable[[Any], An
     return from_query if from_query is not None else from_body
 
 
-def resolve_options(top_k: Any, keep_rate: Any, body: dict[str, Any], settings: Settings) -> Options:
-    """Merge query and body options, each read by the strict parser (422 naming the field and its range)."""
+def resolve_options(top_k: Any, keep_rate: Any, body: dict[str, Any], settings: Settings,
+                    min_keep_rate: Any = None, card: ModelCard | None = None) -> Options:
+    """Merge query and body options, each read by the strict parser (422 naming the field and its range).
+    ``min_keep_rate`` may not exceed the request's keep rate (its own, else the model's default, read
+    from ``card``)."""
     k = _pick("top_k", top_k, body, lambda v: parse_int(v, "top_k", 1, settings.max_top_k))
     r = _pick("keep_rate", keep_rate, body, lambda v: parse_float(v, "keep_rate", 0.0, 1.0, low_open=True))
-    return Options(min(5, settings.max_top_k) if k is None else k, r)
+    floor = _pick("min_keep_rate", min_keep_rate, body,
+                  lambda v: parse_float(v, "min_keep_rate", 0.0, 1.0, low_open=True))
+    ceiling = r if r is not None else default_keep_rate(card, settings)
+    if floor is not None and ceiling is not None and floor > ceiling:
+        which = "keep_rate" if r is not None else "the model's default keep rate"
+        raise InvalidRequest(f"min_keep_rate {floor:g} is above {which} {ceiling:g}: it must be <= it")
+    return Options(min(5, settings.max_top_k) if k is None else k, r, floor)
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -317,10 +339,11 @@ async def _disconnected(request: Request) -> None:
 
 
 async def run_model(request: Request | None, model: ModelClient, pixels: list[torch.Tensor | EncodedImage],
-                    keep_rate: float | None, deadline: float) -> list[ImageResult]:
+                    keep_rate: float | None, deadline: float, min_keep_rate: float | None = None) -> list[ImageResult]:
     """``model.submit`` raced against the client's disconnect; worker errors -> API errors. Without an
     HTTP ``request`` (gRPC) nothing is raced: a cancelled call cancels the awaiting task itself."""
-    submit = asyncio.ensure_future(model.submit(pixels, keep_rate, deadline))
+    submit = asyncio.ensure_future(model.submit(pixels, keep_rate, deadline)) if min_keep_rate is None else \
+        asyncio.ensure_future(model.submit(pixels, keep_rate, deadline, min_keep_rate))
     gone = asyncio.ensure_future(_disconnected(request)) if request is not None else \
         asyncio.get_running_loop().create_future()
     try:
@@ -349,6 +372,20 @@ async def run_model(request: Request | None, model: ModelClient, pixels: list[to
 
 
 # -- encoding ------------------------------------------------------------------------------------
+def requested_rate(result: ImageResult) -> float:
+    """The keep rate the image asked for (its served rate unless accuracy scaling lowered it)."""
+    return result.keep_rate if result.requested_keep_rate is None else result.requested_keep_rate
+
+
+def scaling_headers(results: Sequence[ImageResult]) -> dict[str, str]:
+    """What accuracy scaling did to a request, as response headers (the /explain PNG has no JSON body):
+    the lowest keep rate served, whether any image was scaled, and the rate asked for."""
+    served = min(r.keep_rate for r in results)
+    return {"X-Patchlife-Keep-Rate": f"{served:g}",
+            "X-Patchlife-Scaled": "true" if any(r.scaled for r in results) else "false",
+            "X-Patchlife-Requested-Keep-Rate": f"{max(requested_rate(r) for r in results):g}"}
+
+
 def classification(result: ImageResult, decode_ms: float, card: ModelCard, top_k: int) -> Classification:
     probs = result.probs
     values, indices = torch.topk(probs, k=min(top_k, probs.numel()))
@@ -360,7 +397,8 @@ def classification(result: ImageResult, decode_ms: float, card: ModelCard, top_k
     dense = card.dense_gflops
     budget = Budget(patch_counts=list(result.budget), counts_run=list(result.counts), gflops=result.gflops,
                     dense_gflops=dense, fraction_of_dense=result.gflops / dense if dense > 0 else 1.0,
-                    keep_rate=result.keep_rate)
+                    keep_rate=result.keep_rate, scaled=result.scaled,
+                    requested_keep_rate=requested_rate(result))
     timings = Timings(decode=round(decode_ms, 3), queue=round(result.queue_ms, 3),
                       compute=round(result.compute_ms, 3))
     return Classification(labels=labels, lifespans=Lifespans(rows=rows, cols=cols, values=lives),

@@ -19,5 +19,6 @@ async def models(rt: RuntimeDep) -> ModelInfo:
     if "graphs" in detail:  # known once warmed up
         info["graphs"] = detail["graphs"]
     info["batching"] = {"bucket_grid": info.pop("buckets"), "mode": rt.settings.batching,
-                        "cost_model": detail.get("cost_model")}
+                        "cost_model": detail.get("cost_model"),
+                        "accuracy_scaling": detail.get("accuracy_scaling")}
     return ModelInfo.model_validate(info)

@@ -189,11 +189,11 @@ async def infer_images(rt: Runtime, parsed: oip.Images, deadline: float, request
     """Options and outputs from the request, decode, the worker call. ``request``: the HTTP request
     whose disconnect cancels the work (None for gRPC, whose cancelled call cancels this task)."""
     params = parsed.request.parameters or {}
-    options = resolve_options(None, None, {k: params[k] for k in ("top_k", "keep_rate") if k in params},
-                              rt.settings)
+    options = resolve_options(None, None, {k: params[k] for k in ("top_k", "keep_rate", "min_keep_rate")
+                                           if k in params}, rt.settings, card=rt.card)
     specs = oip.requested_outputs(parsed.request, rt.settings.max_top_k)
     pixels = await _prepare(parsed.items, rt, deadline)
-    results = await run_model(request, rt.model, pixels, options.keep_rate, deadline)
+    results = await run_model(request, rt.model, pixels, options.keep_rate, deadline, options.min_keep_rate)
     return Inference(specs, results, options.top_k)
 
 
@@ -204,7 +204,8 @@ async def infer_images(rt: Runtime, parsed: oip.Images, deadline: float, request
 async def infer(request: Request, rt: RuntimeDep, deadline: DeadlineDep, name: str,
                 version: str | None = None) -> Response:
     """Inputs ``images`` (BYTES [N], encoded) and/or ``pixels`` (UINT8 [N, H, W, 3]); parameters
-    ``top_k`` and ``keep_rate``; outputs ``probabilities``, ``labels``, ``lifespans``, ``budget``."""
+    ``top_k``, ``keep_rate`` and ``min_keep_rate``; answer parameters ``keep_rate`` (the lowest served),
+    ``scaled``, ``requested_keep_rate``; outputs ``probabilities``, ``labels``, ``lifespans``, ``budget``."""
     card = check_model(rt, name, version)
     oip.check_body_type(request.headers.get("content-type"))
     limits = rt.limits()

@@ -308,6 +308,13 @@ function renderAnswer(r, roundTrip) {
     cell("span", "val", `${fmt(b.gflops)} of ${fmt(b.dense_gflops)} dense = ${(100 * b.fraction_of_dense).toFixed(1)}%` +
       ` (keep rate ${b.keep_rate.toFixed(2)})`));
   budget.append(g);
+  if (b.scaled) {  // accuracy scaling ran it below the rate asked for: say so, plainly
+    const note = cell("p", "scaled",
+      `Scaled under load: run at keep rate ${b.keep_rate.toFixed(2)} instead of ${b.requested_keep_rate.toFixed(2)} ` +
+      "to answer within the server's latency objective.");
+    note.setAttribute("role", "note");
+    budget.append(note);
+  }
 
   const t = r.timings_ms;
   $("timings").replaceChildren(...[["decode", t.decode], ["queue", t.queue], ["compute", t.compute],

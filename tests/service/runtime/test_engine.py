@@ -216,3 +216,27 @@ def test_per_image_budgets_are_known_without_waiting_for_the_device(tmp_path: Pa
     assert torch.equal(plan[:, P:P + S].long(), expected) and torch.equal(plan[:, P + S:].long(), hb.buckets)
     with pytest.raises(AssertionError, match="waited"):
         hb.lives  # noqa: B018 - the lives do come from the device
+
+
+def test_extra_rates_plan_each_images_budget_at_those_rates(eager: Engine) -> None:
+    """Accuracy scaling's re-bucketing: the head also plans every image at ``extra_rates``, in the same
+    copy, and those budgets and buckets are the ones a head at that rate gives."""
+    px, rates = pixels(6, seed=3), [None, 0.9, None, None, 0.9, None]
+    hb = eager.head(px, rates, (0.5, 0.3))
+    plain = eager.head(px, rates)
+    assert torch.equal(hb.budgets, plain.budgets) and torch.equal(hb.buckets, plain.buckets)
+    assert torch.equal(hb.lives, plain.lives) and hb.stages == plain.stages
+    for rate in (0.5, 0.3):
+        budgets, buckets = hb.at_rate(rate)
+        at = eager.head(px, [rate] * 6)
+        assert torch.equal(budgets, at.budgets) and torch.equal(buckets, at.buckets)
+    with pytest.raises(ValueError):
+        hb.at_rate(0.7)
+
+
+def test_extra_rates_only_queue_device_work(checkpoint_dir: Path) -> None:
+    engine = Engine(checkpoint_dir, device="cpu").to("meta")
+    P, S = engine.model.num_patches, len(engine.default_schedule.patch_counts)
+    with torch.inference_mode(), OneDevice():
+        hb = engine.head(list(pixels(3)), [None, 0.9, None], (0.5, 0.3))
+    assert hb.plan.tensor.device.type == "meta" and tuple(hb.plan.tensor.shape) == (3, P + 2 * S * 3)

@@ -79,7 +79,7 @@ class StubModel:
         return 0.0
 
     async def submit(self, pixels: Sequence[torch.Tensor], keep_rate: float | None,
-                     deadline: float) -> list[ImageResult]:
+                     deadline: float, min_keep_rate: float | None = None) -> list[ImageResult]:
         self.seen.append(([p.clone() for p in pixels], keep_rate, deadline))
         if self.hold is not None:
             try:
