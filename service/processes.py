@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import math
 import multiprocessing
@@ -61,6 +62,7 @@ class ApiSpec:
     metrics_dir: Path | None
     slots: int
     log_level: str
+    model_pid: int = 0  # the model process: the only process an API process may kill (a stall, see api_main)
 
 
 def bind(host: str, port: int, listen: bool = True) -> socket.socket:
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace, settings: Settings, processes: int) -> int:
         except OSError as exc:
             print(f"patchlife serve: cannot listen on {settings.host}: {exc}", file=sys.stderr)
             return 1
-        spec = ApiSpec(0, settings, workdir / "model.sock", metrics_dir, slots, args.log_level)
+        spec = ApiSpec(0, settings, workdir / "model.sock", metrics_dir, slots, args.log_level, os.getpid())
         return asyncio.run(_model_process(engine, settings, spec, sock, processes))
     finally:
         if multiprocess_dir() is not None:
@@ -137,8 +139,7 @@ class _Supervisor:
         self.quick_deaths = 0
 
     def spawn(self, index: int) -> None:
-        spec = ApiSpec(index, *(getattr(self.spec, f) for f in ("settings", "ipc_path", "metrics_dir", "slots",
-                                                                   "log_level")))
+        spec = dataclasses.replace(self.spec, index=index)
         proc = self.context.Process(target=api_main, args=(spec, self.sock), name=f"patchlife-api-{index}",
                                     daemon=False)
         proc.start()
@@ -293,8 +294,15 @@ def api_main(spec: ApiSpec, sock: socket.socket) -> None:
             loop = asyncio.get_event_loop()
             loop.call_later(1.0, setattr, server_box[0], "should_exit", True)
 
+    def stalled() -> None:  # the model process is hung: kill it, so that serve ends non-zero (it cannot itself)
+        if spec.model_pid and os.getppid() == spec.model_pid:  # never another process that took its pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spec.model_pid, signal.SIGKILL)
+
     metrics = Metrics()
-    model = RemoteModel(spec.ipc_path, spec.slots, on_lost=lost, on_reject=metrics.reject)
+    s = spec.settings
+    model = RemoteModel(spec.ipc_path, spec.slots, on_lost=lost, on_reject=metrics.reject, stall_s=s.model_stall_s,
+                        stall_exit_s=s.model_stall_exit_s, on_stall=stalled)
     app = make_app(spec.settings, model, metrics, shared_ports=True)
     server = make_server(app, spec.settings, spec.log_level)
     server_box.append(server)

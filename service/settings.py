@@ -153,6 +153,16 @@ class Settings(BaseSettings):
                              "request that finds too few free is answered 503 + Retry-After. 0: the queue's "
                              "capacity over the API processes, plus one request's images.")
 
+    model_stall_s: float = Field(
+        3.0, gt=0, description="With API processes: once the model process has been ready, an API process that has "
+                               "heard nothing from it (it sends its status every 0.5 s) for this many seconds answers "
+                               "/readyz 503 with the reason until it speaks again; requests are still bounded by "
+                               "their deadlines (504).")
+    model_stall_exit_s: float = Field(
+        60.0, ge=0, description="With API processes: a model process silent for this many seconds is killed by its "
+                                "API processes, so that serve ends with a non-zero status (and a container is "
+                                "restarted); /healthz answers 503 from then on. 0: never.")
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.decode == "gpu" and self.device == "cpu":
