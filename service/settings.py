@@ -149,9 +149,10 @@ class Settings(BaseSettings):
                     "threads), at least 1. With API processes on the CPU, an unset PATCHLIFE_TORCH_THREADS "
                     "becomes the cores they leave. 0: one process does everything (tests, notebooks).")
     pixel_slots: int = Field(
-        0, ge=0, description="Shared-memory pixel slots of each API process (one preprocessed image each); a "
-                             "request that finds too few free is answered 503 + Retry-After. 0: the queue's "
-                             "capacity over the API processes, plus one request's images.")
+        0, ge=0, description="Shared-memory pixel slots (one preprocessed image each) in the one pool all API "
+                             "processes take from; a request that finds too few free is answered 503 + Retry-After. "
+                             "0: enough that only a full queue refuses work: the queue's capacity, plus two "
+                             "batches running, plus one request's images per API process.")
 
     model_stall_s: float = Field(
         3.0, gt=0, description="With API processes: once the model process has been ready, an API process that has "
@@ -188,10 +189,13 @@ class Settings(BaseSettings):
             return self
         return self.model_copy(update={"torch_threads": max(1, cores - processes)})
 
-    def slots_per_process(self, processes: int) -> int:
+    def pool_slots(self, processes: int) -> int:
+        """The shared pool's slots: what the queue can hold, the head and tail batches running (their
+        slots are held until the answer) and a request on its way in each API process."""
         if self.pixel_slots:
             return self.pixel_slots
-        return -(-self.queue_capacity_images // max(1, processes)) + self.max_images_per_request
+        return (self.queue_capacity_images + 2 * self.max_batch_size
+                + max(1, processes) * self.max_images_per_request)
 
     def grid_keep_rates(self) -> tuple[float, ...]:
         try:

@@ -51,7 +51,7 @@ log = logging.getLogger("patchlife.transport")
 LOST = "the model process is gone"
 # The model process answers a request itself when its deadline passes in the queue; this much later the
 # API process stops waiting (a batch that started just before the deadline still completes in time).
-DEADLINE_MARGIN_S = 0.5
+DEADLINE_MARGIN_S = 0.25
 WATCH_S = 0.1  # how often the heartbeat's age is looked at
 
 
@@ -61,12 +61,14 @@ class RemoteModel:
     def __init__(self, path: Path, slots: int, on_lost: Callable[[], None] | None = None,
                  on_reject: Callable[[str], None] | None = None, connect_timeout_s: float = 30.0,
                  stall_s: float = 3.0, stall_exit_s: float = 0.0, on_stall: Callable[[], None] | None = None,
-                 deadline_margin_s: float | None = DEADLINE_MARGIN_S) -> None:
+                 deadline_margin_s: float | None = DEADLINE_MARGIN_S,
+                 shared_pool: tuple[str, Path] | None = None) -> None:
         self.path, self.slots, self.on_lost = path, slots, on_lost
         self.on_reject = on_reject or (lambda reason: None)  # this side's refusals (the worker counts its own)
         self.connect_timeout_s = connect_timeout_s
         self.stall_s, self.stall_exit_s, self.on_stall = stall_s, stall_exit_s, on_stall
         self.deadline_margin_s = deadline_margin_s
+        self.shared_pool = shared_pool  # (segment, lock file) of the model process's pool for every API process
         self._heard = time.monotonic()      # when the model process last sent anything
         self._was_ready = False             # stalls count only once the model has served (warm-up may be long)
         self._stall_logged = self._stall_ended = False
@@ -90,7 +92,11 @@ class RemoteModel:
         self.card, self._status = first.card, first.status
         self._heard = time.monotonic()
         self._was_ready = first.status.state == Lifecycle.READY
-        self.pool = SlotPool(self.slots, first.card.input_shape)
+        if self.shared_pool is None:
+            self.pool = SlotPool(self.slots, first.card.input_shape)
+        else:
+            self.pool = SlotPool(self.slots, first.card.input_shape, name=self.shared_pool[0],
+                                 lock_path=self.shared_pool[1])
         wire.send(writer, wire.Hello(os.getpid(), self.pool.name, self.slots, first.card.input_shape))
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read(reader))
@@ -167,8 +173,9 @@ class RemoteModel:
         ids = self.pool.take(len(tensors))
         if ids is None:
             self.on_reject("overloaded")
-            raise QueueFull(1.0, f"server overloaded: {self.pool.free} of {self.pool.slots} pixel slots free in this "
-                                 "API process (PATCHLIFE_PIXEL_SLOTS); retry after 1.0 s")
+            where = "the service" if self.pool.shared else "this API process"
+            raise QueueFull(1.0, f"server overloaded: {self.pool.free} of {self.pool.slots} pixel slots free in "
+                                 f"{where} (PATCHLIFE_PIXEL_SLOTS); retry after 1.0 s")
         try:
             for slot, p in zip(ids, tensors, strict=True):
                 self.pool.write(slot, p)
@@ -218,7 +225,7 @@ class RemoteModel:
                 await asyncio.gather(task, return_exceptions=True)
         self._fail_pending()
         if self.pool is not None:
-            self.pool.close(unlink=True)
+            self.pool.close(unlink=self.pool.owner)  # a shared pool is the model process's to remove
             self.pool = None
 
     async def _read(self, reader: asyncio.StreamReader) -> None:

@@ -12,8 +12,8 @@ from .common import RuntimeDep
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Status, response_model_exclude_none=True, responses={503: {"model": ErrorResponse}},
-            summary="Liveness")
+@router.get("/healthz", response_model=Status, response_model_exclude_none=True,
+            responses={503: {"model": ErrorResponse}}, summary="Liveness")
 async def healthz(rt: RuntimeDep) -> Status:
     """200 while this process answers and its model can still serve again without a restart (loading, a
     short stall and an unhealthy batch are /readyz's business); 503 when the model process is gone or has

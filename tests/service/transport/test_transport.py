@@ -434,3 +434,43 @@ def test_a_silent_model_process_turns_readiness_then_liveness_off(tmp_path: Path
         await host.close()
 
     asyncio.run(main())
+
+
+# -- one pool for every API process ---------------------------------------------------------------------
+def test_a_shared_pool_refuses_only_when_every_slot_is_taken(tmp_path: Path) -> None:
+    """Two API processes on one shared pool of 4: one may take all 4 (with private pools of 2 each it
+    was refused); a taker that dies has its slots freed by the model process."""
+    async def main() -> None:
+        stub = StubModel()
+        await stub.start()
+        pool = SlotPool(4, SHAPE, lock_path=tmp_path / "slots.lock")
+        host = ModelHost(stub, CARD, pool=pool)
+        await host.start(tmp_path / "model.sock")
+        shared = (pool.name, tmp_path / "slots.lock")
+        one, two = (RemoteModel(tmp_path / "model.sock", 4, shared_pool=shared, deadline_margin_s=None)
+                    for _ in range(2))
+        try:
+            for remote in (one, two):
+                await remote.open()
+                await asyncio.wait_for(remote.start(), 5)
+            assert_same(await one.submit([image(i) for i in range(4)], None, 1.0),
+                        [expected(image(i), None) for i in range(4)])
+            stub.hold = asyncio.Event()
+            held = asyncio.create_task(one.submit([image(1), image(2), image(3)], None, 1.0))
+            await until(lambda: len(stub.seen) == 2)
+            assert pool.free == 1 and two.pool is not None and two.pool.free == 1
+            with pytest.raises(QueueFull, match="1 of 4 pixel slots free in the service"):
+                await two.submit([image(4), image(5)], None, 1.0)
+            assert pool._owners is not None and set(pool._owners.tolist()) == {0, os.getpid()}
+            pool.release(os.getpid())  # as the host does for a process that died (here: the same pid)
+            assert pool.free == 4
+            stub.hold.set()
+            await asyncio.wait_for(held, 5)
+        finally:
+            for remote in (one, two):
+                await remote.stop(grace_s=0.0)
+            await host.close()
+            assert Path("/dev/shm", pool.name).exists()  # the API processes do not remove the model process's pool
+            pool.close(unlink=True)
+
+    asyncio.run(main())
