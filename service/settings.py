@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     keepalive_timeout_s: float = Field(
         5.0, gt=0, description="An open connection with no request in progress (new, or kept alive after an "
                                "answer) is closed after this many idle seconds.")
+    max_header_bytes: int = Field(
+        32768, ge=1024, description="Largest request line plus headers, in bytes (as nginx's 4 x 8 KiB buffers): "
+                                    "past it 431 headers_too_large (414 uri_too_long for the URL alone) with "
+                                    "Connection: close.")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or one JSON object per line (time, level, logger, message, "
                             "request_id, exception); both carry the request's X-Request-ID.")
