@@ -14,7 +14,12 @@ directory, so any API process's ``/metrics`` shows the whole service.
 Supervision: an API process that dies is replaced (after too many deaths in a row, ``serve`` gives
 up and exits 1). If this process dies, every API process loses its connection: it answers 503 from
 then on and exits, and ``serve``'s exit status is that of this process (non-zero), so Kubernetes
-restarts the pod (docs/ops.md). SIGTERM/SIGINT: forwarded to the API processes, which drain as the
+restarts the pod (docs/ops.md). If this process stalls (stopped, deadlocked), the API processes notice
+the silence of its heartbeat: /readyz 503 past ``PATCHLIFE_MODEL_STALL_S``, and past
+``PATCHLIFE_MODEL_STALL_EXIT_S`` they kill it (a hung process cannot end itself), with the same
+ending. The pixel slots are one pool this process creates and every API process takes from
+(``service/transport/slots.py``); the work directory and the pool are removed at the end, by the API
+processes if this one was killed, or by the next start (``service/leftovers.py``). SIGTERM/SIGINT: forwarded to the API processes, which drain as the
 single-process service does (``service/serve.py``) while the model keeps serving them; when they have
 exited the worker stops and ``serve`` exits 0.
 """

@@ -14,7 +14,7 @@ Two ways to allocate:
   free list (no lock);
 * **shared** (``lock_path`` given; ``patchlife serve``): the model process creates one pool for all
   API processes, so a request is refused for slots only when the service as a whole is full. A taker
-  writes its pid into the owner table under an ``flock`` on ``lock_path`` (a few microseconds; the kernel
+  writes its pid into the owner table under an ``flock`` on ``lock_path`` (tens of microseconds; the kernel
   drops the lock of a process that dies holding it), and the model process frees the slots of an API
   process whose connection ended (:meth:`release`). Free slots are taken lowest first, so the pages
   touched (the memory /dev/shm really holds) follow the most slots ever in use at once.
