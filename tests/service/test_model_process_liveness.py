@@ -59,22 +59,24 @@ def test_a_stopped_model_process_turns_readyz_off_and_requests_get_their_504_on_
         assert httpx.post(s.url + "/classify", files=files(PNG), timeout=30).status_code == 200
         seen: list[tuple[float, int]] = []
         done = threading.Event()
-        poller = threading.Thread(target=poll_readyz, args=(s.url, done, seen))
-        with stopped(s.proc.pid):
-            poller.start()
+        poller = threading.Thread(target=poll_readyz, args=(s.url, done, seen), daemon=True)
 
-            def late() -> tuple[float, int, str]:
-                t0 = time.monotonic()
-                r = httpx.post(s.url + "/classify", files=files(PNG), headers={"X-Request-Deadline-Ms": "2000"},
-                               timeout=30)
-                return time.monotonic() - t0, r.status_code, r.text
+        def late() -> tuple[float, int, str]:
+            t0 = time.monotonic()
+            r = httpx.post(s.url + "/classify", files=files(PNG), headers={"X-Request-Deadline-Ms": "2000"},
+                           timeout=30)
+            return time.monotonic() - t0, r.status_code, r.text
 
-            with concurrent.futures.ThreadPoolExecutor(6) as pool:
-                answers = list(pool.map(lambda _: late(), range(6)))
-            time.sleep(max(0.0, 8.0 - (seen[-1][0] if seen else 0.0)))
-        time.sleep(1.5)
-        done.set()
-        poller.join()
+        try:
+            with stopped(s.proc.pid):
+                poller.start()
+                with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                    answers = list(pool.map(lambda _: late(), range(6)))
+                time.sleep(max(0.0, 8.0 - (seen[-1][0] if seen else 0.0)))
+            time.sleep(1.5)
+        finally:
+            done.set()
+            poller.join()
         after = httpx.post(s.url + "/classify", files=files(PNG), timeout=30)
     print(f"\n2 s deadlines while stopped: {[(round(t, 2), code) for t, code, _ in answers]}")
     first_503 = next(t for t, code in seen if code == 503)
