@@ -19,7 +19,8 @@ the silence of its heartbeat: /readyz 503 past ``PATCHLIFE_MODEL_STALL_S``, and 
 ``PATCHLIFE_MODEL_STALL_EXIT_S`` they kill it (a hung process cannot end itself), with the same
 ending. The pixel slots are one pool this process creates and every API process takes from
 (``service/transport/slots.py``); the work directory and the pool are removed at the end, by the API
-processes if this one was killed, or by the next start (``service/leftovers.py``). SIGTERM/SIGINT: forwarded to the API processes, which drain as the
+processes if this one was killed, or by the next start (``service/leftovers.py``).
+SIGTERM/SIGINT: forwarded to the API processes, which drain as the
 single-process service does (``service/serve.py``) while the model keeps serving them; when they have
 exited the worker stops and ``serve`` exits 0.
 """
