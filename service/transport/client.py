@@ -43,6 +43,7 @@ from ..protocol import (
     ModelFailed,
     ModelStatus,
     QueueFull,
+    WorkerStopping,
 )
 from . import wire
 from .slots import SlotPool
@@ -53,6 +54,13 @@ LOST = "the model process is gone"
 # API process stops waiting (a batch that started just before the deadline still completes in time).
 DEADLINE_MARGIN_S = 0.25
 WATCH_S = 0.1  # how often the heartbeat's age is looked at
+
+
+def _retrieved(future: asyncio.Future[list[ImageResult]]) -> None:
+    """Mark a failure as seen: a request that stopped waiting (its client left, its deadline passed) must
+    not leave "exception never retrieved" in the log when the model process fails it later."""
+    if not future.cancelled():
+        future.exception()
 
 
 class RemoteModel:
@@ -166,7 +174,9 @@ class RemoteModel:
 
     async def submit(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None,
                      deadline: float) -> list[ImageResult]:
-        if self._lost or self._writer is None or self.pool is None:
+        if self._stopped and not self._lost:  # the drain ended: the connection is closing or closed
+            raise WorkerStopping("the API process is stopping")
+        if self._lost or self._writer is None or self._writer.is_closing() or self.pool is None:
             self.on_reject("model_error")
             raise ModelFailed(LOST, retry_after_s=5.0)
         tensors = [p for p in pixels if not isinstance(p, EncodedImage)]  # encoded JPEGs go inline, not in slots
@@ -186,24 +196,28 @@ class RemoteModel:
         items = tuple(p if isinstance(p, EncodedImage) else next(slots) for p in pixels)
         rid = next(self._ids)
         future: asyncio.Future[list[ImageResult]] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieved)
         self._pending[rid] = (future, ids)
         wire.send(self._writer, wire.Submit(rid, items, keep_rate, deadline, current_request_id()))
+        limit = None if self.deadline_margin_s is None else \
+            max(0.0, deadline + self.deadline_margin_s - time.monotonic())
         try:
-            if self.deadline_margin_s is None:
-                return await future  # a cancelled wait cancels the future: a late answer only frees the slots
-            limit = deadline + self.deadline_margin_s - time.monotonic()
-            return await asyncio.wait_for(future, max(0.0, limit))
-        except asyncio.TimeoutError:  # the model process did not answer in time: maybe it never will
-            self._cancel(rid)
-            self.on_reject("deadline")
-            raise DeadlinePassed("the model process did not answer by the request's deadline") from None
-        except asyncio.CancelledError:
+            await asyncio.wait({future}, timeout=limit)  # never cancels the future itself
+        except asyncio.CancelledError:  # the client went away: a late answer only frees the slots
+            future.cancel()
             self._cancel(rid)
             raise
+        if not future.done():  # the model process did not answer in time: maybe it never will
+            future.cancel()
+            self._cancel(rid)
+            self.on_reject("deadline")
+            raise DeadlinePassed("the model process did not answer by the request's deadline")
+        return future.result()
 
     def _cancel(self, rid: int) -> None:
-        if not self._lost and rid in self._pending and self._writer is not None:
-            wire.send(self._writer, wire.Cancel(rid))  # the slots come back with the answer
+        writer = self._writer
+        if not self._lost and rid in self._pending and writer is not None and not writer.is_closing():
+            wire.send(writer, wire.Cancel(rid))  # the slots come back with the answer
 
     def begin_drain(self) -> None:
         """Nothing to do here: the model process drains on its own signal."""
