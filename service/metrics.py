@@ -20,6 +20,7 @@ heartbeat (:meth:`Metrics.sample`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
@@ -38,6 +39,7 @@ __all__ = ["Metrics", "HttpMetricsMiddleware", "DeviceMemoryCollector", "enable_
            "multiprocess_dir", "mark_process_dead", "cleanup_multiprocess"]
 
 # Text exposition format 0.0.4: understood by every Prometheus (the client's default now says 1.0.0).
+log = logging.getLogger("patchlife.http")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REJECT_REASONS = ("bad_image", "unsupported_media_type", "invalid_request", "too_large", "too_many_images",
                   "image_too_many_pixels", "request_too_many_pixels", "overloaded", "deadline", "disconnected",
@@ -47,6 +49,10 @@ FAILURE_REASONS = ("out_of_memory", "batch_error", "worker_died")
 DECODE_FALLBACK_REASONS = ("not_jpeg", "refused", "error")
 PHASES = ("head", "tail")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# scope key set by the HTTP protocol (service/frontend/http_protocol.py) when the client closed the connection
+# before its answer was complete: "before" (nothing sent yet: no access log line) or "during" (the answer)
+CLIENT_GONE_KEY = "patchlife.client_gone"
+CLIENT_CLOSED = 499  # nginx's "client closed request": what a request whose client left is counted as
 # Tail batches are labelled by their first pruned stage's patch count over the grid's patches, rounded
 # up to a tenth: at most 10 values, whatever the bucket grid (the counts themselves are unbounded).
 KEEP_LABELS = tuple(f"{i / 10:.1f}" for i in range(1, 11))
@@ -327,7 +333,9 @@ class HttpMetricsMiddleware:
 
     The router stores the matched route in ``scope["route"]`` (the same dict we passed down), so the
     template (``/classify``) is read after the call; nothing that did not match a route gets its
-    raw path as a label.
+    raw path as a label. A request whose client closed the connection before its answer was complete
+    (during the upload, in the queue, or while the answer was written) is counted as 499, whatever the
+    app answered, with one INFO line when no access line was written for it: a client's doing, not a 5xx.
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
@@ -352,6 +360,12 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             self.metrics.http_in_flight.dec()
+            gone = scope.get(CLIENT_GONE_KEY)
+            if gone is not None:
+                if gone == "before":
+                    log.info("%s %s: the client closed the connection before its answer (%d)",
+                             scope.get("method"), scope.get("path"), CLIENT_CLOSED)
+                status = CLIENT_CLOSED
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope.get("method", "GET") if scope.get("method") in HTTP_METHODS else "other"
             self.metrics.http_duration.labels(route, method, str(status)).observe(time.perf_counter() - t0)

@@ -14,7 +14,13 @@ directory, so any API process's ``/metrics`` shows the whole service.
 Supervision: an API process that dies is replaced (after too many deaths in a row, ``serve`` gives
 up and exits 1). If this process dies, every API process loses its connection: it answers 503 from
 then on and exits, and ``serve``'s exit status is that of this process (non-zero), so Kubernetes
-restarts the pod (docs/ops.md). SIGTERM/SIGINT: forwarded to the API processes, which drain as the
+restarts the pod (docs/ops.md). If this process stalls (stopped, deadlocked), the API processes notice
+the silence of its heartbeat: /readyz 503 past ``PATCHLIFE_MODEL_STALL_S``, and past
+``PATCHLIFE_MODEL_STALL_EXIT_S`` they kill it (a hung process cannot end itself), with the same
+ending. The pixel slots are one pool this process creates and every API process takes from
+(``service/transport/slots.py``); the work directory and the pool are removed at the end, by the API
+processes if this one was killed, or by the next start (``service/leftovers.py``).
+SIGTERM/SIGINT: forwarded to the API processes, which drain as the
 single-process service does (``service/frontend/http_server.py``) while the model keeps serving them; when they have
 exited the worker stops and ``serve`` exits 0.
 """
@@ -25,30 +31,34 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import math
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from .leftovers import dead, make_workdir, remove_own, remove_stale, shm_name
 from .logs import configure_logging
 from .metrics_dir import cleanup_multiprocess, enable_multiprocess, mark_process_dead, multiprocess_dir
 from .settings import Settings
-from .transport.slots import shm_free_bytes
+from .transport.slots import SlotPool, shm_free_bytes
 
 log = logging.getLogger("patchlife.serve")
 MAX_QUICK_DEATHS = 5        # API processes that die within QUICK_DEATH_S of their start, in a row: give up
 QUICK_DEATH_S = 10.0
 RESPAWN_DELAY_S = 0.5
 EXIT_MARGIN_S = 10.0        # beyond the API processes' own drain before they are killed
+LOCK_NAME = "slots.lock"    # in the work directory: the pool's allocation lock
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,8 @@ class ApiSpec:
     metrics_dir: Path | None
     slots: int
     log_level: str
+    model_pid: int = 0  # the model process: the only process an API process may kill (a stall, see api_main)
+    pool_name: str | None = None  # the shared pixel pool (service/transport/slots.py); its lock is in ipc_path's folder
 
 
 def bind(host: str, port: int, listen: bool = True) -> socket.socket:
@@ -94,7 +106,8 @@ def run(args: argparse.Namespace, settings: Settings, processes: int) -> int:
     """The model process: load, bind, start the API processes, serve them until SIGTERM."""
     from .runtime.engine import Engine  # after the metrics directory is chosen: see metrics_mod
 
-    workdir = Path(tempfile.mkdtemp(prefix="patchlife-"))  # 0700: the socket and metrics are ours alone
+    remove_stale()  # what a killed predecessor left in /tmp and /dev/shm (only the dead's)
+    workdir = make_workdir()  # 0700: the socket and metrics are ours alone
     try:
         # one directory for every process's metrics (PROMETHEUS_MULTIPROC_DIR if set, emptied first)
         metrics_dir = multiprocess_dir() or workdir / "metrics"
@@ -106,11 +119,13 @@ def run(args: argparse.Namespace, settings: Settings, processes: int) -> int:
         except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
             print(f"patchlife serve: {exc}", file=sys.stderr)
             return 1
-        slots = settings.slots_per_process(processes)
-        problem = shm_problem(processes * slots * math.prod(engine.card().input_shape))
+        slots, shape = settings.pool_slots(processes), engine.card().input_shape
+        problem = shm_problem(slots * math.prod(shape))
         if problem:
             print(f"patchlife serve: {problem}", file=sys.stderr)
             return 1
+        pool = SlotPool(slots, shape, lock_path=workdir / LOCK_NAME,
+                        new_name=shm_name(os.getpid(), secrets.token_hex(4)))
         try:
             sock = bind(settings.host, settings.port)
             if settings.grpc_port:  # the API processes share it with SO_REUSEPORT: check nobody else has it
@@ -118,8 +133,12 @@ def run(args: argparse.Namespace, settings: Settings, processes: int) -> int:
         except OSError as exc:
             print(f"patchlife serve: cannot listen on {settings.host}: {exc}", file=sys.stderr)
             return 1
-        spec = ApiSpec(0, settings, workdir / "model.sock", metrics_dir, slots, args.log_level)
-        return asyncio.run(_model_process(engine, settings, spec, sock, processes))
+        spec = ApiSpec(0, settings, workdir / "model.sock", metrics_dir, slots, args.log_level, os.getpid(),
+                       pool.name)
+        try:
+            return asyncio.run(_model_process(engine, settings, spec, sock, processes, pool))
+        finally:
+            pool.close(unlink=True)
     finally:
         if multiprocess_dir() is not None:
             cleanup_multiprocess(multiprocess_dir())  # type: ignore[arg-type]
@@ -137,8 +156,7 @@ class _Supervisor:
         self.quick_deaths = 0
 
     def spawn(self, index: int) -> None:
-        spec = ApiSpec(index, *(getattr(self.spec, f) for f in ("settings", "ipc_path", "metrics_dir", "slots",
-                                                                   "log_level")))
+        spec = dataclasses.replace(self.spec, index=index)
         proc = self.context.Process(target=api_main, args=(spec, self.sock), name=f"patchlife-api-{index}",
                                     daemon=False)
         proc.start()
@@ -194,7 +212,7 @@ class _Supervisor:
 
 
 async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock: socket.socket,
-                         processes: int) -> int:
+                         processes: int, pool: SlotPool) -> int:
     from .metrics import Metrics
     from .runtime.local import LocalModel
     from .transport.host import ModelHost
@@ -202,7 +220,7 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
     metrics = Metrics()
     model = LocalModel(settings, metrics, engine)  # type: ignore[arg-type]
     card = await model.open()
-    host = ModelHost(model, card, heartbeat=metrics.sample)  # health, graphs, device memory into the gauges
+    host = ModelHost(model, card, heartbeat=metrics.sample, pool=pool)  # heartbeat: gauges sampled
     await host.start(spec.ipc_path)
     supervisor = _Supervisor(spec, sock, processes)
     supervisor.start_all()
@@ -292,6 +310,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _remove_after(spec: ApiSpec) -> None:
+    """The model process died without cleaning up (kill -9): its pool and work directory go now, not at
+    the next start. Only when it is really gone (a clean stop closes the connection too, then cleans up)."""
+    with contextlib.suppress(Exception):
+        if not spec.model_pid or not dead(spec.model_pid):
+            return
+        if spec.pool_name:
+            with contextlib.suppress(FileNotFoundError):
+                segment = shared_memory.SharedMemory(name=spec.pool_name)
+                segment.close()
+                segment.unlink()  # also tells the resource tracker it is gone
+        remove_own(spec.ipc_path.parent, spec.model_pid)
+
+
 def api_main(spec: ApiSpec, sock: socket.socket) -> None:
     """An API process: the front end's app on the inherited socket, the model behind a RemoteModel."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the model process only, which forwards one SIGTERM
@@ -310,14 +342,24 @@ def api_main(spec: ApiSpec, sock: socket.socket) -> None:
     server_box: list[object] = []
 
     def lost() -> None:  # the model process is gone: answer 503 briefly, then exit (serve is ending)
+        loop = asyncio.get_event_loop()
+        loop.call_later(0.5, _remove_after, spec)  # by then the dead process is a zombie at least
         if server_box:
-            loop = asyncio.get_event_loop()
             loop.call_later(1.0, setattr, server_box[0], "should_exit", True)
 
+    def stalled() -> None:  # the model process is hung: kill it, so that serve ends non-zero (it cannot itself)
+        if spec.model_pid and os.getppid() == spec.model_pid:  # never another process that took its pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spec.model_pid, signal.SIGKILL)
+
     metrics = Metrics()
-    model = RemoteModel(spec.ipc_path, spec.slots, on_lost=lost, on_reject=metrics.reject)
+    s = spec.settings
+    shared = (spec.pool_name, spec.ipc_path.parent / LOCK_NAME) if spec.pool_name else None
+    model = RemoteModel(spec.ipc_path, spec.slots, on_lost=lost, on_reject=metrics.reject, stall_s=s.model_stall_s,
+                        stall_exit_s=s.model_stall_exit_s, on_stall=stalled, shared_pool=shared)
     app = make_app(spec.settings, model, metrics, shared_ports=True)
     server = make_server(app, spec.settings, spec.log_level)
     server_box.append(server)
     server.run(sockets=[sock])
+    _remove_after(spec)  # if the model process died meanwhile
     sys.exit(0 if server.started else 1)

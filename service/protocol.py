@@ -80,7 +80,9 @@ class ModelStatus:
     """The model's side of readiness, cheap to read (the transport caches the last one it was sent).
 
     problem: why a started model cannot serve right now (its thread died, batches keep failing, a batch
-    hangs, the model process is gone); None while it can. detail: what warm-up did (graphs, cost model).
+    hangs, the model process is stalled or gone); None while it can. detail: what warm-up did (graphs, cost
+    model). live: False when it never will again without a restart (its process is gone, or stalled past
+    PATCHLIFE_MODEL_STALL_EXIT_S): ``/healthz`` then answers 503.
     """
 
     state: Lifecycle = Lifecycle.LOADING
@@ -88,6 +90,7 @@ class ModelStatus:
     problem: str | None = None
     warmup_seconds: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    live: bool = True
 
 
 class ModelClient(Protocol):

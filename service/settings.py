@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     keepalive_timeout_s: float = Field(
         5.0, gt=0, description="An open connection with no request in progress (new, or kept alive after an "
                                "answer) is closed after this many idle seconds.")
+    max_header_bytes: int = Field(
+        32768, ge=1024, description="Largest request line plus headers, in bytes (as nginx's 4 x 8 KiB buffers): "
+                                    "past it 431 headers_too_large (414 uri_too_long for the URL alone) with "
+                                    "Connection: close.")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or one JSON object per line (time, level, logger, message, "
                             "request_id, exception); both carry the request's X-Request-ID.")
@@ -172,9 +176,20 @@ class Settings(BaseSettings):
                     "threads), at least 1. With API processes on the CPU, an unset PATCHLIFE_TORCH_THREADS "
                     "becomes the cores they leave. 0: one process does everything (tests, notebooks).")
     pixel_slots: int = Field(
-        0, ge=0, description="Shared-memory pixel slots of each API process (one preprocessed image each); a "
-                             "request that finds too few free is answered 503 + Retry-After. 0: the queue's "
-                             "capacity over the API processes, plus one request's images.")
+        0, ge=0, description="Shared-memory pixel slots (one preprocessed image each) in the one pool all API "
+                             "processes take from; a request that finds too few free is answered 503 + Retry-After. "
+                             "0: enough that only a full queue refuses work: the queue's capacity, plus two "
+                             "batches running, plus one request's images per API process.")
+
+    model_stall_s: float = Field(
+        3.0, gt=0, description="With API processes: once the model process has been ready, an API process that has "
+                               "heard nothing from it (it sends its status every 0.5 s) for this many seconds answers "
+                               "/readyz 503 with the reason until it speaks again; requests are still bounded by "
+                               "their deadlines (504).")
+    model_stall_exit_s: float = Field(
+        60.0, ge=0, description="With API processes: a model process silent for this many seconds is killed by its "
+                                "API processes, so that serve ends with a non-zero status (and a container is "
+                                "restarted); /healthz answers 503 from then on. 0: never.")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -201,10 +216,13 @@ class Settings(BaseSettings):
             return self
         return self.model_copy(update={"torch_threads": max(1, cores - processes)})
 
-    def slots_per_process(self, processes: int) -> int:
+    def pool_slots(self, processes: int) -> int:
+        """The shared pool's slots: what the queue can hold, the head and tail batches running (their
+        slots are held until the answer) and a request on its way in each API process."""
         if self.pixel_slots:
             return self.pixel_slots
-        return -(-self.queue_capacity_images // max(1, processes)) + self.max_images_per_request
+        return (self.queue_capacity_images + 2 * self.max_batch_size
+                + max(1, processes) * self.max_images_per_request)
 
     def grid_keep_rates(self) -> tuple[float, ...]:
         try:

@@ -110,6 +110,12 @@ class ClientDisconnected(ApiError):
     status, code = 499, "client_disconnected"
 
 
+class UploadAbandoned(ClientDisconnected):
+    """The client closed the connection before its body was complete (nothing reached the worker, so it is
+    counted here)."""
+    reason = "disconnected"
+
+
 def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     err: dict[str, Any] = {"code": code, "message": message}
     if details:

@@ -24,10 +24,18 @@ import anyio
 from pydantic import ValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ..decode import check_media_type
-from .errors import BadImage, InvalidRequest, TooLarge, TooManyImages, UnsupportedMediaType, invalid_json
+from .errors import (
+    BadImage,
+    InvalidRequest,
+    TooLarge,
+    TooManyImages,
+    UnsupportedMediaType,
+    UploadAbandoned,
+    invalid_json,
+)
 from .schemas import ImagesJson
 
 IMAGE_FIELDS = ("file", "files")
@@ -83,12 +91,16 @@ def _check_content_length(request: Request, limit: int) -> None:
 
 
 async def _stream(request: Request, limit: int, what: str) -> AsyncIterator[bytes]:
+    """The body's chunks; a client that leaves before its end is a client event (499), not a bug."""
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise TooLarge(f"{what} is over the limit of {limit} bytes")
-        yield chunk
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise TooLarge(f"{what} is over the limit of {limit} bytes")
+            yield chunk
+    except ClientDisconnect:
+        raise UploadAbandoned(f"the client closed the connection after {total} bytes of its body") from None
 
 
 async def _read_body(request: Request, limit: int, what: str) -> bytes:

@@ -29,17 +29,20 @@ log = logging.getLogger("patchlife.transport")
 
 
 class _Connection:
-    def __init__(self, writer: asyncio.StreamWriter, pool: SlotPool, pid: int) -> None:
-        self.writer, self.pool, self.pid = writer, pool, pid
+    def __init__(self, writer: asyncio.StreamWriter, pool: SlotPool, pid: int, own_pool: bool) -> None:
+        self.writer, self.pool, self.pid, self.own_pool = writer, pool, pid, own_pool
         self.tasks: dict[int, asyncio.Task[None]] = {}
 
 
 class ModelHost:
     """``await host.start(path)`` listens on a Unix socket; ``heartbeat`` (optional) runs every
-    ``HEARTBEAT_S`` before the status goes out (the model process samples its metrics there)."""
+    ``HEARTBEAT_S`` before the status goes out (the model process samples its metrics there);
+    ``pool``: the shared pool (``slots.py``) the API processes attach to, when there is one (an API
+    process that names another segment in its hello brings a private pool of its own)."""
 
-    def __init__(self, model: ModelClient, card: ModelCard, heartbeat: Callable[[], None] | None = None) -> None:
-        self.model, self.card, self.heartbeat = model, card, heartbeat
+    def __init__(self, model: ModelClient, card: ModelCard, heartbeat: Callable[[], None] | None = None,
+                 pool: SlotPool | None = None) -> None:
+        self.model, self.card, self.heartbeat, self.pool = model, card, heartbeat, pool
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._beat: asyncio.Task[None] | None = None
@@ -78,12 +81,14 @@ class ModelHost:
             hello = await wire.receive(reader)
             if not isinstance(hello, wire.Hello) or tuple(hello.shape) != self.card.input_shape:
                 raise ValueError(f"bad hello: {hello!r}")
-            pool = SlotPool(hello.slots, hello.shape, name=hello.shm_name)
+            shared = self.pool is not None and hello.shm_name == self.pool.name
+            pool = self.pool if shared else SlotPool(hello.slots, hello.shape, name=hello.shm_name)
+            assert pool is not None
         except Exception:
             log.exception("an API process could not connect")
             writer.close()
             return
-        conn = _Connection(writer, pool, hello.pid)
+        conn = _Connection(writer, pool, hello.pid, own_pool=not shared)
         self.connections.add(conn)
         wire.send(writer, wire.StatusUpdate(self.model.status()))  # it may have changed while the sender set up
         log.info("API process %d connected (%d pixel slots)", hello.pid, hello.slots)
@@ -109,7 +114,12 @@ class ModelHost:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             writer.close()
-            conn.pool.close(unlink=True)  # the owner unlinks on a clean exit; after a crash, this does
+            if conn.own_pool:
+                conn.pool.close(unlink=True)  # the owner unlinks on a clean exit; after a crash, this does
+            else:  # nobody will answer for what it held: its slots are free again
+                freed = conn.pool.release(hello.pid)
+                if freed:
+                    log.info("%d pixel slots of API process %d freed", freed, hello.pid)
             log.info("API process %d disconnected", hello.pid)
 
     def _cancelled_unstarted(self, conn: _Connection, rid: int, task: asyncio.Task[None]) -> None:

@@ -30,9 +30,10 @@ def test_the_model_takes_the_cores_the_api_processes_leave_on_the_cpu() -> None:
 
 
 def test_pixel_slots() -> None:
-    s = Settings(queue_capacity_images=256, max_images_per_request=32)
-    assert s.slots_per_process(1) == 256 + 32 and s.slots_per_process(3) == 86 + 32
-    assert Settings(pixel_slots=7).slots_per_process(4) == 7
+    """One pool for every API process: the queue, two batches running, a request on its way in each."""
+    s = Settings(queue_capacity_images=256, max_images_per_request=32, max_batch_size=16)
+    assert s.pool_slots(1) == 256 + 32 + 32 and s.pool_slots(3) == 256 + 32 + 3 * 32
+    assert Settings(pixel_slots=7).pool_slots(4) == 7
 
 
 @pytest.mark.parametrize("bad", ["-1", "two", "1.5", ""])

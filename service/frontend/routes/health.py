@@ -1,17 +1,27 @@
-"""GET /healthz (the process answers) and GET /readyz (model loaded, warmed up, not shutting down)."""
+"""GET /healthz (the process answers and its model is alive) and GET /readyz (model loaded, warmed up, not
+shutting down, serving)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
+from ..errors import ModelUnavailable
 from ..schemas import ErrorResponse, Status
 from .common import RuntimeDep
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Status, response_model_exclude_none=True, summary="Liveness")
-async def healthz() -> Status:
+@router.get("/healthz", response_model=Status, response_model_exclude_none=True,
+            responses={503: {"model": ErrorResponse}}, summary="Liveness")
+async def healthz(rt: RuntimeDep) -> Status:
+    """200 while this process answers and its model can still serve again without a restart (loading, a
+    short stall and an unhealthy batch are /readyz's business); 503 when the model process is gone or has
+    been silent past PATCHLIFE_MODEL_STALL_EXIT_S: a liveness probe should restart the service."""
+    status = rt.model.status()
+    if not status.live:
+        raise ModelUnavailable(f"the model cannot serve again without a restart: {status.problem}",
+                               headers={"Retry-After": "5"})
     return Status(status="ok")
 
 

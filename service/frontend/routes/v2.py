@@ -9,6 +9,7 @@ extensions in ``service/frontend/triton.py``. The gRPC service (``service/fronte
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from ..access import Group, require
 from ..errors import ApiError, NotReady, RequestTooManyPixels
 from ..upload import RawImage, _check_content_length, _read_body
 from .common import DeadlineDep, Prepared, Runtime, RuntimeDep, prepare_images, resolve_options, run_model
+
+INLINE_ENCODE_UNITS = 8  # images x outputs encoded on the event loop; a larger answer is encoded in a thread
 
 
 class V2Route(APIRoute):
@@ -215,8 +218,12 @@ async def infer(request: Request, rt: RuntimeDep, deadline: DeadlineDep, name: s
     parsed = await anyio.to_thread.run_sync(oip.parse_request, body, header, limits, rt.settings.max_image_pixels)
     done = await infer_images(rt, parsed, deadline, request)
     t0 = time.perf_counter()
-    content, head_length = oip.encode_response(card.name, parsed.request, done.specs, done.results,
-                                               list(card.class_names), done.top_k)
+    encode = functools.partial(oip.encode_response, card.name, parsed.request, done.specs, done.results,
+                               list(card.class_names), done.top_k)
+    # a large answer (many images and outputs) takes a while to encode: off the event loop, which keeps
+    # answering other requests (/healthz) meanwhile; a small one is cheaper encoded here than a thread hop
+    large = len(done.results) * max(1, len(done.specs)) > INLINE_ENCODE_UNITS
+    content, head_length = await anyio.to_thread.run_sync(encode) if large else encode()
     rt.metrics.encode_seconds.observe(time.perf_counter() - t0)
     if head_length is None:
         return Response(content, media_type="application/json")

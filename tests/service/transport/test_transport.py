@@ -110,7 +110,7 @@ def run(tmp_path: Path, scenario: Scenario, slots: int = 4) -> None:
         host = ModelHost(stub, CARD)
         path = tmp_path / "model.sock"
         await host.start(path)
-        remote = RemoteModel(path, slots, connect_timeout_s=5.0)
+        remote = RemoteModel(path, slots, connect_timeout_s=5.0, deadline_margin_s=None)  # the stub's deadlines
         try:
             assert await remote.open() == CARD
             await stub.start()
@@ -231,7 +231,7 @@ def test_losing_the_host_fails_pending_requests_and_says_why(tmp_path: Path) -> 
         await stub.start()
         host = ModelHost(stub, CARD)
         await host.start(tmp_path / "model.sock")
-        remote = RemoteModel(tmp_path / "model.sock", 2, on_lost=lambda: lost.append(True))
+        remote = RemoteModel(tmp_path / "model.sock", 2, on_lost=lambda: lost.append(True), deadline_margin_s=None)
         await remote.open()
         await asyncio.wait_for(remote.start(), 5)
         assert remote.status().problem is None
@@ -370,5 +370,107 @@ def test_the_host_refuses_a_hello_for_another_shape(tmp_path: Path) -> None:
             writer.close()
             pool.close(unlink=True)
             await host.close()
+
+    asyncio.run(main())
+
+
+# -- liveness: a model process that stops answering ----------------------------------------------------
+def test_a_request_gets_its_504_at_its_deadline_when_the_model_process_never_answers(tmp_path: Path) -> None:
+    """The model process holds the request (as a stopped or deadlocked one would): the API side answers
+    DeadlinePassed at the deadline plus the margin, and the slots stay taken until the model process
+    answers the cancel, then come back."""
+    async def main() -> None:
+        stub = StubModel()
+        await stub.start()
+        host = ModelHost(stub, CARD)
+        await host.start(tmp_path / "model.sock")
+        remote = RemoteModel(tmp_path / "model.sock", 2, deadline_margin_s=0.1)
+        await remote.open()
+        await asyncio.wait_for(remote.start(), 5)
+        stub.hold, stub.release = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(DeadlinePassed, match="did not answer"):
+            await asyncio.wait_for(remote.submit([image(1), image(2)], None, remote.clock() + 0.3), 5)
+        waited = loop.time() - t0
+        assert 0.35 <= waited < 1.0, waited
+        assert remote.pool is not None and remote.pool.free == 0  # the model process may still read them
+        await until(lambda: stub.cancelled == 1)  # the cancel reached it
+        stub.release.set()
+        await until(lambda: remote.pool is not None and remote.pool.free == 2)
+        await remote.stop(grace_s=0.0)
+        await host.close()
+
+    asyncio.run(main())
+
+
+def test_a_silent_model_process_turns_readiness_then_liveness_off(tmp_path: Path) -> None:
+    stalls: list[float] = []
+
+    async def main() -> None:
+        stub = StubModel()
+        await stub.start()
+        host = ModelHost(stub, CARD)
+        await host.start(tmp_path / "model.sock")
+        remote = RemoteModel(tmp_path / "model.sock", 1, stall_s=0.8, stall_exit_s=1.6,
+                             on_stall=lambda: stalls.append(remote.silent_s() or 0.0))
+        await remote.open()
+        await asyncio.wait_for(remote.start(), 5)
+        await asyncio.sleep(1.2)  # heartbeats every 0.5 s: never silent for 0.8 s
+        assert remote.status().problem is None and remote.status().live
+        assert host._beat is not None
+        host._beat.cancel()  # as a stopped model process: nothing more is sent
+        await until(lambda: remote.status().problem is not None, timeout_s=3)
+        status = remote.status()
+        assert "sent nothing" in (status.problem or "") and status.live and not stalls
+        await until(lambda: bool(stalls), timeout_s=3)
+        assert stalls[0] > 1.6 and not remote.status().live
+        await asyncio.sleep(0.3)
+        assert len(stalls) == 1  # once
+        host.push_status()  # it speaks again
+        await until(lambda: remote.status().problem is None)
+        assert remote.status().live
+        await remote.stop(grace_s=0.0)
+        await host.close()
+
+    asyncio.run(main())
+
+
+# -- one pool for every API process ---------------------------------------------------------------------
+def test_a_shared_pool_refuses_only_when_every_slot_is_taken(tmp_path: Path) -> None:
+    """Two API processes on one shared pool of 4: one may take all 4 (with private pools of 2 each it
+    was refused); a taker that dies has its slots freed by the model process."""
+    async def main() -> None:
+        stub = StubModel()
+        await stub.start()
+        pool = SlotPool(4, SHAPE, lock_path=tmp_path / "slots.lock")
+        host = ModelHost(stub, CARD, pool=pool)
+        await host.start(tmp_path / "model.sock")
+        shared = (pool.name, tmp_path / "slots.lock")
+        one, two = (RemoteModel(tmp_path / "model.sock", 4, shared_pool=shared, deadline_margin_s=None)
+                    for _ in range(2))
+        try:
+            for remote in (one, two):
+                await remote.open()
+                await asyncio.wait_for(remote.start(), 5)
+            assert_same(await one.submit([image(i) for i in range(4)], None, 1.0),
+                        [expected(image(i), None) for i in range(4)])
+            stub.hold = asyncio.Event()
+            held = asyncio.create_task(one.submit([image(1), image(2), image(3)], None, 1.0))
+            await until(lambda: len(stub.seen) == 2)
+            assert pool.free == 1 and two.pool is not None and two.pool.free == 1
+            with pytest.raises(QueueFull, match="1 of 4 pixel slots free in the service"):
+                await two.submit([image(4), image(5)], None, 1.0)
+            assert pool._owners is not None and set(pool._owners.tolist()) == {0, os.getpid()}
+            pool.release(os.getpid())  # as the host does for a process that died (here: the same pid)
+            assert pool.free == 4
+            stub.hold.set()
+            await asyncio.wait_for(held, 5)
+        finally:
+            for remote in (one, two):
+                await remote.stop(grace_s=0.0)
+            await host.close()
+            assert Path("/dev/shm", pool.name).exists()  # the API processes do not remove the model process's pool
+            pool.close(unlink=True)
 
     asyncio.run(main())
