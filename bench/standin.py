@@ -183,7 +183,8 @@ class StandInEngine(Engine):
             self._lives[rate] = lives[:self.grid[0] * self.grid[1]].float()
         return self._lives[rate]
 
-    def head(self, pixels: torch.Tensor | Sequence[torch.Tensor], keep_rates: Sequence[float | None]) -> HeadBatch:
+    def head(self, pixels: torch.Tensor | Sequence[torch.Tensor], keep_rates: Sequence[float | None],
+             extra_rates: Sequence[float] = ()) -> HeadBatch:
         n = len(pixels)
         if len(keep_rates) != n:
             raise ValueError("one keep rate (or None) per image")
@@ -198,13 +199,16 @@ class StandInEngine(Engine):
             lives = torch.stack([self._lives_of(r) for r in keep_rates])
         buckets = self.bucket_grid.round_up_rows(counts, self._host_points)
         plan = torch.cat([lives, counts.float(), buckets.float()], dim=1)
+        for extra in extra_rates:  # accuracy scaling's lower rates: that schedule's counts for every image
+            at = torch.tensor(self.schedule_counts(extra)).expand(n, -1)
+            plan = torch.cat([plan, at.float(), self.bucket_grid.round_up_rows(at, self._host_points).float()], dim=1)
         deadline = self.queue.launch(self.table.seconds("head", self.padded_rows(n)))
         rate_of = {r: float(self.schedule(r).keep_rate or 0.0) for r in distinct}
         rates = [rate_of[r] for r in keep_rates]
         tokens = torch.empty((n, 0, 0))  # on a GPU they stay on the device; nothing here reads them
         # as the real engine: with per-image normalisation budgets are known before the head has run
         known = (counts, buckets) if self.model.normalization == "per_image" else None
-        return HeadBatch(tokens, HostCopy(plan, deadline), rates, self.grid, known)
+        return HeadBatch(tokens, HostCopy(plan, deadline), rates, self.grid, known, tuple(extra_rates))
 
     def _tail_launch(self, n: int, counts: tuple[int, ...]) -> Deadline:
         return self.queue.launch(self.table.seconds("tail", self.padded_rows(n), self.tail_tokens(counts)))
