@@ -372,8 +372,10 @@ class _SeededItems(torch.utils.data.Dataset[Any]):
 
 
 def _ignore_sigint(worker: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which finishes its step and saves."""
+    """DataLoader workers leave Ctrl-C (and SIGTERM) to the main process, which finishes its step and
+    saves (``resume.py``); a worker would otherwise die first and take the step down with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def folder_splits(root: str | Path, data_config: dict[str, Any], workers: int = 2) -> tuple[FolderSplit, FolderSplit]:

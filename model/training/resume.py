@@ -6,8 +6,8 @@ number generators (Python, NumPy, torch CPU and CUDA), the AMP loss scaler, the 
 and the original command line. The data order and the training augmentation need no state: both are
 functions of the seed, the stage, the epoch and the position in it (``model/training/data.py``).
 
-Ctrl-C: the first SIGINT asks the loop to stop after the step it is in; the loop then writes the
-resume file and :func:`continue_hint` says how to go on. A second SIGINT raises
+Ctrl-C: the first SIGINT (or SIGTERM) asks the loop to stop after the step it is in; the loop then
+writes the resume file and :func:`continue_hint` says how to go on. A second one raises
 ``KeyboardInterrupt`` at once (``train.run`` turns it into a message, not a traceback).
 """
 
@@ -38,27 +38,34 @@ _NOT_COMPARED = ("resume", "stop_after", "argv", "original_argv", "save_every", 
 
 
 class Interrupt:
-    """Context manager: while inside, SIGINT sets :attr:`requested` (once) instead of raising."""
+    """Context manager: while inside, SIGINT (Ctrl-C) or SIGTERM sets :attr:`requested` the first time
+    instead of ending the process; the second time raises ``KeyboardInterrupt``.
+
+    SIGTERM is what a scheduler or ``docker stop`` sends before it kills: a preempted run saves too.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\npatchlife train: Ctrl-C: finishing this step, then saving the state to resume from "
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\npatchlife train: {what}: finishing this step, then saving the state to resume from "
               "(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
 
 

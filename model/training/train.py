@@ -297,7 +297,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _stopped(args: argparse.Namespace, ctx: TrainContext, state: RunState) -> int:
-    why = "Ctrl-C" if ctx.interrupt.requested else f"--stop-after {args.stop_after}"
+    why = "interrupted" if ctx.interrupt.requested else f"--stop-after {args.stop_after}"
     print(f"patchlife train: stopped ({why}) at stage {state.stage}, step {state.step}; the state is saved in "
           f"{ctx.path}. To continue:\n  {continue_hint(args)}", file=sys.stderr, flush=True)
     return 130 if ctx.interrupt.requested else 0
@@ -349,8 +349,9 @@ def init_from_checkpoint(model: LifeViT, directory: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"--init-from: no {WEIGHTS_FILE} in {directory}")
     state = load_file(str(path), device="cpu")
-    if "life.score_quantiles" in state:  # its size depends on whether it was calibrated
-        model.life.score_quantiles = state["life.score_quantiles"].clone()
+    for name in ("score_quantiles", "score_samples"):  # their sizes depend on the calibration
+        if f"life.{name}" in state:
+            setattr(model.life, name, state[f"life.{name}"].clone())
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
