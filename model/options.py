@@ -86,8 +86,10 @@ def train(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                    help="mixed precision (GPU only): auto picks bf16 where supported")
-    r.add_argument("--resume", action="store_true", help="continue from the resumable state saved in --out")
-    r.add_argument("--save-every", type=int, default=200, help="steps between resumable saves")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from the state saved in --out (OUT/resume.pt): the original command plus --resume")
+    r.add_argument("--save-every", type=int, default=200,
+                   help="steps between resumable saves (also at each stage's end, its middle, and on Ctrl-C)")
     r.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this many steps")
     r.add_argument("--name", default=None, help="model name recorded in the checkpoint (default: --out's name)")
     r.add_argument("--description", default=None,

@@ -7,10 +7,12 @@ Stages (``docs/method.md``), each a number of optimiser steps with its own learn
     2 tail   only what runs after block K (blocks K.., final norm, head), hard pruning
 
 AdamW, linear warm-up then cosine decay per stage, gradient clipping, label smoothing, optional
-distillation from the dense model, AMP on a GPU. Every ``--save-every`` steps and at each stage end
-the full state goes to ``OUT/resume.pt``; ``--resume`` continues from it at the saved step with the
-same data order, so an interrupted run ends where an uninterrupted one would. The result is a
-checkpoint (``config.json`` + ``model.safetensors``) and ``metrics.json`` in ``OUT``.
+distillation from the dense model, AMP on a GPU. Every ``--save-every`` steps (at least once in the
+middle of a stage), at each stage end and on the first Ctrl-C (or SIGTERM) the full state goes to
+``OUT/resume.pt`` (``resume.py``); ``--resume`` continues from it at the saved step with the same
+data order, augmentation and generators, so an interrupted run ends with the weights of an
+uninterrupted one, bit for bit on the CPU. The result is a checkpoint (``config.json`` +
+``model.safetensors``), ``metrics.json`` and the page's example images (``examples.py``) in ``OUT``.
 """
 
 from __future__ import annotations
