@@ -46,6 +46,9 @@ def train(p: argparse.ArgumentParser) -> None:
     d.add_argument("--train-size", type=int, default=60_000, help="synthetic: training images")
     d.add_argument("--val-size", type=int, default=2_400, help="synthetic: held-out images")
     d.add_argument("--workers", type=int, default=2, help="ImageFolder: DataLoader workers")
+    d.add_argument("--crop-scale", type=float, default=0.08,
+                   help="ImageFolder: smallest area of the random training crop, as a fraction of the image "
+                        "(timm's 0.08; on a small tree, 0.5 or more keeps the object in the crop)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="vit_micro_patch8_64", help="timm ViT/DeiT name or a small config")
     m.add_argument("--pretrained", default=None, metavar="hub|FILE",

@@ -324,14 +324,18 @@ class FolderSplit:
         data_config: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``).
         training: timm's training augmentation (random resized crop, flip) instead of resize + crop.
         workers: DataLoader worker processes.
+        crop_scale: training: the random crop's smallest area, a fraction of the image.
     """
 
-    def __init__(self, root: Path, data_config: dict[str, Any], training: bool, workers: int = 2) -> None:
+    def __init__(self, root: Path, data_config: dict[str, Any], training: bool, workers: int = 2,
+                 crop_scale: float = 0.08) -> None:
         from timm.data import create_transform
         from torchvision.datasets import ImageFolder
 
         cfg: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()
                                if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
+        if training:
+            cfg["scale"] = (crop_scale, 1.0)
         self.dataset = ImageFolder(str(root), transform=create_transform(**cfg, is_training=training))
         self.class_names = list(self.dataset.classes)
         self.workers = workers
@@ -378,7 +382,8 @@ def _ignore_sigint(worker: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def folder_splits(root: str | Path, data_config: dict[str, Any], workers: int = 2) -> tuple[FolderSplit, FolderSplit]:
+def folder_splits(root: str | Path, data_config: dict[str, Any], workers: int = 2,
+                  crop_scale: float = 0.08) -> tuple[FolderSplit, FolderSplit]:
     """``root/train`` and ``root/val`` with the same classes, or a :class:`DataConfigError`."""
     root = Path(root)
     for split in ("train", "val"):
@@ -386,7 +391,7 @@ def folder_splits(root: str | Path, data_config: dict[str, Any], workers: int = 
             raise DataConfigError(f"{root / split} is not a folder: --data needs an ImageFolder root with "
                                   "train/ and val/ (one sub-folder of images per class in each)")
     try:
-        train = FolderSplit(root / "train", data_config, training=True, workers=workers)
+        train = FolderSplit(root / "train", data_config, training=True, workers=workers, crop_scale=crop_scale)
         val = FolderSplit(root / "val", data_config, training=False, workers=workers)
     except (FileNotFoundError, RuntimeError) as exc:  # torchvision: no class folders / no images
         raise DataConfigError(f"cannot read images under {root}: {exc}") from exc

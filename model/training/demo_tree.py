@@ -33,7 +33,7 @@ def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
 
 def draw_shape(rng: np.random.Generator, shape: str, w: int, h: int) -> Image.Image:
     img = _background(rng, w, h)
-    r = rng.uniform(0.15, 0.3) * min(w, h)  # the shape's "radius"
+    r = rng.uniform(0.18, 0.32) * min(w, h)  # the shape's "radius"
     cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
     colour = tuple(int(c) for c in rng.integers(0, 256, 3))
     draw = ImageDraw.Draw(img)

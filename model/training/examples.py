@@ -135,7 +135,8 @@ def write_examples(out: Path) -> list[dict[str, Any]]:
     candidates = _synthetic(spec, pre) if spec["kind"] == "synthetic" else _folder(spec, pre)
     index, answers = [], []
     for cand in candidates:
-        cand.image.save(folder / cand.file, **({"quality": 90} if cand.file.endswith(".jpg") else {}))
+        save_options: dict[str, Any] = {"quality": 90} if cand.file.endswith(".jpg") else {}
+        cand.image.save(folder / cand.file, **save_options)
         # a photo: the model answers the saved JPEG, as the page will send it, not the original
         pixels = cand.pixels if cand.pixels is not None else _preprocess(folder / cand.file, pre)
         with torch.inference_mode():
@@ -158,7 +159,7 @@ def _preprocess(path: Path, pre: dict[str, Any]) -> torch.Tensor:
     """timm's evaluation transform (resize, centre crop, normalise) of an image file: ``[3, H, W]``."""
     from timm.data import create_transform
 
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()
+    cfg: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()
            if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
     with Image.open(path) as opened:
         pixels: torch.Tensor = create_transform(**cfg, is_training=False)(opened.convert("RGB"))
