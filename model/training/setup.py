@@ -198,7 +198,7 @@ def write_metrics(out: Path, args: argparse.Namespace, state: Any, meta: dict[st
         "process_cpu_seconds": round(time.process_time(), 1),
         "history": state.history,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("resume", "stop_after", "argv")},
+                    if k not in ("resume", "stop_after", "argv", "original_argv")},
         "machine": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
                     "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
                     "processor": platform.processor() or platform.machine()},

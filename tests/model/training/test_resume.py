@@ -28,6 +28,21 @@ def tree(tmp_path_factory) -> Path:
     return write_tree(tmp_path_factory.mktemp("tree"), train_per_class=6, val_per_class=2, seed=1)
 
 
+def _source(kind: str, tree: Path) -> list[str]:
+    return ["--data", str(tree), "--workers", "2"] if kind == "folder" else \
+        ["--synthetic", "--train-size", "40", "--val-size", "12"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tree, tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted run of each data kind, once for all the interruptions compared with it."""
+    out = {}
+    for kind in ("folder", "synthetic"):
+        out[kind] = tmp_path_factory.mktemp(kind) / "whole"
+        assert main([*_source(kind, tree), *NANO, "--out", str(out[kind])]) == 0
+    return out
+
+
 def _interrupt_at(monkeypatch, steps: set[int], times: int = 1) -> None:
     """SIGINT ``times`` times during the forward pass of each training step numbered in ``steps`` (1-based)."""
     forward = train_module.StageRunner.forward
@@ -55,13 +70,9 @@ def _same_weights(a: Path, b: Path) -> None:
     ("folder", 4, (1, 0)),      # stage 0's last step: stops at the boundary, before stage 1
     ("synthetic", 9, (2, 2)),   # inside the tail stage (its keep-rate draws, the distillation teacher)
 ])
-def test_interrupted_and_resumed_equals_uninterrupted(data, steps, where, tree, tmp_path, monkeypatch, capsys):
-    source = ["--data", str(tree), "--workers", "2"] if data == "folder" else \
-        ["--synthetic", "--train-size", "40", "--val-size", "12"]
-    whole = [*source, *NANO, "--out", str(tmp_path / "whole")]
-    parts = [*source, *NANO, "--out", str(tmp_path / "parts")]
-    assert main(whole) == 0
-
+def test_interrupted_and_resumed_equals_uninterrupted(data, steps, where, tree, uninterrupted, tmp_path,
+                                                       monkeypatch, capsys):
+    parts = [*_source(data, tree), *NANO, "--out", str(tmp_path / "parts")]
     with monkeypatch.context() as m:
         _interrupt_at(m, {steps})
         assert main(parts) == 130
@@ -78,7 +89,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(data, steps, where, tree, 
         resume[resume.index("--workers") + 1] = "0"
     assert main(resume) == 0
     assert f"resuming from stage {where[0]}, step {where[1]}" in capsys.readouterr().err
-    _same_weights(tmp_path / "whole", tmp_path / "parts")
+    _same_weights(uninterrupted[data], tmp_path / "parts")
+    assert (tmp_path / "parts" / "examples" / "examples.json").is_file()  # the page's examples
     command = json.loads((tmp_path / "parts" / "metrics.json").read_text())["command"]
     assert command.split() == ["patchlife", "train", *parts]  # the original command, not the --resume one
     assert load_checkpoint(tmp_path / "parts")[1].metadata["command"] == command
