@@ -323,10 +323,12 @@ def _finish(model: LifeViT, args: argparse.Namespace, ctx: TrainContext, state: 
     save_checkpoint(model.cpu(), out, class_names=train_split.class_names, metadata=meta)
     ctx.tick(state)
     write_metrics(out, args, state, meta)
-    examples = write_examples(out)  # the page's examples, from the held-out split, with the model's answers
     ctx.path.unlink(missing_ok=True)
-    print(f"saved {out} (train wall time {state.seconds:.0f} s; {len(examples)} example images for the page)",
-          file=sys.stderr)
+    try:  # the page's examples, from the held-out split, with the model's answers
+        shown = f"{len(write_examples(out))} example images for the page"
+    except (OSError, ValueError) as exc:  # the model is saved; only the page's example row is missing
+        shown = f"no example images for the page: {exc}"
+    print(f"saved {out} (train wall time {state.seconds:.0f} s; {shown})", file=sys.stderr)
     return 0
 
 
