@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import timm
 from timm.models.vision_transformer import VisionTransformer
@@ -53,11 +58,15 @@ def create_backbone(name: str, pretrained: bool | str | Path = False, **kwargs: 
             raise PretrainedUnavailable(f"pretrained weights file {path} does not exist")
         model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kw)
     elif pretrained:
+        unreachable = hub_unreachable()
         try:
-            model = timm.create_model(timm_name, pretrained=True, **kw)
+            with _offline(unreachable is not None):  # cached weights still load; nothing else is tried
+                model = timm.create_model(timm_name, pretrained=True, **kw)
         except Exception as exc:  # hub unreachable, offline mode, missing weights
+            why = f"the hub is unreachable: {unreachable}; and they are not in the local cache" if unreachable \
+                else str(exc)
             raise PretrainedUnavailable(
-                f"could not load pretrained weights for {timm_name} from the Hugging Face hub ({exc}). "
+                f"could not load pretrained weights for {timm_name} from the Hugging Face hub ({why}). "
                 "Either make the hub reachable (and HF_HUB_OFFLINE unset), or download the weights "
                 "elsewhere and pass the local file: --pretrained /path/to/model.safetensors") from exc
     else:
@@ -65,6 +74,39 @@ def create_backbone(name: str, pretrained: bool | str | Path = False, **kwargs: 
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{name} is a {type(model).__name__}; patchlife needs a timm VisionTransformer")
     return model
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (None: it can, or a proxy decides).
+
+    One TCP connection attempt, so that without network ``--pretrained hub`` fails in seconds instead
+    of after the hub client's retries (about 50 s).
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # the proxy may reach what this machine cannot
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout).close()
+    except OSError as exc:
+        return f"cannot connect to {url.hostname} ({exc})"
+    return None
+
+
+@contextmanager
+def _offline(on: bool) -> Iterator[None]:
+    """The hub client's offline mode for one call (it reads the flag on every request)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or on
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def preprocess_config(backbone: VisionTransformer) -> dict[str, Any]:

@@ -8,6 +8,7 @@ quantiles are a buffer, so they travel in the safetensors file with the weights.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,20 @@ def save_checkpoint(model: LifeViT, directory: str | Path, class_names: list[str
     directory.mkdir(parents=True, exist_ok=True)
     cfg = config_of(model, class_names, metadata)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE))
+    weights = directory / WEIGHTS_FILE
+    save_file(state, str(weights))
+    # safetensors creates the file 0600; make it as readable as the JSON beside it (0644 under umask 022),
+    # so a server running as another user (a container) can load it
+    weights.chmod(0o666 & ~_umask())
     body = {"format_version": FORMAT_VERSION, **asdict(cfg)}
     (directory / CONFIG_FILE).write_text(json.dumps(body, indent=2) + "\n")
     return directory
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def build_from_config(cfg: LifeViTConfig) -> LifeViT:

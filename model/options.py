@@ -46,6 +46,9 @@ def train(p: argparse.ArgumentParser) -> None:
     d.add_argument("--train-size", type=int, default=60_000, help="synthetic: training images")
     d.add_argument("--val-size", type=int, default=2_400, help="synthetic: held-out images")
     d.add_argument("--workers", type=int, default=2, help="ImageFolder: DataLoader workers")
+    d.add_argument("--crop-scale", type=float, default=0.08,
+                   help="ImageFolder: smallest area of the random training crop, as a fraction of the image "
+                        "(timm's 0.08; on a small tree, 0.5 or more keeps the object in the crop)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="vit_micro_patch8_64", help="timm ViT/DeiT name or a small config")
     m.add_argument("--pretrained", default=None, metavar="hub|FILE",
@@ -86,8 +89,10 @@ def train(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="auto", help="auto, cpu or cuda")
     r.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
                    help="mixed precision (GPU only): auto picks bf16 where supported")
-    r.add_argument("--resume", action="store_true", help="continue from the resumable state saved in --out")
-    r.add_argument("--save-every", type=int, default=200, help="steps between resumable saves")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from the state saved in --out (OUT/resume.pt): the original command plus --resume")
+    r.add_argument("--save-every", type=int, default=200,
+                   help="steps between resumable saves (also at each stage's end, its middle, and on Ctrl-C)")
     r.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this many steps")
     r.add_argument("--name", default=None, help="model name recorded in the checkpoint (default: --out's name)")
     r.add_argument("--description", default=None,

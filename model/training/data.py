@@ -21,6 +21,8 @@ thread count. :func:`scene_content` gives the counts drawn, for tests and for th
 from __future__ import annotations
 
 import math
+import random
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -313,19 +315,27 @@ class DataConfigError(ValueError):
 class FolderSplit:
     """One split of an ImageFolder tree through timm's transforms for the backbone.
 
+    The training augmentation of an image is drawn from a generator seeded by the epoch's seed and the
+    image's position in the epoch, not from a worker's running stream: the same batch gets the same
+    crops and flips whatever the worker count and wherever a run resumes (``resume.py``).
+
     Args:
         root: the split's folder (one sub-folder per class).
         data_config: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``).
         training: timm's training augmentation (random resized crop, flip) instead of resize + crop.
         workers: DataLoader worker processes.
+        crop_scale: training: the random crop's smallest area, a fraction of the image.
     """
 
-    def __init__(self, root: Path, data_config: dict[str, Any], training: bool, workers: int = 2) -> None:
+    def __init__(self, root: Path, data_config: dict[str, Any], training: bool, workers: int = 2,
+                 crop_scale: float = 0.08) -> None:
         from timm.data import create_transform
         from torchvision.datasets import ImageFolder
 
         cfg: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()
                                if k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")}
+        if training:
+            cfg["scale"] = (crop_scale, 1.0)
         self.dataset = ImageFolder(str(root), transform=create_transform(**cfg, is_training=training))
         self.class_names = list(self.dataset.classes)
         self.workers = workers
@@ -335,14 +345,45 @@ class FolderSplit:
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
                 start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = epoch_order(len(self.dataset), shuffle, seed)[start * batch_size:].tolist()
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=order,
-                                             num_workers=self.workers,
-                                             generator=torch.Generator().manual_seed(seed))
+        order = epoch_order(len(self.dataset), shuffle, seed)
+        keys = [(int(item), seed * 1_000_003 + pos) for pos, item in enumerate(order)][start * batch_size:]
+        loader = torch.utils.data.DataLoader(_SeededItems(self.dataset), batch_size=batch_size, sampler=keys,
+                                             num_workers=self.workers, worker_init_fn=_ignore_sigint)
         yield from loader
 
 
-def folder_splits(root: str | Path, data_config: dict[str, Any], workers: int = 2) -> tuple[FolderSplit, FolderSplit]:
+class _SeededItems(torch.utils.data.Dataset[Any]):
+    """``dataset[item]`` with Python's, NumPy's and torch's generators seeded by a key, then put back."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        item, seed = key
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA too
+        try:
+            return self.dataset[item]
+        finally:  # in the main process (--workers 0) the training loop's generators must not move
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+def _ignore_sigint(worker: int) -> None:
+    """DataLoader workers leave Ctrl-C (and SIGTERM) to the main process, which finishes its step and
+    saves (``resume.py``); a worker would otherwise die first and take the step down with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def folder_splits(root: str | Path, data_config: dict[str, Any], workers: int = 2,
+                  crop_scale: float = 0.08) -> tuple[FolderSplit, FolderSplit]:
     """``root/train`` and ``root/val`` with the same classes, or a :class:`DataConfigError`."""
     root = Path(root)
     for split in ("train", "val"):
@@ -350,7 +391,7 @@ def folder_splits(root: str | Path, data_config: dict[str, Any], workers: int = 
             raise DataConfigError(f"{root / split} is not a folder: --data needs an ImageFolder root with "
                                   "train/ and val/ (one sub-folder of images per class in each)")
     try:
-        train = FolderSplit(root / "train", data_config, training=True, workers=workers)
+        train = FolderSplit(root / "train", data_config, training=True, workers=workers, crop_scale=crop_scale)
         val = FolderSplit(root / "val", data_config, training=False, workers=workers)
     except (FileNotFoundError, RuntimeError) as exc:  # torchvision: no class folders / no images
         raise DataConfigError(f"cannot read images under {root}: {exc}") from exc

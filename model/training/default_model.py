@@ -40,6 +40,10 @@ from typing import Any
 
 from ..layout import CONFIG_FILE, DEFAULT_CHECKPOINT, METRICS_FILE, WEIGHTS_FILE
 
+# the example images: one home for train and ensure-default (re-exported for the tests)
+from .examples import EXAMPLES_DIR, EXAMPLES_INDEX, pick_examples, write_examples  # noqa: F401
+from .examples import SCENES as EXAMPLES  # noqa: F401
+
 # The exact training command of the shipped checkpoint (plus --out).
 RECIPE: list[str] = [
     "--synthetic", "--backbone", "vit_micro_patch8_64", "--keep-rate", "0.5", "--stage-starts", "1,4,7",
@@ -57,8 +61,6 @@ VARIANTS: dict[str, dict[str, str | None]] = {
     "paper": {"--stage1-norm": "per_image", "--stage2-keep-rates": None, "--name": "patchlife-default-paper"},
     "heavy": {"--backbone": "vit_wide_patch8_64", "--name": "patchlife-heavy"},
 }
-EXAMPLES_DIR = "examples"
-EXAMPLES_INDEX = "examples.json"
 EVAL_KEEP_RATES = (0.3, 0.5, 0.7, 0.9)
 
 
@@ -218,60 +220,3 @@ def evaluate_into_metrics(out: Path) -> dict[str, Any]:
                     "seconds": round(time.perf_counter() - t0, 1), "rows": [r.to_dict() for r in rows]}
     _write_metrics(out, body)
     return body
-
-
-# --- example images ---------------------------------------------------------------------------------
-# (name, held-out item, note): picked by what the scene shows, from the held-out split
-EXAMPLES: list[tuple[str, dict[str, int], str]] = [
-    ("empty.png", {"count": 0, "objects_max": 0}, "no objects: plain textured background"),
-    ("simple.png", {"count": 1, "objects_max": 1}, "one red circle, nothing else"),
-    ("decoys.png", {"count": 0, "objects_min": 5}, "no red circles, only look-alike distractors"),
-    ("three.png", {"count": 3, "objects_max": 5}, "three red circles, a few distractors"),
-    ("busy.png", {"count": 5, "objects_min": 10}, "five red circles of both sizes among many distractors"),
-]
-
-
-def pick_examples(seed: int, size: int, image_size: int = 64) -> list[tuple[str, int, str]]:
-    """``(file, held-out item, note)`` for each of :data:`EXAMPLES`: the first item that fits."""
-    from .data import scene_content
-
-    content = scene_content(2 * seed + 1, range(size), image_size)
-    picked = []
-    for name, want, note in EXAMPLES:
-        ok = (content["count"] == want["count"]) & (content["objects"] <= want.get("objects_max", 99)) \
-            & (content["objects"] >= want.get("objects_min", 0))
-        if not ok.any():
-            raise ValueError(f"no held-out item fits {name}: {want}")
-        picked.append((name, int(ok.argmax()), note))
-    return picked
-
-
-def write_examples(out: Path) -> list[dict[str, Any]]:
-    """Render the examples from the held-out split into ``OUT/examples`` with their index, and record
-    the model's top-1 on each in ``metrics.json`` (``examples``)."""
-    import torch
-
-    from ..checkpoint import load_checkpoint
-    from .data import SyntheticShapes
-
-    model, cfg = load_checkpoint(out)
-    spec, pre = cfg.metadata["data"], cfg.preprocess
-    val = SyntheticShapes(int(spec["val_size"]), 2 * int(spec["seed"]) + 1, int(pre["input_size"][-1]),
-                          tuple(pre["mean"]), tuple(pre["std"]))  # type: ignore[arg-type]
-    folder = out / EXAMPLES_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    index, answers = [], []
-    for name, item, note in pick_examples(int(spec["seed"]), len(val), val.image_size):
-        image, label = val.image(item)
-        image.save(folder / name)
-        index.append({"file": name, "label": label, "note": note})
-        with torch.inference_mode():
-            top = int(model(val.normalize(val.render([item])[0])).argmax(dim=-1)[0])
-        answers.append({"file": name, "held_out_item": item, "label": label, "top1": cfg.class_names[top]})
-    (folder / EXAMPLES_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    metrics = out / "metrics.json"
-    if metrics.is_file():
-        body = json.loads(metrics.read_text())
-        body["examples"] = answers
-        _write_metrics(out, body)
-    return index

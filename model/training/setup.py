@@ -48,6 +48,8 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append("--batch-size must be >= 1")
     if not 0 <= args.warmup < 1:
         problems.append("--warmup is a fraction of each stage in [0, 1)")
+    if not 0 < args.crop_scale <= 1:
+        problems.append(f"--crop-scale is a fraction of the image in (0, 1], got {args.crop_scale}")
     if args.tau <= 0:
         problems.append("--tau must be > 0")
     if not 0 <= args.label_smoothing < 1 or not 0 <= args.distill <= 1:
@@ -150,7 +152,7 @@ def build_data(args: argparse.Namespace, model: LifeViT) -> tuple[DataSplit, Dat
     pre = preprocess_config(model.backbone)
     if args.data is not None:
         try:
-            return folder_splits(args.data, pre, workers=args.workers)
+            return folder_splits(args.data, pre, workers=args.workers, crop_scale=args.crop_scale)
         except DataConfigError as exc:
             raise ConfigError(str(exc)) from exc
     size = int(pre["input_size"][-1])
@@ -196,7 +198,7 @@ def write_metrics(out: Path, args: argparse.Namespace, state: Any, meta: dict[st
         "process_cpu_seconds": round(time.process_time(), 1),
         "history": state.history,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("resume", "stop_after", "argv")},
+                    if k not in ("resume", "stop_after", "argv", "original_argv")},
         "machine": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
                     "threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
                     "processor": platform.processor() or platform.machine()},

@@ -7,10 +7,12 @@ Stages (``docs/method.md``), each a number of optimiser steps with its own learn
     2 tail   only what runs after block K (blocks K.., final norm, head), hard pruning
 
 AdamW, linear warm-up then cosine decay per stage, gradient clipping, label smoothing, optional
-distillation from the dense model, AMP on a GPU. Every ``--save-every`` steps and at each stage end
-the full state goes to ``OUT/resume.pt``; ``--resume`` continues from it at the saved step with the
-same data order, so an interrupted run ends where an uninterrupted one would. The result is a
-checkpoint (``config.json`` + ``model.safetensors``) and ``metrics.json`` in ``OUT``.
+distillation from the dense model, AMP on a GPU. Every ``--save-every`` steps (at least once in the
+middle of a stage), at each stage end and on the first Ctrl-C (or SIGTERM) the full state goes to
+``OUT/resume.pt`` (``resume.py``); ``--resume`` continues from it at the saved step with the same
+data order, augmentation and generators, so an interrupted run ends with the weights of an
+uninterrupted one, bit for bit on the CPU. The result is a checkpoint (``config.json`` +
+``model.safetensors``), ``metrics.json`` and the page's example images (``examples.py``) in ``OUT``.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import save_checkpoint
-from ..device import resolve_device
 from ..lifevit import LifeViT
 from ..options import train as add_arguments  # torch-free, for --help; re-exported for main()
 from ..schedule import host_to_device
 from .data import TASK_DESCRIPTION, DataSplit
+from .examples import write_examples
+from .resume import RESUME_FILE, TrainContext, continue_hint, original_argv  # noqa: F401  (re-exported)
 from .setup import (
     ConfigError,
     build_data,
@@ -47,9 +50,6 @@ from .setup import (
 )
 
 STAGES = ("dense", "life", "tail")
-RESUME_FILE = "resume.pt"
-# options that may differ between an interrupted run and its --resume
-_NOT_COMPARED = ("resume", "stop_after", "argv", "save_every", "workers")
 
 
 # --- one stage ----------------------------------------------------------------------------------
@@ -187,6 +187,7 @@ def run_stage(model: LifeViT, stage: Stage, train: DataSplit, state: RunState, a
     bar = tqdm(total=stage.steps, initial=state.step, desc=f"stage {stage.index} {stage.name}",
                unit="step", mininterval=2.0, dynamic_ncols=True, file=sys.stderr)
     meter = _Meter()
+    save_every = min(args.save_every, max(1, math.ceil(stage.steps / 2)))  # a short stage still saves once
     t_last = next_show = time.perf_counter()
     while state.step < stage.steps:
         epoch, start = divmod(state.step, per_epoch)
@@ -226,7 +227,7 @@ def run_stage(model: LifeViT, stage: Stage, train: DataSplit, state: RunState, a
                 ctx.save_resume(model, opt, state)
                 bar.close()
                 return False
-            if not done and state.step % args.save_every == 0:
+            if not done and state.step % save_every == 0:
                 ctx.save_resume(model, opt, state)
     bar.close()
     v = meter.values()
@@ -236,71 +237,6 @@ def run_stage(model: LifeViT, stage: Stage, train: DataSplit, state: RunState, a
 
 
 # --- the run --------------------------------------------------------------------------------------
-class TrainContext:
-    """Device, mixed precision and resume-file handling for one run."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        try:
-            self.device = resolve_device(args.device)
-        except (RuntimeError, ValueError) as exc:
-            raise ConfigError(str(exc)) from None
-        amp = args.amp
-        if amp == "auto":
-            amp = "off" if self.device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-        if amp != "off" and self.device.type != "cuda":
-            raise ConfigError(f"--amp {amp} needs a GPU; on the CPU use --amp off")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-        self.path = Path(args.out) / RESUME_FILE
-        self.args = args
-        self.optimizer_state: dict[str, Any] | None = None
-        self.teacher: LifeViT | None = None
-        self.t_start, self.prior_wall = time.perf_counter(), 0.0
-
-    def tick(self, state: RunState) -> None:
-        state.wall_seconds = self.prior_wall + time.perf_counter() - self.t_start
-
-    def autocast(self) -> Any:
-        if self.amp_dtype is None:
-            return torch.autocast("cpu", enabled=False)
-        return torch.autocast("cuda", dtype=self.amp_dtype)
-
-    def stopping(self, state: RunState) -> bool:
-        return self.args.stop_after is not None and state.total_steps >= self.args.stop_after
-
-    def save_resume(self, model: LifeViT, opt: torch.optim.Optimizer | None, state: RunState) -> None:
-        """Everything to continue later; ``opt`` None at a stage boundary (the next stage starts fresh)."""
-        self.tick(state)
-        body = {"model": model.state_dict(), "optimizer": None if opt is None else opt.state_dict(),
-                "state": vars(state).copy(),
-                "teacher": None if self.teacher is None else self.teacher.state_dict(),
-                "args": {k: v for k, v in vars(self.args).items() if k not in _NOT_COMPARED}}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(body, tmp)
-        tmp.replace(self.path)  # atomic: an interrupted save never corrupts the previous one
-
-    def load_resume(self, model: LifeViT) -> RunState:
-        if not self.path.is_file():
-            raise ConfigError(f"--resume: no {self.path}; start without --resume")
-        body = torch.load(self.path, map_location="cpu", weights_only=False)
-        saved = body["args"]
-        now = {k: v for k, v in vars(self.args).items() if k not in _NOT_COMPARED}
-        changed = sorted(k for k in now if k in saved and saved[k] != now[k])
-        if changed:
-            raise ConfigError(f"--resume with different options than the saved run: {', '.join(changed)}; "
-                              "use the original command line plus --resume")
-        model.load_state_dict(body["model"])
-        self.optimizer_state = body["optimizer"]
-        if body["teacher"] is not None:
-            self.teacher = copy.deepcopy(model)
-            self.teacher.load_state_dict(body["teacher"])
-        st = RunState(**body["state"])
-        st.total_steps = 0
-        self.prior_wall = st.wall_seconds
-        return st
-
-
 def plan_stages(args: argparse.Namespace, train_len: int) -> list[Stage]:
     per_epoch = math.ceil(train_len / args.batch_size)
     # without lengths: one epoch of dense training from scratch, a quarter for lives, half for the tail
@@ -313,6 +249,24 @@ def plan_stages(args: argparse.Namespace, train_len: int) -> list[Stage]:
     return stages
 
 
+# stage 0 from scratch shorter than this gives a model that has barely started learning
+FEW_DENSE_STEPS = 100
+
+
+def warn_short_dense(args: argparse.Namespace, stages: list[Stage], train_len: int) -> None:
+    """Say so when the backbone is trained from scratch for only a handful of steps (or not at all)."""
+    if args.pretrained or args.init_from is not None or stages[0].steps >= FEW_DENSE_STEPS:
+        return
+    steps, per_epoch = stages[0].steps, math.ceil(train_len / args.batch_size)
+    what = "not at all" if steps == 0 else \
+        f"for only {steps} step{'s' if steps != 1 else ''} ({steps / per_epoch:.3g} epochs)"
+    print(f"patchlife train: warning: no --pretrained weights, and stage 0 trains the backbone from scratch "
+          f"{what}: that is not a model yet. Give stage 0 at least {FEW_DENSE_STEPS} steps "
+          f"(--stage0-epochs {math.ceil(FEW_DENSE_STEPS / per_epoch)} here, at {per_epoch} steps per epoch), "
+          "or start from --pretrained weights; README.md, 'Serving a real model', has a recipe",
+          file=sys.stderr, flush=True)
+
+
 def train(args: argparse.Namespace) -> int:
     check_args(args)
     torch.manual_seed(args.seed)
@@ -323,29 +277,32 @@ def train(args: argparse.Namespace) -> int:
         init_from_checkpoint(model, args.init_from)
     model.to(ctx.device)
     stages = plan_stages(args, len(train_split))
-    state = ctx.load_resume(model) if args.resume else RunState()
+    state = ctx.load_resume(model, RunState) if args.resume else RunState()
+    if not args.resume:
+        warn_short_dense(args, stages, len(train_split))
     model.to(ctx.device)
-    for stage in stages[state.stage:]:
-        if stage.name == "tail" and args.distill > 0 and ctx.teacher is None:
-            ctx.teacher = copy.deepcopy(model).eval().requires_grad_(False)  # dense model before the tail moves
-        if state.step < stage.steps and not run_stage(model, stage, train_split, state, args, ctx):
-            return _stopped(args, state)
-        state.history.append(quick_eval(model, val_split, stage.name, ctx.device, args.batch_size))
-        if stage.name == "dense" and args.save_dense is not None:
-            meta = {**_metadata(args, train_split, val_split), "name": f"{args.name or Path(args.out).name}-dense"}
-            save_checkpoint(model, args.save_dense, class_names=train_split.class_names, metadata=meta)
-        state.stage, state.step = stage.index + 1, 0
-        if stage.index + 1 < len(stages):
-            ctx.save_resume(model, None, state)  # a stage boundary: --resume starts the next stage
-            if ctx.stopping(state):
-                return _stopped(args, state)
-    return _finish(model, args, ctx, state, train_split, val_split)
+    with ctx.interrupt:
+        for stage in stages[state.stage:]:
+            if stage.name == "tail" and args.distill > 0 and ctx.teacher is None:
+                ctx.teacher = copy.deepcopy(model).eval().requires_grad_(False)  # dense model before the tail moves
+            if state.step < stage.steps and not run_stage(model, stage, train_split, state, args, ctx):
+                return _stopped(args, ctx, state)
+            state.history.append(quick_eval(model, val_split, stage.name, ctx.device, args.batch_size))
+            if stage.name == "dense" and args.save_dense is not None:
+                meta = {**_metadata(args, train_split, val_split), "name": f"{args.name or Path(args.out).name}-dense"}
+                save_checkpoint(model, args.save_dense, class_names=train_split.class_names, metadata=meta)
+            state.stage, state.step = stage.index + 1, 0
+            ctx.save_resume(model, None, state)  # a stage boundary: --resume starts the next stage (or finishes)
+            if ctx.stopping(state) and (ctx.interrupt.requested or stage.index + 1 < len(stages)):
+                return _stopped(args, ctx, state)
+        return _finish(model, args, ctx, state, train_split, val_split)
 
 
-def _stopped(args: argparse.Namespace, state: RunState) -> int:
-    print(f"stopped after {args.stop_after} steps (now at stage {state.stage}, step {state.step}); "
-          "continue with the same command plus --resume", file=sys.stderr)
-    return 0
+def _stopped(args: argparse.Namespace, ctx: TrainContext, state: RunState) -> int:
+    why = "interrupted" if ctx.interrupt.requested else f"--stop-after {args.stop_after}"
+    print(f"patchlife train: stopped ({why}) at stage {state.stage}, step {state.step}; the state is saved in "
+          f"{ctx.path}. To continue:\n  {continue_hint(args)}", file=sys.stderr, flush=True)
+    return 130 if ctx.interrupt.requested else 0
 
 
 def _finish(model: LifeViT, args: argparse.Namespace, ctx: TrainContext, state: RunState,
@@ -367,21 +324,23 @@ def _finish(model: LifeViT, args: argparse.Namespace, ctx: TrainContext, state: 
     ctx.tick(state)
     write_metrics(out, args, state, meta)
     ctx.path.unlink(missing_ok=True)
-    print(f"saved {out} (train wall time {state.seconds:.0f} s)", file=sys.stderr)
+    try:  # the page's examples, from the held-out split, with the model's answers
+        shown = f"{len(write_examples(out))} example images for the page"
+    except (OSError, ValueError) as exc:  # the model is saved; only the page's example row is missing
+        shown = f"no example images for the page: {exc}"
+    print(f"saved {out} (train wall time {state.seconds:.0f} s; {shown})", file=sys.stderr)
     return 0
 
 
 def _metadata(args: argparse.Namespace, train_split: DataSplit, val_split: DataSplit) -> dict[str, Any]:
     """Name, description, data and the exact command, recorded in the checkpoint's config."""
-    argv = getattr(args, "argv", None)
-    argv = list(argv) if argv is not None else (sys.argv[2:] if sys.argv[1:2] == ["train"] else [])
     data = data_spec(args, train_split, val_split)
     description = args.description or (
         TASK_DESCRIPTION if data["kind"] == "synthetic" else
         f"Classifies an image into one of the {len(train_split.class_names)} classes of the ImageFolder "
         f"tree at {data['root']}.")
     return {"name": args.name or Path(args.out).name, "description": description, "data": data,
-            "command": shlex.join(["patchlife", "train", *argv])}
+            "command": shlex.join(["patchlife", "train", *original_argv(args)])}
 
 
 def init_from_checkpoint(model: LifeViT, directory: Path) -> None:
@@ -394,8 +353,9 @@ def init_from_checkpoint(model: LifeViT, directory: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"--init-from: no {WEIGHTS_FILE} in {directory}")
     state = load_file(str(path), device="cpu")
-    if "life.score_quantiles" in state:  # its size depends on whether it was calibrated
-        model.life.score_quantiles = state["life.score_quantiles"].clone()
+    for name in ("score_quantiles", "score_samples"):  # their sizes depend on the calibration
+        if f"life.{name}" in state:
+            setattr(model.life, name, state[f"life.{name}"].clone())
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -417,3 +377,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"patchlife train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the second Ctrl-C (or one before training started): no traceback
+        saved = Path(args.out) / RESUME_FILE
+        then = (f"the last saved state is in {saved}; to continue:\n  {continue_hint(args)}" if saved.is_file()
+                else "nothing was saved")
+        print(f"\npatchlife train: stopped at once; {then}", file=sys.stderr, flush=True)
+        return 130

@@ -49,3 +49,46 @@ def test_pretrained_from_local_file_and_clear_error_without_hub(tmp_path, monkey
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PretrainedUnavailable, match="local file"):
         create_backbone("deit_tiny_patch16_224", pretrained=True)
+
+
+def test_weights_are_as_readable_as_the_json_beside_them(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(create_lifevit("vit_nano_patch8_32", 0.7, num_classes=2), tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}  # safetensors alone would give 0600
+
+
+def test_hub_without_network_fails_in_seconds_but_still_reads_the_cache(monkeypatch):
+    """Offline, one failed connection decides: the hub client then runs in offline mode (cached weights
+    load, nothing else is tried) instead of retrying for about 50 s."""
+    import socket
+
+    import huggingface_hub.constants as hf_constants
+
+    from model import backbones
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+    def refused(address, timeout=None):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    offline_during_load = []
+
+    def create_model(name, pretrained=False, **kw):
+        offline_during_load.append(hf_constants.HF_HUB_OFFLINE)
+        raise OSError("not in the cache")  # what the hub client says offline for weights it has not got
+
+    monkeypatch.setattr(backbones.timm, "create_model", create_model)
+    with pytest.raises(PretrainedUnavailable, match="cannot connect to huggingface.co.*not in the local cache"):
+        create_backbone("deit_tiny_patch16_224", pretrained=True)
+    assert offline_during_load == [True] and hf_constants.HF_HUB_OFFLINE is False  # put back after the call
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy the direct probe says nothing
+    assert backbones.hub_unreachable() is None

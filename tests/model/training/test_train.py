@@ -115,6 +115,7 @@ def test_resume_with_other_options_is_refused(tmp_path, capsys):
     (["--stage1-steps", "2", "--stage1-epochs", "1"], "not both"),
     (["--resume"], "nothing to resume"),
     (["--amp", "bf16", "--device", "cpu"], "needs a GPU"),
+    (["--crop-scale", "0"], "--crop-scale is a fraction"),
 ])
 def test_bad_configuration_stops_with_a_message(extra, message, tmp_path, capsys):
     assert main([*TINY, "--out", str(tmp_path / "o"), *extra]) == 2
