@@ -42,6 +42,7 @@ from .loadreport import BUSY_WARNING
 from .models import MODELS
 from .standin_frontend import DEFAULT_RATE as STANDIN_RATE
 from .standin_frontend import INPUTS as STANDIN_INPUTS
+from .standin_frontend import _fmt, _list  # one home for the two tables' helpers
 
 PHOTOS = {"224px": "photo224", "1000px": "photo1000"}  # row name -> loadmix kind
 
@@ -151,14 +152,6 @@ def measure(args: argparse.Namespace, checkpoint: Path, offline: float | None) -
                                                  server_cpu=child.cpu_seconds, driver=driver))
                 rows.append(row(name, n, r, offline))
     return rows
-
-
-def _list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return "n/a" if v is None else f"{v:{spec}}"
 
 
 def table(body: dict[str, Any]) -> str:
