@@ -52,6 +52,8 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append("--tau must be > 0")
     if not 0 <= args.label_smoothing < 1 or not 0 <= args.distill <= 1:
         problems.append("--label-smoothing must be in [0, 1) and --distill in [0, 1]")
+    if getattr(args, "fit_budget", 0) < 0 or (getattr(args, "fit_budget", 0) > 0 and args.calibrate == 0):
+        problems.append("--fit-budget must be >= 0, and needs --calibrate > 0 (it fits calibrated budgets)")
     if args.calibrate < 0 or args.save_every < 1 or args.train_size < 1 or args.val_size < 1:
         problems.append("--calibrate must be >= 0; --save-every, --train-size and --val-size >= 1")
     problems += [p for s in range(3) for p in _stage_problems(args, s)]
