@@ -10,6 +10,7 @@ answers stay exactly those of the model as it was.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,10 @@ from .data import DataSplit
 
 
 @torch.no_grad()
-def measure_needs(model: LifeViT,
-                  batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scores [N, P], need [N])``: need is a ladder index, ``len(LADDER)`` for never."""
+def measure_needs(model: LifeViT, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                  with_right: bool = False) -> Any:
+    """``(scores [N, P], need [N])``: need is a ladder index, ``len(LADDER)`` for never; with
+    ``with_right`` also ``right [N, R]``, whether each ladder rate answered each image right."""
     scores, right = [], []
     counts = ladder_counts(model.schedule)
     for images, labels in batches:
@@ -34,7 +36,7 @@ def measure_needs(model: LifeViT,
     ok = torch.cat(right)                                          # [N, R]
     ok_from = ok.flip(1).int().cumprod(dim=1).flip(1).bool()       # right at r and at every larger rate
     need = torch.where(ok_from.any(dim=1), ok_from.int().argmax(dim=1), torch.tensor(len(LADDER)))
-    return torch.cat(scores), need
+    return (torch.cat(scores), need, ok) if with_right else (torch.cat(scores), need)
 
 
 def fit_predictor(scores: torch.Tensor, need: torch.Tensor, seed: int = 0, epochs: int = 400,
