@@ -123,9 +123,6 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     cfg = read_config(directory)
     model = build_from_config(cfg)
     state = load_file(str(Path(directory) / WEIGHTS_FILE), device="cpu")
-    for name in ("score_quantiles", "score_samples"):  # sizes depend on the calibration (none: empty)
-        key = f"life.{name}"
-        state.setdefault(key, torch.zeros(0))  # checkpoints from before score_samples existed
-        setattr(model.life, name, state[key].clone())
+    model.life.take_sized_buffers(state)  # sizes depend on the calibration (none, or an older checkpoint: empty)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), cfg

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .budget import PARAM_NAMES as BUDGET_PARAMS
 from .schedule import KeepSchedule, constant_like
 
 Normalization = Literal["per_image", "calibrated"]
@@ -50,6 +51,35 @@ class LifeRegression(nn.Module):
         # A sample of calibration images' scores ``[N, P]``, each row sorted descending: what a
         # server needs to know how budgets spread over images (its bucket grid); empty if unknown.
         self.register_buffer("score_samples", torch.zeros(0), persistent=True)
+        # The budget predictor (``model/budget.py``), fitted after calibration; empty: none, and
+        # calibrated budgets come from the pooled thresholds alone.
+        for name in BUDGET_PARAMS:
+            self.register_buffer(name, torch.zeros(0), persistent=True)
+        self.budget_plans: dict[tuple, tuple[float, torch.Tensor, torch.Tensor]] = {}  # per schedule and device
+
+    # buffers whose size depends on calibration and fitting (empty until then)
+    SIZED_BUFFERS = ("score_quantiles", "score_samples", *BUDGET_PARAMS)
+
+    def take_sized_buffers(self, state: dict[str, torch.Tensor], prefix: str = "life.") -> None:
+        """Resize the calibration buffers to ``state``'s (a saved ``state_dict``), so a strict
+        ``load_state_dict`` fits; a buffer the state lacks (an older checkpoint) becomes empty."""
+        for name in self.SIZED_BUFFERS:
+            value = state.setdefault(prefix + name, torch.zeros(0))
+            setattr(self, name, value.clone())
+        self.budget_plans = {}
+
+    @property
+    def has_budget_predictor(self) -> bool:
+        weights: torch.Tensor = getattr(self, BUDGET_PARAMS[2])  # registered by name: mypy cannot see it
+        return weights.numel() > 0 and self.score_samples.numel() > 0
+
+    def budget_params(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in BUDGET_PARAMS)
+
+    def set_budget_params(self, params: dict[str, torch.Tensor]) -> None:
+        for name in BUDGET_PARAMS:
+            setattr(self, name, params[name].detach().float().to(self.weight.device))
+        self.budget_plans = {}
 
     def forward(self, patches: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
         """``patches [B, P, C]``, ``cls [B, C]`` -> scores ``[B, P]`` (float32)."""
@@ -107,6 +137,14 @@ def per_image_thresholds(scores: torch.Tensor, schedule: KeepSchedule) -> torch.
     padded = torch.cat([srt, below], dim=1)  # index P = "below everything": keep all
     idx = constant_like(schedule.patch_counts, scores, torch.long)
     return (padded[:, idx - 1] + padded[:, idx]) / 2
+
+
+def thresholds_at_counts(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-image thresholds that keep ``counts [B, S]`` patches of each image: ``[B, S]``."""
+    srt = scores.sort(dim=1, descending=True).values
+    padded = torch.cat([srt, srt[:, -1:] - 1.0], dim=1)  # index P = "below everything": keep all
+    idx = counts.long().clamp(1, scores.shape[1])
+    return (padded.gather(1, idx - 1) + padded.gather(1, idx)) / 2
 
 
 def calibrated_thresholds(quantiles: torch.Tensor, schedule: KeepSchedule) -> torch.Tensor:

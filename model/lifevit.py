@@ -22,8 +22,18 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from . import budget as predicted
 from .defaults import GRID_KEEP_RATES, GRID_SIZE, GRID_STEP
-from .life import LifeRegression, Normalization, calibrated_thresholds, inference_lives, soft_keep_weights, soft_lives
+from .life import (
+    LifeRegression,
+    Normalization,
+    calibrated_thresholds,
+    inference_lives,
+    lives_from_thresholds,
+    soft_keep_weights,
+    soft_lives,
+    thresholds_at_counts,
+)
 from .schedule import BucketGrid, Counts, KeepSchedule, budgets_from_lives, constant_like, host_to_device
 
 
@@ -165,7 +175,15 @@ class LifeViT(nn.Module):
 
     # -- lives and budgets -------------------------------------------------------------------
     def lives(self, scores: torch.Tensor, schedule: KeepSchedule | None = None) -> torch.Tensor:
-        """Inference lives ``[B, P]`` in layer units, in patch-grid order."""
+        """Inference lives ``[B, P]`` in layer units, in patch-grid order.
+
+        Calibrated with a budget predictor (``model/budget.py``): each image's lives cross the stage
+        starts at its predicted budget, so ``budgets`` reads that budget back from them."""
+        schedule = schedule or self.schedule
+        if self.normalization == "calibrated" and self.life.has_budget_predictor:
+            counts = self.predicted_budgets(scores, schedule)
+            return lives_from_thresholds(scores, thresholds_at_counts(scores, counts),
+                                         scores.max(dim=1).values, schedule)
         return inference_lives(scores, schedule or self.schedule, self.normalization,
                                self.life.score_quantiles)
 
@@ -180,6 +198,28 @@ class LifeViT(nn.Module):
             return constant_like(schedule.patch_counts, scores, torch.long).expand(scores.shape[0], -1)
         return budgets_from_lives(self.lives(scores, schedule) if lives is None else lives, schedule)
 
+    def predicted_budgets(self, scores: torch.Tensor, schedule: KeepSchedule | None = None) -> torch.Tensor:
+        """The budget predictor's per-image counts ``[B, S]`` int64: each image's ladder rate by need,
+        at the schedule's mean tail cost over the calibration sample (see ``model/budget.py``)."""
+        schedule = schedule or self.schedule
+        lam, costs, table = self._budget_plan(schedule, scores.device)
+        cdf = predicted.need_cdf(scores, self.life.budget_params())
+        return table[predicted.allocate(cdf, costs, lam)]
+
+    def _budget_plan(self, schedule: KeepSchedule, device: torch.device) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """``(lambda, ladder costs [R], ladder counts [R, S])`` for a schedule, solved once per schedule
+        and device (a server's first calls: the host waits for the solve, never inside a graph)."""
+        key = (schedule.patch_counts, schedule.stage_starts, str(device))
+        plan = self.life.budget_plans.get(key)
+        if plan is None:
+            counts = predicted.ladder_counts(schedule)
+            costs = torch.tensor([predicted.tail_cost(schedule, c) for c in counts])
+            sample_cdf = predicted.need_cdf(self.life.score_samples, self.life.budget_params()).cpu()
+            lam = predicted.solve_lambda(sample_cdf, costs, predicted.tail_cost(schedule, schedule.patch_counts))
+            plan = (lam, host_to_device(costs, device), host_to_device(torch.tensor(counts), device))
+            self.life.budget_plans[key] = plan
+        return plan
+
     def budget_sample(self, schedule: KeepSchedule | None = None) -> torch.Tensor:
         """Budgets ``[N, S]`` the calibration images would get at ``schedule`` (empty if unknown).
 
@@ -192,6 +232,8 @@ class LifeViT(nn.Module):
         samples = self.life.score_samples
         if samples.numel() == 0:
             return torch.zeros(0, len(schedule.patch_counts), dtype=torch.long)
+        if self.life.has_budget_predictor:
+            return self.predicted_budgets(samples, schedule).cpu()
         t = calibrated_thresholds(self.life.score_quantiles, schedule)
         return (samples[:, :, None] > t).sum(dim=1).clamp(min=1).cpu()
 

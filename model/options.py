@@ -83,6 +83,9 @@ def train(p: argparse.ArgumentParser) -> None:
                    help="keep rates drawn per step in stage 2 (default: --keep-rate only)")
     t.add_argument("--calibrate", type=int, default=2048,
                    help="training images for calibrated (content-adaptive) budgets; 0 keeps per-image")
+    t.add_argument("--fit-budget", type=int, default=0, metavar="N",
+                   help="after calibrating, fit the budget predictor on N training images: per-image "
+                        "budgets by what each image needs, at each schedule's mean cost (0: off)")
     r = p.add_argument_group("run")
     r.add_argument("--out", type=Path, default=Path("runs/patchlife"), help="output checkpoint folder")
     r.add_argument("--seed", type=int, default=0, help="seeds the model, the data and its order")

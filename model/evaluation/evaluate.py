@@ -182,13 +182,24 @@ def calibrated_row(model: LifeViT, batches: Batches, keep_rate: float, grid: Buc
                   "fraction_of_dense": q, "p90_over_p10": round(q["p90"] / max(q["p10"], 1e-9), 3),
                   "patches_last_stage": _quantiles(own[:, -1]),
                   "patches_per_stage_mean": [round(float(v), 2) for v in own.float().mean(dim=0)],
-                  "buckets": len(set(run)), "grid_points": len(grid.points) or None}
+                  "buckets": len(set(run)), "grid_points": len(grid.points) or None,
+                  "tail_cost_vs_fixed": _tail_cost_vs_fixed(grid, own, run, m.schedule.patch_counts),
+                  "predictor": m.life.has_budget_predictor}
         if content:
             budget["spearman_vs_content"] = {k: round(spearman(fraction.numpy(), v[: len(fraction)]), 4)
                                              for k, v in content.items()}
         counts = [round(float(v), 1) for v in own.float().mean(dim=0)]
         return Row("life", keep_rate, acc, float(flops.mean()), ips, "calibrated", counts,  # type: ignore[arg-type]
                    budget, n=len(fraction))
+
+
+def _tail_cost_vs_fixed(grid: BucketGrid, own: torch.Tensor, run: list[tuple[int, ...]],
+                       fixed: Sequence[int]) -> dict[str, float]:
+    """Mean tail work (patch-block products) of the images' own budgets and of the buckets they ran
+    at, over the fixed schedule's: 1.0 is the same mean compute as the fixed-count row."""
+    base = grid.cost(fixed)
+    return {"own": round(sum(grid.cost(b) for b in own.tolist()) / len(run) / base, 4),
+            "run": round(sum(grid.cost(c) for c in run) / len(run) / base, 4)}
 
 
 def evaluate_model(model: LifeViT, batches: Batches, keep_rates: Sequence[float] = KEEP_RATES,
@@ -254,8 +265,8 @@ def markdown(rows: list[Row], title: str) -> str:
         keys = sorted({k for r in cal for k in (r.budget or {}).get("spearman_vs_content", {})})
         lines += ["", "Calibrated (content-adaptive) per-image budgets:", "",
                   "| keep rate | top-1 | budget / dense GFLOPs: min / p10 / p50 / p90 / max (mean) | p90/p10 "
-                  "| last-stage patches: min / p10 / p50 / p90 / max | buckets run |"
-                  + "".join(f" Spearman vs {k} |" for k in keys), "|---|---|---|---|---|---|" + "---|" * len(keys)]
+                  "| last-stage patches: min / p10 / p50 / p90 / max | buckets run | tail work / fixed: own, run |"
+                  + "".join(f" Spearman vs {k} |" for k in keys), "|---|---|---|---|---|---|---|" + "---|" * len(keys)]
         for r in cal:
             b = r.budget or {}
             f, p = b["fraction_of_dense"], b["patches_last_stage"]
@@ -264,8 +275,14 @@ def markdown(rows: list[Row], title: str) -> str:
                          f"{f['p50']:.2f} / {f['p90']:.2f} / {f['max']:.2f} ({f['mean']:.3f}) | "
                          f"{b['p90_over_p10']:.2f} | "
                          f"{p['min']:g} / {p['p10']:g} / {p['p50']:g} / {p['p90']:g} / {p['max']:g} | "
-                         f"{b['buckets']} |" + "".join(f" {rho[k]:.3f} |" if k in rho else " - |" for k in keys))
+                         f"{b['buckets']} | {_work(b)} |"
+                         + "".join(f" {rho[k]:.3f} |" if k in rho else " - |" for k in keys))
     return "\n".join(lines)
+
+
+def _work(budget: dict[str, Any]) -> str:
+    work = budget.get("tail_cost_vs_fixed")
+    return f"{work['own']:.2f}, {work['run']:.2f}" if work else "-"
 
 
 def _parse(args: argparse.Namespace) -> tuple[list[float], torch.device]:

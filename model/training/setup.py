@@ -37,13 +37,9 @@ class ConfigError(ValueError):
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject options that cannot work before anything is built."""
-    problems = []
+    problems = _rate_problems(args)
     if args.data is not None and args.synthetic:
         problems.append("give either --data or --synthetic, not both")
-    if not 0 < args.keep_rate <= 1:
-        problems.append(f"--keep-rate must be in (0, 1], got {args.keep_rate}")
-    if any(not 0 < r <= 1 for r in args.stage2_keep_rates or []):
-        problems.append(f"--stage2-keep-rates must lie in (0, 1], got {args.stage2_keep_rates}")
     if args.batch_size < 1:
         problems.append("--batch-size must be >= 1")
     if not 0 <= args.warmup < 1:
@@ -54,6 +50,8 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append("--tau must be > 0")
     if not 0 <= args.label_smoothing < 1 or not 0 <= args.distill <= 1:
         problems.append("--label-smoothing must be in [0, 1) and --distill in [0, 1]")
+    if getattr(args, "fit_budget", 0) < 0 or (getattr(args, "fit_budget", 0) > 0 and args.calibrate == 0):
+        problems.append("--fit-budget must be >= 0, and needs --calibrate > 0 (it fits calibrated budgets)")
     if args.calibrate < 0 or args.save_every < 1 or args.train_size < 1 or args.val_size < 1:
         problems.append("--calibrate must be >= 0; --save-every, --train-size and --val-size >= 1")
     problems += [p for s in range(3) for p in _stage_problems(args, s)]
@@ -61,6 +59,15 @@ def check_args(args: argparse.Namespace) -> None:
         problems.append(f"--resume: nothing to resume in {args.out} (no resume.pt); drop --resume")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _rate_problems(args: argparse.Namespace) -> list[str]:
+    out = []
+    if not 0 < args.keep_rate <= 1:
+        out.append(f"--keep-rate must be in (0, 1], got {args.keep_rate}")
+    if any(not 0 < r <= 1 for r in args.stage2_keep_rates or []):
+        out.append(f"--stage2-keep-rates must lie in (0, 1], got {args.stage2_keep_rates}")
+    return out
 
 
 def _stage_problems(args: argparse.Namespace, s: int) -> list[str]:

@@ -316,6 +316,10 @@ def _finish(model: LifeViT, args: argparse.Namespace, ctx: TrainContext, state: 
             if sum(len(b) for b in batches) >= args.calibrate:
                 break
         model.calibrate(batches)
+        if getattr(args, "fit_budget", 0) > 0:  # the budget predictor (model/training/budget_fit.py)
+            from .budget_fit import fit_budget
+            fitted = fit_budget(model, train_split, args.fit_budget, args.batch_size, args.seed, ctx.device)
+            state.history.append({"after": "budget predictor", **fitted})
         state.history.append(quick_eval(model, val_split, "calibrated", ctx.device, args.batch_size))
     state.seconds += time.perf_counter() - t0
     out = Path(args.out)
@@ -353,9 +357,7 @@ def init_from_checkpoint(model: LifeViT, directory: Path) -> None:
     if not path.is_file():
         raise ConfigError(f"--init-from: no {WEIGHTS_FILE} in {directory}")
     state = load_file(str(path), device="cpu")
-    for name in ("score_quantiles", "score_samples"):  # their sizes depend on the calibration
-        if f"life.{name}" in state:
-            setattr(model.life, name, state[f"life.{name}"].clone())
+    model.life.take_sized_buffers(state)  # their sizes depend on whether it was calibrated
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
