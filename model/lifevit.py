@@ -22,7 +22,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from . import budget as predicted
+from .budget import allocate, ladder_counts, need_cdf, solve_lambda, tail_cost
 from .defaults import GRID_KEEP_RATES, GRID_SIZE, GRID_STEP
 from .life import (
     LifeRegression,
@@ -203,8 +203,8 @@ class LifeViT(nn.Module):
         at the schedule's mean tail cost over the calibration sample (see ``model/budget.py``)."""
         schedule = schedule or self.schedule
         lam, costs, table = self._budget_plan(schedule, scores.device)
-        cdf = predicted.need_cdf(scores, self.life.budget_params())
-        return table[predicted.allocate(cdf, costs, lam)]
+        cdf = need_cdf(scores, self.life.budget_params())
+        return table[allocate(cdf, costs, lam)]
 
     def _budget_plan(self, schedule: KeepSchedule, device: torch.device) -> tuple[float, torch.Tensor, torch.Tensor]:
         """``(lambda, ladder costs [R], ladder counts [R, S])`` for a schedule, solved once per schedule
@@ -212,10 +212,10 @@ class LifeViT(nn.Module):
         key = (schedule.patch_counts, schedule.stage_starts, str(device))
         plan = self.life.budget_plans.get(key)
         if plan is None:
-            counts = predicted.ladder_counts(schedule)
-            costs = torch.tensor([predicted.tail_cost(schedule, c) for c in counts])
-            sample_cdf = predicted.need_cdf(self.life.score_samples, self.life.budget_params()).cpu()
-            lam = predicted.solve_lambda(sample_cdf, costs, predicted.tail_cost(schedule, schedule.patch_counts))
+            counts = ladder_counts(schedule)
+            costs = torch.tensor([tail_cost(schedule, c) for c in counts])
+            sample_cdf = need_cdf(self.life.score_samples, self.life.budget_params()).cpu()
+            lam = solve_lambda(sample_cdf, costs, tail_cost(schedule, schedule.patch_counts))
             plan = (lam, host_to_device(costs, device), host_to_device(torch.tensor(counts), device))
             self.life.budget_plans[key] = plan
         return plan
