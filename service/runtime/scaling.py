@@ -37,16 +37,25 @@ class Scaling:
     objective_s: the latency objective. default_rate: the keep rate of a request without one.
     floor: the server's floor (None: requests scale only with a ``min_keep_rate`` of their own).
     hysteresis: the cap moves back up only when the queue at the higher cap would finish within
-        ``(1 - hysteresis)`` of the objective (it moves down as soon as it would miss it): no flapping.
+        ``(1 - hysteresis)`` of the aim (it moves down as soon as it would miss it): no flapping.
+    aim: the share of the objective the model's queue may take (the cap is decided against
+        ``aim * objective_s``): the rest is left to what the queue does not see (decoding, the hand-off,
+        the answer's way back) and to the cost model's error. The queue counts from a request's arrival
+        in it, the client from its send.
     """
 
     objective_s: float
     default_rate: float
     floor: float | None = None
     hysteresis: float = 0.25
+    aim: float = 0.7
+
+    @property
+    def aim_s(self) -> float:
+        return self.aim * self.objective_s
 
     def __post_init__(self) -> None:
-        if not (self.objective_s > 0 and 0 < self.default_rate <= 1 and 0 <= self.hysteresis < 1):
+        if not (self.objective_s > 0 and 0 < self.default_rate <= 1 and 0 <= self.hysteresis < 1 and 0 < self.aim <= 1):
             raise ValueError(f"invalid accuracy scaling: {self}")
         if self.floor is not None and not 0 < self.floor <= 1:
             raise ValueError(f"the floor must lie in (0, 1], got {self.floor}")

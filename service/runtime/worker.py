@@ -412,7 +412,7 @@ class Worker:
             return [i.wait for i in self.queues.tail.values()]
         size = self.limits.size
         queued = self.queues.scalables_locked(lambda phase, counts: self.batch_seconds(phase, size, counts) / size)
-        self.cap = scale_cap(self.cap, queued, now, self.scaling.objective_s, self.scaling.hysteresis)
+        self.cap = scale_cap(self.cap, queued, now, self.scaling.aim_s, self.scaling.hysteresis)
         return self.queues.tail_waits_locked(self.cap)
 
     def _learn(self, phase: Phase, images: int, tokens_per_row: int, seconds: float, merged: int = 0) -> int:

@@ -257,3 +257,15 @@ def test_objective_off_changes_nothing() -> None:
 def test_an_objective_never_missed_scales_nothing(objective_s: float) -> None:
     burst, _, seen, _ = run_burst(Scaling(objective_s, 0.5, 0.3), pattern(24))
     assert not any(r.scaled for r in burst) and all(seen.met)
+
+
+def test_the_cap_is_decided_against_the_aim_not_the_whole_objective() -> None:
+    """The queue sees only part of a request's time: a queue that would finish at 80% of the objective
+    is already a miss at the default aim (70%), and must be scaled; with the whole objective it is not."""
+    s = Scaling(objective_s=1.0, default_rate=0.5, floor=0.3)
+    assert s.aim_s == pytest.approx(0.7)
+    queued = [Scalable(0.0, (0.5, 0.4, 0.3), (0.8, 0.6, 0.4))]
+    assert scale_cap(1.0, queued, 0.0, 1.0) == 1.0
+    assert scale_cap(1.0, queued, 0.0, s.aim_s) < 0.5
+    with pytest.raises(ValueError):
+        Scaling(objective_s=1.0, default_rate=0.5, aim=0.0)
