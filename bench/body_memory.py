@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from .child import serve_child
+from .proctree import rss_bytes
 
 MIB = 2**20
 MAX_REQUEST = 50 * MIB   # the defaults of service/settings.py
@@ -78,15 +79,6 @@ KINDS: dict[str, tuple[str, Callable[[], tuple[dict[str, str], bytes]]]] = {
     "v2 json": ("/v2/models/{model}/infer", _v2_json), "v2 binary": ("/v2/models/{model}/infer", _v2_binary)}
 
 
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the embedded model)")
@@ -102,10 +94,10 @@ def main(argv: list[str] | None = None) -> None:
             peaks, status = [], 0
             for _ in range(args.repeat):
                 Path(f"/proc/{child.proc.pid}/clear_refs").write_text("5")  # peak RSS := RSS now
-                before = _status(child.proc.pid)["VmRSS"]
+                before = rss_bytes(child.proc.pid)["VmRSS"]
                 r = httpx.post(child.url + path.format(model=model), content=body, headers=headers, timeout=120)
                 status = r.status_code
-                peaks.append(_status(child.proc.pid)["VmHWM"] - before)
+                peaks.append(rss_bytes(child.proc.pid)["VmHWM"] - before)
             peak = max(peaks)
             print(f"{kind:<12} {len(body) / MIB:>9.1f} {peak / MIB:>9.1f} {peak / len(body):>7.2f}  {status}",
                   flush=True)

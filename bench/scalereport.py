@@ -249,20 +249,3 @@ def target_lines(body: dict[str, Any]) -> list[str]:
                        f"{_verdict(share == 0 if share is not None else None)}; top-1 on "
                        f"{_f(delta, '+.2f')} points vs unloaded")
     return out
-    for token, on, c in zip(body["tokens"], results["on"], body.get("comparison") or [{}] * len(results["on"]),
-                            strict=False):
-        if token == "mid":
-            att, ratio, delta = on.get("attainment"), c.get("goodput_ratio"), c.get("top1_delta_points_on")
-            off_goodput = (results.get("off") or [{}])[0].get("goodput") if "off" in results else None
-            ratio_ok = ratio >= 3 if ratio is not None else (True if off_goodput == 0 and on.get("goodput") else None)
-            out += [f"target at mid: attainment on {_f(att, '.1%')} (>= 95%): "
-                    f"{_verdict(att >= 0.95 if att is not None else None)}",
-                    f"target at mid: goodput on/off x{_f(ratio, '.2f')} (>= 3): {_verdict(ratio_ok)}",
-                    f"target at mid: served top-1 on {_f(delta, '+.2f')} points vs unloaded (>= -1.5): "
-                    f"{_verdict(delta >= -1.5 if delta is not None else None)}"]
-        elif token == "0.5d":
-            share, delta = on.get("scaled_share"), c.get("top1_delta_points_on")
-            out.append(f"target at 0.5 x C_default: scaled {_f(share, '.1%')} (0): "
-                       f"{_verdict(share == 0 if share is not None else None)}; top-1 on "
-                       f"{_f(delta, '+.2f')} points vs unloaded")
-    return out

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from bench.child import ServeChild, serve_child
-from bench.proctree import descendants, scan
+from bench.proctree import descendants, rss_bytes, scan
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]  # of the test checkpoint
@@ -177,11 +177,3 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def rss_bytes(pid: int) -> dict[str, int]:
-    """VmRSS (now) and VmHWM (peak since start) of a process, in bytes, from /proc/<pid>/status."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
