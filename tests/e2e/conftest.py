@@ -9,16 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
-from e2e_support import CLASSES, EXAMPLES, MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES, example_image
-from ops_support import REPO, free_port, stop_process, wait_http_ok
+from e2e_support import CLASSES, EXAMPLES, Service, example_image, run_service
+from ops_support import wait_http_ok
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,32 +56,13 @@ def example_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@dataclass
-class Service:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-
 @pytest.fixture(scope="module")
 def service(chromium_path: str, example_checkpoint: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """``patchlife serve`` started on a free loopback port (not yet waited for), stopped at the end.
     (Takes ``chromium_path`` so that nothing starts when the browser tests are skipped.)"""
-    port = free_port()
-    log = tmp_path_factory.mktemp("service") / "serve.log"
-    env = {**os.environ, "PATCHLIFE_HOST": "127.0.0.1", "PATCHLIFE_PORT": str(port),
-           "PATCHLIFE_CHECKPOINT": str(example_checkpoint), "PATCHLIFE_DEVICE": "cpu",
-           "PATCHLIFE_DTYPE": "float32", "PATCHLIFE_WARMUP_BATCHES": "1", "OMP_NUM_THREADS": "1",
-           "PATCHLIFE_GRPC_PORT": "0", "PATCHLIFE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
-           "PATCHLIFE_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield Service(proc, f"http://127.0.0.1:{port}", log)
-    finally:
-        stop_process(proc)
+    with run_service(example_checkpoint, tmp_path_factory.mktemp("service") / "serve.log") as service:
+        yield service
 
 
 @pytest.fixture(scope="module")

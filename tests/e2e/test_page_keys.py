@@ -5,47 +5,23 @@ the curl line names the key's variable, never the key. Runs where the other brow
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import EXAMPLES, MAX_REQUEST_BYTES, MAX_UPLOAD_BYTES
-from ops_support import REPO, free_port, stop_process
+from e2e_support import EXAMPLES, Service, run_service
 
 KEY = "page-key-0123456789"
-
-
-@dataclass
-class Service:  # what tests/e2e/conftest.py's service_url reads
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
 
 
 @pytest.fixture(scope="module")
 def service(chromium_path: str, example_checkpoint: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """As conftest's ``service``, with one key for every group (the page sends one key)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("service-keys") / "serve.log"
-    env = {**os.environ, "PATCHLIFE_HOST": "127.0.0.1", "PATCHLIFE_PORT": str(port),
-           "PATCHLIFE_CHECKPOINT": str(example_checkpoint), "PATCHLIFE_DEVICE": "cpu",
-           "PATCHLIFE_DTYPE": "float32", "PATCHLIFE_WARMUP_BATCHES": "1", "OMP_NUM_THREADS": "1",
-           "PATCHLIFE_GRPC_PORT": "0", "PATCHLIFE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
-           "PATCHLIFE_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES), "PATCHLIFE_API_KEY_INFERENCE": KEY,
-           "PATCHLIFE_API_KEY_METADATA": KEY, "PATCHLIFE_API_KEY_METRICS": KEY}
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield Service(proc, f"http://127.0.0.1:{port}", log)
-    finally:
-        stop_process(proc)
+    keys = {f"PATCHLIFE_API_KEY_{group}": KEY for group in ("INFERENCE", "METADATA", "METRICS")}
+    with run_service(example_checkpoint, tmp_path_factory.mktemp("service-keys") / "serve.log", keys) as service:
+        yield service
 
 
 def test_the_key_field_opens_on_401_and_the_page_then_works(browser: Any, service_url: str, tmp_path: Path) -> None:
