@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if exists(out) and not args.force:
         print(f"patchlife: the {variant} model exists at {_rel(out)}; {provenance(out)}")
         return 0
-    from .. import train  # training code only when needed
+    from . import train  # training code only when needed
 
     with tempfile.TemporaryDirectory(prefix="patchlife-") as tmp:
         paper = variant == "default" and not args.no_paper
