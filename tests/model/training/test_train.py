@@ -189,3 +189,22 @@ def test_ensure_default_leaves_an_existing_model_alone(tmp_path, capsys):
     assert default_model.run(argparse.Namespace(out=tmp_path, force=False, variant="default")) == 0
     assert "exists" in capsys.readouterr().out
     assert (tmp_path / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_ensure_default_force_trains_evaluates_and_compares_with_the_paper(tmp_path, monkeypatch, capsys):
+    """The whole ``ensure-default --force`` path on a tiny recipe: train, evaluate into metrics.json, the
+    paper-recipe comparison from the same dense weights, the page's examples (a broken import here once
+    made every retrain fail before its first step, while the 'model exists' path still passed)."""
+    from model.training import default_model
+
+    tiny = [*TINY, "--stage0-steps", "2", "--stage1-steps", "1", "--stage2-steps", "1", "--seed", "0",
+            "--keep-rate", "0.5", "--stage-starts", "1,2,3", "--name", "tiny-default"]
+    monkeypatch.setattr(default_model, "RECIPE", tiny)
+    args = argparse.Namespace(out=tmp_path / "m", force=True, variant="default", no_paper=False, dense_from=None)
+    assert default_model.run(args) == 0
+    body = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert body["name"] == "tiny-default" and body["eval"]["images"] == 24
+    assert {row["keep_rate"] for row in body["eval"]["rows"] if row.get("keep_rate")} >= {0.3, 0.5}
+    assert "--stage1-norm per_image" in body["paper_recipe"]["command"]
+    assert (tmp_path / "m" / "examples" / "examples.json").is_file()
+    load_checkpoint(tmp_path / "m")
