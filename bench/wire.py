@@ -13,6 +13,7 @@ requests: one frame per request before, one ``Answers`` frame for the batch now.
 from __future__ import annotations
 
 import argparse
+import functools
 import pickle
 import struct
 import time
@@ -53,7 +54,7 @@ def old_frame(message: Any) -> bytes:
     return OLD_HEADER.pack(len(body)) + body
 
 
-def old_read(frame: bytes) -> Any:
+def old_read(frame: bytes | bytearray) -> Any:
     return pickle.loads(frame[OLD_HEADER.size:])
 
 
@@ -111,7 +112,8 @@ def cases(classes: int, grid: int) -> dict[str, tuple[Case, Case]]:
                          lambda frames: [old_unpack(old_read(f)) for f in frames])
     answers_new: Case = (lambda: [wire.frame(wire.Answers([wire.pack_results(i, [r]) for i, r in enumerate(one)]))],
                          lambda frames: [[wire.unpack_results(a) for a in read_answers(f)] for f in frames])
-    request_old: Case = (lambda: [old_frame(old_pack(1, one))], lambda frames: [old_unpack(old_read(f)) for f in frames])
+    request_old: Case = (lambda: [old_frame(old_pack(1, one))],
+                         lambda frames: [old_unpack(old_read(f)) for f in frames])
     request_new: Case = (lambda: [wire.frame(wire.Answers([wire.pack_results(1, one)]))],
                          lambda frames: [[wire.unpack_results(a) for a in read_answers(f)] for f in frames])
     return {"Submit, 1 image": submit(1), "Submit, 16 images": submit(16),
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         totals, outputs = [], []
         for label, (send, read) in zip(("pickle", "msgspec"), sides, strict=True):
             send_us, frames = timed(send, args.rounds)
-            read_us, out = timed(lambda read=read, frames=frames: read(frames), args.rounds)
+            read_us, out = timed(functools.partial(read, frames), args.rounds)
             totals.append(send_us + read_us)
             outputs.append(out)
             print(f"{name:24s} {label:7s} {send_us:9.1f} {read_us:9.1f} {send_us + read_us:9.1f} "

@@ -102,7 +102,8 @@ class ModelHost:
             except Exception:  # a metrics read must not end the heartbeat
                 log.exception("heartbeat failed")
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Connection | None:
+        """Send the card, read the hello, attach its pool: the connection, or None (closed) if that failed."""
         try:
             wire.send(writer, wire.Welcome(self.card, self.model.status()))  # the card sizes the sender's slots
             hello = await wire.receive(reader, wire.TO_MODEL, self.max_frame)
@@ -113,16 +114,20 @@ class ModelHost:
             assert pool is not None
         except (wire.WireError, asyncio.IncompleteReadError) as exc:
             log.error("an API process could not connect: %s", exc)
-            writer.close()
-            return
         except Exception:
             log.exception("an API process could not connect")
-            writer.close()
+        else:
+            return _Connection(writer, pool, hello.pid, own_pool=not shared)
+        writer.close()
+        return None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = await self._handshake(reader, writer)
+        if conn is None:
             return
-        conn = _Connection(writer, pool, hello.pid, own_pool=not shared)
         self.connections.add(conn)
         wire.send(writer, wire.StatusUpdate(self.model.status()))  # it may have changed while the sender set up
-        log.info("API process %d connected (%d pixel slots)", hello.pid, hello.slots)
+        log.info("API process %d connected (%d pixel slots)", conn.pid, conn.pool.slots)
         try:
             while True:
                 message = await wire.receive(reader, wire.TO_MODEL, self.max_frame)
@@ -139,9 +144,9 @@ class ModelHost:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the API process closed or died
         except wire.WireError as exc:
-            log.error("closing the connection of API process %d: %s", hello.pid, exc)
+            log.error("closing the connection of API process %d: %s", conn.pid, exc)
         except Exception:
-            log.exception("connection of API process %d failed", hello.pid)
+            log.exception("connection of API process %d failed", conn.pid)
         finally:
             self.connections.discard(conn)
             tasks = list(conn.tasks.values())
@@ -152,10 +157,10 @@ class ModelHost:
             if conn.own_pool:
                 conn.pool.close(unlink=True)  # the owner unlinks on a clean exit; after a crash, this does
             else:  # nobody will answer for what it held: its slots are free again
-                freed = conn.pool.release(hello.pid)
+                freed = conn.pool.release(conn.pid)
                 if freed:
-                    log.info("%d pixel slots of API process %d freed", freed, hello.pid)
-            log.info("API process %d disconnected", hello.pid)
+                    log.info("%d pixel slots of API process %d freed", freed, conn.pid)
+            log.info("API process %d disconnected", conn.pid)
 
     def _cancelled_unstarted(self, conn: _Connection, rid: int, task: asyncio.Task[None]) -> None:
         """A cancel read right behind its submit (both in one read) cancels the task before its first

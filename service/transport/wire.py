@@ -58,23 +58,23 @@ class _Record(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_field
     (both ends are one build of this module)."""
 
 
-class Hello(_Record, tag=True):
+class Hello(_Record, tag=True, frozen=True):
     pid: int
     shm_name: str
     slots: int
     shape: tuple[int, ...]
 
 
-class Welcome(_Record, tag=True):
+class Welcome(_Record, tag=True, frozen=True):
     card: ModelCard
     status: ModelStatus
 
 
-class StatusUpdate(_Record, tag=True):
+class StatusUpdate(_Record, tag=True, frozen=True):
     status: ModelStatus
 
 
-class Submit(_Record, tag=True):
+class Submit(_Record, tag=True, frozen=True):
     id: int
     slots: tuple[int | EncodedImage, ...]  # per image: its pixel slot, or the JPEG the model process decodes
     keep_rate: float | None
@@ -83,11 +83,11 @@ class Submit(_Record, tag=True):
     min_keep_rate: float | None = None  # accuracy scaling's floor for this request (None: the server's)
 
 
-class Cancel(_Record, tag=True):
+class Cancel(_Record, tag=True, frozen=True):
     id: int
 
 
-class ImageOut(_Record, gc=False):
+class ImageOut(_Record, frozen=True, gc=False):
     """One image's :class:`~service.protocol.ImageResult` but its arrays (those are in :class:`Done`)."""
 
     budget: tuple[int, ...]
@@ -100,7 +100,7 @@ class ImageOut(_Record, gc=False):
     requested_keep_rate: float | None
 
 
-class Done(_Record, tag=True):
+class Done(_Record, tag=True, frozen=True):
     """A request's results: the arrays of its ``n`` images as raw float32 bytes (sent from a view of the
     result tensors, read back into a buffer of their own: a writable tensor), the rest by name."""
 
@@ -111,14 +111,14 @@ class Done(_Record, tag=True):
     images: list[ImageOut]
 
 
-class Failed(_Record, tag=True):
+class Failed(_Record, tag=True, frozen=True):
     id: int
     kind: ErrorKind
     message: str
     retry_after_s: float | None = None
 
 
-class Answers(_Record, tag=True):
+class Answers(_Record, tag=True, frozen=True):
     """Every answer ready in one turn of the host's event loop, for one connection."""
 
     items: list[Done | Failed]
@@ -174,7 +174,8 @@ def unpack_results(done: Done) -> list[ImageResult]:
 
 
 def failed(rid: int, exc: WorkerError) -> Failed:
-    return Failed(rid, exc.kind, str(exc), exc.retry_after_s)
+    kind = getattr(exc, "kind", ErrorKind.MODEL_FAILED)  # a WorkerError of no kind is a bug: 503, not a hang
+    return Failed(rid, kind, str(exc), exc.retry_after_s)
 
 
 def worker_error(f: Failed) -> WorkerError:
@@ -193,7 +194,7 @@ def frame(message: Message) -> bytearray:
     return buf
 
 
-def decode(body: bytes, decoder: msgspec.msgpack.Decoder[M]) -> M:
+def decode(body: bytes | bytearray | memoryview, decoder: msgspec.msgpack.Decoder[M]) -> M:
     try:
         return decoder.decode(body)
     except msgspec.DecodeError as exc:  # ValidationError too: a wrong tag names the other side's message
