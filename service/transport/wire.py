@@ -15,9 +15,12 @@ Only small things travel here: descriptors naming shared-memory slots, the model
 results; pixels never do (:mod:`.slots`). A JPEG the model process decodes itself
 (``ModelCard.decodes_jpeg``) travels inline in its Submit, as msgpack ``bin`` (one copy into the frame).
 A request's result arrays (probabilities, lives: a few KiB per image) travel as raw float32 bytes, one
-``bin`` per array (``[n, classes]``, ``[n, rows, cols]``; a one-image request's are sent straight from
-the result tensor's memory), read back with ``np.frombuffer`` (no pickle); the other fields of an image
-are a named :class:`ImageOut`, not a positional tuple.
+``bin`` per array (``[n, classes]``, ``[n, rows, cols]``), read back with ``np.frombuffer`` (no pickle);
+the other fields of an image are a named :class:`ImageOut`, not a positional tuple. Copies of an array:
+one into the frame (a one-image request's straight from the result tensor's memory; several images are
+stacked first), the stream reader's when the frame is read, and one out of the frame, so that each
+request's tensors are writable and their own: three for a one-image request, where the pickle framing
+made five (stack, pickle, header + body, read, unpickle).
 
 Conversation: the model process sends :class:`Welcome` (the card, the status) on connect; the API
 process answers :class:`Hello` (its slot pool, sized by the card's input shape); the model process then
@@ -131,7 +134,16 @@ M = TypeVar("M")
 
 TO_MODEL: msgspec.msgpack.Decoder[ToModel] = msgspec.msgpack.Decoder(ToModel)  # the model process reads these
 TO_API: msgspec.msgpack.Decoder[ToApi] = msgspec.msgpack.Decoder(ToApi)        # an API process reads these
-_ENCODER = msgspec.msgpack.Encoder()
+
+
+def _plain(value: object) -> object:
+    """A numpy scalar that reached a message (a budget's count, a rate) as the Python number it holds."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise NotImplementedError(f"{type(value).__name__} does not cross the wire")
+
+
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=_plain)
 
 
 def _raw(tensors: list[torch.Tensor]) -> bytearray:

@@ -177,3 +177,15 @@ def test_a_refusal_crosses_as_its_kind_and_comes_back_the_same(refusal: WorkerEr
 def test_a_second_class_for_one_kind_is_refused() -> None:
     with pytest.raises(TypeError, match="already names QueueFull"):
         type("Another", (WorkerError,), {"kind": ErrorKind.QUEUE_FULL})
+
+
+def test_numpy_numbers_in_a_result_cross_as_numbers() -> None:
+    import numpy as np
+
+    base = results(1)[0]
+    odd = ImageResult(base.probs, base.lives, tuple(np.array([12, 8])), (np.int32(12), 9), np.float64(1.5),
+                      np.float32(0.5), 0.0, 1.0, np.bool_(True), np.float64(0.75))
+    got = wire.unpack_results(through(wire.Answers([wire.pack_results(1, [odd])]), wire.TO_API).items[0])[0]
+    assert (got.budget, got.counts, got.gflops, got.keep_rate, got.scaled, got.requested_keep_rate) == \
+        ((12, 8), (12, 9), 1.5, 0.5, True, 0.75)
+    assert type(got.budget[0]) is int and type(got.scaled) is bool
