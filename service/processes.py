@@ -220,7 +220,8 @@ async def _model_process(engine: object, settings: Settings, spec: ApiSpec, sock
     metrics = Metrics()
     model = LocalModel(settings, metrics, engine)  # type: ignore[arg-type]
     card = await model.open()
-    host = ModelHost(model, card, heartbeat=metrics.sample, pool=pool)  # heartbeat: gauges sampled
+    host = ModelHost(model, card, heartbeat=metrics.sample, pool=pool,  # heartbeat: gauges sampled
+                     max_frame=settings.max_request_bytes + (1 << 20))  # a Submit: one request's files + descriptors
     await host.start(spec.ipc_path)
     supervisor = _Supervisor(spec, sock, processes)
     supervisor.start_all()

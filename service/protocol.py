@@ -4,8 +4,11 @@ the one interface the front end holds (:class:`ModelClient`).
 The front end (``service/frontend/``) reads these and never imports the runtime. Two classes
 implement :class:`ModelClient`: ``service/runtime/local.py`` (the model in this process: tests,
 notebooks, ``PATCHLIFE_API_PROCESSES=0``) and ``service/transport/client.py`` (the model in a process
-of its own, pixels through shared memory). Everything here pickles, so it can cross a process
-boundary; torch is named only for type checking (an :class:`ImageResult` carries CPU tensors).
+of its own, pixels through shared memory). The card, the status and an encoded image cross that
+boundary as typed msgpack (``service/transport/wire.py``), so they are dataclasses of plain fields
+(their dicts in JSON form: lists, not tuples, so that what arrives equals what was sent); a refusal
+crosses as its :class:`ErrorKind`; torch is named only for type checking (an :class:`ImageResult`
+carries CPU tensors, which travel as raw float32 buffers).
 """
 
 from __future__ import annotations
@@ -13,10 +16,19 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     import torch
+
+
+def json_form(value: Any) -> Any:
+    """``value`` with every tuple a list (recursively, through dicts and lists): as JSON reads it back."""
+    if isinstance(value, dict):
+        return {k: json_form(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_form(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,11 @@ class ModelCard:
     checkpoint: str                        # its directory (the web page's examples live there)
     batch_classes: tuple[int, ...]         # the batch sizes the runtime pads to (Triton's config)
     decodes_jpeg: bool = False             # the model process decodes JPEGs on its device: send EncodedImage
+
+    def __post_init__(self) -> None:
+        # msgpack has no tuples: in JSON form here, the card that reaches an API process equals this one
+        object.__setattr__(self, "info", json_form(self.info))
+        object.__setattr__(self, "preprocess", json_form(self.preprocess))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -135,35 +152,101 @@ class ImageResult:
     requested_keep_rate: float | None = None  # the rate asked for (None: keep_rate, i.e. not scaled)
 
 
+class ErrorKind(enum.IntEnum):
+    """Why the model could not answer a request: one value per :class:`WorkerError` class, the same in
+    every process. It is what crosses the wire (``service/transport/wire.py``: a small int, checked
+    against this enum on arrival) and what the front end turns into an HTTP or gRPC status
+    (``service/frontend/errors.py``), so no class names are passed around as strings."""
+
+    BAD_INPUT = 1     # an image the model process could not decode: 400 bad_image
+    QUEUE_FULL = 2    # 503 overloaded + Retry-After
+    DEADLINE = 3      # 504 deadline_exceeded
+    STOPPING = 4      # 503 shutting_down
+    MODEL_FAILED = 5  # 503 model_unavailable + Retry-After
+    CANCELLED = 6     # the API process withdrew the request (its client left): 499, nobody reads it
+
+
 class WorkerError(Exception):
     """Why the worker could not answer a request; the routes turn each into its API error
-    (:mod:`service.frontend.errors`: 503 overloaded / shutting down / model unavailable, 504, 400 bad image)."""
+    (:mod:`service.frontend.errors`: 503 overloaded / shutting down / model unavailable, 504, 400 bad image).
+
+    Each subclass names its :class:`ErrorKind`; :meth:`of` builds the subclass of a kind back (the
+    transport raises in the API process what the model process raised). ``retry_after_s``: the
+    Retry-After to send, where the refusal has one (None otherwise)."""
+
+    kind: ClassVar[ErrorKind]
+    retry_after_s: float | None = None
+    _classes: ClassVar[dict[ErrorKind, type[WorkerError]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is not None:
+            if kind in WorkerError._classes:
+                raise TypeError(f"{kind!r} already names {WorkerError._classes[kind].__name__}")
+            WorkerError._classes[kind] = cls
+
+    @classmethod
+    def _rebuild(cls, message: str, retry_after_s: float | None) -> WorkerError:
+        return cls(message)
+
+    @staticmethod
+    def of(kind: ErrorKind, message: str, retry_after_s: float | None = None) -> WorkerError:
+        """The refusal of ``kind`` with this message (and Retry-After, for the kinds that have one)."""
+        return WorkerError._classes[ErrorKind(kind)]._rebuild(message, retry_after_s)
 
 
 class QueueFull(WorkerError):
     """The queue is full; try again in ``retry_after_s`` seconds (503 + Retry-After)."""
 
+    kind = ErrorKind.QUEUE_FULL
+    retry_after_s: float
+
     def __init__(self, retry_after_s: float, message: str = "") -> None:
         super().__init__(message or f"server overloaded; retry after {retry_after_s:.1f} s")
         self.retry_after_s = retry_after_s
+
+    @classmethod
+    def _rebuild(cls, message: str, retry_after_s: float | None) -> WorkerError:
+        return cls(1.0 if retry_after_s is None else retry_after_s, message)
 
 
 class DeadlinePassed(WorkerError):
     """The request's deadline passed before its work started (504)."""
 
+    kind = ErrorKind.DEADLINE
+
 
 class WorkerStopping(WorkerError):
     """The worker is stopping and accepts no new work (503)."""
+
+    kind = ErrorKind.STOPPING
 
 
 class ModelFailed(WorkerError):
     """The model failed this request's batch, or the model thread is down (503 + Retry-After)."""
 
+    kind = ErrorKind.MODEL_FAILED
+    retry_after_s: float
+
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+    @classmethod
+    def _rebuild(cls, message: str, retry_after_s: float | None) -> WorkerError:
+        return cls(message, 1.0 if retry_after_s is None else retry_after_s)
 
 
 class BadInput(WorkerError):
     """An image the model process could not decode (a corrupt JPEG whose header looked fine): 400
     bad_image for that request only, as the CPU path answers it."""
+
+    kind = ErrorKind.BAD_INPUT
+
+
+class Cancelled(WorkerError):
+    """The API process withdrew the request (its client went away) before it was answered: the model
+    process's acknowledgement, which gives the request's pixel slots back; nobody waits for it (499)."""
+
+    kind = ErrorKind.CANCELLED

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -28,6 +29,7 @@ from ..api_errors import ApiError as ApiError
 from ..api_errors import BadImage as BadImage
 from ..api_errors import TooManyPixels as TooManyPixels
 from ..api_errors import UnsupportedMediaType as UnsupportedMediaType
+from ..protocol import ErrorKind, WorkerError
 from .context import current_request_id
 
 log = logging.getLogger("patchlife.errors")
@@ -114,6 +116,25 @@ class UploadAbandoned(ClientDisconnected):
     """The client closed the connection before its body was complete (nothing reached the worker, so it is
     counted here)."""
     reason = "disconnected"
+
+
+REFUSALS: dict[ErrorKind, type[ApiError]] = {
+    ErrorKind.BAD_INPUT: BadImage,  # a JPEG the model process could not decode: as the CPU path says it
+    ErrorKind.QUEUE_FULL: Overloaded,
+    ErrorKind.DEADLINE: DeadlineExceeded,
+    ErrorKind.STOPPING: ShuttingDown,
+    ErrorKind.MODEL_FAILED: ModelUnavailable,
+    ErrorKind.CANCELLED: ClientDisconnected,
+}
+
+
+def refusal(exc: WorkerError, deadline_hint: str = "") -> ApiError:
+    """The model's refusal (in this process or from the model process: the same :class:`WorkerError`)
+    as the API error it answers, by its kind; Retry-After where it has one. ``deadline_hint``: where a
+    request's deadline comes from, said in a 504's message."""
+    message = f"{exc} {deadline_hint}" if exc.kind == ErrorKind.DEADLINE and deadline_hint else str(exc)
+    retry = exc.retry_after_s
+    return REFUSALS[exc.kind](message, headers={} if retry is None else {"Retry-After": str(max(1, math.ceil(retry)))})
 
 
 def error_body(code: str, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:

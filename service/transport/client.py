@@ -3,7 +3,9 @@ in the model process.
 
 ``submit`` takes one shared-memory slot per image (503 + Retry-After when the pool is full: the
 front end's own overload signal), writes the preprocessed pixels there, sends a descriptor (with
-the JPEGs the model process decodes itself inline) and awaits the answer. A cancelled submit (the
+the JPEGs the model process decodes itself inline) and awaits the answer; answers arrive several to
+a frame (:class:`~.wire.Answers`, one per batch) and are matched to their requests by id, a refusal
+raised as the :class:`~service.protocol.WorkerError` of its kind. A cancelled submit (the
 client went away) sends a cancel; its slots come back only with the model process's answer. When
 the connection ends (the model process died, or is gone for good), every waiting request gets 503
 ``model_unavailable``, ``status()`` says why, and ``on_lost``
@@ -94,7 +96,7 @@ class RemoteModel:
 
     async def open(self) -> ModelCard:
         reader, writer = await self._connect()
-        first = await wire.receive(reader)  # the card comes before the pool: its shape sizes the slots
+        first = await wire.receive(reader, wire.TO_API)  # the card comes before the pool: its shape sizes the slots
         if not isinstance(first, wire.Welcome):
             raise RuntimeError(f"unexpected first message from the model process: {first!r}")
         self.card, self._status = first.card, first.status
@@ -245,16 +247,23 @@ class RemoteModel:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                message = await wire.receive(reader)
+                message = await wire.receive(reader, wire.TO_API)
                 self._heard = time.monotonic()
-                if isinstance(message, wire.StatusUpdate):
+                if isinstance(message, wire.Answers):
+                    for answer in message.items:
+                        self._answer(answer)
+                elif isinstance(message, wire.StatusUpdate):
                     self._status = message.status
                     self._was_ready = self._was_ready or message.status.state == Lifecycle.READY
                     self._changed.set()
-                elif isinstance(message, wire.Done | wire.Failed):
-                    self._answer(message)
+                else:
+                    raise wire.WireError(f"a second {type(message).__name__}")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except wire.WireError as exc:
+            log.error("closing the connection to the model process: %s", exc)
+            if self._writer is not None:
+                self._writer.close()
         except asyncio.CancelledError:
             return  # stop(): not a loss
         except Exception:
@@ -276,12 +285,14 @@ class RemoteModel:
         if future.done():  # cancelled meanwhile
             return
         if isinstance(message, wire.Done):
-            future.set_result(wire.unpack_results(message))
-        else:
             try:
-                wire.raise_failure(message)
-            except Exception as exc:
-                future.set_exception(exc)
+                results = wire.unpack_results(message)
+            except wire.WireError as exc:  # answered here; _read then ends the connection
+                future.set_exception(ModelFailed(f"a malformed answer from the model process: {exc}", 5.0))
+                raise
+            future.set_result(results)
+        else:
+            future.set_exception(wire.worker_error(message))
 
     def _fail_pending(self) -> None:
         pending, self._pending = self._pending, {}

@@ -6,9 +6,13 @@ slots), the API process answers with its pool. A :class:`~.wire.Submit` becomes 
 pixels from the sender's shared-memory slots (views, no copy; encoded JPEGs come inline), awaits
 ``model.submit`` with the request's deadline and keep rate, and answers :class:`~.wire.Done` or
 :class:`~.wire.Failed`; a :class:`~.wire.Cancel` cancels that task, so the worker drops what it still
-queues for it, as when an HTTP client goes away in the single-process service. Status (readiness,
-health) is pushed on change and every ``HEARTBEAT_S``. When a connection ends (its API process exited or died) its tasks
-are cancelled and its segment is unmapped and removed.
+queues for it, as when an HTTP client goes away in the single-process service. Answers wait in the
+connection's outbox until the end of the event loop's turn (one ``call_soon``), then leave together in
+one :class:`~.wire.Answers` frame: the requests of one batch end in the same turn, so a batch costs
+one frame and one write per API process, not one per request. Status (readiness, health) is pushed on
+change and every ``HEARTBEAT_S``. A frame this side does not accept (:class:`~.wire.WireError`) ends
+that connection alone. When a connection ends (its API process exited or died) its tasks are cancelled
+and its segment is unmapped and removed.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..logs import set_request_id
-from ..protocol import EncodedImage, ModelCard, ModelClient, WorkerError
+from ..protocol import EncodedImage, ErrorKind, ModelCard, ModelClient, WorkerError
 from . import wire
 from .slots import SlotPool
 
@@ -32,6 +36,28 @@ class _Connection:
     def __init__(self, writer: asyncio.StreamWriter, pool: SlotPool, pid: int, own_pool: bool) -> None:
         self.writer, self.pool, self.pid, self.own_pool = writer, pool, pid, own_pool
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.outbox: list[wire.Done | wire.Failed] = []  # answers of this turn of the loop (see _flush)
+
+    def answer(self, answer: wire.Done | wire.Failed) -> None:
+        """Send ``answer`` with the others that are ready in this turn of the event loop."""
+        if self.writer.is_closing():
+            return
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.outbox.append(answer)
+
+    def _flush(self) -> None:
+        answers, self.outbox = self.outbox, []
+        if not answers or self.writer.is_closing():
+            return
+        try:
+            frame = wire.frame(wire.Answers(answers))
+        except Exception:  # a bug: these must still be answered, or their slots never come back
+            log.exception("answers to API process %d could not be encoded", self.pid)
+            frame = wire.frame(wire.Answers([wire.Failed(a.id, ErrorKind.MODEL_FAILED, "model process error: "
+                                                         "the answer could not be encoded", 1.0) for a in answers]))
+        with contextlib.suppress(ConnectionError):
+            self.writer.write(frame)
 
 
 class ModelHost:
@@ -41,8 +67,9 @@ class ModelHost:
     process that names another segment in its hello brings a private pool of its own)."""
 
     def __init__(self, model: ModelClient, card: ModelCard, heartbeat: Callable[[], None] | None = None,
-                 pool: SlotPool | None = None) -> None:
+                 pool: SlotPool | None = None, max_frame: int = wire.MAX_FRAME) -> None:
         self.model, self.card, self.heartbeat, self.pool = model, card, heartbeat, pool
+        self.max_frame = max_frame  # the largest frame an API process may send (a Submit with inline JPEGs)
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._beat: asyncio.Task[None] | None = None
@@ -75,26 +102,35 @@ class ModelHost:
             except Exception:  # a metrics read must not end the heartbeat
                 log.exception("heartbeat failed")
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Connection | None:
+        """Send the card, read the hello, attach its pool: the connection, or None (closed) if that failed."""
         try:
             wire.send(writer, wire.Welcome(self.card, self.model.status()))  # the card sizes the sender's slots
-            hello = await wire.receive(reader)
+            hello = await wire.receive(reader, wire.TO_MODEL, self.max_frame)
             if not isinstance(hello, wire.Hello) or tuple(hello.shape) != self.card.input_shape:
-                raise ValueError(f"bad hello: {hello!r}")
+                raise wire.WireError(f"bad hello: {hello!r}")
             shared = self.pool is not None and hello.shm_name == self.pool.name
             pool = self.pool if shared else SlotPool(hello.slots, hello.shape, name=hello.shm_name)
             assert pool is not None
+        except (wire.WireError, asyncio.IncompleteReadError) as exc:
+            log.error("an API process could not connect: %s", exc)
         except Exception:
             log.exception("an API process could not connect")
-            writer.close()
+        else:
+            return _Connection(writer, pool, hello.pid, own_pool=not shared)
+        writer.close()
+        return None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = await self._handshake(reader, writer)
+        if conn is None:
             return
-        conn = _Connection(writer, pool, hello.pid, own_pool=not shared)
         self.connections.add(conn)
         wire.send(writer, wire.StatusUpdate(self.model.status()))  # it may have changed while the sender set up
-        log.info("API process %d connected (%d pixel slots)", hello.pid, hello.slots)
+        log.info("API process %d connected (%d pixel slots)", conn.pid, conn.pool.slots)
         try:
             while True:
-                message = await wire.receive(reader)
+                message = await wire.receive(reader, wire.TO_MODEL, self.max_frame)
                 if isinstance(message, wire.Submit):
                     run = asyncio.create_task(self._run(conn, message))
                     run.add_done_callback(functools.partial(self._cancelled_unstarted, conn, message.id))
@@ -103,10 +139,14 @@ class ModelHost:
                     task = conn.tasks.get(message.id)
                     if task is not None:
                         task.cancel()
+                else:
+                    raise wire.WireError(f"a second {type(message).__name__}")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the API process closed or died
+        except wire.WireError as exc:
+            log.error("closing the connection of API process %d: %s", conn.pid, exc)
         except Exception:
-            log.exception("connection of API process %d failed", hello.pid)
+            log.exception("connection of API process %d failed", conn.pid)
         finally:
             self.connections.discard(conn)
             tasks = list(conn.tasks.values())
@@ -117,10 +157,10 @@ class ModelHost:
             if conn.own_pool:
                 conn.pool.close(unlink=True)  # the owner unlinks on a clean exit; after a crash, this does
             else:  # nobody will answer for what it held: its slots are free again
-                freed = conn.pool.release(hello.pid)
+                freed = conn.pool.release(conn.pid)
                 if freed:
-                    log.info("%d pixel slots of API process %d freed", freed, hello.pid)
-            log.info("API process %d disconnected", hello.pid)
+                    log.info("%d pixel slots of API process %d freed", freed, conn.pid)
+            log.info("API process %d disconnected", conn.pid)
 
     def _cancelled_unstarted(self, conn: _Connection, rid: int, task: asyncio.Task[None]) -> None:
         """A cancel read right behind its submit (both in one read) cancels the task before its first
@@ -128,9 +168,7 @@ class ModelHost:
         come back. (``_run`` catches a cancel once started, so its task ends cancelled only this way.)"""
         if task.cancelled():
             conn.tasks.pop(rid, None)
-            if not conn.writer.is_closing():
-                with contextlib.suppress(ConnectionError):
-                    wire.send(conn.writer, wire.Failed(rid, "cancelled", "cancelled by the API process"))
+            conn.answer(wire.Failed(rid, ErrorKind.CANCELLED, "cancelled by the API process"))
 
     async def _run(self, conn: _Connection, msg: wire.Submit) -> None:
         set_request_id(msg.request_id)  # this task's log lines carry the HTTP request's id
@@ -142,14 +180,13 @@ class ModelHost:
             answer = wire.pack_results(msg.id, results)
             log.debug("%d images answered", len(results))
         except asyncio.CancelledError:
-            answer = wire.Failed(msg.id, "cancelled", "cancelled by the API process")
+            answer = wire.Failed(msg.id, ErrorKind.CANCELLED, "cancelled by the API process")
         except WorkerError as exc:
             answer = wire.failed(msg.id, exc)
         except Exception as exc:  # a bug here must not leave the API process waiting
             log.exception("request failed in the model process")
-            answer = wire.Failed(msg.id, "ModelFailed", f"model process error: {type(exc).__name__}: {exc}")
+            answer = wire.Failed(msg.id, ErrorKind.MODEL_FAILED, f"model process error: {type(exc).__name__}: {exc}",
+                                 1.0)
         finally:
             conn.tasks.pop(msg.id, None)
-        if not conn.writer.is_closing():
-            with contextlib.suppress(ConnectionError):
-                wire.send(conn.writer, answer)
+        conn.answer(answer)

@@ -29,16 +29,14 @@ from ..bodyread import DEADLINE_KEY
 from ..context import ARRIVAL_KEY, InFlight
 from ..decode_gate import DecodeBusy, DecodeGate, decode_capacity, decode_cost
 from ..errors import (
-    BadImage,
     ClientDisconnected,
     DeadlineExceeded,
     DecodeOverloaded,
     InvalidRequest,
-    ModelUnavailable,
     NotReady,
-    Overloaded,
     RequestTooManyPixels,
     ShuttingDown,
+    refusal,
 )
 from ..explain import model_view
 from ..numbers import parse_float, parse_int
@@ -357,18 +355,8 @@ async def run_model(request: Request | None, model: ModelClient, pixels: list[to
         raise ClientDisconnected("client disconnected before the answer was ready")
     try:
         return submit.result()
-    except protocol.QueueFull as exc:
-        retry = str(max(1, math.ceil(exc.retry_after_s)))
-        raise Overloaded(str(exc), headers={"Retry-After": retry}) from None
-    except protocol.DeadlinePassed as exc:
-        raise DeadlineExceeded(f"{exc} ({DEADLINE_HEADER} or PATCHLIFE_DEADLINE_MS)") from None
-    except protocol.WorkerStopping as exc:
-        raise ShuttingDown(str(exc)) from None
-    except protocol.ModelFailed as exc:
-        retry = str(max(1, math.ceil(exc.retry_after_s)))
-        raise ModelUnavailable(str(exc), headers={"Retry-After": retry}) from None
-    except protocol.BadInput as exc:  # a JPEG the model process could not decode: as the CPU path says it
-        raise BadImage(str(exc)) from None
+    except protocol.WorkerError as exc:  # one table by kind (errors.REFUSALS): 503, 504, 400 ...
+        raise refusal(exc, f"({DEADLINE_HEADER} or PATCHLIFE_DEADLINE_MS)") from None
 
 
 # -- encoding ------------------------------------------------------------------------------------

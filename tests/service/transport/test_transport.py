@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from transport_support import CARD, SHAPE, StubModel, assert_same, expected, image, run, until
 
 from service.protocol import (
+    BadInput,
     DeadlinePassed,
-    ImageResult,
     Lifecycle,
-    ModelCard,
     ModelFailed,
-    ModelStatus,
     QueueFull,
     WorkerError,
     WorkerStopping,
@@ -31,113 +29,6 @@ from service.transport import wire
 from service.transport.client import LOST, RemoteModel
 from service.transport.host import ModelHost
 from service.transport.slots import SlotPool
-
-SHAPE = (3, 8, 8)
-CARD = ModelCard(name="stub", info={"device": "cpu", "dtype": "float32"}, class_names=("a", "b", "c"),
-                 preprocess={"input_size": SHAPE}, grid=(2, 2), dense_gflops=1.0, first_block=1, depth=4,
-                 checkpoint="/nowhere", batch_classes=(1, 2))
-
-
-def image(seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, SHAPE, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
-def expected(pixels: torch.Tensor, keep_rate: float | None) -> ImageResult:
-    """What the stub answers for ``pixels``: every field depends on them (or on the keep rate)."""
-    x = pixels.float()
-    total = int(pixels.long().sum())
-    return ImageResult(probs=x.mean(dim=(1, 2)) / 255.0, lives=x[0, :2, :2] / 64.0, budget=(total % 97, 4),
-                       counts=(total % 89, 4), gflops=total / 1e6, keep_rate=keep_rate or 0.7,
-                       queue_ms=float(total % 7), compute_ms=float(total % 11))
-
-
-class StubModel:
-    """A :class:`ModelClient` without an engine. ``fail``: a refusal to raise instead of answering;
-    ``hold``: submits wait for it; while cancelled they keep the answer back until ``release`` is set."""
-
-    def __init__(self) -> None:
-        self.state = Lifecycle.LOADING
-        self.error: str | None = None
-        self.problem: str | None = None
-        self.fail: Exception | None = None
-        self.hold: asyncio.Event | None = None
-        self.release = asyncio.Event()
-        self.release.set()
-        self.cancelled = 0
-        self.seen: list[tuple[list[torch.Tensor], float | None, float]] = []
-
-    async def open(self) -> ModelCard:
-        return CARD
-
-    async def start(self) -> None:
-        self.state = Lifecycle.READY
-
-    def status(self) -> ModelStatus:
-        return ModelStatus(self.state, self.error, self.problem)
-
-    def clock(self) -> float:
-        return 0.0
-
-    async def submit(self, pixels: Sequence[torch.Tensor], keep_rate: float | None,
-                     deadline: float, min_keep_rate: float | None = None) -> list[ImageResult]:
-        self.seen.append(([p.clone() for p in pixels], keep_rate, deadline))
-        if self.hold is not None:
-            try:
-                await self.hold.wait()
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                await self.release.wait()  # the host's answer to the cancel waits for this
-                raise
-        if self.fail is not None:
-            raise self.fail
-        return [expected(p, keep_rate) for p in pixels]
-
-    def begin_drain(self) -> None:
-        self.state = Lifecycle.STOPPING
-
-    async def stop(self, grace_s: float | None = None) -> None:
-        self.state = Lifecycle.STOPPED
-
-
-Scenario = Callable[[StubModel, ModelHost, RemoteModel], Awaitable[None]]
-
-
-def run(tmp_path: Path, scenario: Scenario, slots: int = 4) -> None:
-    """``scenario(stub, host, remote)`` with the host listening and the remote connected (ready)."""
-
-    async def main() -> None:
-        stub = StubModel()
-        host = ModelHost(stub, CARD)
-        path = tmp_path / "model.sock"
-        await host.start(path)
-        remote = RemoteModel(path, slots, connect_timeout_s=5.0, deadline_margin_s=None)  # the stub's deadlines
-        try:
-            assert await remote.open() == CARD
-            await stub.start()
-            host.push_status()
-            await asyncio.wait_for(remote.start(), 5)
-            await scenario(stub, host, remote)
-        finally:
-            await remote.stop(grace_s=0.0)
-            await host.close()
-
-    asyncio.run(main())
-
-
-async def until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not check():
-        assert loop.time() < end, "condition not reached in time"
-        await asyncio.sleep(0.005)
-
-
-def assert_same(got: list[ImageResult], want: list[ImageResult]) -> None:
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        assert torch.equal(g.probs, w.probs) and torch.equal(g.lives, w.lives)
-        assert (g.budget, g.counts, g.gflops, g.keep_rate, g.queue_ms, g.compute_ms) == \
-               (w.budget, w.counts, w.gflops, w.keep_rate, w.queue_ms, w.compute_ms)
 
 
 def test_results_round_trip_equal_and_in_order(tmp_path: Path) -> None:
@@ -159,7 +50,8 @@ def test_results_round_trip_equal_and_in_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("refusal", [QueueFull(2.5, "queue is full"), ModelFailed("batch failed", 7.0),
-                                     DeadlinePassed("too late"), WorkerStopping("stopping")],
+                                     DeadlinePassed("too late"), WorkerStopping("stopping"),
+                                     BadInput("files[0]: not a JPEG")],
                          ids=lambda e: type(e).__name__)
 def test_each_refusal_crosses_with_its_kind_message_and_retry_after(tmp_path: Path, refusal: WorkerError) -> None:
     async def scenario(stub: StubModel, host: ModelHost, remote: RemoteModel) -> None:
@@ -359,12 +251,12 @@ def test_the_host_refuses_a_hello_for_another_shape(tmp_path: Path) -> None:
         host = ModelHost(stub, CARD)
         await host.start(tmp_path / "model.sock")
         reader, writer = await asyncio.open_unix_connection(str(tmp_path / "model.sock"))
-        assert isinstance(await wire.receive(reader), wire.Welcome)
+        assert isinstance(await wire.receive(reader, wire.TO_API), wire.Welcome)
         pool = SlotPool(1, (3, 4, 4))
         try:
             wire.send(writer, wire.Hello(os.getpid(), pool.name, 1, (3, 4, 4)))
             with pytest.raises(asyncio.IncompleteReadError):  # closed: no status, no service
-                await asyncio.wait_for(wire.receive(reader), 5)
+                await asyncio.wait_for(wire.receive(reader, wire.TO_API), 5)
             assert not host.connections
         finally:
             writer.close()
