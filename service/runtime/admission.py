@@ -28,7 +28,7 @@ import torch
 from service.protocol import DeadlinePassed, ImageResult, QueueFull
 from service.runtime.batching import Batch, Counts, Phase, Scalable, Waiting
 from service.runtime.handoff import HeadBatch
-from service.runtime.mailbox import Add, Capacity, Inbox, Outcome, settle
+from service.runtime.mailbox import Capacity, Inbox, Outcome, Posted, settle
 from service.runtime.scaling import at_cap
 from service.runtime.seams import ModelEngine, WorkerHooks
 from service.settings import Settings
@@ -143,7 +143,7 @@ class Queues:
         taking it). Each message is taken by one thread only."""
         refused: list[tuple[Request, Outcome]] = []
         for message in self.inbox.take():
-            if isinstance(message, Add) and not message.request.finished:
+            if isinstance(message, Posted) and not message.request.finished:
                 message.request.finished = True
                 self.capacity.add(-len(message.pixels), -message.estimate * len(message.pixels))
                 self.hooks.on_reject(reason)
@@ -163,7 +163,7 @@ class Queues:
         """Move what the event loop posted into the queues; True if there was anything."""
         messages = self.inbox.take()
         for message in messages:
-            if isinstance(message, Add):
+            if isinstance(message, Posted):
                 self.add(message.request, message.pixels, message.keep_rate, message.estimate, message.now,
                          message.rates)
             elif not message.request.finished:

@@ -82,7 +82,7 @@ class Capacity:
 
 
 @dataclass(frozen=True)
-class Add:
+class Posted:
     """Queue a request's images for the head (their capacity is already reserved)."""
 
     request: Any                 # admission.Request
@@ -94,7 +94,7 @@ class Add:
 
 
 @dataclass(frozen=True)
-class Cancel:
+class Withdrawn:
     """The request's caller went away: drop what is still queued of it."""
 
     request: Any
@@ -104,14 +104,14 @@ class Inbox:
     """Messages from the event loop to the worker thread, in order, and the event that wakes it."""
 
     def __init__(self) -> None:
-        self._messages: deque[Add | Cancel] = deque()
+        self._messages: deque[Posted | Withdrawn] = deque()
         self.wake = threading.Event()
 
-    def post(self, message: Add | Cancel) -> None:
+    def post(self, message: Posted | Withdrawn) -> None:
         self._messages.append(message)
         self.wake.set()
 
-    def take(self) -> list[Add | Cancel]:
+    def take(self) -> list[Posted | Withdrawn]:
         """Everything posted so far, oldest first (any thread; each message is taken once)."""
         out = []
         while True:

@@ -20,7 +20,12 @@ and delivery live with the queues; cancelling the task that awaits ``submit`` (t
 away) drops its queued images too. ``stop()`` refuses new work with :class:`WorkerStopping`, runs
 what is queued (without waiting for batches to fill) for up to ``shutdown_grace_s``, fails the rest
 and joins the thread; ``begin_drain()`` (at SIGTERM) stops waiting for batches to fill while still
-accepting the requests already on their way.
+accepting the requests already on their way. The states follow :func:`service.protocol.advance`.
+
+The event loop never waits on the thread (:mod:`service.runtime.mailbox`): ``submit`` (or ``admit``,
+then ``run``) reserves room in an atomic capacity, posts to an inbox and sets an event; the thread
+alone owns the queues, so it plans, expires and calls the metrics hooks with no lock held, and answers
+all the requests a batch settled with one ``call_soon_threadsafe``. ``stop()`` waits on an event.
 
 Failures: a batch whose model call raises (at launch or when its copy is read) fails its requests
 with :class:`ModelFailed` (503 + Retry-After); a device out-of-memory error at launch first splits
@@ -30,7 +35,8 @@ once), ``unhealthy_after_failures`` consecutive failed batches, or a batch runni
 ``watchdog_batch_s``; ``/readyz`` reports it.
 
 Metrics go through :class:`WorkerHooks` (:mod:`service.runtime.seams`, with the :class:`ModelEngine`
-seam; both re-exported here); its methods may be called from the worker thread.
+seam; both re-exported here); its methods are called from the worker thread, and ``on_reject`` and
+``on_queue_depth`` from the event loop too, never under a lock the other side waits on.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from service.runtime.admission import QueuedImage, Queues, Request, Ticket
 from service.runtime.batching import Batch, BatchLimits, Counts, Phase, Waiting, plan, scale_cap
 from service.runtime.costmodel import CostModel, Timing
 from service.runtime.handoff import HeadBatch, HostCopy, Rows
-from service.runtime.mailbox import Add, Cancel
+from service.runtime.mailbox import Posted, Withdrawn
 from service.runtime.scaling import CAPS, Scaling, at_cap
 from service.runtime.seams import ModelEngine, WorkerHooks
 from service.settings import Settings
@@ -219,13 +225,13 @@ class Worker:
         request = Request(loop.create_future(), loop, ticket.deadline, [None] * len(pixels))
         if self.scaling is not None:
             request.objective_at = now + self.scaling.objective_s
-        self.queues.inbox.post(Add(request, list(pixels), ticket.keep_rate, ticket.estimate, now, ticket.rates))
+        self.queues.inbox.post(Posted(request, list(pixels), ticket.keep_rate, ticket.estimate, now, ticket.rates))
         if self._closed:  # the thread ended after the checks above: nothing would take it, answer it here
             self.queues.refuse_inbox(*self._closing())
         try:
             return await request.future
         except asyncio.CancelledError:
-            self.queues.inbox.post(Cancel(request))  # the thread drops what is still queued of it
+            self.queues.inbox.post(Withdrawn(request))  # the thread drops what is still queued of it
             raise
 
     def _check_open(self) -> None:
