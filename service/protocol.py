@@ -92,6 +92,13 @@ class Lifecycle(enum.IntEnum):
     FAILED = 6
 
 
+def advance(current: Lifecycle, target: Lifecycle) -> Lifecycle:
+    """The one transition rule of every :class:`Lifecycle` (the model's, the worker's, each front end's):
+    forward only, so a late event (a warm-up ending during the drain, a stop after a failure) never
+    undoes a later state; FAILED, the last, is final."""
+    return target if target > current else current
+
+
 @dataclass(frozen=True)
 class ModelStatus:
     """The model's side of readiness, cheap to read (the transport caches the last one it was sent).

@@ -1,18 +1,24 @@
 """The worker's queues: what is admitted, what waits for which phase, what is failed, what is delivered.
 
 Each image waits twice: for the head (``head``, arrival order), then for the tail (``tail``, with its
-bucket and budget known). A request is refused at once with :class:`QueueFull` when the queued images
-or queued tail tokens would pass their capacity; an image not yet through the head is counted at its
-keep rate's schedule counts. Failing a request drops all its queued images; an answer is delivered when
-its request's last image is done. Every ``*_locked`` method runs under ``cond``, the one lock the
-worker's thread and the event loop share (:mod:`service.runtime.worker` holds it for the loop's state too).
+bucket and budget known). A request is refused at once with :class:`QueueFull` when the admitted
+images or tail tokens would pass their capacity (:class:`~service.runtime.mailbox.Capacity`, a
+reservation the event loop checks without waiting on the worker); an image not yet through the head
+is counted at its keep rate's schedule counts. Failing a request drops all its queued images; an
+answer is delivered when its request's last image is done.
+
+The worker thread owns everything here but :meth:`Queues.estimate`, :meth:`Queues.admit`,
+:meth:`Queues.release`, :meth:`Queues.refuse_inbox` and the inbox and capacity themselves
+(:mod:`service.runtime.mailbox`): the event loop posts to the inbox and the worker moves what it
+finds there into the queues (:meth:`Queues.receive`) before each plan. No lock guards the queues,
+because no other thread touches them; answers are collected in ``settled`` and sent back by
+:meth:`Queues.flush`, one callback per event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
@@ -22,6 +28,7 @@ import torch
 from service.protocol import DeadlinePassed, ImageResult, QueueFull
 from service.runtime.batching import Batch, Counts, Phase, Scalable, Waiting
 from service.runtime.handoff import HeadBatch
+from service.runtime.mailbox import Capacity, Inbox, Outcome, Posted, settle
 from service.runtime.scaling import at_cap
 from service.runtime.seams import ModelEngine, WorkerHooks
 from service.settings import Settings
@@ -40,6 +47,19 @@ class Request:
     keys: list[int] = field(default_factory=list)
     finished: bool = False       # answered, failed or abandoned: nothing more to do for it
     objective_at: float | None = None  # accuracy scaling: answered in time when by then (worker clock)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """Room admission reserved for one request's images (``Worker.admit``), until they are posted
+    (``Worker.run``) or given back (``Worker.release``)."""
+
+    images: int
+    estimate: int                # tail tokens per image (its keep rate's schedule counts)
+    keep_rate: float | None
+    deadline: float
+    rates: tuple[float, ...]     # accuracy scaling's rates for it (() for none)
+    spent: bool = False          # posted or given back
 
 
 @dataclass(eq=False)
@@ -65,25 +85,32 @@ class QueuedImage:
 
 
 class Queues:
-    """The head and tail queues (insertion order = arrival order) and the tail tokens they hold."""
+    """The head and tail queues (insertion order = arrival order), fed through the inbox."""
 
     def __init__(self, engine: ModelEngine, settings: Settings, hooks: WorkerHooks) -> None:
         self.engine = engine
         self.settings = settings
         self.hooks = hooks
-        self.cond = threading.Condition()
+        self.capacity = Capacity(settings.queue_capacity_images, settings.queue_capacity_tokens,
+                                 hooks.on_queue_depth)
+        self.inbox = Inbox()
         self.head: dict[int, QueuedImage] = {}
         self.tail: dict[int, QueuedImage] = {}
-        self.tokens = 0                      # tail tokens queued
+        self.settled: list[tuple[Request, Outcome]] = []  # answered, not yet sent back (flush)
         self.estimates: dict[float | None, int] = {}  # keep rate (on KEEP_RATE_GRID) -> tail tokens
         self._ids = itertools.count()
         self._rate_tokens_per_s = 0.0        # smoothed tail throughput, for Retry-After
         self._rate_counts: dict[float | None, Counts] = {}  # schedule counts per keep rate (scaling)
 
+    @property
+    def tokens(self) -> int:
+        """Tail tokens admitted and not yet in a batch (those still in the inbox included)."""
+        return self.capacity.tokens
+
     def images(self) -> list[QueuedImage]:
         return [*self.head.values(), *self.tail.values()]
 
-    # -- admission ----------------------------------------------------------------------------
+    # -- admission (the event loop) --------------------------------------------------------------
     def estimate(self, keep_rate: float | None) -> int:
         """Tail tokens of an image not yet through the head: its keep rate's schedule counts.
 
@@ -94,29 +121,35 @@ class Queues:
             self.estimates[key] = self.engine.tail_tokens(self.engine.schedule_counts(key))
         return self.estimates[key]
 
-    def add_locked(self, request: Request, pixels: Sequence[torch.Tensor], keep_rate: float | None,
-                   estimate: int, now: float, rates: tuple[float, ...] = ()) -> None:
-        """Queue a request's images for the head, or raise QueueFull if they would pass capacity.
-        ``rates``: the keep rates accuracy scaling may run them at (() for none)."""
-        self._admit_locked(len(pixels), estimate * len(pixels))
-        for i, px in enumerate(pixels):
-            key = next(self._ids)
-            request.keys.append(key)
-            self.head[key] = QueuedImage(request, i, keep_rate, px, estimate, Waiting(key, now, now),
-                                         rates=rates if len(rates) > 1 else ())
-        self.tokens += estimate * len(pixels)
-        self.depth_changed()
-
-    def _admit_locked(self, images: int, tokens: int) -> None:
-        s = self.settings
-        queued = len(self.head) + len(self.tail)
-        if queued + images <= s.queue_capacity_images and self.tokens + tokens <= s.queue_capacity_tokens:
+    def admit(self, images: int, tokens: int) -> None:
+        """Reserve room for ``images`` holding ``tokens``, or raise QueueFull (nothing reserved then)."""
+        held = self.capacity.reserve(images, tokens)
+        if held is None:
             return
         self.hooks.on_reject("overloaded")
+        queued, queued_tokens = held
         rate = self._rate_tokens_per_s
-        retry = self.tokens / rate if rate > 0 else 1.0
+        retry = queued_tokens / rate if rate > 0 else 1.0
         raise QueueFull(min(max(retry, 0.1), 60.0),
-                        f"queue full ({queued} images, {self.tokens} tokens queued); retry later")
+                        f"queue full ({queued} images, {queued_tokens} tokens queued); retry later")
+
+    def release(self, images: int, tokens: int) -> None:
+        """Give back a reservation that was never posted (the request was refused after ``admit``)."""
+        self.capacity.add(-images, -tokens)
+        self.capacity.publish()
+
+    def refuse_inbox(self, error: Callable[[], Exception], reason: str) -> None:
+        """Answer ``error()`` to every request still in the inbox (any thread: the worker has stopped
+        taking it). Each message is taken by one thread only."""
+        refused: list[tuple[Request, Outcome]] = []
+        for message in self.inbox.take():
+            if isinstance(message, Posted) and not message.request.finished:
+                message.request.finished = True
+                self.capacity.add(-len(message.pixels), -message.estimate * len(message.pixels))
+                self.hooks.on_reject(reason)
+                refused.append((message.request, error()))
+        self.capacity.publish()
+        settle(refused)
 
     def observe_rate(self, tokens: int, seconds: float) -> None:
         """A tail batch ran ``tokens`` in ``seconds``: the throughput QueueFull's Retry-After divides by."""
@@ -125,33 +158,54 @@ class Queues:
             self._rate_tokens_per_s = rate if self._rate_tokens_per_s == 0 else (
                 0.8 * self._rate_tokens_per_s + 0.2 * rate)
 
-    # -- moves between the queues --------------------------------------------------------------
-    def depth_changed(self) -> None:
-        self.hooks.on_queue_depth(len(self.head) + len(self.tail), self.tokens)
+    # -- the worker thread: moves between the queues ---------------------------------------------
+    def receive(self) -> bool:
+        """Move what the event loop posted into the queues; True if there was anything."""
+        messages = self.inbox.take()
+        for message in messages:
+            if isinstance(message, Posted):
+                self.add(message.request, message.pixels, message.keep_rate, message.estimate, message.now,
+                         message.rates)
+            elif not message.request.finished:
+                self.fail(message.request, None, "disconnected")
+        return bool(messages)
 
-    def remove_locked(self, key: int) -> QueuedImage | None:
+    def add(self, request: Request, pixels: Sequence[torch.Tensor], keep_rate: float | None,
+            estimate: int, now: float, rates: tuple[float, ...] = ()) -> None:
+        """Queue a request's images for the head (admitted: their room is reserved).
+        ``rates``: the keep rates accuracy scaling may run them at (() for none)."""
+        for i, px in enumerate(pixels):
+            key = next(self._ids)
+            request.keys.append(key)
+            self.head[key] = QueuedImage(request, i, keep_rate, px, estimate, Waiting(key, now, now),
+                                         rates=rates if len(rates) > 1 else ())
+
+    def remove(self, key: int) -> QueuedImage | None:
+        """Unqueue one image and give back its room (``capacity.publish`` reports it)."""
         image = self.head.pop(key, None) or self.tail.pop(key, None)
         if image is not None:
-            self.tokens -= image.tokens
+            self.capacity.add(-1, -image.tokens)
         return image
 
-    def take_locked(self, batch: Batch, now: float) -> list[QueuedImage]:
+    def take(self, batch: Batch, now: float) -> list[QueuedImage]:
         """Take a planned batch's images out of their queue, their waits counted."""
         queue = self.head if batch.phase == "head" else self.tail
-        images = [queue[k] for k in batch.keys]
+        images = [queue.pop(k) for k in batch.keys]
+        self.capacity.add(-len(images), -sum(image.tokens for image in images))
         for image in images:
-            self.remove_locked(image.wait.key)
             image.phase_wait_s = now - image.wait.arrived
             image.queue_s += image.phase_wait_s
-        self.depth_changed()
+        self.capacity.publish()
         return images
 
-    def to_tail_locked(self, images: Sequence[QueuedImage], hb: HeadBatch, budgets: list[list[int]],
-                       buckets: list[list[int]], compute_s: float, now: float,
-                       extra: dict[float, tuple[list[list[int]], list[list[int]]]] | None = None) -> None:
+    def to_tail(self, images: Sequence[QueuedImage], hb: HeadBatch, budgets: list[list[int]],
+                buckets: list[list[int]], compute_s: float, now: float,
+                extra: dict[float, tuple[list[list[int]], list[list[int]]]] | None = None) -> None:
         """Queue a finished head batch's images (row order) for the tail at their buckets; ``extra``:
-        budgets and buckets at accuracy scaling's rates (``HeadBatch.at_rate``), for the images' options."""
+        budgets and buckets at accuracy scaling's rates (``HeadBatch.at_rate``), for the images' options.
+        They come back over capacity if need be: they were admitted."""
         tail_tokens = self.engine.tail_tokens
+        added = tokens = 0
         for row, (image, budget, bucket) in enumerate(zip(images, budgets, buckets, strict=True)):
             if image.request.finished:
                 continue
@@ -164,11 +218,12 @@ class Queues:
                 image.options = ((image.budget, tuple(bucket)),
                                  *((tuple(extra[r][0][row]), tuple(extra[r][1][row])) for r in image.rates[1:]))
             self.tail[image.wait.key] = image
-            self.tokens += image.tokens
-        self.depth_changed()
+            added, tokens = added + 1, tokens + image.tokens
+        self.capacity.add(added, tokens)
+        self.capacity.publish()
 
     # -- accuracy scaling ----------------------------------------------------------------------
-    def scalables_locked(self, each: Callable[[Phase, Counts | None], float]) -> list[Scalable]:
+    def scalables(self, each: Callable[[Phase, Counts | None], float]) -> list[Scalable]:
         """Every queued image's remaining device seconds at each rate it may run at, in arrival order;
         ``each(phase, counts)``: seconds per image of a full batch (the cost model). A head image's tail
         is estimated at its rate's schedule counts (its budget is not known yet)."""
@@ -199,7 +254,7 @@ class Queues:
         out.sort(key=itemgetter(0))
         return out
 
-    def tail_waits_locked(self, cap: float) -> list[Waiting]:
+    def tail_waits(self, cap: float) -> list[Waiting]:
         """The tail's images re-bucketed at their rates under ``cap`` (the planner's view)."""
         waits = []
         for image in self.tail.values():
@@ -220,21 +275,21 @@ class Queues:
             self._rate_counts[rate] = tuple(self.engine.schedule_counts(rate))
         return self._rate_counts[rate]
 
-    # -- answers -------------------------------------------------------------------------------
-    def fail_locked(self, request: Request, error: Exception | None, reason: str | None) -> None:
+    # -- answers (the worker thread) ------------------------------------------------------------
+    def fail(self, request: Request, error: Exception | None, reason: str | None) -> None:
         """Drop the request's queued images and answer it with ``error`` (None: nobody listens)."""
         if request.finished:
             return
         request.finished = True
         for key in request.keys:
-            self.remove_locked(key)
-        self.depth_changed()
+            self.remove(key)
+        self.capacity.publish()
         if reason:
             self.hooks.on_reject(reason)
         if error is not None:
-            resolve(request, error)
+            self.settled.append((request, error))
 
-    def expire_locked(self, now: float) -> float | None:
+    def expire(self, now: float) -> float | None:
         """Fail queued requests past their deadline; returns the next queued deadline."""
         soonest: float | None = None
         for image in self.images():
@@ -242,42 +297,29 @@ class Queues:
             if req.finished:
                 continue
             if req.deadline <= now:
-                self.fail_locked(req, DeadlinePassed("the deadline passed while the request was queued"),
-                                 "deadline")
+                self.fail(req, DeadlinePassed("the deadline passed while the request was queued"), "deadline")
             else:
                 soonest = req.deadline if soonest is None else min(soonest, req.deadline)
         return soonest
 
     def deliver(self, image: QueuedImage, result: ImageResult, now: float | None = None) -> None:
-        """Record one image's result; answer its request once its last image is done (takes the lock).
+        """Record one image's result; answer its request once its last image is done (at ``flush``).
         ``now``: the worker clock, for the latency objective's count."""
         request = image.request
-        with self.cond:
-            if request.finished:
-                return
-            request.results[image.index] = result
-            if any(r is None for r in request.results):
-                return
-            request.finished = True
+        if request.finished:
+            return
+        request.results[image.index] = result
+        if any(r is None for r in request.results):
+            return
+        request.finished = True
         for r in request.results:
             self.hooks.on_image_done(r)  # type: ignore[arg-type]
         if request.objective_at is not None and now is not None:
             self.hooks.on_objective(now <= request.objective_at)
-        resolve(request, list(request.results))  # type: ignore[arg-type]
+        self.settled.append((request, list(request.results)))
 
-
-def resolve(request: Request, outcome: list[ImageResult] | Exception) -> None:
-    """Answer a request's future from any thread (the event loop may be gone at shutdown)."""
-
-    def settle() -> None:
-        if request.future.done():  # cancelled meanwhile
-            return
-        if isinstance(outcome, Exception):
-            request.future.set_exception(outcome)
-        else:
-            request.future.set_result(outcome)
-
-    try:
-        request.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # loop closed
-        pass
+    def flush(self) -> None:
+        """Send back every answer settled since the last flush: one callback per event loop."""
+        if self.settled:
+            settled, self.settled = self.settled, []
+            settle(settled)

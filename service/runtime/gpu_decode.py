@@ -291,18 +291,24 @@ class DecodeQueue:
         except Exception as exc:  # a bug or a device error: the requests of this batch fail, the thread lives
             out = exc
         at = 0
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, _Decoded | BaseException]]] = {}
         for job in jobs:
             part = out if isinstance(out, BaseException) else out[at:at + len(job.images)]
             at += len(job.images)
+            by_loop.setdefault(job.loop, []).append((job, part))
+        for loop, answers in by_loop.items():  # one callback per event loop for the whole batch
             with contextlib.suppress(RuntimeError):  # its event loop has closed: nobody waits
-                job.loop.call_soon_threadsafe(_settle, job.future, part)
+                loop.call_soon_threadsafe(_settle, answers)
 
 
-def _settle(future: asyncio.Future[list[torch.Tensor | ApiError]],
-            result: list[torch.Tensor | ApiError] | BaseException) -> None:
-    if future.done():  # cancelled meanwhile
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+_Decoded = list[torch.Tensor | ApiError]
+
+
+def _settle(answers: list[tuple[_Job, _Decoded | BaseException]]) -> None:
+    for job, result in answers:
+        if job.future.done():  # cancelled meanwhile
+            continue
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)

@@ -30,6 +30,7 @@ from ..protocol import (
     ModelFailed,
     ModelStatus,
     WorkerStopping,
+    advance,
 )
 from ..settings import Settings
 from . import gpu_decode
@@ -101,11 +102,10 @@ class LocalModel:
             self.metrics.watch_health(lambda: worker.health() is None)
         except Exception as exc:  # the app stays alive (healthz) but never ready; the reason shows in /readyz
             log.exception("warm-up failed")
-            self._state, self._error = Lifecycle.FAILED, f"{type(exc).__name__}: {exc}"
+            self._state, self._error = advance(self._state, Lifecycle.FAILED), f"{type(exc).__name__}: {exc}"
             raise
         self.worker, self._warmup_seconds = worker, round(seconds, 3)
-        if self._state == Lifecycle.LOADING:  # a drain may have begun during the warm-up
-            self._state = Lifecycle.READY
+        self._state = advance(self._state, Lifecycle.READY)  # unless a stop came during the warm-up
         log.info("model %s ready on %s %s (warm-up %.2f s; %d CUDA graphs captured in %.2f s, %.1f MiB; cost model %s)",
                  engine.name, engine.device, engine.dtype, seconds, graphs["captured"], graphs["capture_seconds"],
                  graphs["capture_bytes"] / 2**20, worker.cost.describe())
@@ -123,11 +123,20 @@ class LocalModel:
 
     async def submit(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None,
                      deadline: float, min_keep_rate: float | None = None) -> list[ImageResult]:
-        if self.worker is None:
+        worker = self.worker
+        if worker is None:
             raise WorkerStopping("the model is not running")
-        if any(isinstance(p, EncodedImage) for p in pixels):
-            return await self.worker.submit(await self._decoded(pixels), keep_rate, deadline, min_keep_rate)
-        return await self.worker.submit(pixels, keep_rate, deadline, min_keep_rate)  # type: ignore[arg-type]
+        if not any(isinstance(p, EncodedImage) for p in pixels):
+            return await worker.submit(pixels, keep_rate, deadline, min_keep_rate)  # type: ignore[arg-type]
+        # Admission first: a request the queue would refuse (QueueFull, shutting down, past its deadline)
+        # is refused before its JPEGs take device time to decode.
+        ticket = worker.admit(len(pixels), keep_rate, deadline, min_keep_rate)
+        try:
+            decoded = await self._decoded(pixels)
+        except BaseException:  # a bad image, the decoder closing, the client gone: its room is given back
+            worker.release(ticket)
+            raise
+        return await worker.run(ticket, decoded)
 
     async def _decoded(self, items: Sequence[torch.Tensor | EncodedImage]) -> list[torch.Tensor]:
         """The encoded images decoded (with those of other requests) and put back in their places; a
@@ -145,8 +154,8 @@ class LocalModel:
 
     def begin_drain(self) -> None:
         """SIGTERM: batches stop waiting to fill; requests already on their way are still accepted."""
-        if self._state == Lifecycle.READY:
-            self._state = Lifecycle.STOPPING
+        if self._state == Lifecycle.READY:  # a loading model has nothing to drain; start() makes it READY
+            self._state = advance(self._state, Lifecycle.STOPPING)
         if self.worker is not None:
             self.worker.begin_drain()
 
@@ -155,5 +164,4 @@ class LocalModel:
             await self.worker.stop(grace_s=grace_s)
         if self.decoder is not None:
             await anyio.to_thread.run_sync(self.decoder.close)
-        if self._state != Lifecycle.FAILED:
-            self._state = Lifecycle.STOPPED
+        self._state = advance(self._state, Lifecycle.STOPPED)

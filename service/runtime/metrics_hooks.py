@@ -15,7 +15,8 @@ from .seams import WorkerHooks
 
 
 class PrometheusHooks(WorkerHooks):
-    """Batching-worker hooks -> metrics. Called from the worker thread; prometheus_client is thread-safe."""
+    """Batching-worker hooks -> metrics. Called from the worker thread and the event loop, no lock held;
+    prometheus_client is thread-safe."""
 
     def __init__(self, metrics: Metrics, dense_gflops: float, num_patches: int = 0) -> None:
         self.m = metrics

@@ -47,8 +47,9 @@ class ModelEngine(Protocol):
 
 
 class WorkerHooks:
-    """No-op observer of the worker; ``service/metrics.py`` subclasses it. Keep overrides cheap:
-    they may be called from the worker thread."""
+    """No-op observer of the worker; ``service/metrics.py`` subclasses it. Keep overrides cheap and
+    thread-safe: they are called from the worker thread (``on_reject`` and ``on_queue_depth`` from the
+    event loop too), with no lock held."""
 
     def on_queue_depth(self, images: int, tokens: int) -> None: ...
 

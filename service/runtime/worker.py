@@ -20,7 +20,12 @@ and delivery live with the queues; cancelling the task that awaits ``submit`` (t
 away) drops its queued images too. ``stop()`` refuses new work with :class:`WorkerStopping`, runs
 what is queued (without waiting for batches to fill) for up to ``shutdown_grace_s``, fails the rest
 and joins the thread; ``begin_drain()`` (at SIGTERM) stops waiting for batches to fill while still
-accepting the requests already on their way.
+accepting the requests already on their way. The states follow :func:`service.protocol.advance`.
+
+The event loop never waits on the thread (:mod:`service.runtime.mailbox`): ``submit`` (or ``admit``,
+then ``run``) reserves room in an atomic capacity, posts to an inbox and sets an event; the thread
+alone owns the queues, so it plans, expires and calls the metrics hooks with no lock held, and answers
+all the requests a batch settled with one ``call_soon_threadsafe``. ``stop()`` waits on an event.
 
 Failures: a batch whose model call raises (at launch or when its copy is read) fails its requests
 with :class:`ModelFailed` (503 + Retry-After); a device out-of-memory error at launch first splits
@@ -30,7 +35,8 @@ once), ``unhealthy_after_failures`` consecutive failed batches, or a batch runni
 ``watchdog_batch_s``; ``/readyz`` reports it.
 
 Metrics go through :class:`WorkerHooks` (:mod:`service.runtime.seams`, with the :class:`ModelEngine`
-seam; both re-exported here); its methods may be called from the worker thread.
+seam; both re-exported here); its methods are called from the worker thread, and ``on_reject`` and
+``on_queue_depth`` from the event loop too, never under a lock the other side waits on.
 """
 
 from __future__ import annotations
@@ -45,11 +51,12 @@ from typing import Any
 
 import torch
 
-from service.protocol import DeadlinePassed, ImageResult, Lifecycle, ModelFailed, WorkerStopping
-from service.runtime.admission import QueuedImage, Queues, Request
+from service.protocol import DeadlinePassed, ImageResult, Lifecycle, ModelFailed, WorkerStopping, advance
+from service.runtime.admission import QueuedImage, Queues, Request, Ticket
 from service.runtime.batching import Batch, BatchLimits, Counts, Phase, Waiting, plan, scale_cap
 from service.runtime.costmodel import CostModel, Timing
 from service.runtime.handoff import HeadBatch, HostCopy, Rows
+from service.runtime.mailbox import Posted, Withdrawn
 from service.runtime.scaling import CAPS, Scaling, at_cap
 from service.runtime.seams import ModelEngine, WorkerHooks
 from service.settings import Settings
@@ -103,11 +110,12 @@ class Worker:
         self.hooks = hooks or WorkerHooks()
         self.clock = clock
         self.limits = BatchLimits.from_settings(settings)
-        self.queues = Queues(engine, settings, self.hooks)
-        self._cond = self.queues.cond        # one lock: the queues and the thread's state below
-        self._busy = False                   # a batch is in flight
+        self.queues = Queues(engine, settings, self.hooks)  # the thread's alone; the loop posts to its inbox
         self.state = Lifecycle.LOADING       # READY (accepting) -> STOPPING (drain) -> DRAINING (refusing) -> STOPPED
+        self._state_lock = threading.Lock()  # held only to apply protocol.advance
         self._thread: threading.Thread | None = None
+        self._closed = False                 # the thread has ended: nothing takes the inbox any more
+        self._drained = threading.Event()    # set by the thread once DRAINING finds nothing left to run
         self._failures = 0                   # consecutive failed batches
         self._last_error = ""
         self._fatal: str | None = None       # FAILED: why the model thread ended on an error
@@ -128,39 +136,34 @@ class Worker:
     async def start(self) -> None:
         if self._thread is not None:
             return
-        self.state = Lifecycle.READY
+        self._transition(Lifecycle.READY)
         self._thread = threading.Thread(target=self._loop, name="patchlife-worker", daemon=True)
         self._thread.start()
 
     def begin_drain(self) -> None:
         """Shutdown has begun: run queued batches without waiting for them to fill. Work is still
         accepted (requests already reading their body or decoding finish normally). Thread-safe."""
-        with self._cond:
-            self._advance(Lifecycle.STOPPING)
-            self._cond.notify_all()
+        self._transition(Lifecycle.STOPPING)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Refuse new work, finish what is queued within ``grace_s`` (default ``shutdown_grace_s``),
         then join the thread; what is still queued then is answered WorkerStopping."""
-        with self._cond:
-            self._advance(Lifecycle.DRAINING)
-            self._cond.notify_all()
+        self._transition(Lifecycle.DRAINING)
         thread = self._thread
         if thread is None:
             return
-        end = time.monotonic() + (self.settings.shutdown_grace_s if grace_s is None else grace_s)
-        while time.monotonic() < end and self._pending():
-            await asyncio.sleep(0.005)
-        with self._cond:
-            self._advance(Lifecycle.STOPPED)
-            self._cond.notify_all()
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        if grace > 0:  # the thread sets the event once it has run everything (or has ended)
+            await asyncio.to_thread(self._drained.wait, grace)
+        self._transition(Lifecycle.STOPPED)
         await asyncio.to_thread(thread.join)  # a running batch cannot be interrupted
         self._thread = None
 
-    def _advance(self, state: Lifecycle) -> None:
-        """Forward only (a stop after a failure keeps FAILED)."""
-        if self.state != Lifecycle.FAILED and state > self.state:
-            self.state = state
+    def _transition(self, state: Lifecycle) -> None:
+        """Apply the lifecycle's one rule (:func:`service.protocol.advance`) and wake the thread."""
+        with self._state_lock:
+            self.state = advance(self.state, state)
+        self.queues.inbox.wake.set()
 
     def health(self) -> str | None:
         """None while the worker can serve; otherwise why not (``/readyz`` answers 503 with it)."""
@@ -176,48 +179,82 @@ class Worker:
             return f"a model batch has been running for {self.clock() - since:.0f} s (PATCHLIFE_WATCHDOG_BATCH_S)"
         return None
 
-    def _pending(self) -> bool:
-        with self._cond:
-            return bool(self.queues.head or self.queues.tail or self._busy)
-
-    # -- the event-loop side -----------------------------------------------------------------
+    # -- the event-loop side: never waits on the thread --------------------------------------
     async def submit(self, pixels: Sequence[torch.Tensor], keep_rate: float | None,
                      deadline: float, min_keep_rate: float | None = None) -> list[ImageResult]:
         """Classify ``pixels`` (each ``[3, H, W]``) at ``keep_rate``; results in input order.
 
         Raises QueueFull, DeadlinePassed or WorkerStopping; ``deadline`` is on the worker clock.
         """
+        return await self.run(self.admit(len(pixels), keep_rate, deadline, min_keep_rate), pixels)
+
+    def admit(self, images: int, keep_rate: float | None, deadline: float,
+              min_keep_rate: float | None = None) -> Ticket:
+        """Refuse at once what ``submit`` would refuse before queueing (the model is down, the worker
+        stops, the deadline passed, the queue is full), or reserve the room of ``images`` images: what
+        the model process checks before it spends device time decoding them. Give the ticket to
+        :meth:`run`, or back with :meth:`release`."""
+        self._check_open()
+        if not images:
+            return Ticket(0, 0, keep_rate, deadline, ())
+        rates = self.scaling.rates(keep_rate, min_keep_rate) if self.scaling is not None else ()
+        estimate = self.queues.estimate(keep_rate)
+        self._check_deadline(deadline)
+        self.queues.admit(images, estimate * images)
+        return Ticket(images, estimate, keep_rate, deadline, rates)
+
+    def release(self, ticket: Ticket) -> None:
+        """Give back an admitted ticket's room (its images will not be run)."""
+        if not ticket.spent:
+            ticket.spent = True
+            self.queues.release(ticket.images, ticket.images * ticket.estimate)
+
+    async def run(self, ticket: Ticket, pixels: Sequence[torch.Tensor]) -> list[ImageResult]:
+        """Queue an admitted ticket's ``pixels`` (as many as it holds room for) and await their results."""
+        if not pixels:
+            return []
+        assert len(pixels) == ticket.images and not ticket.spent, "one run per ticket, of its images"
+        try:  # the same checks again: time may have passed since admit (a decode on the device)
+            self._check_open()
+            now = self._check_deadline(ticket.deadline)
+        except Exception:
+            self.release(ticket)
+            raise
+        ticket.spent = True
+        loop = asyncio.get_running_loop()
+        request = Request(loop.create_future(), loop, ticket.deadline, [None] * len(pixels))
+        if self.scaling is not None:
+            request.objective_at = now + self.scaling.objective_s
+        self.queues.inbox.post(Posted(request, list(pixels), ticket.keep_rate, ticket.estimate, now, ticket.rates))
+        if self._closed:  # the thread ended after the checks above: nothing would take it, answer it here
+            self.queues.refuse_inbox(*self._closing())
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self.queues.inbox.post(Withdrawn(request))  # the thread drops what is still queued of it
+            raise
+
+    def _check_open(self) -> None:
         if self._fatal is not None:
             self.hooks.on_reject("model_error")
             raise ModelFailed(f"model unavailable: {self._fatal}", 5.0)
         if self.state not in (Lifecycle.READY, Lifecycle.STOPPING):
             self.hooks.on_reject("shutdown")
             raise WorkerStopping("server is shutting down")
-        if not pixels:
-            return []
-        estimate = self.queues.estimate(keep_rate)
-        rates = self.scaling.rates(keep_rate, min_keep_rate) if self.scaling is not None else ()
-        loop = asyncio.get_running_loop()
-        request = Request(loop.create_future(), loop, deadline, [None] * len(pixels))
-        with self._cond:
-            if self._fatal is not None:  # the thread died after the check above: nothing would run this
-                self.hooks.on_reject("model_error")
-                raise ModelFailed(f"model unavailable: {self._fatal}", 5.0)
-            now = self.clock()
-            if deadline <= now:
-                self.hooks.on_reject("deadline")
-                raise DeadlinePassed("the request's deadline passed before it was queued")
-            if self.scaling is not None:
-                request.objective_at = now + self.scaling.objective_s
-            self.queues.add_locked(request, pixels, keep_rate, estimate, now, rates)
-            self._cond.notify_all()
-        try:
-            return await request.future
-        except asyncio.CancelledError:
-            with self._cond:
-                if not request.finished:
-                    self.queues.fail_locked(request, None, "disconnected")
-            raise
+
+    def _check_deadline(self, deadline: float) -> float:
+        now = self.clock()
+        if deadline <= now:
+            self.hooks.on_reject("deadline")
+            raise DeadlinePassed("the request's deadline passed before it was queued")
+        return now
+
+    def _closing(self) -> tuple[Callable[[], Exception], str]:
+        """What the requests left when the thread ends are answered: (a maker of their error, the reason)."""
+        if self._fatal is not None:
+            fatal = self._fatal
+            return (lambda: ModelFailed(f"model unavailable: {fatal}", 5.0)), "model_error"
+        return (lambda: WorkerStopping("server shut down before the request ran")), "shutdown"
 
     # -- the worker thread -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -226,12 +263,11 @@ class Worker:
             set_torch_threads(self.settings.torch_threads)
             ahead = bool(self.engine.asynchronous)
             while True:
-                with self._cond:
-                    batch, images = self._next_locked(block=not flight)
-                    if batch is None and not flight:
-                        break
-                    if batch is not None and not flight:
-                        self._busy, self._busy_since = True, self.clock()
+                batch, images = self._next(block=not flight)
+                if batch is None and not flight:
+                    break
+                if batch is not None and not flight:
+                    self._busy_since = self.clock()
                 try:
                     if batch is not None:
                         flight.append(self._launch(batch, images))
@@ -240,28 +276,26 @@ class Worker:
                     while len(flight) > keep:
                         self._finish(flight.pop(0))
                 finally:
-                    with self._cond:
-                        self._busy = bool(flight)
-                        self._busy_since = flight[0].started if flight else None
+                    self._busy_since = flight[0].started if flight else None
+                    self.queues.flush()  # what this round answered: one callback per event loop
         except BaseException as exc:  # a bug outside the model calls (planning, bookkeeping): never silent
             log.critical("the model thread stopped on an unexpected error", exc_info=exc)
-            with self._cond:  # under the lock: a submit either sees it or is answered by _fail_queued
-                self._fatal = f"the model thread stopped: {type(exc).__name__}: {exc}"
-                self.state = Lifecycle.FAILED
+            self._fatal = f"the model thread stopped: {type(exc).__name__}: {exc}"
+            self._transition(Lifecycle.FAILED)
             self.hooks.on_model_failure("worker_died")
         finally:
             self._fail_queued([im for f in flight for images, _, _ in f.parts for im in images])
 
     def _fail_queued(self, in_flight: Sequence[QueuedImage] = ()) -> None:
-        """The thread is ending: answer whatever is still queued or launched (it will not run or be read)."""
-        with self._cond:
-            for image in [*self.queues.images(), *in_flight]:
-                if self._fatal is not None:
-                    self.queues.fail_locked(image.request, ModelFailed(f"model unavailable: {self._fatal}", 5.0),
-                                            "model_error")
-                else:
-                    self.queues.fail_locked(image.request, WorkerStopping("server shut down before the request ran"),
-                                            "shutdown")
+        """The thread is ending: answer whatever is still queued, posted or launched (it will not run or
+        be read). ``_closed`` first: a submit that posts after this takes the inbox itself."""
+        self._closed = True
+        error, reason = self._closing()
+        self.queues.refuse_inbox(error, reason)
+        for image in [*self.queues.images(), *in_flight]:
+            self.queues.fail(image.request, error(), reason)
+        self.queues.flush()
+        self._drained.set()
 
     def _launch_phase(self, batch: Batch, images: list[QueuedImage]) -> tuple[list[QueuedImage], Any]:
         """Queue one batch on the engine: (its images in the order of the answer's rows, the handle)."""
@@ -327,37 +361,45 @@ class Worker:
         log.error("%s batch of %d images failed", batch.phase, len(images), exc_info=exc)
         self.hooks.on_model_failure("batch_error")
         error = ModelFailed(f"the model failed on this request's batch ({type(exc).__name__}); retry", 1.0)
-        with self._cond:
-            self._failures += 1
-            self._last_error = f"{type(exc).__name__}: {exc}"[:300]
-            for image in images:
-                self.queues.fail_locked(image.request, error, "model_error")
+        self._failures += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"[:300]
+        for image in images:
+            self.queues.fail(image.request, error, "model_error")
 
-    def _next_locked(self, block: bool = True) -> tuple[Batch | None, list[QueuedImage]]:
-        """Wait (releasing the lock) until a batch is due; take its images out of the queues.
+    def _next(self, block: bool = True) -> tuple[Batch | None, list[QueuedImage]]:
+        """Wait (on the inbox's event) until a batch is due; take its images out of the queues.
 
+        Each round first moves what the event loop posted into the queues, then expires and plans on
+        them: the thread owns them, so none of this holds a lock the loop could wait on.
         With ``block`` False (a batch is in flight), return (None, []) at once when nothing is due,
         and leave batches that are due only because the device would idle (reason ``idle``): it is
         busy with the batch in flight, whose images the queues do not show yet."""
+        queues, wake = self.queues, self.queues.inbox.wake
         while self.state not in (Lifecycle.STOPPED, Lifecycle.FAILED):
+            wake.clear()  # before taking the inbox: a post after this sets it again
+            draining = self.state >= Lifecycle.DRAINING  # read first: nothing is posted after it
+            queues.receive()
             now = self.clock()
-            next_deadline = self.queues.expire_locked(now)
-            queues = self.queues
-            decision = plan([i.wait for i in queues.head.values()], self._tail_waits_locked(now), now,
+            next_deadline = queues.expire(now)
+            decision = plan([i.wait for i in queues.head.values()], self._tail_waits(now), now,
                             self.limits, self.engine.tail_tokens, drain=self.state >= Lifecycle.STOPPING,
                             cost=self.batch_seconds if self.cost.ready else None)
             if isinstance(decision, Batch):
                 if not block and decision.reason == "idle":
                     break
-                images = self.queues.take_locked(decision, now)
+                images = queues.take(decision, now)
                 if decision.phase == "tail":
                     for image in images:  # the rate the plan bucketed it at
                         image.rung = at_cap(image.rates, self.cap) if image.options else 0
+                queues.flush()  # expired meanwhile: answered before the batch runs
                 return decision, images
             if not block:
                 break
-            wake = [t for t in (decision, next_deadline) if t is not None]
-            self._cond.wait(max(0.0, min(wake) - now) if wake else None)
+            queues.flush()
+            if draining and not queues.head and not queues.tail:
+                self._drained.set()  # stop() waits for this, not for a poll
+            wake_at = [t for t in (decision, next_deadline) if t is not None]
+            wake.wait(max(0.0, min(wake_at) - now) if wake_at else None)
         return None, []
 
     def _finish_head(self, images: list[QueuedImage], hb: HeadBatch, launch_s: float) -> None:
@@ -368,9 +410,7 @@ class Worker:
         self._learn("head", len(images), 0, compute)
         self.hooks.on_batch("head", len(images), len(images) * self._head_tokens, None,
                             [im.phase_wait_s for im in images], compute)
-        now = self.clock()
-        with self._cond:
-            self.queues.to_tail_locked(images, hb, budgets, buckets, compute, now, extra)  # type: ignore[arg-type]
+        self.queues.to_tail(images, hb, budgets, buckets, compute, self.clock(), extra)  # type: ignore[arg-type]
 
     def _finish_tail(self, images: list[QueuedImage], copy: HostCopy, counts: Counts, launch_s: float) -> None:
         t0 = self.clock()
@@ -405,15 +445,15 @@ class Worker:
         return {"latency_objective_ms": s.objective_s * 1e3, "default_keep_rate": s.default_rate,
                 "floor": s.floor, "cap": self.cap}
 
-    def _tail_waits_locked(self, now: float) -> list[Waiting]:
+    def _tail_waits(self, now: float) -> list[Waiting]:
         """The tail's images as the planner sees them: with accuracy scaling, the cap is decided first
         (:func:`service.runtime.batching.scale_cap`) and each image is re-bucketed at its rate under it."""
         if self.scaling is None or not self.cost.ready:
             return [i.wait for i in self.queues.tail.values()]
         size = self.limits.size
-        queued = self.queues.scalables_locked(lambda phase, counts: self.batch_seconds(phase, size, counts) / size)
+        queued = self.queues.scalables(lambda phase, counts: self.batch_seconds(phase, size, counts) / size)
         self.cap = scale_cap(self.cap, queued, now, self.scaling.aim_s, self.scaling.hysteresis)
-        return self.queues.tail_waits_locked(self.cap)
+        return self.queues.tail_waits(self.cap)
 
     def _learn(self, phase: Phase, images: int, tokens_per_row: int, seconds: float, merged: int = 0) -> int:
         """Feed the cost model one batch and report its shape; returns the rows it ran as (padding included)."""

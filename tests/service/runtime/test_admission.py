@@ -64,26 +64,33 @@ def pixels(n: int) -> list[torch.Tensor]:
     return [torch.zeros(3, 2, 2, dtype=torch.uint8)] * n
 
 
+def add(q: Queues, req: Request, px: list[torch.Tensor], keep_rate: float | None, estimate: int) -> None:
+    """Admit (QueueFull past a capacity, nothing reserved then) and queue, as the worker does."""
+    q.admit(len(px), estimate * len(px))
+    q.add(req, px, keep_rate, estimate, 0.0)
+
+
 def test_admission_refuses_past_either_capacity_and_queues_nothing_then(loop: Loop) -> None:
     q, hooks = queues(queue_capacity_images=3, queue_capacity_tokens=200)
     est = q.estimate(None)  # (50, 25): 75 tail tokens
     assert est == 75
-    q.add_locked(request(loop, 2), pixels(2), None, est, 0.0)
+    add(q, request(loop, 2), pixels(2), None, est)
     assert (len(q.head), q.tokens) == (2, 150)
     with pytest.raises(QueueFull):  # 3 images fit, 225 tokens do not
-        q.add_locked(request(loop, 1), pixels(1), None, est, 0.0)
+        add(q, request(loop, 1), pixels(1), None, est)
     with pytest.raises(QueueFull):  # the image cap
-        q.add_locked(request(loop, 2), pixels(2), 0.1, q.estimate(0.1), 0.0)
+        add(q, request(loop, 2), pixels(2), 0.1, q.estimate(0.1))
     assert (len(q.head), q.tokens, hooks.rejects) == (2, 150, ["overloaded", "overloaded"])
 
 
 def test_a_failed_request_leaves_nothing_queued_and_is_answered(loop: Loop) -> None:
     q, hooks = queues()
     keep, gone = request(loop, 1), request(loop, 2, deadline=1.0)
-    q.add_locked(keep, pixels(1), None, 75, 0.0)
-    q.add_locked(gone, pixels(2), None, 75, 0.0)
-    assert q.expire_locked(now=1.0) == 100.0  # the next deadline still queued
+    add(q, keep, pixels(1), None, 75)
+    add(q, gone, pixels(2), None, 75)
+    assert q.expire(now=1.0) == 100.0  # the next deadline still queued
     assert [im.request for im in q.images()] == [keep] and q.tokens == 75
+    q.flush()
     loop.run_until_complete(asyncio.sleep(0))  # the answer is set from the loop
     assert isinstance(gone.future.exception(), DeadlinePassed) and hooks.rejects == ["deadline"]
 
@@ -91,18 +98,20 @@ def test_a_failed_request_leaves_nothing_queued_and_is_answered(loop: Loop) -> N
 def test_an_image_moves_to_the_tail_at_its_bucket_and_is_delivered_with_its_request(loop: Loop) -> None:
     q, _ = queues()
     req = request(loop, 2)
-    q.add_locked(req, pixels(2), None, 75, 0.0)
-    taken = q.take_locked(Batch("head", tuple(q.head), None, 0, "full", 0.0), now=0.5)
+    add(q, req, pixels(2), None, 75)
+    taken = q.take(Batch("head", tuple(q.head), None, 0, "full", 0.0), now=0.5)
     assert not q.head and q.tokens == 0 and [im.phase_wait_s for im in taken] == [0.5, 0.5]
     hb = HeadBatch.of(torch.zeros(2, 5, 4), torch.zeros(2, 2, 2), torch.tensor([[30, 10], [50, 25]]),
                       torch.tensor([[40, 20], [50, 25]]), [0.5, 0.5])
-    q.to_tail_locked(taken, hb, [[30, 10], [50, 25]], [[40, 20], [50, 25]], 0.01, now=0.6)
+    q.to_tail(taken, hb, [[30, 10], [50, 25]], [[40, 20], [50, 25]], 0.01, now=0.6)
     assert [im.wait.bucket for im in q.tail.values()] == [(40, 20), (50, 25)] and q.tokens == 60 + 75
     results = [ImageResult(torch.zeros(2), torch.zeros(2, 2), im.budget, im.wait.bucket, 1.0, 0.5, 0.0, 0.0)
                for im in taken]
-    q.take_locked(Batch("tail", tuple(q.tail), (50, 25), 150, "full", 0.0), now=0.7)
+    q.take(Batch("tail", tuple(q.tail), (50, 25), 150, "full", 0.0), now=0.7)
     q.deliver(taken[1], results[1])
     assert not req.finished  # one image to go
     q.deliver(taken[0], results[0])
+    assert req.finished and not req.future.done()  # answered when the worker flushes
+    q.flush()
     loop.run_until_complete(asyncio.sleep(0))
     assert req.future.result() == results and not q.images() and q.tokens == 0

@@ -118,7 +118,18 @@ def test_decode_queue_batches_what_waits_while_it_decodes() -> None:
     def images(*data: bytes) -> list[EncodedImage]:
         return [EncodedImage(d, f"images[{i}]") for i, d in enumerate(data)]
 
+    callbacks = 0
+
     async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal callbacks
+            callbacks += threading.current_thread().name == "patchlife-decode"
+            return real(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
         first = asyncio.create_task(queue.decode(images(b"a")))
         while not recorder.batches:
             await asyncio.sleep(0.001)
@@ -135,6 +146,7 @@ def test_decode_queue_batches_what_waits_while_it_decodes() -> None:
     first, pair, one, large = asyncio.run(main())
     queue.close()
     assert [len(b) for b in recorder.batches] == [1, 3, 5] and b"zz" not in recorder.batches[1]
+    assert callbacks == 3, "one callback per decoded batch, not one per request"
     assert [int(t) for t in first] == [1] and int(pair[0]) == 2 and isinstance(pair[1], BadImage)
     assert [int(t) for t in one] == [4] and [int(t) for t in large] == [1] * 5
     with pytest.raises(WorkerStopping):

@@ -193,7 +193,7 @@ def run_burst(scaling: Scaling | None, requests: list[tuple[float | None, float 
         engine.gate.clear()
         tasks = [asyncio.ensure_future(worker.submit([torch.full((3, 2, 2), float(i))], rate, 1e9, floor))
                  for i, (rate, floor) in enumerate(requests)]
-        while len(worker.queues.head) + engine.holding < len(requests):  # some may be in the held head batch
+        while worker.queues.capacity.images + engine.holding < len(requests):  # some may be in the held head batch
             await asyncio.sleep(0.002)
         engine.gate.set()
         burst = [r for rs in await asyncio.gather(*tasks) for r in rs]
