@@ -137,7 +137,7 @@ def test_unknown_routes_use_the_error_shape(client: TestClient, method: str, pat
 
 def test_genuine_bug_is_a_json_500(make_client: Callable[..., TestClient]) -> None:
     c = make_client()
-    rt = c.app.state.runtime  # type: ignore[attr-defined]
+    rt = c.app.state.frontend  # type: ignore[attr-defined]
     rt.card, rt._preprocessor = dataclasses.replace(rt.card, preprocess=None), None  # a bug, not bad input
     c2 = TestClient(c.app, raise_server_exceptions=False)
     r = c2.post("/classify", files={"file": ("a.png", GOOD, "image/png")})
