@@ -8,9 +8,9 @@ microseconds of CPU and two cross-thread wake-ups, which is not worth paying for
 prints the figures that rule stands on, for the inputs of ``patchlife bench-frontend``:
 the header read (``header_info``) and the decode + preprocessing (``decode_one``) of a 64-px PNG, a
 224-px, a 451x300 and a 1000x872 JPEG; a v2 binary request of one 224-px UINT8 image, parsed
-(``oip.parse_request``) and preprocessed (``prepare_pixels``); and an empty ``anyio.to_thread`` round
-trip, its wall time and the CPU it costs. ``runs on`` says where the front end runs the step (the event
-``loop`` or a ``thread`` of the pool).
+(``oip.parse_request``) and preprocessed (``prepare_pixels``); the same image over gRPC, converted
+(``convert.infer_request``); and an empty ``anyio.to_thread`` round trip, its wall time and the CPU it
+costs. ``runs on`` says where the front end runs the step (the event ``loop`` or a ``thread`` of the pool).
 
 Figures are per call, single-threaded, on whatever else the machine is doing: take them from a quiet
 machine.
@@ -81,6 +81,20 @@ def _rows(name: str, data: bytes, pre: Preprocessor, repeat: int) -> list[dict[s
              "us": _median_us(lambda: pipeline.decode_one(raw, pre, MAX_PIXELS, False), repeat), "inline": "thread"}]
 
 
+def _grpc_row(pixels: np.ndarray, repeat: int) -> dict[str, Any]:
+    """gRPC's ``ModelInferRequest`` of one raw UINT8 image -> the request's images."""
+    from service.frontend.grpc import convert
+    from service.frontend.grpc import grpc_service_pb2 as pb
+
+    msg = pb.ModelInferRequest(model_name="m")
+    msg.inputs.add(name="pixels", datatype="UINT8", shape=[1, *pixels.shape])
+    msg.raw_input_contents.append(pixels.tobytes())
+    limits = UploadLimits(msg.ByteSize(), msg.ByteSize(), 16)
+    return {"input": "grpc uint8 224px", "step": "infer_request", "bytes": msg.ByteSize(),
+            "us": _median_us(lambda: convert.infer_request(msg, limits, MAX_PIXELS), repeat),
+            "inline": "loop" if convert.parse_inline(msg) else "thread"}
+
+
 def measure(repeat: int) -> list[dict[str, Any]]:
     pre = Preprocessor(CONFIG)
     rows: list[dict[str, Any]] = []
@@ -97,6 +111,7 @@ def measure(repeat: int) -> list[dict[str, Any]]:
     rows.append({"input": "v2 uint8 224px", "step": "prepare_pixels", "bytes": arrays[0].nbytes,
                  "us": _median_us(lambda: [pre.pil(infer.pixels_image(a)) for a in arrays], repeat),
                  "inline": "thread"})
+    rows.append(_grpc_row(arrays[0], repeat))
     trip_us, trip_cpu_us = asyncio.run(_thread_trip_us(repeat))
     rows.append({"input": "-", "step": "to_thread round trip", "bytes": 0, "us": trip_us, "inline": "-"})
     rows.append({"input": "-", "step": "  its CPU (process)", "bytes": 0, "us": trip_cpu_us, "inline": "-"})

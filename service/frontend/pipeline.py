@@ -54,6 +54,9 @@ DEADLINE_HEADER = "X-Request-Deadline-Ms"
 # else in the thread pool from the whole file. Bounded so that a crafted header (a JPEG of empty
 # markers costs Pillow 0.3 us a byte) holds the loop for at most about 0.6 ms.
 INLINE_HEADER_BYTES = 2048
+# Formats whose header reader fails on a cut file, never reads less: a TIFF's reader skips a tag whose
+# values lie past the cut (with a warning) and would give another mode; GIF, BMP, WebP are rare uploads.
+INLINE_HEADER_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]  # an ASGI ``receive``
 
 
@@ -120,9 +123,11 @@ def decode_one(raw: RawImage, pre: Preprocessor, max_pixels: int,
 
 
 def inline_header(raw: RawImage, max_image_pixels: int) -> HeaderInfo | None:
-    """The header read from the image's first ``INLINE_HEADER_BYTES`` (cheap enough for the event loop),
-    or None when it is not all there or is wrong: the whole file's read then decides, and says what is
-    wrong in the same words as ever."""
+    """A JPEG's or PNG's header read from the image's first ``INLINE_HEADER_BYTES`` (cheap enough for the
+    event loop), or None for another format, or when it is not all there or is wrong: the whole file's
+    read then decides, and says what is wrong in the same words as ever."""
+    if not raw.data.startswith(INLINE_HEADER_MAGIC):
+        return None
     try:
         return header_info(raw.data[:INLINE_HEADER_BYTES], max_image_pixels, source=raw.source)
     except ApiError:

@@ -85,8 +85,9 @@ class InferenceServicer:
         budget_s = fe.settings.deadline_ms / 1000.0 if remaining is None else remaining
         deadline = fe.clock()() + budget_s
         card = check_model(fe, request.model_name, request.model_version or None)
-        parsed = await anyio.to_thread.run_sync(convert.infer_request, request, fe.limits(),
-                                                fe.settings.max_image_pixels)
+        limits, max_pixels = fe.limits(), fe.settings.max_image_pixels
+        parsed = convert.infer_request(request, limits, max_pixels) if convert.parse_inline(request) else \
+            await anyio.to_thread.run_sync(convert.infer_request, request, limits, max_pixels)
         done = await infer_images(fe, parsed, deadline, None)
         t0 = time.perf_counter()
         outputs = [(spec.name, *oip.output_tensor(spec, done.results, list(card.class_names), done.top_k))

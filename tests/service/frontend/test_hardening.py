@@ -25,6 +25,7 @@ import service.runtime.worker as worker_mod
 from service.frontend.app import begin_shutdown
 from service.frontend.context import ARRIVAL_KEY
 from service.frontend.decode_gate import DecodeBusy, DecodeGate
+from service.frontend.front_door import FrontDoor
 from service.frontend.pipeline import EXPLAIN_VIEW_SIDE, prepare_images
 from service.frontend.routes.params import request_deadline
 from service.frontend.state import FrontendState
@@ -170,6 +171,12 @@ def test_an_expired_deadline_is_504(client: TestClient) -> None:
 
 
 # -- request id and logs -------------------------------------------------------------------------
+def test_one_middleware_wraps_every_request(client: TestClient) -> None:
+    """Request id, arrival, the body's clock, HEAD, the HTTP metrics and the last-resort 500 are one
+    ASGI layer (service/frontend/front_door.py), each behaviour tested where it is named."""
+    assert [m.cls for m in client.app.user_middleware] == [FrontDoor]  # type: ignore[attr-defined]
+
+
 def test_request_id_is_echoed_or_made(client: TestClient) -> None:
     r = post(client, PNG, headers={"X-Request-ID": "lb-7f3a:42"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "lb-7f3a:42"
