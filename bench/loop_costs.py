@@ -92,7 +92,7 @@ def _grpc_row(pixels: np.ndarray, repeat: int) -> dict[str, Any]:
     limits = UploadLimits(msg.ByteSize(), msg.ByteSize(), 16)
     return {"input": "grpc uint8 224px", "step": "infer_request", "bytes": msg.ByteSize(),
             "us": _median_us(lambda: convert.infer_request(msg, limits, MAX_PIXELS), repeat),
-            "inline": "loop" if convert.parse_inline(msg) else "thread"}
+            "inline": "loop" if convert.converts_inline(msg) else "thread"}
 
 
 def measure(repeat: int) -> list[dict[str, Any]]:
@@ -107,7 +107,7 @@ def measure(repeat: int) -> list[dict[str, Any]]:
     arrays = [a for a in oip.parse_request(body, head_length, limits, MAX_PIXELS).items if isinstance(a, np.ndarray)]
     rows.append({"input": "v2 uint8 224px", "step": "parse_request", "bytes": len(body),
                  "us": _median_us(lambda: oip.parse_request(body, head_length, limits, MAX_PIXELS), repeat),
-                 "inline": "loop" if infer.parse_inline(len(body), int(head_length)) else "thread"})
+                 "inline": "loop" if infer.parsed_inline(len(body), int(head_length)) else "thread"})
     rows.append({"input": "v2 uint8 224px", "step": "prepare_pixels", "bytes": arrays[0].nbytes,
                  "us": _median_us(lambda: [pre.pil(infer.pixels_image(a)) for a in arrays], repeat),
                  "inline": "thread"})

@@ -46,19 +46,19 @@ def check_model(fe: FrontendState, name: str, version: str | None) -> ModelCard:
     return served_model(fe, name, version)
 
 
-def parse_inline(body_bytes: int, head_bytes: int) -> bool:
+def parsed_inline(body_bytes: int, head_bytes: int) -> bool:
     """Whether a v2 body this large, with a JSON header this large, is parsed on the event loop."""
     return body_bytes <= INLINE_PARSE_BODY_BYTES and head_bytes <= INLINE_PARSE_HEAD_BYTES
 
 
 async def parse_body(body: bytes, header_length: str | None, limits: UploadLimits, max_pixels: int) -> oip.Images:
-    """``oip.parse_request``, on the loop or in the pool by :func:`parse_inline` (a header length that
+    """``oip.parse_request``, on the loop or in the pool by :func:`parsed_inline` (a header length that
     is not a number is parsed in the pool, which says what is wrong with it)."""
     try:
         head = len(body) if header_length is None else int(header_length)
     except ValueError:
         head = len(body)
-    if parse_inline(len(body), head):
+    if parsed_inline(len(body), head):
         return oip.parse_request(body, header_length, limits, max_pixels)
     return await anyio.to_thread.run_sync(oip.parse_request, body, header_length, limits, max_pixels)
 

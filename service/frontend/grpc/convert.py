@@ -40,14 +40,14 @@ def _contents_chunk(tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
     return values.astype(np.uint8).tobytes()
 
 
-def parse_inline(msg: pb.ModelInferRequest) -> bool:
+def converts_inline(msg: pb.ModelInferRequest) -> bool:
     """Whether :func:`infer_request` runs on the event loop, by ``service/frontend/infer.py``'s rule for
     a REST body: raw contents only (typed ``contents`` are converted value by value), a small message,
     and little besides the raw contents (the parameters and tensor descriptions)."""
     if any(_has_contents(t) for t in msg.inputs):
         return False
     size = msg.ByteSize()
-    return infer.parse_inline(size, size - sum(len(r) for r in msg.raw_input_contents))
+    return infer.parsed_inline(size, size - sum(len(r) for r in msg.raw_input_contents))
 
 
 def _has_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:

@@ -86,7 +86,7 @@ class InferenceServicer:
         deadline = fe.clock()() + budget_s
         card = check_model(fe, request.model_name, request.model_version or None)
         limits, max_pixels = fe.limits(), fe.settings.max_image_pixels
-        parsed = convert.infer_request(request, limits, max_pixels) if convert.parse_inline(request) else \
+        parsed = convert.infer_request(request, limits, max_pixels) if convert.converts_inline(request) else \
             await anyio.to_thread.run_sync(convert.infer_request, request, limits, max_pixels)
         done = await infer_images(fe, parsed, deadline, None)
         t0 = time.perf_counter()

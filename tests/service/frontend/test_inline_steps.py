@@ -169,6 +169,6 @@ def test_grpc_converts_small_raw_requests_on_the_loop(images: int, typed: bool, 
     from service.frontend.grpc import convert
 
     msg = grpc_pixels(images, typed)
-    assert convert.parse_inline(msg) is inline
+    assert convert.converts_inline(msg) is inline
     parsed = convert.infer_request(msg, UploadLimits(10_000_000, 100_000_000, 16), LIMIT)
     assert len(parsed.items) == images
