@@ -136,8 +136,10 @@ def test_small_v2_bodies_are_parsed_on_the_loop(monkeypatch: pytest.MonkeyPatch,
     parsed = asyncio.run(infer.parse_body(data, head_length, limits, LIMIT))
     want = oip.parse_request(data, head_length, limits, LIMIT)
     assert made == trips
-    assert len(parsed.items) == len(want.items) and all(
-        np.array_equal(a, b) for a, b in zip(parsed.items, want.items, strict=True))
+    got = [a for a in parsed.items if isinstance(a, np.ndarray)]
+    wanted = [a for a in want.items if isinstance(a, np.ndarray)]
+    assert len(got) == len(parsed.items) == len(wanted) and all(
+        np.array_equal(a, b) for a, b in zip(got, wanted, strict=True))
 
 
 @pytest.mark.parametrize("head_length", ["abc", "-5", "9" * 5000])
