@@ -3,7 +3,7 @@
 and the model call. The tensors and their parsing are ``service/frontend/oip.py``'s.
 
 Where a step runs (the rule of ``service/frontend/pipeline.py``): a small binary request is parsed on
-the event loop (14 us for one 224-px UINT8 image, against a 55 us thread round trip); a larger body,
+the event loop (14-20 us for one 224-px UINT8 image, against 55-90 us for a thread round trip); a larger body,
 or a JSON header large enough to hold its data as JSON numbers, is parsed in the thread pool, and so
 is every preprocessing of raw pixels (about 1 ms an image).
 """
