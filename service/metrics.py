@@ -5,9 +5,9 @@ and no summaries, bounded labels (HTTP routes by template, unknown ones as ``unm
 outside the standard set as ``other``), labelled series created at 0 where the label values are
 known in advance. Device memory is read when Prometheus scrapes, by a custom collector.
 
-Feeding: the HTTP middleware here (latency, in flight), the routes (decode time, rejections of bad
-input, through the error handlers), and ``PrometheusHooks`` (``service/runtime/metrics_hooks.py``) for
-everything the batching worker sees.
+Feeding: the front end's front door (``record_http``: latency; ``http_in_flight``), the routes (decode
+time, rejections of bad input, through the error handlers), and ``PrometheusHooks``
+(``service/runtime/metrics_hooks.py``) for everything the batching worker sees.
 
 With API processes beside the model process, each process calls ``enable_multiprocess`` (see
 ``metrics_dir.py``) before it makes its :class:`Metrics`, and its series go to memory-mapped files in
@@ -21,7 +21,6 @@ heartbeat (:meth:`Metrics.sample`).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final
 
@@ -31,11 +30,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics_dir import cleanup_multiprocess, enable_multiprocess, mark_process_dead, multiprocess_dir
 
-__all__ = ["Metrics", "HttpMetricsMiddleware", "DeviceMemoryCollector", "enable_multiprocess",
+__all__ = ["Metrics", "record_http", "DeviceMemoryCollector", "enable_multiprocess",
            "multiprocess_dir", "mark_process_dead", "cleanup_multiprocess"]
 
 # Text exposition format 0.0.4: understood by every Prometheus (the client's default now says 1.0.0).
@@ -328,44 +326,22 @@ class Metrics:
         return generate_latest(self._exposed)
 
 
-class HttpMetricsMiddleware:
-    """Pure ASGI middleware: latency by route template/method/status, and requests in flight.
+def record_http(metrics: Metrics, scope: Mapping[str, Any], status: int, seconds: float) -> None:
+    """One HTTP request's latency by route template/method/status (called by the front door,
+    ``service/frontend/front_door.py``, once the app has answered).
 
-    The router stores the matched route in ``scope["route"]`` (the same dict we passed down), so the
-    template (``/classify``) is read after the call; nothing that did not match a route gets its
-    raw path as a label. A request whose client closed the connection before its answer was complete
-    (during the upload, in the queue, or while the answer was written) is counted as 499, whatever the
-    app answered, with one INFO line when no access line was written for it: a client's doing, not a 5xx.
+    The router stores the matched route in ``scope["route"]``, so the template (``/classify``) is read
+    after the call; nothing that did not match a route gets its raw path as a label. A request whose
+    client closed the connection before its answer was complete (during the upload, in the queue, or
+    while the answer was written) is counted as 499, whatever the app answered, with one INFO line
+    when no access line was written for it: a client's doing, not a 5xx.
     """
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500  # what the client gets if the app raises before answering
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        self.metrics.http_in_flight.inc()
-        t0 = time.perf_counter()
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.http_in_flight.dec()
-            gone = scope.get(CLIENT_GONE_KEY)
-            if gone is not None:
-                if gone == "before":
-                    log.info("%s %s: the client closed the connection before its answer (%d)",
-                             scope.get("method"), scope.get("path"), CLIENT_CLOSED)
-                status = CLIENT_CLOSED
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope.get("method", "GET") if scope.get("method") in HTTP_METHODS else "other"
-            self.metrics.http_duration.labels(route, method, str(status)).observe(time.perf_counter() - t0)
+    gone = scope.get(CLIENT_GONE_KEY)
+    if gone is not None:
+        if gone == "before":
+            log.info("%s %s: the client closed the connection before its answer (%d)",
+                     scope.get("method"), scope.get("path"), CLIENT_CLOSED)
+        status = CLIENT_CLOSED
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    method = scope.get("method", "GET") if scope.get("method") in HTTP_METHODS else "other"
+    metrics.http_duration.labels(route, method, str(status)).observe(seconds)

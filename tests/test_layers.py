@@ -9,8 +9,8 @@ functions and under ``TYPE_CHECKING``): the folder tree is the architecture only
   crossings listed in ``FRONTEND_TO_RUNTIME`` (the app's wiring and the routes' typed handles on the
   engine and worker), which the typed seam (``service/protocol.py``) is to remove: none may be added;
 - service/transport/ carries the seam's types between processes: it imports neither side of it;
-- gRPC imports no REST routes, but for the crossings in ``GRPC_TO_ROUTES`` (a ratchet: the request
-  pipeline both share still lives in ``routes/``);
+- gRPC imports nothing of the REST routes: both transports call the front end's state
+  (``service/frontend/state.py``) and its request pipeline (``pipeline.py``, ``infer.py``);
 - no two modules import each other, directly or round a longer circle.
 """
 
@@ -43,10 +43,6 @@ RULES: list[tuple[str, str, str]] = [
 ]
 # The front end's remaining imports of the runtime, (importer, imported module): a ratchet, only to shrink.
 FRONTEND_TO_RUNTIME: set[tuple[str, str]] = set()  # emptied by the typed seam; keep it empty
-# gRPC's remaining imports of the REST routes: the front-end state (Runtime) and the v2 inference path, until
-# routes/common.py is split into front-end state and the pipeline both call. Only to shrink.
-GRPC_TO_ROUTES: set[tuple[str, str]] = {("service.frontend.grpc.server", "service.frontend.routes.common"),
-                                        ("service.frontend.grpc.server", "service.frontend.routes.v2")}
 
 
 def within(module: str, prefix: str) -> bool:
@@ -80,9 +76,8 @@ def imported(path: Path, root: Path) -> Iterator[tuple[int, str]]:
 
 
 def allowed(importer: str, target: str) -> bool:
-    """``target`` is, or is a name in, a module of a ratchet (``FRONTEND_TO_RUNTIME``, ``GRPC_TO_ROUTES``)
-    for this importer."""
-    return any(importer == i and within(target, t) for i, t in FRONTEND_TO_RUNTIME | GRPC_TO_ROUTES)
+    """``target`` is, or is a name in, a module of the ratchet (``FRONTEND_TO_RUNTIME``) for this importer."""
+    return any(importer == i and within(target, t) for i, t in FRONTEND_TO_RUNTIME)
 
 
 def violations(paths: list[Path], root: Path = REPO) -> list[str]:
@@ -151,7 +146,9 @@ def test_a_circle_of_imports_is_caught(tmp_path: Path) -> None:
     ("service/frontend/routes/health.py", "from ...runtime.graphs import batch_classes", "not the runtime"),
     ("service/transport/injected.py", "from ..frontend.upload import RawImage", "it imports no front end"),
     ("service/transport/wire.py", "from service.runtime.worker import Worker", "it imports no runtime"),
-    ("service/frontend/grpc/convert.py", "from ..routes.v2 import infer_images", "not the REST routes"),
+    ("service/frontend/grpc/convert.py", "from ..routes.v2 import infer", "not the REST routes"),
+    ("service/frontend/grpc/server.py", "from ..routes.params import FrontendDep", "not the REST routes"),
+    ("service/frontend/grpc/server.py", "from service.frontend.routes import v2", "not the REST routes"),
 ])
 def test_a_forbidden_import_is_caught(tmp_path: Path, where: str, line: str, rule: str) -> None:
     """The check reads relative imports and imports inside functions: each line here breaks one rule."""

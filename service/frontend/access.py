@@ -115,7 +115,7 @@ def require(group: Group) -> Any:
     ``access_group`` so that the OpenAPI schema can say which operations need a key."""
 
     async def check_key(request: Request) -> None:
-        keys: Keys = request.app.state.runtime.keys
+        keys: Keys = request.app.state.frontend.keys
         keys.check(group, request.headers.get("authorization"))
 
     check_key.access_group = group  # type: ignore[attr-defined]

@@ -1,7 +1,7 @@
 """Reading the request body with a clock running, and never closing on bytes left unread.
 
-``BodyReadMiddleware`` (pure ASGI, the outermost of the app's middlewares) wraps each request's
-``receive`` and ``send``:
+``BodyReader`` wraps each request's ``receive`` and ``send`` (the front door,
+``service/frontend/front_door.py``, makes one per request):
 
 * While the body is still arriving, each wait for the next chunk is bounded by
   ``PATCHLIFE_READ_TIMEOUT_S`` and by the request's deadline (``X-Request-Deadline-Ms``, stored in
@@ -9,7 +9,7 @@
   ``request_timeout`` or 504 ``deadline_exceeded``, with ``Connection: close``. The body is read
   whole before any image is decoded or queued, so a slow client holds no slot of the decode budget
   or of the queue, only its connection.
-* Once the drain's grace is over (``Runtime.grace_over``), a request still uploading is answered 503
+* Once the drain's grace is over (``FrontendState.grace_over``), a request still uploading is answered 503
   ``shutting_down`` instead of waiting for the rest.
 * An answer that closes the connection (``Connection: close``: shutdown, timeouts, or a client that
   asked for it) is held back until the rest of the body has been read and thrown away, up to
@@ -24,7 +24,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .errors import ApiError, DeadlineExceeded, RequestTimeout, ShuttingDown
 
@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 
 class BodyReadState(Protocol):
-    """What the body reader reads of the front end's state (``routes.common.Runtime``): typed here,
-    so that this module, which the routes import, imports none of them."""
+    """What the body reader reads of the front end's state (``state.FrontendState``): typed here,
+    so that this module, which the front end's state's users import, imports none of them."""
 
     @property
     def settings(self) -> Settings: ...
@@ -58,23 +58,23 @@ DEADLINE_KEY = "patchlife.deadline"  # scope: the request's deadline on time.mon
 class BodyReader:
     """One request's ``receive``/``send`` pair with the rules of the module docstring."""
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, rt: BodyReadState) -> None:
-        self.scope, self._receive, self._send, self.rt = scope, receive, send, rt
+    def __init__(self, scope: Scope, receive: Receive, send: Send, fe: BodyReadState) -> None:
+        self.scope, self._receive, self._send, self.fe = scope, receive, send, fe
         self.body_done = not _has_body(scope)
         self.stalled = False  # the client stopped sending: no point waiting for the rest
 
     async def receive(self) -> Message:
         if self.body_done:
             return await self._receive()
-        timeout = self.rt.settings.read_timeout_s
+        timeout = self.fe.settings.read_timeout_s
         deadline: float | None = self.scope.get(DEADLINE_KEY)
         end = time.monotonic() + timeout
         by_deadline = deadline is not None and deadline < end
         if deadline is not None and by_deadline:
             end = deadline
         while True:
-            if self.rt.grace_over:  # the client is still sending: the 503 waits for the rest (LINGER_S)
-                self.rt.metrics.reject("shutdown")
+            if self.fe.grace_over:  # the client is still sending: the 503 waits for the rest (LINGER_S)
+                self.fe.metrics.reject("shutdown")
                 raise ShuttingDown("server is shutting down; the request body was not read in time")
             left = end - time.monotonic()
             if left <= 0:
@@ -89,10 +89,10 @@ class BodyReader:
 
     def _timed_out(self, by_deadline: bool, timeout: float) -> ApiError:
         if by_deadline:
-            self.rt.metrics.reject("deadline")
+            self.fe.metrics.reject("deadline")
             return DeadlineExceeded("the deadline passed while reading the request body (X-Request-Deadline-Ms "
                                     "or PATCHLIFE_DEADLINE_MS)", headers={"Connection": "close"})
-        self.rt.metrics.reject("read_timeout")
+        self.fe.metrics.reject("read_timeout")
         return RequestTimeout(f"no body bytes for {timeout:g} s (PATCHLIFE_READ_TIMEOUT_S)")
 
     def _note(self, message: Message) -> None:
@@ -107,13 +107,13 @@ class BodyReader:
 
     def _closes(self, message: Message) -> bool:
         """Whether the connection closes after this answer (so unread bytes would reset it)."""
-        if self.rt.in_flight.closing or self.scope.get("http_version") == "1.0":
+        if self.fe.in_flight.closing or self.scope.get("http_version") == "1.0":
             return True
         headers = list(message.get("headers", ())) + list(self.scope.get("headers", ()))
         return any(k.lower() == b"connection" and b"close" in v.lower() for k, v in headers)
 
     async def _discard_rest(self) -> None:
-        limit, read = self.rt.settings.max_request_bytes, 0
+        limit, read = self.fe.settings.max_request_bytes, 0
         end = time.monotonic() + LINGER_S
         while not self.body_done and read <= limit:
             left = end - time.monotonic()
@@ -132,16 +132,3 @@ def _has_body(scope: Scope) -> bool:
         if key == b"transfer-encoding" or (key == b"content-length" and value.strip() not in (b"", b"0")):
             return True
     return False
-
-
-class BodyReadMiddleware:
-    def __init__(self, app: ASGIApp, runtime: BodyReadState) -> None:
-        self.app = app
-        self.runtime = runtime
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        reader = BodyReader(scope, receive, send, self.runtime)
-        await self.app(scope, reader.receive, reader.send)

@@ -11,8 +11,6 @@ disconnect, shutdown) through its hooks, so those are not counted twice here.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from collections.abc import Callable
 from http import HTTPStatus
@@ -23,16 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..api_errors import ApiError as ApiError
 from ..api_errors import BadImage as BadImage
 from ..api_errors import TooManyPixels as TooManyPixels
 from ..api_errors import UnsupportedMediaType as UnsupportedMediaType
 from ..protocol import ErrorKind, WorkerError
-from .context import current_request_id
-
-log = logging.getLogger("patchlife.errors")
 
 
 class InvalidRequest(ApiError):
@@ -183,46 +177,9 @@ def install_error_handlers(app: FastAPI, on_reject: Callable[[str], None]) -> No
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    # Anything else is a bug: LastResortMiddleware answers it (not an Exception handler here: Starlette
+    # Anything else is a bug: the front door (front_door.py) answers it (not an Exception handler here: Starlette
     # runs that one in its outermost middleware, which then re-raises, so uvicorn logs the traceback a
     # second time and drops the kept-alive connection without saying so).
 
 
 INTERNAL_MESSAGE = "internal server error; see the server log"
-
-
-class LastResortMiddleware:
-    """Any exception that escapes the app becomes a JSON 500 with ``Connection: close`` (the connection's
-    state is unknown after a bug, and the client must not reuse it unannounced) and one log record with
-    the request id (added by the log filter) and the traceback. Placed inside ``RequestContextMiddleware``,
-    so the answer carries the request's ``X-Request-ID``; /v2 answers in the protocol's error shape."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception as exc:
-            log.error("unhandled error on %s %s (request %s)", scope.get("method"), scope.get("path"),
-                      current_request_id(), exc_info=exc)
-            if started:  # half an answer went out: uvicorn closes the connection when we return
-                return
-            body = {"error": INTERNAL_MESSAGE} if str(scope.get("path", "")).startswith("/v2") else \
-                error_body("internal_error", INTERNAL_MESSAGE)
-            content = json.dumps(body).encode()
-            await send({"type": "http.response.start", "status": 500, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
-                (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": content})

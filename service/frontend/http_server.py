@@ -18,7 +18,7 @@ from ..protocol import Lifecycle
 from ..settings import Settings
 from .app import begin_shutdown, drain
 from .http_protocol import TimedHttpProtocol, timed_protocol
-from .routes.common import Runtime
+from .state import FrontendState
 
 
 class _Server(uvicorn.Server):
@@ -37,9 +37,9 @@ class _Server(uvicorn.Server):
     uvicorn's shutdown at once; a third SIGINT forces the exit.
     """
 
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+    def __init__(self, config: uvicorn.Config, frontend: FrontendState) -> None:
         super().__init__(config)
-        self.runtime = runtime
+        self.frontend = frontend
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
         self._signalled = False
@@ -51,19 +51,19 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._signalled and self._loop is not None and self.started:
             self._signalled = True
-            self.runtime.advance(Lifecycle.STOPPING)  # a plain store: safe in a signal handler; /readyz now 503
+            self.frontend.advance(Lifecycle.STOPPING)  # a plain store: safe in a signal handler; /readyz now 503
             self._loop.call_soon_threadsafe(self._start_drain, sig)
             return
         super().handle_exit(sig, frame)
         self._captured_signals.clear()
 
     def _start_drain(self, sig: int) -> None:
-        begin_shutdown(self.runtime)
+        begin_shutdown(self.frontend)
         self._drain = asyncio.ensure_future(self._drain_then_exit(sig))
 
     async def _drain_then_exit(self, sig: int) -> None:
         try:
-            await drain(self.runtime)
+            await drain(self.frontend)
             await self._answer_backlog()
         except Exception:
             logging.getLogger("patchlife.serve").exception("shutdown drain failed")
@@ -95,7 +95,7 @@ class _Server(uvicorn.Server):
             now = loop.time()
             fresh = any(isinstance(c, TimedHttpProtocol) and c.expecting_request(1.0)
                         for c in self.server_state.connections)
-            if self.runtime.in_flight.count > 0 or fresh or (then_close and _backlog(self.servers)):
+            if self.frontend.in_flight.count > 0 or fresh or (then_close and _backlog(self.servers)):
                 quiet = now
             if now - quiet >= quiet_s or now >= end:
                 if then_close:  # no await since the check above: nothing can have been accepted since
@@ -119,4 +119,4 @@ def make_server(app: FastAPI, settings: Settings, log_level: str) -> _Server:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             log_config=None, timeout_graceful_shutdown=5, http=timed_protocol(settings),
                             timeout_keep_alive=settings.keepalive_timeout_s)  # type: ignore[arg-type]  # a float works
-    return _Server(config, app.state.runtime)
+    return _Server(config, app.state.frontend)

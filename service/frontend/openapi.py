@@ -25,7 +25,7 @@ from .access import api_routes, route_group
 from .schemas import _PIXEL
 
 if TYPE_CHECKING:
-    from .routes.common import Runtime
+    from .state import FrontendState
 
 SMALLEST_FLOAT = sys.float_info.min  # below it a float underflows; service/frontend/numbers.py refuses it
 _V2_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
@@ -97,18 +97,18 @@ def _cap(schema: dict[str, Any], max_top_k: int) -> None:
             branch["minimum"], branch["maximum"] = 1, max_top_k
 
 
-def build_openapi(app: FastAPI, rt: Runtime) -> dict[str, Any]:
+def build_openapi(app: FastAPI, fe: FrontendState) -> dict[str, Any]:
     spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             params = op.get("parameters", [])
             for p in params:
                 if p["name"] == "top_k":
-                    _cap(p["schema"], rt.settings.max_top_k)
-                if p["name"] == "name" and path.startswith("/v2/models") and rt.card is not None:
-                    p["schema"] = {"type": "string", "enum": [rt.card.name]}
+                    _cap(p["schema"], fe.settings.max_top_k)
+                if p["name"] == "name" and path.startswith("/v2/models") and fe.card is not None:
+                    p["schema"] = {"type": "string", "enum": [fe.card.name]}
             if method == "post" and path.endswith("/infer"):
-                op["requestBody"] = _infer_body(rt.card.name if rt.card else "model")
+                op["requestBody"] = _infer_body(fe.card.name if fe.card else "model")
                 params.append({"name": oip.HEADER_LENGTH, "in": "header", "required": False,
                                "description": "Binary tensor extension: bytes of JSON before the binary data.",
                                "schema": {"type": "integer", "minimum": 0}})
@@ -117,21 +117,21 @@ def build_openapi(app: FastAPI, rt: Runtime) -> dict[str, Any]:
             elif method == "post":
                 op["responses"]["408"] = _error("The body stopped arriving (PATCHLIFE_READ_TIMEOUT_S)",
                                                 _NATIVE_ERROR)
-    _secure(app, rt, spec)
-    _tighten(spec, rt.settings.max_top_k)
-    if rt.card is not None:
-        spec["info"]["description"] = about_served_model(rt.card.name, rt.card.info.get("description", ""),
-                                                   rt.card.class_names)
+    _secure(app, fe, spec)
+    _tighten(spec, fe.settings.max_top_k)
+    if fe.card is not None:
+        spec["info"]["description"] = about_served_model(fe.card.name, fe.card.info.get("description", ""),
+                                                   fe.card.class_names)
     return spec
 
 
-def _secure(app: FastAPI, rt: Runtime, spec: dict[str, Any]) -> None:
+def _secure(app: FastAPI, fe: FrontendState, spec: dict[str, Any]) -> None:
     """The operations of each access group that has a key (service/frontend/access.py) require the
     bearer scheme, and may answer 401; /docs then shows its Authorize button. Open groups say nothing."""
     keyed = False
     for route in api_routes(app.routes):
         group = route_group(route)
-        if route.path_format not in spec["paths"] or group is None or not rt.keys.required(group):
+        if route.path_format not in spec["paths"] or group is None or not fe.keys.required(group):
             continue
         keyed = True
         for method in route.methods or ():
@@ -156,13 +156,13 @@ def about_served_model(name: str, description: str, classes: tuple[str, ...] | l
             f"Its {len(classes)} classes: {shown}. `GET /v1/models` describes it in full.")
 
 
-def install_openapi(app: FastAPI, rt: Runtime) -> None:
+def install_openapi(app: FastAPI, fe: FrontendState) -> None:
     """Serve :func:`build_openapi`'s schema (built once the model is loaded, then kept)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            spec = build_openapi(app, rt)
-            if rt.card is None:
+            spec = build_openapi(app, fe)
+            if fe.card is None:
                 return spec  # the served model's name is not known yet: do not keep this one
             app.openapi_schema = spec
         return app.openapi_schema

@@ -59,7 +59,7 @@ def test_the_service_decodes_jpegs_on_the_device(checkpoints: dict[str, Path]) -
             while client.get("/readyz").status_code != 200:
                 assert time.monotonic() < end
                 time.sleep(0.1)
-            model = client.app.state.runtime.model  # type: ignore[attr-defined]
+            model = client.app.state.frontend.model  # type: ignore[attr-defined]
             assert (model.decoder is not None) == (decode == "gpu")
             answers[decode] = []
             for data in photos:

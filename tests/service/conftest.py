@@ -56,7 +56,7 @@ def metric() -> Callable[..., float]:
     """``metric(client, name, labels)``: a sample's current value in that app's registry (0 if absent)."""
 
     def read(client: TestClient, name: str, labels: dict[str, str] | None = None) -> float:
-        registry = client.app.state.runtime.metrics.registry  # type: ignore[attr-defined]
+        registry = client.app.state.frontend.metrics.registry  # type: ignore[attr-defined]
         return registry.get_sample_value(name, labels or {}) or 0.0
 
     return read

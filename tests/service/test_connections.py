@@ -177,7 +177,7 @@ def test_a_client_that_stops_mid_body_is_answered(server: str, deadline_ms: str 
 def test_a_bug_is_one_json_500_with_connection_close_and_one_log_record(
         make_client: Callable[..., TestClient], caplog: pytest.LogCaptureFixture) -> None:
     c = make_client()
-    rt = c.app.state.runtime  # type: ignore[attr-defined]
+    rt = c.app.state.frontend  # type: ignore[attr-defined]
     rt.preprocessor()  # made from the card
     pre = rt._preprocessor
     # a bug, not bad input (uploads and v2 pixels both meet it)

@@ -77,14 +77,14 @@ def classify(client: TestClient, data: bytes, name: str = "p.jpg") -> dict[str, 
 
 
 def model_of(client: TestClient) -> LocalModel:
-    model = client.app.state.runtime.model  # type: ignore[attr-defined]
+    model = client.app.state.frontend.model  # type: ignore[attr-defined]
     assert isinstance(model, LocalModel)
     return model
 
 
 def test_card_says_who_decodes(device_client: TestClient, cpu_client: TestClient) -> None:
-    assert device_client.app.state.runtime.card.decodes_jpeg  # type: ignore[attr-defined]
-    assert not cpu_client.app.state.runtime.card.decodes_jpeg  # type: ignore[attr-defined]
+    assert device_client.app.state.frontend.card.decodes_jpeg  # type: ignore[attr-defined]
+    assert not cpu_client.app.state.frontend.card.decodes_jpeg  # type: ignore[attr-defined]
     assert model_of(cpu_client).decoder is None
 
 
@@ -214,13 +214,13 @@ def test_passed_on_jpegs_are_not_decoded_in_the_front_end(device_client: TestCli
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """No decode in the front end for them; the decode metric still gets one sample per image (the
     header read, which is all the front end spent)."""
-    from service.frontend.routes import common
+    from service.frontend import pipeline
 
     def no_decode(*_: Any) -> Any:
         raise AssertionError("a JPEG for the model process was decoded in the front end")
 
-    monkeypatch.setattr(common, "_decode_one", no_decode)
-    registry = device_client.app.state.runtime.metrics.registry  # type: ignore[attr-defined]
+    monkeypatch.setattr(pipeline, "decode_one", no_decode)
+    registry = device_client.app.state.frontend.metrics.registry  # type: ignore[attr-defined]
     count = registry.get_sample_value("patchlife_image_decode_seconds_count") or 0.0
     result = classify(device_client, photo_jpeg(3000, 2000, 4))
     assert result["timings_ms"]["decode"] >= 0.0

@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from cli.main import main
 from service.frontend.errors import ClientDisconnected
-from service.frontend.routes.common import run_model
+from service.frontend.pipeline import run_model
 from service.metrics import Metrics
 from service.runtime.engine import Engine
 from service.runtime.metrics_hooks import PrometheusHooks
@@ -77,7 +77,7 @@ def test_disconnect_drops_queued_work_and_is_counted(checkpoint_dir: Path) -> No
                 await asyncio.sleep(0.005)
             t0 = time.monotonic()
             with pytest.raises(ClientDisconnected):
-                await run_model(request, worker, pixels, None, worker.clock() + 60)
+                await run_model(request.receive, worker, pixels, None, worker.clock() + 60)
             assert time.monotonic() - t0 < 5.0  # noticed at once, not when the model frees up
             gate.set()
             assert len(await blocker) == 1

@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from pydantic import ValidationError
 
-from .. import oip
+from .. import infer, oip
 from ..errors import InvalidRequest, invalid_json
 from ..upload import UploadLimits
 from . import grpc_service_pb2 as pb
@@ -38,6 +38,16 @@ def _contents_chunk(tensor: pb.ModelInferRequest.InferInputTensor) -> bytes:
     if values.size and int(values.max()) > 255:
         raise InvalidRequest(f"input {tensor.name!r}: values must be integers from 0 to 255")
     return values.astype(np.uint8).tobytes()
+
+
+def converts_inline(msg: pb.ModelInferRequest) -> bool:
+    """Whether :func:`infer_request` runs on the event loop, by ``service/frontend/infer.py``'s rule for
+    a REST body: raw contents only (typed ``contents`` are converted value by value), a small message,
+    and little besides the raw contents (the parameters and tensor descriptions)."""
+    if any(_has_contents(t) for t in msg.inputs):
+        return False
+    size = msg.ByteSize()
+    return infer.parsed_inline(size, size - sum(len(r) for r in msg.raw_input_contents))
 
 
 def _has_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:

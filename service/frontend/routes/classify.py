@@ -5,34 +5,25 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ..access import Group, require
+from ..pipeline import classification, prepare_images, resolve_options, run_model
 from ..schemas import IMAGE_ERRORS, IMAGES_REQUEST_BODY, ClassifyResponse
 from ..upload import read_payload
-from .common import (
-    DeadlineDep,
-    KeepRateQuery,
-    MinKeepRateQuery,
-    RuntimeDep,
-    TopKQuery,
-    classification,
-    prepare_images,
-    resolve_options,
-    run_model,
-)
+from .params import DeadlineDep, FrontendDep, KeepRateQuery, MinKeepRateQuery, TopKQuery
 
 router = APIRouter(tags=["inference"], dependencies=[require(Group.INFERENCE)])
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=IMAGE_ERRORS,
              openapi_extra=IMAGES_REQUEST_BODY, summary="Classify one or several images")
-async def classify(request: Request, rt: RuntimeDep, deadline: DeadlineDep, top_k: TopKQuery = None,
+async def classify(request: Request, fe: FrontendDep, deadline: DeadlineDep, top_k: TopKQuery = None,
                    keep_rate: KeepRateQuery = None, min_keep_rate: MinKeepRateQuery = None) -> ClassifyResponse:
     """Send images as multipart (`file`, or `files` repeated), as JSON (`{"images": [base64, ...]}`)
     or as a raw `image/*` body. Results come back in input order."""
-    card = rt.serving()
-    payload = await read_payload(request, rt.limits())
-    options = resolve_options(top_k, keep_rate, payload.options, rt.settings, min_keep_rate, card)
-    prepared = await prepare_images(payload.images, rt, deadline=deadline)
-    results = await run_model(request, rt.model, prepared.pixels, options.keep_rate, deadline,
+    card = fe.serving()
+    payload = await read_payload(request, fe.limits())
+    options = resolve_options(top_k, keep_rate, payload.options, fe.settings, min_keep_rate, card)
+    prepared = await prepare_images(payload.images, fe, deadline=deadline)
+    results = await run_model(request.receive, fe.model, prepared.pixels, options.keep_rate, deadline,
                               options.min_keep_rate)
     return ClassifyResponse(model=card.name, results=[
         classification(r, ms, card, options.top_k) for r, ms in zip(results, prepared.decode_ms, strict=True)])

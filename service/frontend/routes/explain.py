@@ -14,20 +14,10 @@ from PIL import Image
 from ...protocol import ModelCard
 from ..access import Group, require
 from ..explain import render_heatmap
+from ..pipeline import classification, prepare_images, resolve_options, run_model, scaling_headers
 from ..schemas import IMAGE_ERRORS, IMAGES_REQUEST_BODY, ExplainResponse
 from ..upload import read_payload
-from .common import (
-    DeadlineDep,
-    KeepRateQuery,
-    MinKeepRateQuery,
-    RuntimeDep,
-    TopKQuery,
-    classification,
-    prepare_images,
-    resolve_options,
-    run_model,
-    scaling_headers,
-)
+from .params import DeadlineDep, FrontendDep, KeepRateQuery, MinKeepRateQuery, TopKQuery
 
 router = APIRouter(tags=["inference"], dependencies=[require(Group.INFERENCE)])
 FormatQuery = Annotated[Literal["png", "json"] | None, Query(
@@ -51,17 +41,17 @@ def wants_json(fmt: str | None, accept: str) -> bool:
     "content": {"image/png": {}, "application/json": {"schema": {"$ref": "#/components/schemas/ExplainResponse"}}},
     "description": "The heatmap PNG, or JSON (format=json / Accept: application/json)."}},
     response_model=ExplainResponse, openapi_extra=IMAGES_REQUEST_BODY, summary="Lifespan heatmap of one image")
-async def explain(request: Request, rt: RuntimeDep, deadline: DeadlineDep, top_k: TopKQuery = None,
+async def explain(request: Request, fe: FrontendDep, deadline: DeadlineDep, top_k: TopKQuery = None,
                   keep_rate: KeepRateQuery = None, format: FormatQuery = None,
                   min_keep_rate: MinKeepRateQuery = None) -> Response | ExplainResponse:
     """Exactly one image (same inputs as /classify); a second image is 413 too_many_images.
     The PNG shows the model's view of the photo, each patch coloured by its life (layers), with a
     colour bar from K (pruned first) to L (kept to the end)."""
-    card = rt.serving()
-    payload = await read_payload(request, rt.limits(max_images=1))
-    options = resolve_options(top_k, keep_rate, payload.options, rt.settings, min_keep_rate, card)
-    prepared = await prepare_images(payload.images, rt, keep_view=True, deadline=deadline)
-    (result,) = await run_model(request, rt.model, prepared.pixels, options.keep_rate, deadline,
+    card = fe.serving()
+    payload = await read_payload(request, fe.limits(max_images=1))
+    options = resolve_options(top_k, keep_rate, payload.options, fe.settings, min_keep_rate, card)
+    prepared = await prepare_images(payload.images, fe, keep_view=True, deadline=deadline)
+    (result,) = await run_model(request.receive, fe.model, prepared.pixels, options.keep_rate, deadline,
                                 options.min_keep_rate)
     png = await anyio.to_thread.run_sync(heatmap_png, prepared.views[0], result.lives, card)
     if not wants_json(format, request.headers.get("accept", "")):

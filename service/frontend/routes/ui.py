@@ -18,7 +18,8 @@ from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException
 
 from ..schemas import ErrorResponse, Example, ExampleList
-from .common import Runtime, RuntimeDep
+from ..state import FrontendState
+from .params import FrontendDep
 
 log = logging.getLogger("patchlife.ui")
 router = APIRouter()
@@ -95,25 +96,25 @@ def read_examples(checkpoint: Path) -> list[dict[str, Any]]:
     return good
 
 
-def _checkpoint(rt: Runtime) -> Path:
-    return Path(rt.loaded().checkpoint)
+def _checkpoint(fe: FrontendState) -> Path:
+    return Path(fe.loaded().checkpoint)
 
 
 @router.get("/v1/examples", response_model=ExampleList, tags=["models"],
             responses={503: {"model": ErrorResponse}}, summary="Example images shipped with the model")
-def examples(rt: RuntimeDep) -> ExampleList:
+def examples(fe: FrontendDep) -> ExampleList:
     """The model's example images (an empty list when it ships none), each with the URL to fetch it."""
     return ExampleList(examples=[
         Example(file=e["file"], label=str(e.get("label", "")), note=str(e.get("note", "")),
-                url=f"/v1/examples/{e['file']}") for e in read_examples(_checkpoint(rt))])
+                url=f"/v1/examples/{e['file']}") for e in read_examples(_checkpoint(fe))])
 
 
 @router.get("/v1/examples/{file}", response_class=FileResponse, tags=["models"], summary="One example image",
             responses={200: {"content": {t: {} for t in sorted(set(_IMAGE_TYPES.values()))}},
                        404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-def example_file(file: str, rt: RuntimeDep) -> FileResponse:
+def example_file(file: str, fe: FrontendDep) -> FileResponse:
     """The image of an example listed by ``GET /v1/examples``; any other name is a 404."""
-    checkpoint = _checkpoint(rt)
+    checkpoint = _checkpoint(fe)
     if file not in {e["file"] for e in read_examples(checkpoint)}:
         raise HTTPException(404, f"no example named {file!r}")
     path = checkpoint / "examples" / file

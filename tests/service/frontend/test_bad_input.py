@@ -137,12 +137,17 @@ def test_unknown_routes_use_the_error_shape(client: TestClient, method: str, pat
 
 def test_genuine_bug_is_a_json_500(make_client: Callable[..., TestClient]) -> None:
     c = make_client()
-    rt = c.app.state.runtime  # type: ignore[attr-defined]
+    rt = c.app.state.frontend  # type: ignore[attr-defined]
     rt.card, rt._preprocessor = dataclasses.replace(rt.card, preprocess=None), None  # a bug, not bad input
     c2 = TestClient(c.app, raise_server_exceptions=False)
-    r = c2.post("/classify", files={"file": ("a.png", GOOD, "image/png")})
+    r = c2.post("/classify", files={"file": ("a.png", GOOD, "image/png")}, headers={"X-Request-ID": "bug-1"})
     assert r.status_code == 500 and r.json() == {"error": {"code": "internal_error",
                                                            "message": "internal server error; see the server log"}}
+    # the front door's other wrappers still see it: request id, Connection: close, counted as a 500
+    assert r.headers["x-request-id"] == "bug-1" and r.headers["connection"] == "close"
+    count = rt.metrics.registry.get_sample_value("patchlife_http_request_duration_seconds_count",
+                                                 {"route": "/classify", "method": "POST", "status": "500"})
+    assert count == 1 and rt.in_flight.count == 0
 
 
 class EndlessBody:

@@ -131,7 +131,7 @@ def test_overload_is_503_with_retry_after(make_client: Callable[..., TestClient]
 
 def test_shutting_down_is_503(make_client: Callable[..., TestClient], metric: Callable[..., float]) -> None:
     c = make_client()
-    c.app.state.runtime.state = Lifecycle.DRAINING  # type: ignore[attr-defined]
+    c.app.state.frontend.state = Lifecycle.DRAINING  # type: ignore[attr-defined]
     r = post_files(c, [png(1)])
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
     assert metric(c, "patchlife_rejected_requests_total", {"reason": "shutdown"}) == 1

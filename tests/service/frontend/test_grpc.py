@@ -204,7 +204,7 @@ def test_malformed_messages(app_client: tuple[TestClient, str]) -> None:
 
 
 def test_draining_server_is_unavailable(triton: Any, http: TestClient) -> None:
-    rt = http.app.state.runtime  # type: ignore[attr-defined]
+    rt = http.app.state.frontend  # type: ignore[attr-defined]
     rt.state = Lifecycle.DRAINING
     try:
         assert not triton.is_server_ready() and not triton.is_model_ready(MODEL)
@@ -224,7 +224,7 @@ def test_draining_server_is_unavailable(triton: Any, http: TestClient) -> None:
     (errors.ClientDisconnected("gone"), grpc.StatusCode.CANCELLED),
 ], ids=lambda v: type(v).__name__ if isinstance(v, Exception) else "")
 def test_http_statuses_map_to_grpc_codes(http: TestClient, error: errors.ApiError, code: grpc.StatusCode) -> None:
-    got, message, trailer = _failure(http.app.state.runtime, error)  # type: ignore[attr-defined]
+    got, message, trailer = _failure(http.app.state.frontend, error)  # type: ignore[attr-defined]
     assert got == code and message == error.message
     assert dict(trailer).get("retry-after") == error.headers.get("Retry-After")
 

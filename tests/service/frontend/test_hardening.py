@@ -25,7 +25,10 @@ import service.runtime.worker as worker_mod
 from service.frontend.app import begin_shutdown
 from service.frontend.context import ARRIVAL_KEY
 from service.frontend.decode_gate import DecodeBusy, DecodeGate
-from service.frontend.routes.common import EXPLAIN_VIEW_SIDE, Runtime, prepare_images, request_deadline
+from service.frontend.front_door import FrontDoor
+from service.frontend.pipeline import EXPLAIN_VIEW_SIDE, prepare_images
+from service.frontend.routes.params import request_deadline
+from service.frontend.state import FrontendState
 from service.frontend.upload import RawImage
 from service.logs import JsonFormatter, _request_id, _RequestIdFilter
 from service.metrics import Metrics
@@ -56,7 +59,7 @@ def test_request_pixel_budget_is_413_before_decoding(make_client: Callable[..., 
 def test_no_room_to_decode_is_503_with_retry_after(make_client: Callable[..., TestClient],
                                                    metric: Callable[..., float]) -> None:
     c = make_client(max_decode_pixels=10_000, decode_wait_ms=300)
-    budget = c.app.state.runtime.decode_gate  # type: ignore[attr-defined]
+    budget = c.app.state.frontend.decode_gate  # type: ignore[attr-defined]
     c.portal.call(budget._acquire, budget.capacity, 1.0)  # type: ignore[union-attr]  # another decode holds it all
     try:
         r = post(c, PNG)
@@ -71,7 +74,7 @@ def test_no_room_to_decode_is_503_with_retry_after(make_client: Callable[..., Te
 
 
 def test_classify_keeps_no_decoded_image_and_explain_only_a_small_view(client: TestClient) -> None:
-    rt = client.app.state.runtime  # type: ignore[attr-defined]
+    rt = client.app.state.frontend  # type: ignore[attr-defined]
     big = encode(photo((3000, 2000)), "JPEG")
     raws = [RawImage(big, "image/jpeg", "file[0]")]
     classify = client.portal.call(prepare_images, raws, rt)  # type: ignore[union-attr]
@@ -114,7 +117,7 @@ def test_a_dead_model_thread_turns_readyz_503_and_requests_503(make_client: Call
                                                               metric: Callable[..., float],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     c = make_client()
-    worker = c.app.state.runtime.model.worker  # type: ignore[attr-defined]
+    worker = c.app.state.frontend.model.worker  # type: ignore[attr-defined]
     real_plan = worker_mod.plan
 
     def plan(*args: Any, **kwargs: Any) -> Any:
@@ -155,7 +158,7 @@ def test_probes_and_scrapes_answer_while_the_thread_pool_is_full(make_client: Ca
 
 def test_deadline_counts_from_arrival_not_from_when_the_dependency_ran(checkpoint_dir: Any) -> None:
     settings, metrics = Settings(checkpoint=checkpoint_dir, device="cpu"), Metrics()
-    rt = Runtime(settings, metrics, LocalModel(settings, metrics))  # not opened: its clock is the monotonic one
+    rt = FrontendState(settings, metrics, LocalModel(settings, metrics))  # not opened: its clock is the monotonic one
     arrived = time.monotonic() - 5.0  # the request waited 5 s before its dependencies ran
     scope = {"type": "http", "method": "POST", "path": "/classify", "headers": [], ARRIVAL_KEY: arrived}
     deadline = asyncio.run(request_deadline(Request(scope), rt, 1000.0))
@@ -168,6 +171,12 @@ def test_an_expired_deadline_is_504(client: TestClient) -> None:
 
 
 # -- request id and logs -------------------------------------------------------------------------
+def test_one_middleware_wraps_every_request(client: TestClient) -> None:
+    """Request id, arrival, the body's clock, HEAD, the HTTP metrics and the last-resort 500 are one
+    ASGI layer (service/frontend/front_door.py), each behaviour tested where it is named."""
+    assert [m.cls for m in client.app.user_middleware] == [FrontDoor]  # type: ignore[attr-defined]
+
+
 def test_request_id_is_echoed_or_made(client: TestClient) -> None:
     r = post(client, PNG, headers={"X-Request-ID": "lb-7f3a:42"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "lb-7f3a:42"
@@ -209,7 +218,7 @@ def test_json_log_lines_carry_the_request_id() -> None:
 def test_shutdown_order_readiness_first_then_refuse_with_connection_close(
         make_client: Callable[..., TestClient], metric: Callable[..., float]) -> None:
     c = make_client()
-    rt = c.app.state.runtime  # type: ignore[attr-defined]
+    rt = c.app.state.frontend  # type: ignore[attr-defined]
     assert "connection" not in post(c, PNG).headers  # kept alive while serving
     begin_shutdown(rt)  # SIGTERM; shutdown_delay_s runs
     for _ in range(3):

@@ -1,4 +1,4 @@
-"""HEAD on every GET route (service/frontend/head.py): the GET's status and headers, no body; counted
+"""HEAD on every GET route (service/frontend/front_door.py): the GET's status and headers, no body; counted
 in the HTTP metrics as HEAD under the GET route's template. A real server's HEAD is in
 tests/service/test_access_serve.py."""
 

@@ -25,7 +25,7 @@ def test_healthz_and_readyz_when_ready(client: TestClient) -> None:
 
 def test_readyz_503_while_warming_up_and_classify_refused(make_client: Callable[..., TestClient]) -> None:
     c = make_client()
-    rt = c.app.state.runtime  # type: ignore[attr-defined]
+    rt = c.app.state.frontend  # type: ignore[attr-defined]
     rt.state = Lifecycle.LOADING  # as between engine load and the end of warm-up
     try:
         r = c.get("/readyz")
@@ -43,7 +43,7 @@ def test_readyz_503_while_warming_up_and_classify_refused(make_client: Callable[
 
 def test_readyz_503_when_draining(make_client: Callable[..., TestClient]) -> None:
     c = make_client()
-    c.app.state.runtime.state = Lifecycle.DRAINING  # type: ignore[attr-defined]  # what SIGTERM sets in `patchlife serve`
+    c.app.state.frontend.state = Lifecycle.DRAINING  # type: ignore[attr-defined]  # what SIGTERM sets in `patchlife serve`
     r = c.get("/readyz")
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
 
@@ -52,7 +52,7 @@ def test_lifespan_shutdown_stops_the_worker(checkpoint_dir: Path) -> None:
     app = create_app(Settings(checkpoint=checkpoint_dir, device="cpu", warmup_batches=0, grpc_port=0))
     with TestClient(app) as c:
         wait_ready(c)
-        worker = app.state.runtime.model.worker
+        worker = app.state.frontend.model.worker
         assert worker is not None and worker._thread is not None and worker._thread.is_alive()
-    assert app.state.runtime.state == Lifecycle.STOPPED
+    assert app.state.frontend.state == Lifecycle.STOPPED
     assert worker._thread is None  # joined

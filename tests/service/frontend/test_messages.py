@@ -53,7 +53,7 @@ def test_without_a_file_name_the_part_is_named_by_its_place(client: TestClient) 
 
 
 def test_a_decompression_bomb_is_larger_than_the_limit_in_words(client: TestClient) -> None:
-    limit = client.app.state.runtime.settings.max_image_pixels  # type: ignore[attr-defined]
+    limit = client.app.state.frontend.settings.max_image_pixels  # type: ignore[attr-defined]
     for data in (png_bomb(), png_bomb(limit // 1000 + 1, 1001)):  # Pillow's own bomb check; ours
         error = post(client, "bomb.png", data)
         assert error["status"] == "413" and error["code"] == "image_too_many_pixels"

@@ -17,7 +17,7 @@ def test_models_describes_the_checkpoint(client: TestClient) -> None:
     assert info["grid"] == [4, 4] and info["input_size"] == [3, 32, 32]
     assert info["schedule"]["stage_starts"] == [2, 3, 4] and info["schedule"]["depth"] == 6
     assert info["schedule"]["keep_rate"] == 0.7 and info["dense_gflops"] > 0
-    engine = client.app.state.runtime.model.engine  # type: ignore[attr-defined]
+    engine = client.app.state.frontend.model.engine  # type: ignore[attr-defined]
     batching = info.pop("batching")
     expected = engine.info()
     assert batching["bucket_grid"] == expected.pop("buckets") == [list(p) for p in engine.bucket_grid.points]

@@ -24,7 +24,7 @@ def _stats(client: TestClient, path: str = f"/v2/models/{MODEL}/stats") -> dict[
 
 
 def test_config_agrees_with_the_model_metadata(client: TestClient) -> None:
-    settings = client.app.state.runtime.settings  # type: ignore[attr-defined]
+    settings = client.app.state.frontend.settings  # type: ignore[attr-defined]
     config = client.get(f"/v2/models/{MODEL}/config").json()
     meta = client.get(f"/v2/models/{MODEL}").json()
     assert config["name"] == meta["name"] == MODEL and config["platform"] == meta["platform"]

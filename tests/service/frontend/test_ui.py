@@ -90,7 +90,7 @@ def test_examples_list_only_servable_entries_with_urls(examples_client: TestClie
 
 
 def test_example_images_are_served(examples_client: TestClient) -> None:
-    folder = Path(examples_client.app.state.runtime.card.checkpoint) / "examples"  # type: ignore[attr-defined]
+    folder = Path(examples_client.app.state.frontend.card.checkpoint) / "examples"  # type: ignore[attr-defined]
     for entry, media_type in zip(examples_client.get("/v1/examples").json()["examples"], ["image/png", "image/jpeg"]):
         r = examples_client.get(entry["url"])
         assert r.status_code == 200

@@ -282,7 +282,7 @@ def test_unknown_model_infer_is_404(client: TestClient) -> None:
 
 def test_draining_server_is_not_ready(client: TestClient) -> None:
     c = client
-    rt = c.app.state.runtime  # type: ignore[attr-defined]
+    rt = c.app.state.frontend  # type: ignore[attr-defined]
     rt.state = Lifecycle.DRAINING
     try:
         for path in ("/v2/health/ready", f"/v2/models/{MODEL}/ready"):
@@ -299,7 +299,7 @@ def test_v2_requests_show_in_the_http_metrics(client: TestClient) -> None:
     """The same middleware labels v2 requests by their route template (found by label, not by metric name)."""
     r = client.post(INFER, json={"inputs": [_tensor(data=[ONE])], "outputs": [{"name": "labels"}]})
     assert r.status_code == 200
-    registry = client.app.state.runtime.metrics.registry  # type: ignore[attr-defined]
+    registry = client.app.state.frontend.metrics.registry  # type: ignore[attr-defined]
     routes = {s.labels["route"]: s.value for family in registry.collect() for s in family.samples
               if "route" in s.labels and s.name.endswith("_count") and s.labels.get("status") == "200"}
     assert routes.get("/v2/models/{name}/infer", 0) >= 1, sorted(routes)
