@@ -69,6 +69,12 @@ VARIANTS: dict[str, dict[str, str | None]] = {
     "paper": {"--stage1-norm": "per_image", "--stage2-keep-rates": None, "--name": "patchlife-default-paper"},
     "heavy": {"--backbone": "vit_wide_patch8_64", "--name": "patchlife-heavy"},
 }
+# The default model is RECIPE's, tuned by one more tail stage that also runs at keep 0.3 (issue 29):
+# RECIPE's stage 2 never trains below 0.5, yet accuracy scaling serves down to 0.3. On the shipped base
+# it lifted held-out top-1 at fixed keep 0.3 / 0.5 / 0.7 from 90.9 / 92.2 / 93.0 to 92.6 / 93.3 / 93.9
+# and dense from 93.0 to 94.0 (README, "The embedded default model").
+FINETUNE: dict[str, str | None] = {"--stage0-steps": "0", "--stage1-steps": "0",
+                                   "--stage2-keep-rates": "0.3,0.5,0.7,0.9"}
 EVAL_KEEP_RATES = (0.3, 0.5, 0.7, 0.9)
 
 
@@ -82,16 +88,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default variant: skip training and evaluating the paper-recipe comparison")
     p.add_argument("--dense-from", type=Path, default=None, metavar="DIR",
                    help="start from a dense checkpoint (train --save-dense) of the same backbone, skipping stage 0")
+    p.add_argument("--base-from", type=Path, default=None, metavar="DIR",
+                   help="default variant: run only the last step (FINETUNE) from this model, made by RECIPE "
+                        "(how the shipped model was made: its paper-recipe comparison is carried over)")
 
 
 def exists(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
-def recipe(variant: str = "default") -> list[str]:
-    """:data:`RECIPE` with a variant's flags replaced, dropped or added."""
-    argv = list(RECIPE)
-    for flag, value in VARIANTS[variant].items():
+def _with(argv: list[str], flags: dict[str, str | None]) -> list[str]:
+    """``argv`` with ``flags`` replaced, dropped (None) or added."""
+    argv = list(argv)
+    for flag, value in flags.items():
         i = argv.index(flag) if flag in argv else -1
         if value is None:
             if i >= 0:
@@ -101,6 +110,11 @@ def recipe(variant: str = "default") -> list[str]:
         else:
             argv += [flag, value]
     return argv
+
+
+def recipe(variant: str = "default") -> list[str]:
+    """:data:`RECIPE` with a variant's flags replaced, dropped or added."""
+    return _with(RECIPE, VARIANTS[variant])
 
 
 def _rel(path: Path) -> str:
@@ -121,6 +135,11 @@ def train_command(out: Path, variant: str = "default", dense_from: Path | None =
     return argv
 
 
+def finetune_command(out: Path, base: Path) -> list[str]:
+    """The default model's last step: :data:`FINETUNE` over the recipe, from the model at ``base``."""
+    return [*_with(recipe("default"), FINETUNE), "--out", _rel(out), "--init-from", _rel(base)]
+
+
 def run(args: argparse.Namespace) -> int:
     variant = args.variant
     out = Path(args.out) if args.out is not None else (
@@ -130,66 +149,112 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from . import train  # training code only when needed
 
+    base_from: Path | None = getattr(args, "base_from", None)
+    tune = variant == "default"
     with tempfile.TemporaryDirectory(prefix="patchlife-") as tmp:
-        paper = variant == "default" and not args.no_paper
+        paper = tune and not args.no_paper and base_from is None
         dense = args.dense_from or (Path(tmp) / "dense" if paper else None)
-        argv = train_command(out, variant, args.dense_from, save_dense=None if args.dense_from else dense)
-        print(f"patchlife: training the {variant} model into {out} (about 10 minutes on 2 CPU cores, plus "
-              f"a few for the paper-recipe comparison unless --no-paper):\n"
-              f"  patchlife train {' '.join(argv)}", file=sys.stderr, flush=True)
-        if rc := train.main(argv):
+        base = base_from
+        if base is None:
+            base = Path(tmp) / "base" if tune else out
+            argv = train_command(base, variant, args.dense_from, save_dense=None if args.dense_from else dense)
+            print(f"patchlife: training the {variant} model into {out} (about 15 minutes on 2 CPU cores, plus "
+                  f"a few for the paper-recipe comparison unless --no-paper):\n"
+                  f"  patchlife train {' '.join(argv)}", file=sys.stderr, flush=True)
+            if rc := train.main(argv):
+                return rc
+            if args.dense_from is not None:
+                record_dense_provenance(base, args.dense_from)
+        if tune and (rc := _finetune(train, out, base)):
             return rc
-        if args.dense_from is not None:
-            record_dense_provenance(out, args.dense_from)
         report = evaluate_into_metrics(out)
         if paper and dense is not None:
-            paper_out = Path(tmp) / "paper"
-            pargv = train_command(paper_out, "paper", dense)
-            print(f"patchlife: the paper's recipe from the same dense weights, for comparison:\n"
-                  f"  patchlife train {' '.join(pargv)}", file=sys.stderr, flush=True)
-            if rc := train.main(pargv):
+            if rc := _paper_comparison(train, out, report, Path(tmp) / "paper", dense):
                 return rc
-            paper_report = evaluate_into_metrics(paper_out)
-            paper_metrics = json.loads((paper_out / "metrics.json").read_text())
-            command = paper_metrics["command"].replace(_rel(paper_out), "out/paper").replace(str(dense), "DENSE")
-            report["paper_recipe"] = {
-                "command": command, "note": "stages 1-2 only, from the dense weights of this model's stage 0 "
-                "(DENSE: `patchlife train ... --save-dense DENSE`); the published recipe: stage-1 scores "
-                "standardised per image, stage 2 at keep rate 0.7 only; its calibrated rows are an addition",
-                "train_seconds": paper_metrics["train_seconds"], "wall_seconds": paper_metrics["wall_seconds"],
-                "process_cpu_seconds": paper_metrics.get("process_cpu_seconds"), "eval": paper_report["eval"]}
-            _write_metrics(out, report)
+        elif tune and base_from is not None:
+            _carry_paper_comparison(out, report, base_from)
     if variant == "default":
         write_examples(out)
     return 0
 
 
-def provenance(out: Path) -> str:
-    """What ``metrics.json`` says about how the model at ``out`` was made, in one sentence.
+def _finetune(train: Any, out: Path, base: Path) -> int:
+    argv = finetune_command(out, base)
+    print(f"patchlife: the last tail stage, at keep 0.3 too, into {out}:\n  patchlife train {' '.join(argv)}",
+          file=sys.stderr, flush=True)
+    if rc := train.main(argv):
+        return int(rc)
+    body = json.loads((out / "metrics.json").read_text())
+    base_body = json.loads((base / "metrics.json").read_text())
+    body["base"] = {key: base_body.get(key) for key in ("command", "dense_from", "one_command_run", "history")}
+    body["base"].update({
+        "checkpoint": _rel(base), "note": "the model this one was tuned from (--init-from), made by RECIPE"})
+    _write_metrics(out, body)
+    return 0
 
-    The shipped default model was trained in two steps (stage 0 saved with ``--save-dense``, then
-    stages 1-2 ``--init-from`` it); ``one_command_run`` records the whole recipe run again in one go,
-    which gave the same weights: that is the command and the time a clone would see.
+
+def _paper_comparison(train: Any, out: Path, report: dict[str, Any], paper_out: Path, dense: Path) -> int:
+    pargv = train_command(paper_out, "paper", dense)
+    print(f"patchlife: the paper's recipe from the same dense weights, for comparison:\n"
+          f"  patchlife train {' '.join(pargv)}", file=sys.stderr, flush=True)
+    if rc := train.main(pargv):
+        return int(rc)
+    paper_report = evaluate_into_metrics(paper_out)
+    paper_metrics = json.loads((paper_out / "metrics.json").read_text())
+    command = paper_metrics["command"].replace(_rel(paper_out), "out/paper").replace(str(dense), "DENSE")
+    report["paper_recipe"] = {
+        "command": command, "note": "stages 1-2 only, from the dense weights of this model's stage 0 "
+        "(DENSE: `patchlife train ... --save-dense DENSE`); the published recipe: stage-1 scores "
+        "standardised per image, stage 2 at keep rate 0.7 only; its calibrated rows are an addition",
+        "train_seconds": paper_metrics["train_seconds"], "wall_seconds": paper_metrics["wall_seconds"],
+        "process_cpu_seconds": paper_metrics.get("process_cpu_seconds"), "eval": paper_report["eval"]}
+    _write_metrics(out, report)
+    return 0
+
+
+def _carry_paper_comparison(out: Path, report: dict[str, Any], base: Path) -> None:
+    """With ``--base-from``, the base's paper-recipe comparison (same dense weights) is this model's too."""
+    path = base / "metrics.json"
+    paper = json.loads(path.read_text()).get("paper_recipe") if path.is_file() else None
+    if paper:
+        report["paper_recipe"] = paper
+        _write_metrics(out, report)
+
+
+def provenance(out: Path) -> str:
+    """What ``metrics.json`` says about how the model at ``out`` was made, in a few lines.
+
+    The shipped default model was made in steps: its base by :data:`RECIPE` (stage 0 saved with
+    ``--save-dense``, then stages 1-2 ``--init-from`` it; ``one_command_run`` records the whole recipe
+    run again in one go, which gave the same weights), then :data:`FINETUNE` from that base (``base``).
     """
     path = out / METRICS_FILE
     if not path.is_file():
         return f"it has no {METRICS_FILE}, so how it was trained is not recorded"
     body = json.loads(path.read_text())
     what = body.get("description") or body.get("name", "")
+    base = body.get("base")
+    if base:
+        return (f"{what}\n  Tuned by `{body.get('command', '?')}` in {body.get('wall_seconds', '?')} s (FINETUNE in "
+                f"model/training/default_model.py) from a base made by the recipe:\n  {_made(base)}")
+    return f"{what}\n  {_made(body)}"
+
+
+def _made(body: dict[str, Any]) -> str:
     whole = body.get("one_command_run")
     if whole:
         cpu, threads = whole.get("process_cpu_seconds"), whole.get("threads")
         took = f"{whole['wall_seconds']:.0f} s wall" + (f", {cpu:.0f} s CPU" if cpu else "") + (
             f" on {threads} thread{'s' if threads != 1 else ''}" if threads else "")
         same = " and gave these weights bit for bit" if whole.get("bit_identical_weights") else ""
-        return (f"{what}\n  Trained from scratch by this command's recipe (model/training/default_model.py); the whole "
+        return (f"Trained from scratch by this command's recipe (model/training/default_model.py); the whole "
                 f"recipe, run in one go as `{whole['command']}`, took {took}{same}.\n"
                 f"  Its training step: `{whole['train_command']}`")
-    how = f"trained by `{body.get('command', '?')}` in {body.get('wall_seconds', '?')} s"
+    how = f"Trained by `{body.get('command', '?')}` in {body.get('wall_seconds', '?')} s"
     dense = body.get("dense_from")
     if dense:
         how += f", starting from the dense weights of `{dense.get('command', '?')}` (its time not included)"
-    return f"{what}\n  {how}."
+    return f"{how}."
 
 
 def record_dense_provenance(out: Path, dense_from: Path) -> None:

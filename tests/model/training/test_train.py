@@ -166,8 +166,13 @@ def test_default_recipe_parses_and_matches_the_shipped_model(capsys):
     args = _args(*RECIPE)  # no typo in the recipe
     assert args.backbone == "vit_micro_patch8_64" and args.data is None
     metrics = DEFAULT_CHECKPOINT / "metrics.json"
-    if metrics.is_file():  # the shipped checkpoint was made by exactly this command ...
+    if metrics.is_file():  # the shipped checkpoint was tuned by exactly FINETUNE ...
         body = json.loads(metrics.read_text())
+        if "base" in body:
+            from model.training.default_model import finetune_command
+            tune = finetune_command(DEFAULT_CHECKPOINT, DEFAULT_CHECKPOINT)
+            assert body["command"].split(" --out ")[0] == "patchlife train " + " ".join(tune[:tune.index("--out")])
+            body = body["base"]  # ... from a base made by exactly this command ...
         command = body["command"].split(" --out ")[0]
         if "dense_from" in body:  # ... in two steps: stage 0 by an earlier run, recorded with the model
             stage0 = RECIPE.index("--stage0-steps") + 1
