@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
@@ -101,6 +102,11 @@ class Queues:
         self._ids = itertools.count()
         self._rate_tokens_per_s = 0.0        # smoothed tail throughput, for Retry-After
         self._rate_counts: dict[float | None, Counts] = {}  # schedule counts per keep rate (scaling)
+        # accuracy scaling's load rule: when each image arrived, with its rates and keep rate (kept for
+        # ``arrival_window_s``; None: not recorded, scaling is off)
+        self.arrival_window_s: float | None = None
+        self.arrivals: deque[tuple[float, tuple[tuple[float, ...], float | None], int]] = deque()
+        self.arrived: Counter[tuple[tuple[float, ...], float | None]] = Counter()  # images per key in the window
 
     @property
     def tokens(self) -> int:
@@ -174,11 +180,14 @@ class Queues:
             estimate: int, now: float, rates: tuple[float, ...] = ()) -> None:
         """Queue a request's images for the head (admitted: their room is reserved).
         ``rates``: the keep rates accuracy scaling may run them at (() for none)."""
+        rates = rates if len(rates) > 1 else ()
         for i, px in enumerate(pixels):
             key = next(self._ids)
             request.keys.append(key)
-            self.head[key] = QueuedImage(request, i, keep_rate, px, estimate, Waiting(key, now, now),
-                                         rates=rates if len(rates) > 1 else ())
+            self.head[key] = QueuedImage(request, i, keep_rate, px, estimate, Waiting(key, now, now), rates=rates)
+        if self.arrival_window_s is not None:
+            self.arrivals.append((now, (rates, keep_rate), len(pixels)))
+            self.arrived[rates, keep_rate] += len(pixels)
 
     def remove(self, key: int) -> QueuedImage | None:
         """Unqueue one image and give back its room (``capacity.publish`` reports it)."""
@@ -223,26 +232,32 @@ class Queues:
         self.capacity.publish()
 
     # -- accuracy scaling ----------------------------------------------------------------------
-    def scalables(self, each: Callable[[Phase, Counts | None], float]) -> list[Scalable]:
-        """Every queued image's remaining device seconds at each rate it may run at, in arrival order;
-        ``each(phase, counts)``: seconds per image of a full batch (the cost model). A head image's tail
-        is estimated at its rate's schedule counts (its budget is not known yet)."""
+    def scalables(self, each: Callable[[Phase, Counts | None], float],
+                  now: float | None = None) -> tuple[list[Scalable], list[tuple[Scalable, int]]]:
+        """Every queued image's remaining device seconds at each rate it may run at, in arrival order,
+        and (with ``now``) the images that arrived in the last ``arrival_window_s``, priced whole (head
+        plus its tail at each rate's schedule counts: the load they brought), one entry per distinct
+        rate ladder with its number of images (a few entries at any rate); ``each(phase, counts)``:
+        seconds per image of a full batch (the cost model). A head image's tail is estimated at its
+        rate's schedule counts (its budget is not known yet)."""
         # Memos by what the seconds depend on: a few distinct values for hundreds of images.
         tail: dict[Counts | None, float] = {}
         ladders: dict[object, tuple[float, ...]] = {}
+        head = each("head", None)
 
         def cost(counts: Counts) -> float:
             if counts not in tail:
                 tail[counts] = each("tail", counts)
             return tail[counts]
 
-        out = []
-        head = each("head", None)
-        for image in self.head.values():
-            key = image.rates or image.keep_rate
+        def whole(rates: tuple[float, ...], keep_rate: float | None) -> Scalable:
+            key = rates or keep_rate
             if key not in ladders:
-                ladders[key] = tuple(head + cost(self._counts_at(r)) for r in image.rates or (image.keep_rate,))
-            out.append(Scalable(image.wait.submitted, image.rates or (1.0,), ladders[key]))
+                ladders[key] = tuple(head + cost(self._counts_at(r)) for r in rates or (keep_rate,))
+            return Scalable(0.0, rates or (1.0,), ladders[key])
+
+        out = [whole(image.rates, image.keep_rate)._replace(submitted=image.wait.submitted)
+               for image in self.head.values()]
         for image in self.tail.values():
             if image.options:
                 buckets = tuple(bucket for _, bucket in image.options)
@@ -252,7 +267,16 @@ class Queues:
             else:
                 out.append(Scalable(image.wait.submitted, (1.0,), (cost(image.wait.bucket),)))
         out.sort(key=itemgetter(0))
-        return out
+        arrived: list[tuple[Scalable, int]] = []
+        if now is not None and self.arrival_window_s is not None:
+            since = now - self.arrival_window_s
+            while self.arrivals and self.arrivals[0][0] < since:
+                _, key, n = self.arrivals.popleft()
+                self.arrived[key] -= n
+                if not self.arrived[key]:
+                    del self.arrived[key]
+            arrived = [(whole(*key), n) for key, n in self.arrived.items()]
+        return out, arrived
 
     def tail_waits(self, cap: float) -> list[Waiting]:
         """The tail's images re-bucketed at their rates under ``cap`` (the planner's view)."""

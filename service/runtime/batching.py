@@ -364,30 +364,57 @@ def _misses(queued: Sequence[Scalable], now: float, cap: float, within_s: float,
     return False
 
 
+def _load(arrived: Sequence[tuple[Scalable, int]], cap: float,
+          rungs: dict[tuple[float, ...], dict[float, int]]) -> float:
+    """Device seconds the images of ``arrived`` cost, all of them run at ``cap``."""
+    return sum(image.seconds[rungs[image.rates][cap]] * n for image, n in arrived)
+
+
+@dataclass(frozen=True)
+class Load:
+    """The arrival side of accuracy scaling: the images whose requests arrived in the last ``window_s``
+    (a price per image, head and tail, at each rate, with the number of images priced so) and the share
+    of the device's time their work may take at a cap the policy moves up to. A queue drains now and
+    then even while arrivals outrun the device at the requested rates; going back up on the queue alone
+    would then rebuild the backlog, miss again and flap."""
+
+    arrived: Sequence[tuple[Scalable, int]]
+    window_s: float
+    utilisation: float
+
+
 def scale_cap(cap: float, queued: Sequence[Scalable], now: float, objective_s: float,
-              hysteresis: float = 0.25, caps: Sequence[float] = CAPS) -> float:
+              hysteresis: float = 0.25, caps: Sequence[float] = CAPS, load: Load | None = None) -> float:
     """The keep-rate cap for the batch about to run (``caps`` highest first; ``cap`` the current one).
 
     Down at once: when the queued work at ``cap`` would finish after some request's objective, the
     highest lower cap at which it would not (the lowest cap when none would do: every image then runs
     at its floor). Up with hysteresis: the highest higher cap at which the queue would finish within
-    ``(1 - hysteresis)`` of the objective; else ``cap`` stays. An empty queue goes back to the top.
-    ``queued`` in arrival order; pure: ``now`` is passed in. Only caps that change some image's rate
-    (and the current one) are priced: a few per decision, whatever the grid.
+    ``(1 - hysteresis)`` of the objective; else ``cap`` stays. With ``load``, a cap it moves to must
+    also carry the window's arrivals within ``utilisation`` of the device's time: the queue decides
+    when to scale, the arrival rate how far back up. Load alone never scales down: a closed loop of
+    one client keeps the device busy without any wait. Nothing queued and nothing arrived goes back
+    to the top. ``queued`` in arrival order; pure: ``now`` is passed in. Only caps that change some
+    image's rate (and the current one) are priced: a few per decision, whatever the grid.
     """
-    if not queued:
+    arrived = load.arrived if load is not None else ()
+    if not queued and not arrived:
         return caps[0]
-    ladders = {image.rates for image in queued}
+    ladders = {image.rates for image in queued} | {image.rates for image, _ in arrived}
     useful = {caps[0], caps[-1], cap} | {c for c in caps if any(r == c for ladder in ladders for r in ladder)}
     options = sorted(useful, reverse=True)
     rungs = {ladder: {c: at_cap(ladder, c) for c in options} for ladder in ladders}
+
+    def carries(c: float) -> bool:
+        return load is None or _load(arrived, c, rungs) <= load.utilisation * load.window_s
+
     i = options.index(cap)
     if _misses(queued, now, cap, objective_s, rungs):
         for lower in options[i + 1:]:
-            if not _misses(queued, now, lower, objective_s, rungs):
+            if carries(lower) and not _misses(queued, now, lower, objective_s, rungs):
                 return lower
         return options[-1]
     for higher in options[:i]:
-        if not _misses(queued, now, higher, (1.0 - hysteresis) * objective_s, rungs):
+        if carries(higher) and not _misses(queued, now, higher, (1.0 - hysteresis) * objective_s, rungs):
             return higher
     return cap

@@ -42,6 +42,11 @@ class Scaling:
         ``aim * objective_s``): the rest is left to what the queue does not see (decoding, the hand-off,
         the answer's way back) and to the cost model's error. The queue counts from a request's arrival
         in it, the client from its send.
+    utilisation, window_s: the load rule: the cap moves (down on a miss, or back up) only to a cap at
+        which the work that arrived in the last ``window_s`` would take at most ``utilisation`` of the
+        device's time (1: no load rule). The queue drains now and then even under a sustained rate the
+        requested keep rates cannot serve; on the queue alone the cap would go back up, the backlog
+        would build again and the objective be missed again.
     """
 
     objective_s: float
@@ -49,13 +54,16 @@ class Scaling:
     floor: float | None = None
     hysteresis: float = 0.25
     aim: float = 0.7
+    utilisation: float = 0.85
+    window_s: float = 1.0
 
     @property
     def aim_s(self) -> float:
         return self.aim * self.objective_s
 
     def __post_init__(self) -> None:
-        if not (self.objective_s > 0 and 0 < self.default_rate <= 1 and 0 <= self.hysteresis < 1 and 0 < self.aim <= 1):
+        if not (self.objective_s > 0 and 0 < self.default_rate <= 1 and 0 <= self.hysteresis < 1 and 0 < self.aim <= 1
+                and 0 < self.utilisation <= 1 and self.window_s > 0):
             raise ValueError(f"invalid accuracy scaling: {self}")
         if self.floor is not None and not 0 < self.floor <= 1:
             raise ValueError(f"the floor must lie in (0, 1], got {self.floor}")

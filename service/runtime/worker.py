@@ -53,7 +53,7 @@ import torch
 
 from service.protocol import DeadlinePassed, ImageResult, Lifecycle, ModelFailed, WorkerStopping, advance
 from service.runtime.admission import QueuedImage, Queues, Request, Ticket
-from service.runtime.batching import Batch, BatchLimits, Counts, Phase, Waiting, plan, scale_cap
+from service.runtime.batching import Batch, BatchLimits, Counts, Load, Phase, Waiting, plan, scale_cap
 from service.runtime.costmodel import CostModel, Timing
 from service.runtime.handoff import HeadBatch, HostCopy, Rows
 from service.runtime.mailbox import Posted, Withdrawn
@@ -126,6 +126,8 @@ class Worker:
         self.hooks.on_cost_model(self.cost)
         self.scaling = scaling               # accuracy scaling (None: off, every image at its own rate)
         self.cap = CAPS[0]                   # its current cap on the tail's keep rates (1.0: none)
+        if scaling is not None and scaling.utilisation < 1:
+            self.queues.arrival_window_s = scaling.window_s  # the load rule's arrivals
 
     def batch_seconds(self, phase: Phase, images: int, counts: Counts | None) -> float:
         """Predicted device time of a batch, padding included (the planner's price)."""
@@ -451,8 +453,11 @@ class Worker:
         if self.scaling is None or not self.cost.ready:
             return [i.wait for i in self.queues.tail.values()]
         size = self.limits.size
-        queued = self.queues.scalables(lambda phase, counts: self.batch_seconds(phase, size, counts) / size)
-        self.cap = scale_cap(self.cap, queued, now, self.scaling.aim_s, self.scaling.hysteresis)
+        s = self.scaling
+        queued, arrived = self.queues.scalables(lambda phase, counts: self.batch_seconds(phase, size, counts) / size,
+                                                now)
+        load = Load(arrived, s.window_s, s.utilisation) if s.utilisation < 1 else None
+        self.cap = scale_cap(self.cap, queued, now, s.aim_s, s.hysteresis, load=load)
         return self.queues.tail_waits(self.cap)
 
     def _learn(self, phase: Phase, images: int, tokens_per_row: int, seconds: float, merged: int = 0) -> int:

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from service.protocol import ImageResult
-from service.runtime.batching import Scalable, scale_cap
+from service.runtime.admission import Request
+from service.runtime.batching import Load, Scalable, scale_cap
 from service.runtime.costmodel import Timing
 from service.runtime.handoff import HeadBatch, HostCopy, Rows
 from service.runtime.scaling import CAPS, Scaling, at_cap, default_floor, floor_from_rows, image_rates
@@ -65,6 +66,55 @@ def test_time_already_waited_counts_against_the_objective() -> None:
     assert scale_cap(1.0, queue, 0.0, 0.050) == 1.0            # 30 ms of work
     cap = scale_cap(1.0, queue, 0.025, 0.050)                  # waited 25 ms: 55 ms > 50 at 0.5, 43 at 0.3
     assert at_cap(queue[0].rates, cap) == 1
+
+
+def test_the_load_rule_keeps_the_cap_down_while_the_arrival_rate_needs_it() -> None:
+    """A sustained rate the default keep rate cannot serve: what arrived in the last second would take
+    1.2 s at 0.5, 1.02 s at 0.4, 0.84 s at 0.3. The queue drains now and then all the same."""
+    one = image(0.0, (0.5, 0.010), (0.4, 0.0085), (0.3, 0.007))
+    load = Load([(one, 120)], window_s=1.0, utilisation=0.85)
+    short = [one._replace(submitted=1.0)] * 2                   # 20 ms of work: on time at any cap
+    late = [one._replace(submitted=0.0)] * 10                   # 100 ms of work against 90 ms
+    # load alone never scales down (a closed loop keeps the device busy without any wait) ...
+    assert scale_cap(1.0, short, 1.0, 0.100, load=load) == 1.0
+    # ... but a miss goes down to a cap that also carries the arrivals: the floor, not 0.4
+    assert scale_cap(1.0, late, 0.0, 0.090) == 0.4             # the queue alone would stop at 0.4
+    cap = scale_cap(1.0, late, 0.0, 0.090, load=load)
+    assert at_cap(one.rates, cap) == 2
+    # the queue drained: without the load rule the cap would go back to the top, with it it stays
+    assert scale_cap(cap, short, 1.0, 0.100) == 1.0
+    assert scale_cap(cap, short, 1.0, 0.100, load=load) == cap
+    assert scale_cap(cap, [], 1.0, 0.100, load=load) == cap
+    # the rate falls: up as far as the arrivals fit (90 images: 0.77 s at 0.4, 0.9 s at 0.5), then all the way
+    assert scale_cap(cap, [], 1.0, 0.100, load=Load([(one, 90)], 1.0, 0.85)) == 0.4
+    assert scale_cap(cap, short, 1.0, 0.100, load=Load([(one, 80)], 1.0, 0.85)) == 1.0
+    # nothing queued and nothing arrived: the top
+    assert scale_cap(cap, [], 1.0, 0.100, load=Load([], 1.0, 0.85)) == 1.0
+
+
+def test_the_queues_record_arrivals_for_the_window_only() -> None:
+    clock = Clock()
+    engine = CostedEngine(clock)
+    worker = Worker(engine, Settings(max_batch_size=8), WorkerHooks(), clock=clock,
+                    timings=warm_timings(engine), scaling=Scaling(0.100, 0.5, 0.3, window_s=1.0))
+    queues = worker.queues
+    assert queues.arrival_window_s == 1.0
+    loop = asyncio.new_event_loop()
+    try:
+        for t, n in ((0.0, 3), (0.6, 2), (1.3, 1)):
+            request = Request(loop.create_future(), loop, 1e9, [None] * n)
+            queues.add(request, [torch.zeros(3, 2, 2)] * n, None, 1, t, (0.5, 0.4, 0.3))
+    finally:
+        loop.close()
+    each = lambda phase, counts: 0.001  # noqa: E731
+    queued, arrived = queues.scalables(each, now=1.3)
+    assert len(queued) == 6                                    # the 3 images of t=0 left the window:
+    assert arrived == [(Scalable(0.0, (0.5, 0.4, 0.3), (0.002,) * 3), 3)]  # head + tail, per image
+    assert sum(n for _, n in queues.arrived.items()) == 3
+    assert queues.scalables(each)[1] == []                     # no clock: no load view
+    off = Worker(engine, Settings(max_batch_size=8), WorkerHooks(), clock=clock, timings=warm_timings(engine),
+                 scaling=Scaling(0.100, 0.5, 0.3, utilisation=1.0))
+    assert off.queues.arrival_window_s is None                 # no load rule: nothing recorded
 
 
 def test_rates_and_floors() -> None:
