@@ -13,9 +13,11 @@ batch before it waits for this one (:mod:`service.runtime.worker`); on the CPU t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -134,3 +136,20 @@ class Rows:
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
+
+
+def stack_into(pixels: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``torch.stack(pixels, out=out)`` for CPU tensors, one plain memcpy per image (numpy), and ``out``.
+
+    Why not ``torch.stack``: it splits a copy this large over the intra-op thread team, whose threads
+    spin while they wait for cores the API processes keep busy. Measured on 2 busy cores, 64 images of
+    ``uint8 [3, 224, 224]``: about 96 ms of CPU per batch with a team of 2 against 1 ms this way
+    (0.8 ms for a team of 1). Anything but same-dtype CPU tensors goes to ``torch.stack``."""
+    if out.device.type != "cpu" or any(p.device.type != "cpu" or p.dtype != out.dtype for p in pixels):
+        return torch.stack(list(pixels), out=out)
+    if len(pixels) != out.shape[0] or any(p.shape != out.shape[1:] for p in pixels):
+        raise ValueError(f"{len(pixels)} tensors do not fill {list(out.shape)}")
+    dest = out.numpy()
+    for i, p in enumerate(pixels):
+        np.copyto(dest[i], p.numpy())
+    return out
