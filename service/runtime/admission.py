@@ -97,6 +97,7 @@ class Queues:
         self.head: dict[int, QueuedImage] = {}
         self.tail: dict[int, QueuedImage] = {}
         self.settled: list[tuple[Request, Outcome]] = []  # answered, not yet sent back (flush)
+        self.done: list[ImageResult] = []  # the settled requests' results, for the metrics hooks (flush)
         self.estimates: dict[float | None, int] = {}  # keep rate (on KEEP_RATE_GRID) -> tail tokens
         self._ids = itertools.count()
         self._rate_tokens_per_s = 0.0        # smoothed tail throughput, for Retry-After
@@ -168,6 +169,7 @@ class Queues:
                          message.rates)
             elif not message.request.finished:
                 self.fail(message.request, None, "disconnected")
+        self.capacity.publish()  # the reservations admission made (it leaves reporting them to this thread)
         return bool(messages)
 
     def add(self, request: Request, pixels: Sequence[torch.Tensor], keep_rate: float | None,
@@ -312,14 +314,17 @@ class Queues:
         if any(r is None for r in request.results):
             return
         request.finished = True
-        for r in request.results:
-            self.hooks.on_image_done(r)  # type: ignore[arg-type]
+        self.done.extend(request.results)  # type: ignore[arg-type]  # all set: checked above
         if request.objective_at is not None and now is not None:
             self.hooks.on_objective(now <= request.objective_at)
         self.settled.append((request, list(request.results)))
 
     def flush(self) -> None:
-        """Send back every answer settled since the last flush: one callback per event loop."""
+        """Send back every answer settled since the last flush: one callback per event loop (their
+        images' metrics first, in one call)."""
+        if self.done:
+            done, self.done = self.done, []
+            self.hooks.on_images_done(done)
         if self.settled:
             settled, self.settled = self.settled, []
             settle(settled)
