@@ -47,6 +47,10 @@ class Request:
     keys: list[int] = field(default_factory=list)
     finished: bool = False       # answered, failed or abandoned: nothing more to do for it
     objective_at: float | None = None  # accuracy scaling: answered in time when by then (worker clock)
+    left: int = field(init=False)  # results still missing (a count: deliver checks it per image)
+
+    def __post_init__(self) -> None:
+        self.left = sum(1 for r in self.results if r is None)
 
 
 @dataclass(eq=False)
@@ -310,8 +314,10 @@ class Queues:
         request = image.request
         if request.finished:
             return
+        if request.results[image.index] is None:
+            request.left -= 1
         request.results[image.index] = result
-        if any(r is None for r in request.results):
+        if request.left > 0:
             return
         request.finished = True
         self.done.extend(request.results)  # type: ignore[arg-type]  # all set: checked above

@@ -59,6 +59,7 @@ class SlotPool:
         self._array: np.ndarray | None = np.ndarray((slots, *self.shape), np.uint8, buffer=self.shm.buf,
                                                     offset=table)
         self.tensor: torch.Tensor | None = torch.from_numpy(self._array)
+        self._views: list[torch.Tensor] | None = None  # one per slot, made at the first read (see read)
         self._free = list(range(slots - 1, -1, -1))
         self._pid = os.getpid()
         self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600) if lock_path is not None else None
@@ -126,13 +127,16 @@ class SlotPool:
     def read(self, ids: list[int]) -> list[torch.Tensor]:
         """Views of the slots (no copy): valid until the answer for them is sent."""
         assert self.tensor is not None
-        if any(not 0 <= i < self.slots for i in ids):
+        if ids and (min(ids) < 0 or max(ids) >= self.slots):
             raise ValueError(f"slot id out of range 0..{self.slots - 1}: {ids}")
-        return [self.tensor[i] for i in ids]
+        if self._views is None:  # indexing a tensor makes a new view each time (microseconds); these are made once
+            self._views = list(self.tensor.unbind(0))
+        views = self._views
+        return [views[i] for i in ids]
 
     def close(self, unlink: bool = False) -> None:
         """Unmap (the views must be gone: a live view keeps the mapping) and, ``unlink``, remove the segment."""
-        self.tensor = self._array = self._owners = None
+        self.tensor = self._array = self._owners = self._views = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
