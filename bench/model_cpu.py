@@ -260,7 +260,8 @@ def table(body: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     for r in body["rows"]:
         lines.append(f"{r['images_per_request']:>7} {r['in_flight']:>9} {r['images_per_s']:>9.0f} "
-                     f"{_fmt(r['model_cpu_ms_per_image'], '.4f'):>10} {_fmt(r['model_cpu_ms_per_tail_batch'], '.3f'):>17} "
+                     f"{_fmt(r['model_cpu_ms_per_image'], '.4f'):>10} "
+                     f"{_fmt(r['model_cpu_ms_per_tail_batch'], '.3f'):>17} "
                      f"{_fmt(r['mean_head_batch'], '.1f'):>10} {_fmt(r['mean_tail_batch'], '.1f'):>10} "
                      f"{r['model_cpu_share']:>9.2f} {_fmt(r['model_cores_at_rate'], '.2f'):>6} {r['errors']:>6}")
     lines += ["", f"model process alone (bench/standin_host.py), stand-in device {body['table']}; {body['model']}; "

@@ -213,7 +213,18 @@ class Worker:
         """Queue an admitted ticket's ``pixels`` (as many as it holds room for) and await their results."""
         if not pixels:
             return []
-        assert len(pixels) == ticket.images and not ticket.spent, "one run per ticket, of its images"
+        request = self.post(ticket, pixels)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self.withdraw(request)  # the thread drops what is still queued of it
+            raise
+
+    def post(self, ticket: Ticket, pixels: Sequence[torch.Tensor]) -> Request:
+        """:meth:`run` without awaiting: queue the pixels (at least one) and return the request, whose
+        ``future`` the answer is set on, in this event loop. A caller that stops waiting calls
+        :meth:`withdraw`. For callers that handle answers in a callback, not a task each (the model host)."""
+        assert pixels and len(pixels) == ticket.images and not ticket.spent, "one run per ticket, of its images"
         try:  # the same checks again: time may have passed since admit (a decode on the device)
             self._check_open()
             now = self._check_deadline(ticket.deadline)
@@ -228,11 +239,12 @@ class Worker:
         self.queues.inbox.post(Posted(request, list(pixels), ticket.keep_rate, ticket.estimate, now, ticket.rates))
         if self._closed:  # the thread ended after the checks above: nothing would take it, answer it here
             self.queues.refuse_inbox(*self._closing())
-        try:
-            return await request.future
-        except asyncio.CancelledError:
-            self.queues.inbox.post(Withdrawn(request))  # the thread drops what is still queued of it
-            raise
+        return request
+
+    def withdraw(self, request: Request) -> None:
+        """The caller of :meth:`post` no longer waits: the thread drops what is still queued of it."""
+        request.future.cancel()
+        self.queues.inbox.post(Withdrawn(request))
 
     def _check_open(self) -> None:
         if self._fatal is not None:
