@@ -191,7 +191,7 @@ def host(args: argparse.Namespace, checkpoint: Path, work: Path) -> Iterator[tup
             proc.wait()
 
 
-async def measure_row(args: argparse.Namespace, pid: int, sock: Path, metrics: Path, per_request: int,
+async def measure_load(args: argparse.Namespace, pid: int, sock: Path, metrics: Path, per_request: int,
                       seed: int) -> dict[str, Any]:
     tally = Tally()
     lanes = max(1, args.in_flight // per_request)
@@ -247,7 +247,7 @@ def measure(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="patchlife-bench-model-cpu-") as tmp, \
             host(args, checkpoint, Path(tmp)) as (proc, metrics):
         for i, per_request in enumerate(int(v) for v in args.images_per_request.split(",") if v.strip()):
-            rows.append(asyncio.run(measure_row(args, proc.pid, Path(tmp) / "model.sock", metrics, per_request,
+            rows.append(asyncio.run(measure_load(args, proc.pid, Path(tmp) / "model.sock", metrics, per_request,
                                                 100 * i)))
     return {"engine": "stand-in", "table": str(args.table), "model": str(args.checkpoint or args.model),
             "max_batch_size": args.max_batch_size, "connections": args.connections, "rate": args.rate,

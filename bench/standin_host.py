@@ -22,7 +22,7 @@ from pathlib import Path
 from .standin import DEFAULT_TABLE, StandInEngine, Table
 
 
-async def serve(socket_path: Path, table: Table) -> None:
+async def serve_model(socket_path: Path, table: Table) -> None:
     from service.metrics import Metrics
     from service.runtime.local import LocalModel
     from service.settings import Settings
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.metrics_dir import enable_multiprocess  # before service.metrics is imported, as serve does
 
     enable_multiprocess(args.metrics_dir, fresh=True)
-    asyncio.run(serve(args.socket, Table.load(args.table)))
+    asyncio.run(serve_model(args.socket, Table.load(args.table)))
     return 0
 
 
