@@ -223,7 +223,8 @@ class ModelHost:
             except Exception as bug:
                 answer = self._failure(rid, request_id, bug)
             else:
-                log.debug("%d images answered", len(answer.images))
+                if log.isEnabledFor(logging.DEBUG):  # with the request's id, as _run logs it
+                    contextvars.copy_context().run(_log_answered, request_id, len(answer.images))
         elif isinstance(exc, WorkerError):
             answer = wire.failed(rid, exc)
         else:
@@ -280,3 +281,8 @@ class ModelHost:
 def _log_failure(request_id: str, exc: BaseException) -> None:
     set_request_id(request_id)  # in a copied context: the connection's own log lines keep theirs
     log.error("request failed in the model process", exc_info=exc)
+
+
+def _log_answered(request_id: str, images: int) -> None:
+    set_request_id(request_id)
+    log.debug("%d images answered", images)
