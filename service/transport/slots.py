@@ -58,8 +58,10 @@ class SlotPool:
         # np.frombuffer, not np.ndarray(buffer=): only an array made this way holds the segment's buffer
         # (numpy 2.4), so that close() cannot unmap it while a view of a slot lives (a read of it would
         # crash the process; measured: a model process whose private pool was closed under a queued batch)
-        self._owners: np.ndarray | None = np.frombuffer(self.shm.buf, np.int32, slots)
-        self._array: np.ndarray | None = np.frombuffer(self.shm.buf, np.uint8, slots * math.prod(self.shape),
+        buf = self.shm.buf
+        assert buf is not None  # just mapped
+        self._owners: np.ndarray | None = np.frombuffer(buf, np.int32, slots)
+        self._array: np.ndarray | None = np.frombuffer(buf, np.uint8, slots * math.prod(self.shape),
                                                        table).reshape((slots, *self.shape))
         self.tensor: torch.Tensor | None = torch.from_numpy(self._array)
         self._views: list[torch.Tensor] | None = None  # one per slot, made at the first read (see read)
