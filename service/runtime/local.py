@@ -132,6 +132,7 @@ class LocalModel:
         # Admission first: a request the queue would refuse (QueueFull, shutting down, past its deadline)
         # is refused before its JPEGs take device time to decode.
         ticket = worker.admit(len(pixels), keep_rate, deadline, min_keep_rate)
+        worker.queues.capacity.publish()  # the worker reports admissions when it takes them: these decode first
         try:
             decoded = await self._decoded(pixels)
         except BaseException:  # a bad image, the decoder closing, the client gone: its room is given back

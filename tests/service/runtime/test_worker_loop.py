@@ -142,6 +142,7 @@ def test_a_request_the_queue_refuses_is_never_decoded_on_the_device() -> None:
         await wait_until(engine.entered.is_set)
         queued = asyncio.create_task(model.submit([EncodedImage(b"1", "a"), EncodedImage(b"2", "b")], None, later()))
         await wait_until(lambda: worker.queues.capacity.images == 2)
+        assert hooks.depths[-1][0] == 2  # reported while they decode (the worker, held, reports nothing)
         with pytest.raises(QueueFull):  # 2 queued + 2 > 3: refused before the decoder sees them
             await model.submit([EncodedImage(b"3", "c"), EncodedImage(b"4", "d")], None, later())
         assert decoder.decoded == ["a", "b"]
