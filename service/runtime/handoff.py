@@ -78,6 +78,7 @@ class HeadBatch:
     known: tuple[torch.Tensor, torch.Tensor] | None = None
     extra_rates: tuple[float, ...] = ()
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _life_rows: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, tokens: torch.Tensor, lives: torch.Tensor, budgets: torch.Tensor, buckets: torch.Tensor,
@@ -115,6 +116,13 @@ class HeadBatch:
     def lives(self) -> torch.Tensor:
         """``[B, rows, cols]`` float32 on the CPU (waits for the copy)."""
         return self._part("lives")
+
+    @property
+    def life_rows(self) -> list[torch.Tensor]:
+        """``lives`` as one view per image (made once: indexing a tensor per image costs microseconds each)."""
+        if self._life_rows is None:
+            self._life_rows = list(self.lives.unbind(0))
+        return self._life_rows
 
     @property
     def budgets(self) -> torch.Tensor:

@@ -438,12 +438,12 @@ class Worker:
         self.queues.observe_rate(per_image * len(images), compute)
         gflops = self.engine.gflops(tuple(counts))
         done = self.clock()
-        for image, p in zip(images, probs, strict=True):
+        for image, p in zip(images, probs.unbind(0), strict=True):  # unbind: one call for every row's view
             hb = image.head
             assert hb is not None
             requested = hb.keep_rates[image.row]
             scaled = image.rung > 0  # accuracy scaling ran it at a lower rate, at that rate's budget
-            result = ImageResult(p, hb.lives[image.row], image.options[image.rung][0] if scaled else image.budget,
+            result = ImageResult(p, hb.life_rows[image.row], image.options[image.rung][0] if scaled else image.budget,
                                  tuple(counts), gflops, image.rates[image.rung] if scaled else requested,
                                  image.queue_s * 1000.0, (image.compute_s + compute) * 1000.0, scaled, requested)
             self.queues.deliver(image, result, done)
