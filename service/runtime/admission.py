@@ -48,6 +48,10 @@ class Request:
     keys: list[int] = field(default_factory=list)
     finished: bool = False       # answered, failed or abandoned: nothing more to do for it
     objective_at: float | None = None  # accuracy scaling: answered in time when by then (worker clock)
+    left: int = field(init=False)  # results still missing (a count: deliver checks it per image)
+
+    def __post_init__(self) -> None:
+        self.left = sum(1 for r in self.results if r is None)
 
 
 @dataclass(eq=False)
@@ -98,6 +102,7 @@ class Queues:
         self.head: dict[int, QueuedImage] = {}
         self.tail: dict[int, QueuedImage] = {}
         self.settled: list[tuple[Request, Outcome]] = []  # answered, not yet sent back (flush)
+        self.done: list[ImageResult] = []  # the settled requests' results, for the metrics hooks (flush)
         self.estimates: dict[float | None, int] = {}  # keep rate (on KEEP_RATE_GRID) -> tail tokens
         self._ids = itertools.count()
         self._rate_tokens_per_s = 0.0        # smoothed tail throughput, for Retry-After
@@ -174,6 +179,7 @@ class Queues:
                          message.rates)
             elif not message.request.finished:
                 self.fail(message.request, None, "disconnected")
+        self.capacity.publish()  # the reservations admission made (it leaves reporting them to this thread)
         return bool(messages)
 
     def add(self, request: Request, pixels: Sequence[torch.Tensor], keep_rate: float | None,
@@ -332,18 +338,23 @@ class Queues:
         request = image.request
         if request.finished:
             return
+        if request.results[image.index] is None:
+            request.left -= 1
         request.results[image.index] = result
-        if any(r is None for r in request.results):
+        if request.left > 0:
             return
         request.finished = True
-        for r in request.results:
-            self.hooks.on_image_done(r)  # type: ignore[arg-type]
+        self.done.extend(request.results)  # type: ignore[arg-type]  # all set: checked above
         if request.objective_at is not None and now is not None:
             self.hooks.on_objective(now <= request.objective_at)
         self.settled.append((request, list(request.results)))
 
     def flush(self) -> None:
-        """Send back every answer settled since the last flush: one callback per event loop."""
+        """Send back every answer settled since the last flush: one callback per event loop (their
+        images' metrics first, in one call)."""
+        if self.done:
+            done, self.done = self.done, []
+            self.hooks.on_images_done(done)
         if self.settled:
             settled, self.settled = self.settled, []
             settle(settled)

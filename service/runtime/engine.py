@@ -43,7 +43,7 @@ from ..protocol import ModelCard
 from ..transforms import uint8_transform
 from .costmodel import Timing
 from .graphs import GraphMode, ShapeRunner, batch_classes
-from .handoff import HeadBatch, HostCopy, Rows
+from .handoff import HeadBatch, HostCopy, Rows, stack_into
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -216,8 +216,8 @@ class Engine:
             staged = pixels.pin_memory()
         else:
             first = pixels[0]
-            staged = torch.empty((len(pixels), *first.shape), dtype=first.dtype, pin_memory=True)
-            torch.stack(list(pixels), out=staged)
+            staged = stack_into(pixels, torch.empty((len(pixels), *first.shape), dtype=first.dtype,
+                                                    pin_memory=True))
         compute = torch.cuda.current_stream(self.device)
         # No wait on compute first: the upload stream allocates from its own pool, so the copy runs
         # while the batch before it computes; the host block stays held until its copy has run.

@@ -13,9 +13,11 @@ batch before it waits for this one (:mod:`service.runtime.worker`); on the CPU t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -76,6 +78,7 @@ class HeadBatch:
     known: tuple[torch.Tensor, torch.Tensor] | None = None
     extra_rates: tuple[float, ...] = ()
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _life_rows: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, tokens: torch.Tensor, lives: torch.Tensor, budgets: torch.Tensor, buckets: torch.Tensor,
@@ -115,6 +118,13 @@ class HeadBatch:
         return self._part("lives")
 
     @property
+    def life_rows(self) -> list[torch.Tensor]:
+        """``lives`` as one view per image (made once: indexing a tensor per image costs microseconds each)."""
+        if self._life_rows is None:
+            self._life_rows = list(self.lives.unbind(0))
+        return self._life_rows
+
+    @property
     def budgets(self) -> torch.Tensor:
         """``[B, S]`` int64 on the CPU: each image's own patches per stage (waits for the copy unless known)."""
         return self._part("budgets")
@@ -134,3 +144,26 @@ class Rows:
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
+
+
+def stack_into(pixels: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``torch.stack(pixels, out=out)`` for CPU tensors, one plain memcpy per image (numpy), and ``out``.
+
+    Why not ``torch.stack``: it splits a copy this large over the intra-op thread team, whose threads
+    spin while they wait for cores the API processes keep busy. Measured on 2 busy cores, 64 images of
+    ``uint8 [3, 224, 224]``: about 96 ms of CPU per batch with a team of 2 against 1 ms this way
+    (0.8 ms for a team of 1). Anything but same-dtype CPU tensors goes to ``torch.stack``."""
+    dtype = out.dtype
+    if out.device.type != "cpu" or any(p.dtype is not dtype for p in pixels):
+        return torch.stack(list(pixels), out=out)
+    try:
+        arrays = [p.numpy() for p in pixels]
+    except (TypeError, RuntimeError):  # not on the CPU: torch copies it
+        return torch.stack(list(pixels), out=out)
+    dest = out.numpy()
+    row = dest.shape[1:]
+    if len(arrays) != len(dest) or any(a.shape != row for a in arrays):  # copyto would broadcast
+        raise ValueError(f"{len(pixels)} tensors do not fill {list(out.shape)}")
+    for d, a in zip(dest, arrays, strict=True):
+        np.copyto(d, a)
+    return out

@@ -34,6 +34,7 @@ from ..protocol import (
 )
 from ..settings import Settings
 from . import gpu_decode
+from .admission import Request
 from .engine import Engine
 from .metrics_hooks import PrometheusHooks
 from .scaling import scaling_for
@@ -131,12 +132,30 @@ class LocalModel:
         # Admission first: a request the queue would refuse (QueueFull, shutting down, past its deadline)
         # is refused before its JPEGs take device time to decode.
         ticket = worker.admit(len(pixels), keep_rate, deadline, min_keep_rate)
+        worker.queues.capacity.publish()  # the worker reports admissions when it takes them: these decode first
         try:
             decoded = await self._decoded(pixels)
         except BaseException:  # a bad image, the decoder closing, the client gone: its room is given back
             worker.release(ticket)
             raise
         return await worker.run(ticket, decoded)
+
+    def post(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None, deadline: float,
+             min_keep_rate: float | None = None) -> Request | None:
+        """``submit`` without a task: refuse at once (the same :class:`WorkerError`) or queue the pixels and
+        return the request, whose ``future`` gets the answer (:meth:`withdraw` it if nobody waits any more).
+        None when ``submit`` must do it: no pixels, or JPEGs to decode first. The model host uses it so
+        that a request costs a callback, not a task."""
+        worker = self.worker
+        if worker is None:
+            raise WorkerStopping("the model is not running")
+        if not pixels or any(isinstance(p, EncodedImage) for p in pixels):
+            return None
+        return worker.post(worker.admit(len(pixels), keep_rate, deadline, min_keep_rate), pixels)  # type: ignore[arg-type]
+
+    def withdraw(self, request: Request) -> None:
+        if self.worker is not None:
+            self.worker.withdraw(request)
 
     async def _decoded(self, items: Sequence[torch.Tensor | EncodedImage]) -> list[torch.Tensor]:
         """The encoded images decoded (with those of other requests) and put back in their places; a

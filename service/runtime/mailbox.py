@@ -36,8 +36,10 @@ class Capacity:
 
     ``_lock`` guards the two numbers for the length of an addition: neither thread ever waits on the
     other's planning or batches. ``on_depth(images, tokens)`` (the queue-depth gauge) is called outside
-    it, by whichever thread changed the numbers; when both do at once, the one reporting goes on until
+    it, by whichever thread calls ``publish``; when both do at once, the one reporting goes on until
     the newest numbers are reported and the other does not wait (so the gauge ends at the last value).
+    A reservation is not reported by the event loop: the worker reports it when it takes the request
+    from the inbox (a moment later: the post wakes it), once per round rather than once per request.
     """
 
     def __init__(self, images_cap: int, tokens_cap: int, on_depth: Callable[[int, int], None]) -> None:
@@ -58,7 +60,6 @@ class Capacity:
             self.images += images
             self.tokens += tokens
             self._version += 1
-        self.publish()
         return None
 
     def add(self, images: int, tokens: int) -> None:
@@ -109,7 +110,11 @@ class Inbox:
 
     def post(self, message: Posted | Withdrawn) -> None:
         self._messages.append(message)
-        self.wake.set()
+        # Event.set takes the event's lock and notifies: skip it while the event is still set. Safe: the
+        # worker clears it before it takes the inbox, so a message appended while it reads as set is
+        # appended before that clear, and taken after it.
+        if not self.wake.is_set():
+            self.wake.set()
 
     def take(self) -> list[Posted | Withdrawn]:
         """Everything posted so far, oldest first (any thread; each message is taken once)."""

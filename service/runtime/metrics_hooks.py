@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
-from ..metrics import KEEP_LABELS, Metrics
+from ..metrics import KEEP_LABELS, Metrics, observe_many
 from ..protocol import ImageResult
 from .costmodel import CostModel
 from .seams import WorkerHooks
@@ -16,26 +17,33 @@ from .seams import WorkerHooks
 
 class PrometheusHooks(WorkerHooks):
     """Batching-worker hooks -> metrics. Called from the worker thread and the event loop, no lock held;
-    prometheus_client is thread-safe."""
+    prometheus_client is thread-safe. A batch's per-image values are recorded together
+    (:func:`~service.metrics.observe_many`), and labelled children are looked up once."""
 
     def __init__(self, metrics: Metrics, dense_gflops: float, num_patches: int = 0) -> None:
         self.m = metrics
         self.dense_gflops = dense_gflops
         self.num_patches = num_patches  # of the grid, for the bounded tail bucket label
+        self._depth = (metrics.queue_depth.labels("images"), metrics.queue_depth.labels("tokens"))
+        m = metrics  # per phase: compute, size, tokens, queue wait
+        self._phase = {p: (m.compute_seconds.labels(p), m.batch_size.labels(p), m.batch_tokens.labels(p),
+                           m.queue_wait.labels(p)) for p in ("head", "tail")}
 
     def on_queue_depth(self, images: int, tokens: int) -> None:
-        self.m.queue_depth.labels("images").set(images)
-        self.m.queue_depth.labels("tokens").set(tokens)
+        self._depth[0].set(images)
+        self._depth[1].set(tokens)
 
     def on_batch(self, phase: str, size: int, tokens: int, bucket: str | None,
                  queue_waits_s: list[float], compute_s: float) -> None:
-        self.m.compute_seconds.labels(phase).observe(compute_s)
-        self.m.batch_size.labels(phase).observe(size)
-        self.m.batch_tokens.labels(phase).observe(tokens)
-        wait = self.m.queue_wait.labels(phase)
-        for w in queue_waits_s:
-            wait.observe(w)
-        self.m.batches.labels(phase, self.bucket_label(bucket)).inc()
+        m = self.m
+        compute, sizes, batch_tokens, wait = self._phase.get(phase) or (
+            m.compute_seconds.labels(phase), m.batch_size.labels(phase), m.batch_tokens.labels(phase),
+            m.queue_wait.labels(phase))
+        compute.observe(compute_s)
+        sizes.observe(size)
+        batch_tokens.observe(tokens)
+        observe_many(wait, queue_waits_s)
+        m.batches.labels(phase, self.bucket_label(bucket)).inc()
 
     def bucket_label(self, bucket: str | None) -> str:
         """``48-40-32`` -> the first count over the grid's patches, rounded up to a tenth (``0.3``)."""
@@ -73,12 +81,19 @@ class PrometheusHooks(WorkerHooks):
         self.m.objective_answers.labels("true" if met else "false").inc()
 
     def on_image_done(self, result: ImageResult) -> None:
-        self.m.last_inference.set(time.time())
-        self.m.served_keep_rate.observe(result.keep_rate)
-        if result.scaled:
-            self.m.scaled_images.inc()
-        self.m.image_compute.observe(result.compute_ms / 1000.0)
-        self.m.kept_tokens.observe(result.counts[-1])
-        self.m.image_flops.observe(result.gflops * 1e9)
+        self.on_images_done((result,))
+
+    def on_images_done(self, results: Sequence[ImageResult]) -> None:
+        if not results:
+            return
+        m = self.m
+        m.last_inference.set(time.time())
+        observe_many(m.served_keep_rate, [r.keep_rate for r in results])
+        scaled = sum(1 for r in results if r.scaled)
+        if scaled:
+            m.scaled_images.inc(scaled)
+        observe_many(m.image_compute, [r.compute_ms / 1000.0 for r in results])
+        observe_many(m.kept_tokens, [r.counts[-1] for r in results])
+        observe_many(m.image_flops, [r.gflops * 1e9 for r in results])
         if self.dense_gflops > 0:
-            self.m.budget_ratio.observe(result.gflops / self.dense_gflops)
+            observe_many(m.budget_ratio, [r.gflops / self.dense_gflops for r in results])

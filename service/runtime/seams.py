@@ -68,6 +68,12 @@ class WorkerHooks:
 
     def on_image_done(self, result: ImageResult) -> None: ...
 
+    def on_images_done(self, results: Sequence[ImageResult]) -> None:
+        """The images answered in one round of the worker (a batch's, usually): ``on_image_done`` for
+        each, unless overridden to record them at once (the metrics do)."""
+        for result in results:
+            self.on_image_done(result)
+
     def on_objective(self, met: bool) -> None:
         """A request was answered while a latency objective is set; ``met``: within it."""
 

@@ -215,7 +215,18 @@ class Worker:
         """Queue an admitted ticket's ``pixels`` (as many as it holds room for) and await their results."""
         if not pixels:
             return []
-        assert len(pixels) == ticket.images and not ticket.spent, "one run per ticket, of its images"
+        request = self.post(ticket, pixels)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self.withdraw(request)  # the thread drops what is still queued of it
+            raise
+
+    def post(self, ticket: Ticket, pixels: Sequence[torch.Tensor]) -> Request:
+        """:meth:`run` without awaiting: queue the pixels (at least one) and return the request, whose
+        ``future`` the answer is set on, in this event loop. A caller that stops waiting calls
+        :meth:`withdraw`. For callers that handle answers in a callback, not a task each (the model host)."""
+        assert pixels and len(pixels) == ticket.images and not ticket.spent, "one run per ticket, of its images"
         try:  # the same checks again: time may have passed since admit (a decode on the device)
             self._check_open()
             now = self._check_deadline(ticket.deadline)
@@ -230,11 +241,12 @@ class Worker:
         self.queues.inbox.post(Posted(request, list(pixels), ticket.keep_rate, ticket.estimate, now, ticket.rates))
         if self._closed:  # the thread ended after the checks above: nothing would take it, answer it here
             self.queues.refuse_inbox(*self._closing())
-        try:
-            return await request.future
-        except asyncio.CancelledError:
-            self.queues.inbox.post(Withdrawn(request))  # the thread drops what is still queued of it
-            raise
+        return request
+
+    def withdraw(self, request: Request) -> None:
+        """The caller of :meth:`post` no longer waits: the thread drops what is still queued of it."""
+        request.future.cancel()
+        self.queues.inbox.post(Withdrawn(request))
 
     def _check_open(self) -> None:
         if self._fatal is not None:
@@ -428,12 +440,12 @@ class Worker:
         self.queues.observe_rate(per_image * len(images), compute)
         gflops = self.engine.gflops(tuple(counts))
         done = self.clock()
-        for image, p in zip(images, probs, strict=True):
+        for image, p in zip(images, probs.unbind(0), strict=True):  # unbind: one call for every row's view
             hb = image.head
             assert hb is not None
             requested = hb.keep_rates[image.row]
             scaled = image.rung > 0  # accuracy scaling ran it at a lower rate, at that rate's budget
-            result = ImageResult(p, hb.lives[image.row], image.options[image.rung][0] if scaled else image.budget,
+            result = ImageResult(p, hb.life_rows[image.row], image.options[image.rung][0] if scaled else image.budget,
                                  tuple(counts), gflops, image.rates[image.rung] if scaled else requested,
                                  image.queue_s * 1000.0, (image.compute_s + compute) * 1000.0, scaled, requested)
             self.queues.deliver(image, result, done)

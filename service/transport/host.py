@@ -19,23 +19,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
 
 from ..logs import set_request_id
-from ..protocol import EncodedImage, ErrorKind, ModelCard, ModelClient, WorkerError
+from ..protocol import EncodedImage, ErrorKind, ImageResult, ModelCard, ModelClient, WorkerError
 from . import wire
 from .slots import SlotPool
 
 log = logging.getLogger("patchlife.transport")
 
 
+class Posting(Protocol):
+    """A request queued by :meth:`PostingModel.post`: its answer (or refusal) comes on ``future``."""
+
+    @property
+    def future(self) -> asyncio.Future[list[ImageResult]]: ...
+
+
+@runtime_checkable
+class PostingModel(Protocol):
+    """A model that also queues a request without a task (``service/runtime/local.py``'s ``LocalModel``):
+    ``post`` raises what ``submit`` would refuse with, or returns the request (None: use ``submit``)."""
+
+    def post(self, pixels: Sequence[torch.Tensor | EncodedImage], keep_rate: float | None, deadline: float,
+             min_keep_rate: float | None = None) -> Posting | None: ...
+
+    def withdraw(self, request: Posting) -> None: ...
+
+
 class _Connection:
     def __init__(self, writer: asyncio.StreamWriter, pool: SlotPool, pid: int, own_pool: bool) -> None:
         self.writer, self.pool, self.pid, self.own_pool = writer, pool, pid, own_pool
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.posted: dict[int, Posting] = {}  # requests queued without a task (PostingModel), by id
         self.outbox: list[wire.Done | wire.Failed] = []  # answers of this turn of the loop (see _flush)
 
     def answer(self, answer: wire.Done | wire.Failed) -> None:
@@ -69,6 +92,7 @@ class ModelHost:
     def __init__(self, model: ModelClient, card: ModelCard, heartbeat: Callable[[], None] | None = None,
                  pool: SlotPool | None = None, max_frame: int = wire.MAX_FRAME) -> None:
         self.model, self.card, self.heartbeat, self.pool = model, card, heartbeat, pool
+        self.poster = model if isinstance(model, PostingModel) else None  # a request then costs no task
         self.max_frame = max_frame  # the largest frame an API process may send (a Submit with inline JPEGs)
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -132,13 +156,12 @@ class ModelHost:
             while True:
                 message = await wire.receive(reader, wire.TO_MODEL, self.max_frame)
                 if isinstance(message, wire.Submit):
-                    run = asyncio.create_task(self._run(conn, message))
-                    run.add_done_callback(functools.partial(self._cancelled_unstarted, conn, message.id))
-                    conn.tasks[message.id] = run
+                    if not self._post(conn, message):
+                        run = asyncio.create_task(self._run(conn, message))
+                        run.add_done_callback(functools.partial(self._cancelled_unstarted, conn, message.id))
+                        conn.tasks[message.id] = run
                 elif isinstance(message, wire.Cancel):
-                    task = conn.tasks.get(message.id)
-                    if task is not None:
-                        task.cancel()
+                    self._cancel(conn, message.id)
                 else:
                     raise wire.WireError(f"a second {type(message).__name__}")
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -148,19 +171,82 @@ class ModelHost:
         except Exception:
             log.exception("connection of API process %d failed", conn.pid)
         finally:
-            self.connections.discard(conn)
-            tasks = list(conn.tasks.values())
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            writer.close()
-            if conn.own_pool:
-                conn.pool.close(unlink=True)  # the owner unlinks on a clean exit; after a crash, this does
-            else:  # nobody will answer for what it held: its slots are free again
-                freed = conn.pool.release(conn.pid)
-                if freed:
-                    log.info("%d pixel slots of API process %d freed", freed, conn.pid)
-            log.info("API process %d disconnected", conn.pid)
+            await self._end(conn)
+
+    async def _end(self, conn: _Connection) -> None:
+        """The connection ended: what it has queued is withdrawn or cancelled, its slots freed."""
+        self.connections.discard(conn)
+        for rid in list(conn.posted):
+            self._cancel(conn, rid)
+        tasks = list(conn.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        conn.writer.close()
+        if conn.own_pool:
+            conn.pool.close(unlink=True)  # the owner unlinks on a clean exit; after a crash, this does
+        else:  # nobody will answer for what it held: its slots are free again
+            freed = conn.pool.release(conn.pid)
+            if freed:
+                log.info("%d pixel slots of API process %d freed", freed, conn.pid)
+        log.info("API process %d disconnected", conn.pid)
+
+    def _post(self, conn: _Connection, msg: wire.Submit) -> bool:
+        """Queue a Submit of slot pixels with no task (:class:`PostingModel`); its answer is sent from the
+        request's future's callback (:meth:`_posted_done`). False: it needs a task (:meth:`_run`)."""
+        if self.poster is None or not all(type(i) is int for i in msg.slots):
+            return False
+        try:
+            posting = self.poster.post(conn.pool.read(list(msg.slots)), msg.keep_rate,  # type: ignore[arg-type]
+                                       msg.deadline, msg.min_keep_rate)
+        except WorkerError as exc:
+            conn.answer(wire.failed(msg.id, exc))
+            return True
+        except Exception as exc:  # a bug here (or a slot id out of range) must not leave the API process waiting
+            conn.answer(self._failure(msg.id, msg.request_id, exc))
+            return True
+        if posting is None:
+            return False
+        conn.posted[msg.id] = posting
+        posting.future.add_done_callback(functools.partial(self._posted_done, conn, msg.id, msg.request_id))
+        return True
+
+    def _posted_done(self, conn: _Connection, rid: int, request_id: str,
+                     future: asyncio.Future[list[ImageResult]]) -> None:
+        if conn.posted.pop(rid, None) is None or future.cancelled():
+            return  # cancelled (and answered so) meanwhile
+        answer: wire.Done | wire.Failed
+        exc = future.exception()
+        if exc is None:
+            try:
+                answer = wire.pack_results(rid, future.result())
+            except Exception as bug:
+                answer = self._failure(rid, request_id, bug)
+            else:
+                if log.isEnabledFor(logging.DEBUG):  # with the request's id, as _run logs it
+                    contextvars.copy_context().run(_log_answered, request_id, len(answer.images))
+        elif isinstance(exc, WorkerError):
+            answer = wire.failed(rid, exc)
+        else:
+            answer = self._failure(rid, request_id, exc)
+        conn.answer(answer)
+
+    def _failure(self, rid: int, request_id: str, exc: BaseException) -> wire.Failed:
+        """A bug's answer (503), logged with the HTTP request's id, as :meth:`_run` logs it."""
+        contextvars.copy_context().run(_log_failure, request_id, exc)
+        return wire.Failed(rid, ErrorKind.MODEL_FAILED, f"model process error: {type(exc).__name__}: {exc}", 1.0)
+
+    def _cancel(self, conn: _Connection, rid: int) -> None:
+        """The API process cancelled ``rid`` (its client went away), or its connection ended."""
+        posting = conn.posted.pop(rid, None)
+        if posting is not None:
+            assert self.poster is not None
+            self.poster.withdraw(posting)
+            conn.answer(wire.Failed(rid, ErrorKind.CANCELLED, "cancelled by the API process"))
+            return
+        task = conn.tasks.get(rid)
+        if task is not None:
+            task.cancel()
 
     def _cancelled_unstarted(self, conn: _Connection, rid: int, task: asyncio.Task[None]) -> None:
         """A cancel read right behind its submit (both in one read) cancels the task before its first
@@ -190,3 +276,13 @@ class ModelHost:
         finally:
             conn.tasks.pop(msg.id, None)
         conn.answer(answer)
+
+
+def _log_failure(request_id: str, exc: BaseException) -> None:
+    set_request_id(request_id)  # in a copied context: the connection's own log lines keep theirs
+    log.error("request failed in the model process", exc_info=exc)
+
+
+def _log_answered(request_id: str, images: int) -> None:
+    set_request_id(request_id)
+    log.debug("%d images answered", images)

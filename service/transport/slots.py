@@ -55,10 +55,16 @@ class SlotPool:
         size = table + max(1, slots * math.prod(self.shape))
         self.owner = name is None
         self.shm = shared_memory.SharedMemory(name=name or new_name, create=self.owner, size=size if self.owner else 0)
-        self._owners: np.ndarray | None = np.ndarray((slots,), np.int32, buffer=self.shm.buf)
-        self._array: np.ndarray | None = np.ndarray((slots, *self.shape), np.uint8, buffer=self.shm.buf,
-                                                    offset=table)
+        # np.frombuffer, not np.ndarray(buffer=): only an array made this way holds the segment's buffer
+        # (numpy 2.4), so that close() cannot unmap it while a view of a slot lives (a read of it would
+        # crash the process; measured: a model process whose private pool was closed under a queued batch)
+        buf = self.shm.buf
+        assert buf is not None  # just mapped
+        self._owners: np.ndarray | None = np.frombuffer(buf, np.int32, slots)
+        self._array: np.ndarray | None = np.frombuffer(buf, np.uint8, slots * math.prod(self.shape),
+                                                       table).reshape((slots, *self.shape))
         self.tensor: torch.Tensor | None = torch.from_numpy(self._array)
+        self._views: list[torch.Tensor] | None = None  # one per slot, made at the first read (see read)
         self._free = list(range(slots - 1, -1, -1))
         self._pid = os.getpid()
         self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600) if lock_path is not None else None
@@ -126,20 +132,31 @@ class SlotPool:
     def read(self, ids: list[int]) -> list[torch.Tensor]:
         """Views of the slots (no copy): valid until the answer for them is sent."""
         assert self.tensor is not None
-        if any(not 0 <= i < self.slots for i in ids):
+        if ids and (min(ids) < 0 or max(ids) >= self.slots):
             raise ValueError(f"slot id out of range 0..{self.slots - 1}: {ids}")
-        return [self.tensor[i] for i in ids]
+        if self._views is None:  # indexing a tensor makes a new view each time (microseconds); these are made once
+            self._views = list(self.tensor.unbind(0))
+        views = self._views
+        return [views[i] for i in ids]
+
+    def __del__(self) -> None:
+        # what SharedMemory.__del__ would do, but after dropping our arrays (they hold its buffer)
+        if getattr(self, "tensor", None) is not None:
+            with contextlib.suppress(Exception):
+                self.close()
 
     def close(self, unlink: bool = False) -> None:
-        """Unmap (the views must be gone: a live view keeps the mapping) and, ``unlink``, remove the segment."""
-        self.tensor = self._array = self._owners = None
+        """Unmap and, ``unlink``, remove the segment. A view of a slot still alive (a request its sender
+        gave up on, still queued in the model process) keeps the mapping until it goes."""
+        self.tensor = self._array = self._owners = self._views = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
         try:
             self.shm.close()
-        except BufferError:  # a view is still referenced somewhere: the mapping goes when it does
-            pass
+        except BufferError:  # a view lives: the arrays' buffer holds the mmap, which unmaps when they go
+            self.shm._mmap = None  # type: ignore[attr-defined]  # neither this nor SharedMemory.__del__ retries
+            self.shm.close()       # the rest: the descriptor
         if unlink:  # the owner at its exit; the model process too when the owner died without doing it
             try:
                 self.shm.unlink()

@@ -173,3 +173,24 @@ def test_latency_buckets_resolve_sub_millisecond() -> None:
     bucket = "patchlife_model_compute_seconds_bucket"
     assert m.registry.get_sample_value(bucket, {"phase": "tail", "le": "0.00025"}) == 1
     assert m.registry.get_sample_value(bucket, {"phase": "tail", "le": "0.0001"}) == 0
+
+
+@pytest.mark.parametrize("values", [[0.0002, 0.0002, 0.003, 7.0, 1e9, -1.0, 0.0001, 0.00025], [], [0.5]])
+def test_observe_many_records_what_observing_one_by_one_does(values: list[float]) -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from service.metrics import LATENCY_BUCKETS, observe_many
+
+    def exposition(record: Callable[[Histogram], None]) -> str:
+        registry = CollectorRegistry()
+        h = Histogram("h_seconds", "h", ["phase"], registry=registry, buckets=LATENCY_BUCKETS)
+        record(h.labels("tail"))
+        return "\n".join(line for line in generate_latest(registry).decode().splitlines() if "_created" not in line)
+
+    def one_by_one(h: Histogram) -> None:
+        for v in values:
+            h.observe(v)
+
+    child = Histogram("c_seconds", "c", ["phase"], registry=CollectorRegistry()).labels("x")
+    assert all(hasattr(child, n) for n in ("_upper_bounds", "_buckets", "_sum"))  # not the fallback
+    assert exposition(lambda h: observe_many(h, values)) == exposition(one_by_one)

@@ -142,6 +142,7 @@ def test_a_request_the_queue_refuses_is_never_decoded_on_the_device() -> None:
         await wait_until(engine.entered.is_set)
         queued = asyncio.create_task(model.submit([EncodedImage(b"1", "a"), EncodedImage(b"2", "b")], None, later()))
         await wait_until(lambda: worker.queues.capacity.images == 2)
+        assert hooks.depths[-1][0] == 2  # reported while they decode (the worker, held, reports nothing)
         with pytest.raises(QueueFull):  # 2 queued + 2 > 3: refused before the decoder sees them
             await model.submit([EncodedImage(b"3", "c"), EncodedImage(b"4", "d")], None, later())
         assert decoder.decoded == ["a", "b"]
@@ -188,3 +189,34 @@ def test_lifecycle_moves_forward_only_and_failed_is_final() -> None:
     assert advance(Lifecycle.DRAINING, Lifecycle.STOPPING) is Lifecycle.DRAINING  # a late event
     assert advance(Lifecycle.FAILED, Lifecycle.STOPPED) is Lifecycle.FAILED
     assert all(advance(s, Lifecycle.FAILED) is Lifecycle.FAILED for s in Lifecycle)
+
+
+def test_post_queues_without_a_task_and_withdraw_gives_the_room_back() -> None:
+    """``LocalModel.post`` (the model host's path): the same answers as ``submit``, refusals raised at
+    once, JPEGs and empty requests left to ``submit``; a withdrawn request is dropped from the queue."""
+    engine, hooks = StubEngine(), Recorder()
+
+    async def main() -> None:
+        model = LocalModel(settings(queue_capacity_images=3, max_delay_ms=0), None)  # type: ignore[arg-type]
+        model.worker = worker = Worker(engine, model.settings, hooks)
+        await worker.start()
+        assert model.post([], None, later()) is None
+        assert model.post([EncodedImage(b"1", "a")], None, later()) is None
+        engine.gate.clear()
+        busy = model.post(images(0), None, later())
+        assert busy is not None
+        await wait_until(engine.entered.is_set)  # the model is busy: the next ones wait in the queue
+        kept, dropped = model.post(images(1), None, later()), model.post(images(2) + images(3), None, later())
+        assert kept is not None and dropped is not None
+        with pytest.raises(QueueFull):  # 3 queued: full
+            model.post(images(4), None, later())
+        model.withdraw(dropped)  # taken from the inbox before the next plan: its images never run
+        engine.gate.set()
+        assert [int(r.probs[0]) for r in await busy.future] == [0]
+        assert [int(r.probs[0]) for r in await kept.future] == [1]
+        assert dropped.future.cancelled()
+        await wait_until(lambda: worker.queues.capacity.images == 0)  # the withdrawn room is back too
+        await worker.stop()
+
+    asyncio.run(main())
+    assert sorted(engine.headed) == [0, 1] and "disconnected" in hooks.rejects

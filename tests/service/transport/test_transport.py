@@ -366,3 +366,29 @@ def test_a_shared_pool_refuses_only_when_every_slot_is_taken(tmp_path: Path) -> 
             pool.close(unlink=True)
 
     asyncio.run(main())
+
+
+def test_closing_a_pool_under_a_live_view_keeps_its_pixels_readable() -> None:
+    """The model process closes an API process's private pool when its connection ends, while the worker
+    may still hold a queued request's slot views: reading one must not crash the process (it did: the
+    segment was unmapped under them). In a child process, so that a crash fails this test alone."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from service.transport.slots import SlotPool
+owner = SlotPool(4, (3, 8, 8))
+owner.write(1, torch.full((3, 8, 8), 7, dtype=torch.uint8))
+reader = SlotPool(4, (3, 8, 8), name=owner.name)
+views = reader.read([1, 1])
+reader.close(unlink=True)
+print(int(views[0].sum()), int(views[1][0, 0, 0]))
+del views
+owner.close()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[3])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(7 * 3 * 8 * 8), "7"]
+    assert "Exception ignored" not in done.stderr and "BufferError" not in done.stderr
