@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torchvision.transforms import Compose, PILToTensor
 from torchvision.transforms.functional import pil_to_tensor
 
 from .api_errors import BadImage
@@ -126,7 +127,21 @@ def model_input(decoded: Decoded, preprocess: dict[str, Any], fallback: Callable
     out = im.resize(geo.output, RESAMPLE[preprocess.get("interpolation", "bilinear")], box=geo.source_box())
     if (method := UPRIGHT.get(decoded.orientation)) is not None:
         out = out.transpose(method)
-    return pil_to_tensor(out if out.mode == "RGB" else out.convert("RGB"))
+    return planar(out if out.mode == "RGB" else out.convert("RGB"))
+
+
+def planar(im: Image.Image) -> torch.Tensor:
+    """An RGB image -> ``uint8 [3, H, W]``, contiguous: ``pil_to_tensor``'s values, in a quarter of its time.
+
+    ``pil_to_tensor`` copies the pixels out interleaved and returns a strided view, which the API
+    process then transposes byte by byte into its shared-memory slot (together about 140 us for
+    224 x 224); Pillow's raw packer writes one band at a time (about 8 us each), so the slot's copy is a
+    plain ``memcpy``."""
+    if im.mode != "RGB":
+        return pil_to_tensor(im)
+    width, height = im.size
+    data = bytearray(b"".join([im.tobytes("raw", band) for band in "RGB"]))  # bytearray: a writable tensor
+    return torch.frombuffer(data, dtype=torch.uint8).view(3, height, width)
 
 
 def _rgb(im: Image.Image, source: str) -> Image.Image:
@@ -146,10 +161,17 @@ class Preprocessor:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.transform = uint8_transform(config)[0]
+        steps = self.transform.transforms
+        # timm's geometry, then ``planar`` in place of its PILToTensor (the same values, contiguous)
+        self._geometry = Compose(steps[:-1]) if steps and isinstance(steps[-1], PILToTensor) else None
 
     def model_input(self, decoded: Decoded, source: str = "image") -> torch.Tensor:
         return model_input(decoded, self.config, self.pil, source)
 
     def pil(self, image: Image.Image) -> torch.Tensor:
-        """An upright PIL image -> the model's input, through timm's transform."""
-        return self.transform(image.convert("RGB"))  # type: ignore[no-any-return]
+        """An upright PIL image -> the model's input, through timm's transform (an RGB image as it is:
+        ``convert`` would only copy it)."""
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        if self._geometry is None:
+            return self.transform(rgb)  # type: ignore[no-any-return]
+        return planar(self._geometry(rgb))
