@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torchvision.transforms import Compose, PILToTensor
+from torchvision.transforms import PILToTensor
 from torchvision.transforms.functional import pil_to_tensor
 
 from .api_errors import BadImage
@@ -161,9 +161,6 @@ class Preprocessor:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         self.transform = uint8_transform(config)[0]
-        steps = self.transform.transforms
-        # timm's geometry, then ``planar`` in place of its PILToTensor (the same values, contiguous)
-        self._geometry = Compose(steps[:-1]) if steps and isinstance(steps[-1], PILToTensor) else None
 
     def model_input(self, decoded: Decoded, source: str = "image") -> torch.Tensor:
         return model_input(decoded, self.config, self.pil, source)
@@ -172,6 +169,9 @@ class Preprocessor:
         """An upright PIL image -> the model's input, through timm's transform (an RGB image as it is:
         ``convert`` would only copy it)."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        if self._geometry is None:
+        *geometry, last = self.transform.transforms
+        if not isinstance(last, PILToTensor):
             return self.transform(rgb)  # type: ignore[no-any-return]
-        return planar(self._geometry(rgb))
+        for step in geometry:  # timm's resize and crop, then ``planar`` for its PILToTensor (same values)
+            rgb = step(rgb)
+        return planar(rgb)
