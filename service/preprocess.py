@@ -45,6 +45,17 @@ def fast_config(preprocess: dict[str, Any]) -> bool:
             and preprocess.get("interpolation", "bilinear") in RESAMPLE)
 
 
+def box_is_exact(preprocess: dict[str, Any], width: int, height: int) -> bool:
+    """Whether ``model_input``'s one box resize gives timm's values bit for bit on an upright
+    ``width x height`` image. True for a square image when the resize side is a power of two: every
+    box coordinate and every filter centre is then a dyadic rational that both paths compute exactly,
+    so Pillow derives the same taps and weights. Elsewhere the two can round apart (a few levels,
+    more on noise: ``tests/service/frontend/test_preprocess.py``), so raw pixels, which have always
+    gone through timm's transform, keep it there."""
+    side = resize_side(preprocess)
+    return width == height and fast_config(preprocess) and side is not None and side > 0 and side & (side - 1) == 0
+
+
 @dataclass(frozen=True)
 class ViewGeometry:
     """Where the model's view lies in a stored (not yet rotated) image, all in stored-image axes.
@@ -164,6 +175,14 @@ class Preprocessor:
 
     def model_input(self, decoded: Decoded, source: str = "image") -> torch.Tensor:
         return model_input(decoded, self.config, self.pil, source)
+
+    def upright(self, image: Image.Image) -> torch.Tensor:
+        """An upright image (raw pixels: no EXIF, no aspect crop pending) -> timm's values: by one box
+        resize where that is the same (``box_is_exact``: a square image, the usual 224-px models'
+        256-px resize side; a quarter fewer output pixels, no crop copy), else by :meth:`pil`."""
+        if image.mode == "RGB" and box_is_exact(self.config, image.width, image.height):
+            return model_input(Decoded(image, 1), self.config, self.pil)
+        return self.pil(image)
 
     def pil(self, image: Image.Image) -> torch.Tensor:
         """An upright PIL image -> the model's input, through timm's transform (an RGB image as it is:

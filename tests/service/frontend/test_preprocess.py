@@ -22,6 +22,7 @@ from service.frontend.upload import UploadLimits, read_payload
 from service.preprocess import (
     Preprocessor,
     _aspect_region,
+    box_is_exact,
     fast_config,
     model_input,
     planar,
@@ -170,3 +171,27 @@ def test_raw_pixels_go_through_timm_unchanged(config: str) -> None:
         assert ours.is_contiguous() and torch.equal(ours, pre.transform(image.convert("RGB"))), (height, width)
     grey = Image.new("L", (50, 40), 90)
     assert torch.equal(pre.pil(grey), pre.transform(grey.convert("RGB")))
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_upright_pixels_are_timms_values(config: str) -> None:
+    """/v2 pixels take the one box resize only where it is bit for bit timm's (square, power-of-two side)."""
+    pre = Preprocessor(CONFIGS[config])
+    rng = np.random.default_rng(2)
+    sizes = [(s, s) for s in (1, 2, 3, 7, 31, 64, 100, 223, 224, 225, 256, 257, 333, 512, 700)]
+    for width, height in [*sizes, (300, 200), (17, 900), (225, 224)]:
+        image = pixels_image(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        ours = pre.upright(image)
+        assert ours.is_contiguous() and torch.equal(ours, pre.transform(image.convert("RGB"))), (width, height)
+
+
+def test_box_is_exact_only_where_it_is_the_same() -> None:
+    usual = {"input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center"}
+    assert box_is_exact(usual, 224, 224) and box_is_exact(usual, 3, 3)
+    assert not box_is_exact(usual, 300, 200)            # not square: the long side's scale is inexact
+    other = {**usual, "crop_pct": 0.9}                  # resize side 248: no power of two
+    assert not box_is_exact(other, 224, 224)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (3, 3, 3), dtype=np.uint8), "RGB")
+    timm_tf = uint8_transform(other)[0]
+    # what the rule keeps out: there the one box resize and timm's transform do round apart
+    assert not torch.equal(model_input(decode_stored(encode(image, "PNG"), 10**9), other, timm_tf), timm_tf(image))
