@@ -56,6 +56,9 @@ class V2Route(DirectRoute):
 
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=V2Route)
+# Inference on a router of its own, which the app matches before every other (service/frontend/app.py):
+# FastAPI tries the routes of its included routers one by one, and this was the last of them.
+infer_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=V2Route)
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model name or version"}}
 # Access groups (service/frontend/access.py); health and model readiness stay open (probes).
 METADATA, INFERENCE = [require(Group.METADATA)], [require(Group.INFERENCE)]
@@ -129,10 +132,10 @@ async def _bind_infer(request: Request, fe: FrontendState, deadline: float) -> R
     return await infer(request, fe, deadline, path["name"], path.get("version"))
 
 
-@router.post("/models/{name}/infer", dependencies=INFERENCE, responses=_NOT_FOUND,
-             summary="Inference (binary tensor data extension)")
-@router.post("/models/{name}/versions/{version}/infer", dependencies=INFERENCE, responses=_NOT_FOUND,
-             include_in_schema=False)
+@infer_router.post("/models/{name}/infer", dependencies=INFERENCE, responses=_NOT_FOUND,
+                   summary="Inference (binary tensor data extension)")
+@infer_router.post("/models/{name}/versions/{version}/infer", dependencies=INFERENCE, responses=_NOT_FOUND,
+                   include_in_schema=False)
 @binds(_bind_infer, reads=("name", "version"))
 async def infer(request: Request, fe: FrontendDep, deadline: DeadlineDep, name: str,
                 version: str | None = None) -> Response:

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from service_support import encode, photo
 
 from service.frontend.access import api_routes
-from service.frontend.routes import direct
+from service.frontend.routes import classify, direct, explain, health, v2
 from service.frontend.routes.params import get_frontend, request_deadline
 
 MODEL = "nano-test"
@@ -155,3 +155,15 @@ def test_binders_read_every_declared_parameter(client: TestClient) -> None:
         # the only dependencies: the front end, the deadline (with its header), the access group's check
         calls = {d.call for d in own.dependencies}
         assert calls - {get_frontend, request_deadline} == {d.dependency for d in route.dependencies}, route.path
+
+
+def test_inference_is_matched_first_and_documented_in_place(client: TestClient) -> None:
+    """The hot routes' routers come first in the app (FastAPI tries included routers in turn); the
+    docs still list v2 inference after the rest of v2, where it always was."""
+    app: Any = client.app
+    served = [getattr(r, "original_router", None) for r in app.routes]
+    assert served.index(classify.router) < served.index(v2.infer_router) < min(
+        served.index(r) for r in (explain.router, health.router, v2.router))
+    paths = list(client.get("/openapi.json").json()["paths"])
+    assert paths[0] == "/classify" and paths[-1] == "/v2/models/{name}/infer"
+    assert paths.index("/v2/models/{name}/ready") == len(paths) - 2
