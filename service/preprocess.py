@@ -178,8 +178,8 @@ class Preprocessor:
 
     def upright(self, image: Image.Image) -> torch.Tensor:
         """An upright image (raw pixels: no EXIF, no aspect crop pending) -> timm's values: by one box
-        resize where that is the same (``box_is_exact``: a square image, the usual 224-px models'
-        256-px resize side; a quarter fewer output pixels, no crop copy), else by :meth:`pil`."""
+        resize where that is the same (``box_is_exact``: a square image and, say, crop_pct 0.875 at
+        224 px, a 256-px resize side; a quarter fewer output pixels, no crop copy), else by :meth:`pil`."""
         if image.mode == "RGB" and box_is_exact(self.config, image.width, image.height):
             return model_input(Decoded(image, 1), self.config, self.pil)
         return self.pil(image)
