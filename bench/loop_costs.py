@@ -109,7 +109,7 @@ def measure(repeat: int) -> list[dict[str, Any]]:
                  "us": _median_us(lambda: oip.parse_request(body, head_length, limits, MAX_PIXELS), repeat),
                  "inline": "loop" if infer.parsed_inline(len(body), int(head_length)) else "thread"})
     rows.append({"input": "v2 uint8 224px", "step": "prepare_pixels", "bytes": arrays[0].nbytes,
-                 "us": _median_us(lambda: [pre.pil(infer.pixels_image(a)) for a in arrays], repeat),
+                 "us": _median_us(lambda: [pre.upright(infer.pixels_image(a)) for a in arrays], repeat),
                  "inline": "thread"})
     rows.append(_grpc_row(arrays[0], repeat))
     trip_us, trip_cpu_us = asyncio.run(_thread_trip_us(repeat))

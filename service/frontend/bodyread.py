@@ -81,8 +81,11 @@ class BodyReader:
                 self.stalled = True
                 raise self._timed_out(by_deadline, timeout)
             try:
-                message = await asyncio.wait_for(self._receive(), min(left, POLL_S))
-            except asyncio.TimeoutError:
+                # a timeout scope on this task, not wait_for's task per chunk: a body that has arrived
+                # (the usual case) is returned at once, and the scope costs a timer handle only
+                async with asyncio.timeout(min(left, POLL_S)):
+                    message = await self._receive()
+            except TimeoutError:
                 continue
             self._note(message)
             return message

@@ -77,7 +77,7 @@ def prepare_pixels(pixels: list[np.ndarray], fe: FrontendState) -> Prepared:
     out = Prepared([], [], [])
     for arr in pixels:
         t0 = time.perf_counter()
-        out.pixels.append(fe.preprocessor().pil(pixels_image(arr)))
+        out.pixels.append(fe.preprocessor().upright(pixels_image(arr)))
         seconds = time.perf_counter() - t0
         fe.metrics.decode_seconds.observe(seconds)
         out.decode_ms.append(seconds * 1000.0)

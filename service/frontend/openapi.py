@@ -15,10 +15,12 @@ limits: service/frontend/upload.py, service/frontend/oip.py), so what they accep
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.routing import BaseRoute
 
 from . import oip
 from .access import api_routes, route_group
@@ -97,8 +99,19 @@ def _cap(schema: dict[str, Any], max_top_k: int) -> None:
             branch["minimum"], branch["maximum"] = 1, max_top_k
 
 
-def build_openapi(app: FastAPI, fe: FrontendState) -> dict[str, Any]:
-    spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+def documented_routes(routes: Sequence[BaseRoute], order: Sequence[APIRouter]) -> list[BaseRoute]:
+    """The app's routes with its included routers in ``order`` (the app matches them in another);
+    the app's own routes first, as FastAPI lists them."""
+    def place(route: BaseRoute) -> int:
+        router = getattr(route, "original_router", None)
+        return next((i + 1 for i, r in enumerate(order) if r is router), 0)
+
+    return sorted(routes, key=place)  # stable: routes of one router keep their order
+
+
+def build_openapi(app: FastAPI, fe: FrontendState, order: Sequence[APIRouter] = ()) -> dict[str, Any]:
+    routes = documented_routes(app.routes, order) if order else app.routes
+    spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=routes)
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             params = op.get("parameters", [])
@@ -156,12 +169,13 @@ def about_served_model(name: str, description: str, classes: tuple[str, ...] | l
             f"Its {len(classes)} classes: {shown}. `GET /v1/models` describes it in full.")
 
 
-def install_openapi(app: FastAPI, fe: FrontendState) -> None:
-    """Serve :func:`build_openapi`'s schema (built once the model is loaded, then kept)."""
+def install_openapi(app: FastAPI, fe: FrontendState, order: Sequence[APIRouter] = ()) -> None:
+    """Serve :func:`build_openapi`'s schema (built once the model is loaded, then kept), its operations
+    in the included routers' ``order``."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            spec = build_openapi(app, fe)
+            spec = build_openapi(app, fe, order)
             if fe.card is None:
                 return spec  # the served model's name is not known yet: do not keep this one
             app.openapi_schema = spec

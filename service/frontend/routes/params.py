@@ -25,6 +25,7 @@ FrontendDep = Annotated[FrontendState, Depends(get_frontend)]
 
 
 MAX_DEADLINE_MS = 3_600_000
+DEADLINE_HEADER_NAME = "x-request-deadline-ms"  # FastAPI's name for the x_request_deadline_ms parameter below
 
 
 def documented_as(**schema: Any) -> Callable[[dict[str, Any]], None]:

@@ -19,20 +19,22 @@ import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 
 from .. import oip, triton
 from ..access import Group, require
 from ..errors import ApiError, NotReady
 from ..infer import check_model, infer_images, parse_body, served_model
+from ..state import FrontendState
 from ..upload import _check_content_length, _read_body
+from .direct import DirectRoute, binds
 from .params import DeadlineDep, FrontendDep
 
 INLINE_ENCODE_UNITS = 8  # images x outputs encoded on the event loop; a larger answer is encoded in a thread
 
 
-class V2Route(APIRoute):
-    """Answers every error of its endpoint in the protocol's form, counted like the native ones."""
+class V2Route(DirectRoute):
+    """Answers every error of its endpoint in the protocol's form, counted like the native ones
+    (inference is bound by hand: ``routes/direct.py``)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -54,6 +56,9 @@ class V2Route(APIRoute):
 
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=V2Route)
+# Inference on a router of its own, which the app matches before every other (service/frontend/app.py):
+# FastAPI tries the routes of its included routers one by one, and this was the last of them.
+infer_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"], route_class=V2Route)
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown model name or version"}}
 # Access groups (service/frontend/access.py); health and model readiness stay open (probes).
 METADATA, INFERENCE = [require(Group.METADATA)], [require(Group.INFERENCE)]
@@ -121,10 +126,17 @@ async def model_ready(fe: FrontendDep, name: str, version: str | None = None) ->
     return {"name": name, "ready": True}
 
 
-@router.post("/models/{name}/infer", dependencies=INFERENCE, responses=_NOT_FOUND,
-             summary="Inference (binary tensor data extension)")
-@router.post("/models/{name}/versions/{version}/infer", dependencies=INFERENCE, responses=_NOT_FOUND,
-             include_in_schema=False)
+async def _bind_infer(request: Request, fe: FrontendState, deadline: float) -> Response:
+    """infer's parameters by hand (routes/direct.py): FastAPI reads the path the same way."""
+    path = request.path_params
+    return await infer(request, fe, deadline, path["name"], path.get("version"))
+
+
+@infer_router.post("/models/{name}/infer", dependencies=INFERENCE, responses=_NOT_FOUND,
+                   summary="Inference (binary tensor data extension)")
+@infer_router.post("/models/{name}/versions/{version}/infer", dependencies=INFERENCE, responses=_NOT_FOUND,
+                   include_in_schema=False)
+@binds(_bind_infer, reads=("name", "version"))
 async def infer(request: Request, fe: FrontendDep, deadline: DeadlineDep, name: str,
                 version: str | None = None) -> Response:
     """Inputs ``images`` (BYTES [N], encoded) and/or ``pixels`` (UINT8 [N, H, W, 3]); parameters

@@ -7,16 +7,28 @@ import asyncio
 import io
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from service_support import all_kinds, encode, photo
 from starlette.requests import Request
+from torchvision.transforms.functional import pil_to_tensor
 
 from bench.photos import photo_jpeg
 from service.decode import decode_image, decode_stored, limit_aspect
+from service.frontend.infer import pixels_image
 from service.frontend.upload import UploadLimits, read_payload
-from service.preprocess import _aspect_region, fast_config, model_input, resize_side, view_geometry
+from service.preprocess import (
+    Preprocessor,
+    _aspect_region,
+    box_is_exact,
+    fast_config,
+    model_input,
+    planar,
+    resize_side,
+    view_geometry,
+)
 from service.runtime.engine import uint8_transform
 
 CONFIGS = {
@@ -135,3 +147,51 @@ def test_multipart_parts_are_exact_whatever_the_chunking(chunk: int) -> None:
 def test_decode_image_still_reads_every_kind_upright() -> None:
     im = decode_image(io.BytesIO(photo_jpeg(64, 32, orientation=6)).getvalue(), 10**9)
     assert im.size == (32, 64) and im.mode == "RGB"
+
+
+@pytest.mark.parametrize("size", [(224, 224), (300, 200), (17, 900), (1, 1), (640, 481)])
+def test_planar_is_pil_to_tensor_contiguous(size: tuple[int, int]) -> None:
+    arr = np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    rgb = Image.fromarray(arr, "RGB")
+    out = planar(rgb)
+    assert out.is_contiguous() and out.dtype == torch.uint8 and torch.equal(out, pil_to_tensor(rgb))
+    out[0, 0, 0] = 7  # writable: its own buffer, not the image's
+    grey = rgb.convert("L")
+    assert torch.equal(planar(grey), pil_to_tensor(grey))  # other modes: pil_to_tensor itself
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_raw_pixels_go_through_timm_unchanged(config: str) -> None:
+    """/v2 pixels: ``Preprocessor.pil`` (no RGB copy, planar output) gives timm's transform's values exactly."""
+    pre = Preprocessor(CONFIGS[config])
+    rng = np.random.default_rng(1)
+    for height, width in ((224, 224), (300, 200), (17, 900), (1, 1), (333, 201)):
+        image = pixels_image(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        ours = pre.pil(image)
+        assert ours.is_contiguous() and torch.equal(ours, pre.transform(image.convert("RGB"))), (height, width)
+    grey = Image.new("L", (50, 40), 90)
+    assert torch.equal(pre.pil(grey), pre.transform(grey.convert("RGB")))
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_upright_pixels_are_timms_values(config: str) -> None:
+    """/v2 pixels take the one box resize only where it is bit for bit timm's (square, power-of-two side)."""
+    pre = Preprocessor(CONFIGS[config])
+    rng = np.random.default_rng(2)
+    sizes = [(s, s) for s in (1, 2, 3, 7, 31, 64, 100, 223, 224, 225, 256, 257, 333, 512, 700)]
+    for width, height in [*sizes, (300, 200), (17, 900), (225, 224)]:
+        image = pixels_image(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        ours = pre.upright(image)
+        assert ours.is_contiguous() and torch.equal(ours, pre.transform(image.convert("RGB"))), (width, height)
+
+
+def test_box_is_exact_only_where_it_is_the_same() -> None:
+    usual = {"input_size": [3, 224, 224], "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center"}
+    assert box_is_exact(usual, 224, 224) and box_is_exact(usual, 3, 3)
+    assert not box_is_exact(usual, 300, 200)            # not square: the long side's scale is inexact
+    other = {**usual, "crop_pct": 0.9}                  # resize side 248: no power of two
+    assert not box_is_exact(other, 224, 224)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (3, 3, 3), dtype=np.uint8), "RGB")
+    timm_tf = uint8_transform(other)[0]
+    # what the rule keeps out: there the one box resize and timm's transform do round apart
+    assert not torch.equal(model_input(decode_stored(encode(image, "PNG"), 10**9), other, timm_tf), timm_tf(image))
