@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -157,32 +158,48 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from . import train  # training code only when needed
 
-    base_from: Path | None = getattr(args, "base_from", None)
-    tune = variant == "default"
-    with tempfile.TemporaryDirectory(prefix="patchlife-") as tmp:
-        paper = tune and not args.no_paper and base_from is None
-        dense = args.dense_from or (Path(tmp) / "dense" if paper else None)
-        base = base_from
-        if base is None:
-            base = Path(tmp) / "base" if tune else out
-            argv = train_command(base, variant, args.dense_from, save_dense=None if args.dense_from else dense)
-            print(f"patchlife: training the {variant} model into {out} (about 15 minutes on 2 CPU cores, plus "
-                  f"a few for the paper-recipe comparison unless --no-paper):\n"
-                  f"  patchlife train {' '.join(argv)}", file=sys.stderr, flush=True)
-            if rc := train.main(argv):
-                return rc
-            if args.dense_from is not None:
-                record_dense_provenance(base, args.dense_from)
-        if tune and (rc := _finetune(train, out, base)):
-            return rc
-        report = evaluate_into_metrics(out)
-        if paper and dense is not None:
-            if rc := _paper_comparison(train, out, report, Path(tmp) / "paper", dense):
-                return rc
-        elif tune and base_from is not None:
-            _carry_paper_comparison(out, report, base_from)
+    tmp = Path(tempfile.mkdtemp(prefix="patchlife-"))
+    rc = 1
+    try:
+        rc = _build(args, variant, out, tmp, train)
+    finally:
+        if rc == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:  # a stopped step's resume command (printed by train) points in here: keep it
+            print(f"patchlife: kept {tmp}, the unfinished run's files (a stopped step's state for its resume "
+                  f"command above); delete it when done", file=sys.stderr, flush=True)
+    if rc:
+        return rc
     if variant == "default":
         write_examples(out)
+    return 0
+
+
+def _build(args: argparse.Namespace, variant: str, out: Path, tmp: Path, train: Any) -> int:
+    """Train (and for the default variant tune, evaluate, compare) the model into ``out``, using ``tmp``."""
+    base_from: Path | None = getattr(args, "base_from", None)
+    tune = variant == "default"
+    paper = tune and not args.no_paper and base_from is None
+    dense = args.dense_from or (tmp / "dense" if paper else None)
+    base = base_from
+    if base is None:
+        base = tmp / "base" if tune else out
+        argv = train_command(base, variant, args.dense_from, save_dense=None if args.dense_from else dense)
+        print(f"patchlife: training the {variant} model into {out} (about 15 minutes on 2 CPU cores, plus "
+              f"a few for the paper-recipe comparison unless --no-paper):\n"
+              f"  patchlife train {' '.join(argv)}", file=sys.stderr, flush=True)
+        if rc := train.main(argv):
+            return rc
+        if args.dense_from is not None:
+            record_dense_provenance(base, args.dense_from)
+    if tune and (rc := _finetune(train, out, base)):
+        return rc
+    report = evaluate_into_metrics(out)
+    if paper and dense is not None:
+        if rc := _paper_comparison(train, out, report, tmp / "paper", dense):
+            return rc
+    elif tune and base_from is not None:
+        _carry_paper_comparison(out, report, base_from)
     return 0
 
 

@@ -3,6 +3,7 @@
 import argparse
 import copy
 import json
+import tempfile
 
 import pytest
 import torch
@@ -205,11 +206,34 @@ def test_ensure_default_force_trains_evaluates_and_compares_with_the_paper(tmp_p
     tiny = [*TINY, "--stage0-steps", "2", "--stage1-steps", "1", "--stage2-steps", "1", "--seed", "0",
             "--keep-rate", "0.5", "--stage-starts", "1,2,3", "--name", "tiny-default"]
     monkeypatch.setattr(default_model, "RECIPE", tiny)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     args = argparse.Namespace(out=tmp_path / "m", force=True, variant="default", no_paper=False, dense_from=None)
     assert default_model.run(args) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("patchlife-")]  # its working folder is gone
     body = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert body["name"] == "tiny-default" and body["eval"]["images"] == 24
     assert {row["keep_rate"] for row in body["eval"]["rows"] if row.get("keep_rate")} >= {0.3, 0.5}
     assert "--stage1-norm per_image" in body["paper_recipe"]["command"]
     assert (tmp_path / "m" / "examples" / "examples.json").is_file()
     load_checkpoint(tmp_path / "m")
+
+
+def test_ensure_default_keeps_its_working_folder_when_a_step_stops(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a training step: train prints a resume command into ensure-default's working folder,
+    so that folder must outlive the run (it used to be a TemporaryDirectory, gone by the time the
+    command was read); a finished run leaves nothing behind."""
+    from model.training import default_model, train
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen: list[str] = []
+
+    def stopped(argv: list[str]) -> int:
+        seen.append(argv[argv.index("--out") + 1])
+        return 130  # what train.main returns when interrupted
+
+    monkeypatch.setattr(train, "main", stopped)
+    args = argparse.Namespace(out=tmp_path / "m", force=True, variant="heavy", no_paper=True, dense_from=None)
+    assert default_model.run(args) == 130
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("patchlife-")]
+    assert len(kept) == 1 and "kept " + str(kept[0]) in capsys.readouterr().err
+    assert seen == [str(tmp_path / "m")]                   # the heavy variant trains straight into --out
