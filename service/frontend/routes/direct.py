@@ -22,7 +22,12 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request, Response
-from fastapi.routing import APIRoute, _effective_route_context_var
+from fastapi.routing import APIRoute
+
+try:  # private (FastAPI 0.165): an included router's view of a route; without it a route is its own view
+    from fastapi.routing import _effective_route_context_var
+except ImportError:  # pragma: no cover - other FastAPI versions
+    _effective_route_context_var = None  # type: ignore[assignment]
 
 from ..access import Group, group_of
 from ..state import FrontendState
@@ -56,7 +61,7 @@ class DirectRoute(APIRoute):
         binder: Binder | None = getattr(self.endpoint, BINDER_ATTR, None)
         if binder is None:
             return fastapi_handler
-        context = _effective_route_context_var.get()  # an included router's view of this route (FastAPI 0.165)
+        context = _effective_route_context_var.get() if _effective_route_context_var is not None else None
         route: Any = context if context is not None and context.original_route is self else self
         group = _access_group(route.path, route.dependencies)
         field, status = route.response_field, route.status_code or 200
