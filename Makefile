@@ -10,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench gpu-check clean
+.PHONY: install run test lint bench gpu-check gpu-wheels gpu-wheels-install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,21 @@ else
 gpu-check: $(STAMP)
 	$(BIN)/patchlife gpu-check $(GPU_CHECK_ARGS)
 endif
+
+# Wheels for a GPU machine that cannot reach a registry (its python3 is 3.12, with torch, timm, numpy,
+# pillow, prometheus-client, httpx, grpcio and others already there): `make gpu-wheels` here, carry .whl/
+# there, then `make gpu-wheels-install PYTHON=python3` (what it lacks, from .whl/ only) and
+# `make gpu-check NO_INSTALL=1 PYTHON=python3`.
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS = fastapi fastapi-offline uvicorn httptools python-multipart pydantic pydantic-settings simplejpeg \
+	msgspec "protobuf>=6.33.5,<7"
+gpu-wheels:
+	$(PYTHON) -m pip download -q -d .whl --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+		--implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux_2_28_x86_64 $(GPU_WHEELS)
+
+gpu-wheels-install:
+	$(PYTHON) -m pip install -q --no-index --find-links .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
