@@ -256,14 +256,13 @@ class Queues:
                 tail[counts] = each("tail", counts)
             return tail[counts]
 
-        def whole(rates: tuple[float, ...], keep_rate: float | None) -> Scalable:
+        def whole(submitted: float, rates: tuple[float, ...], keep_rate: float | None) -> Scalable:
             key = rates or keep_rate
             if key not in ladders:
                 ladders[key] = tuple(head + cost(self._counts_at(r)) for r in rates or (keep_rate,))
-            return Scalable(0.0, rates or (1.0,), ladders[key])
+            return Scalable(submitted, rates or (1.0,), ladders[key])
 
-        out = [whole(image.rates, image.keep_rate)._replace(submitted=image.wait.submitted)
-               for image in self.head.values()]
+        out = [whole(image.wait.submitted, image.rates, image.keep_rate) for image in self.head.values()]
         for image in self.tail.values():
             if image.options:
                 buckets = tuple(bucket for _, bucket in image.options)
@@ -281,7 +280,7 @@ class Queues:
                 self.arrived[key] -= n
                 if not self.arrived[key]:
                     del self.arrived[key]
-            arrived = [(whole(*key), n) for key, n in self.arrived.items()]
+            arrived = [(whole(0.0, *key), n) for key, n in self.arrived.items()]
         return out, arrived
 
     def tail_waits(self, cap: float) -> list[Waiting]:
