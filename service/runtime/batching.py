@@ -392,10 +392,12 @@ def scale_cap(cap: float, queued: Sequence[Scalable], now: float, objective_s: f
     at its floor). Up with hysteresis: the highest higher cap at which the queue would finish within
     ``(1 - hysteresis)`` of the objective; else ``cap`` stays. With ``load``, a cap it moves to must
     also carry the window's arrivals within ``utilisation`` of the device's time: the queue decides
-    when to scale, the arrival rate how far back up. Load alone never scales down: a closed loop of
-    one client keeps the device busy without any wait. Nothing queued and nothing arrived goes back
-    to the top. ``queued`` in arrival order; pure: ``now`` is passed in. Only caps that change some
-    image's rate (and the current one) are priced: a few per decision, whatever the grid.
+    when to scale, the arrival rate how far back up; and where the current cap does not carry them,
+    it goes down already when the queue would not finish within ``(1 - hysteresis)`` of the objective.
+    Load alone never scales down: a closed loop of one client keeps the device busy without any wait.
+    Nothing queued and nothing arrived goes back to the top. ``queued`` in arrival order; pure: ``now``
+    is passed in. Only caps that change some image's rate (and the current one) are priced: a few per
+    decision, whatever the grid.
     """
     arrived = load.arrived if load is not None else ()
     if not queued and not arrived:
@@ -409,7 +411,11 @@ def scale_cap(cap: float, queued: Sequence[Scalable], now: float, objective_s: f
         return load is None or _load(arrived, c, rungs) <= load.utilisation * load.window_s
 
     i = options.index(cap)
-    if _misses(queued, now, cap, objective_s, rungs):
+    # Where the arrivals outrun the current cap, the backlog can only grow: the hysteresis band, there
+    # to keep a cap near its boundary from flapping, would only let it take the objective's slack first.
+    # So the cap goes down as soon as the queue crosses the line it would go back up at.
+    down_at = objective_s if carries(cap) else (1.0 - hysteresis) * objective_s
+    if _misses(queued, now, cap, down_at, rungs):
         for lower in options[i + 1:]:
             if carries(lower) and not _misses(queued, now, lower, objective_s, rungs):
                 return lower

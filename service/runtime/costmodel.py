@@ -77,10 +77,16 @@ class LinearFit:
 
 
 class CostModel:
-    """Per-phase :class:`LinearFit`; ``seconds(phase, rows, tokens_per_row)`` is what the planner asks."""
+    """Per-phase :class:`LinearFit`; ``seconds(phase, rows, tokens_per_row)`` is what the planner asks.
+
+    It also follows how many images the batches of each phase hold (:meth:`typical_images`, faded like
+    the fits): accuracy scaling prices an image's share of the fixed cost at the batches that actually
+    form, not at full ones (budget buckets split the tail into batches far below the size limit)."""
 
     def __init__(self, decay: float = 0.98) -> None:
+        self.decay = decay
         self.fits: dict[Phase, LinearFit] = {"head": LinearFit(decay), "tail": LinearFit(decay)}
+        self._images: dict[Phase, tuple[float, float]] = {"head": (0.0, 0.0), "tail": (0.0, 0.0)}  # faded sums
 
     @staticmethod
     def units(phase: Phase, rows: int, tokens_per_row: int) -> int:
@@ -89,8 +95,16 @@ class CostModel:
     def seconds(self, phase: Phase, rows: int, tokens_per_row: int = 0) -> float:
         return self.fits[phase].predict(self.units(phase, rows, tokens_per_row))
 
-    def observe(self, phase: Phase, rows: int, tokens_per_row: int, seconds: float) -> None:
+    def observe(self, phase: Phase, rows: int, tokens_per_row: int, seconds: float, images: int | None = None) -> None:
+        """One batch: ``rows`` as run (padding included), ``images`` of them real (default: all)."""
         self.fits[phase].observe(self.units(phase, rows, tokens_per_row), seconds)
+        n, w = self._images[phase]
+        self._images[phase] = (self.decay * n + (rows if images is None else images), self.decay * w + 1.0)
+
+    def typical_images(self, phase: Phase) -> float | None:
+        """The faded mean of images per batch of ``phase`` (None before the first batch)."""
+        n, w = self._images[phase]
+        return n / w if w > 0 else None
 
     def learn(self, timings: Sequence[Timing]) -> None:
         """Observe each of ``timings`` (the engine's warm-up batches), in order."""

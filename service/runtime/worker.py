@@ -464,18 +464,23 @@ class Worker:
         (:func:`service.runtime.batching.scale_cap`) and each image is re-bucketed at its rate under it."""
         if self.scaling is None or not self.cost.ready:
             return [i.wait for i in self.queues.tail.values()]
-        size = self.limits.size
         s = self.scaling
-        queued, arrived = self.queues.scalables(lambda phase, counts: self.batch_seconds(phase, size, counts) / size,
-                                                now)
+        queued, arrived = self.queues.scalables(self._seconds_per_image, now)
         load = Load(arrived, s.window_s, s.utilisation) if s.utilisation < 1 else None
         self.cap = scale_cap(self.cap, queued, now, s.aim_s, s.hysteresis, load=load)
         return self.queues.tail_waits(self.cap)
 
+    def _seconds_per_image(self, phase: Phase, counts: Counts | None) -> float:
+        """Accuracy scaling's price of one image: its share of a batch of the size this phase's batches
+        have held lately (the fixed cost per call is spread over the images that actually share it)."""
+        typical = self.cost.typical_images(phase)
+        images = self.limits.size if typical is None else max(1, min(self.limits.size, round(typical)))
+        return self.batch_seconds(phase, images, counts) / images
+
     def _learn(self, phase: Phase, images: int, tokens_per_row: int, seconds: float, merged: int = 0) -> int:
         """Feed the cost model one batch and report its shape; returns the rows it ran as (padding included)."""
         rows = self.engine.padded_rows(images)
-        self.cost.observe(phase, rows, tokens_per_row, seconds)
+        self.cost.observe(phase, rows, tokens_per_row, seconds, images)
         self.hooks.on_cost_model(self.cost)
         self.hooks.on_shape(phase, merged, rows - images)
         return rows

@@ -53,3 +53,13 @@ def test_cost_model_prices_tail_batches_by_tokens_and_head_batches_by_images() -
     assert cost.seconds("tail", 2, 250) == pytest.approx(0.003 + 1e-5 * 500)
     described = cost.describe()
     assert described["tail"]["fixed_ms"] == pytest.approx(3.0) and described["head"]["observations"] == 2
+
+
+def test_typical_images_is_a_faded_mean_of_real_images_per_batch() -> None:
+    model = CostModel(decay=0.5)
+    assert model.typical_images("tail") is None
+    model.observe("tail", 8, 10, 0.01, images=5)               # padded to 8 rows, 5 of them images
+    assert model.typical_images("tail") == 5
+    model.observe("tail", 8, 10, 0.01)                         # no count given: every row is an image
+    assert model.typical_images("tail") == pytest.approx((0.5 * 5 + 8) / 1.5)
+    assert model.typical_images("head") is None                # per phase

@@ -92,6 +92,36 @@ def test_the_load_rule_keeps_the_cap_down_while_the_arrival_rate_needs_it() -> N
     assert scale_cap(cap, [], 1.0, 0.100, load=Load([], 1.0, 0.85)) == 1.0
 
 
+def test_a_cap_that_cannot_carry_the_arrivals_goes_down_before_the_queue_misses() -> None:
+    """The backlog can only grow at a cap the arrivals outrun: the cap goes down once the queue would
+    not finish within (1 - hysteresis) of the objective, the line it goes back up at, not only on a miss."""
+    one = image(0.0, (0.5, 0.010), (0.4, 0.0085), (0.3, 0.007))
+    queue = [one] * 8                                           # 80 ms at 0.5: within 100, not within 75
+    outrun = Load([(one, 120)], window_s=1.0, utilisation=0.85)  # 1.2 s of work a second at 0.5
+    carried = Load([(one, 60)], window_s=1.0, utilisation=0.85)  # 0.6 s
+    assert scale_cap(1.0, queue, 0.0, 0.100) == 1.0             # the queue alone: on time
+    assert scale_cap(1.0, queue, 0.0, 0.100, load=carried) == 1.0
+    assert at_cap(one.rates, scale_cap(1.0, queue, 0.0, 0.100, load=outrun)) == 2
+    assert scale_cap(1.0, queue[:7], 0.0, 0.100, load=outrun) == 1.0  # 70 ms: within the line, stays
+
+
+def test_images_are_priced_at_the_batches_that_form_not_at_full_ones() -> None:
+    """Accuracy scaling spreads a batch's fixed cost over the images batches of that phase have held
+    lately; at full batches (the old price) a load of small batches looked a third cheaper than it was."""
+    clock = Clock()
+    engine = CostedEngine(clock)
+    worker = Worker(engine, Settings(max_batch_size=8), WorkerHooks(), clock=clock,
+                    timings=warm_timings(engine), scaling=Scaling(0.100, 0.5, 0.3))
+    counts = engine.schedule_counts(0.3)
+    for _ in range(400):                                         # the tail has been running pairs
+        worker.cost.observe("tail", 2, engine.tail_tokens(counts), TAIL_FIXED + TAIL_PER_TOKEN * 2 *
+                            engine.tail_tokens(counts), images=2)
+    assert worker.cost.typical_images("tail") == pytest.approx(2.0, rel=0.01)
+    priced = worker._seconds_per_image("tail", counts)
+    assert priced == pytest.approx(worker.batch_seconds("tail", 2, counts) / 2)
+    assert priced > worker.batch_seconds("tail", 8, counts) / 8
+
+
 def test_the_queues_record_arrivals_for_the_window_only() -> None:
     clock = Clock()
     engine = CostedEngine(clock)
