@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -90,3 +92,54 @@ def test_disconnect_drops_queued_work_and_is_counted(checkpoint_dir: Path) -> No
     assert v("patchlife_rejected_requests_total", {"reason": "disconnected"}) == 1
     assert v("patchlife_queue_depth", {"unit": "images"}) == 0
     assert v("patchlife_batch_size_sum", {"phase": "head"}) == 1  # only the blocker's image ever ran
+
+
+def _multipart(files: list[bytes]) -> tuple[bytes, str]:
+    boundary = "patchlife-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
+             f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for i, data in enumerate(files)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _untimed(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "timings_ms"} for r in answer["results"]]
+
+
+def _leave_mid_answer(host: str, port: int, body: bytes, content_type: str) -> bytes:
+    """Send the request from a socket with a tiny receive window, read the first bytes of the answer, then
+    leave with a reset (SO_LINGER 0): the server is still writing the rest, and its next write fails."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.settimeout(60)
+    try:
+        sock.connect((host, port))
+        sock.sendall(f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        first = sock.recv(16)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    return first
+
+
+def test_a_client_that_leaves_while_its_answer_is_written_harms_nobody(checkpoint_dir: Path) -> None:
+    """A large answer (128 images with their lifespans) still being written when its client resets the
+    connection: the server neither crashes nor leaks the request, and answers the next client exactly."""
+    files = [encode(photo(seed=i), "PNG") for i in range(128)]
+    body, content_type = _multipart(files)
+    with serve_process(checkpoint_dir, {"PATCHLIFE_MAX_IMAGES_PER_REQUEST": "128",
+                                         "PATCHLIFE_MAX_BATCH_WASTE": "0"}) as (proc, base):
+        url = httpx.URL(base)
+        with httpx.Client(base_url=base, timeout=60) as client:
+            reference = client.post("/classify", content=body, headers={"Content-Type": content_type})
+            assert reference.status_code == 200 and len(reference.content) > 64 * 1024  # far beyond a 1 KiB window
+            for _ in range(4):
+                assert _leave_mid_answer(url.host, url.port or 80, body, content_type).startswith(b"HTTP/1.1 200")
+            again = client.post("/classify", content=body, headers={"Content-Type": content_type})
+            assert again.status_code == 200
+            assert _untimed(again.json()) == _untimed(reference.json())  # waste 0: no answer depends on the batch
+            metrics = client.get("/metrics").text
+        assert proc.poll() is None
+        in_flight = [line for line in metrics.splitlines() if line.startswith("patchlife_http_requests_in_flight")]
+        assert in_flight and all(float(line.split()[-1]) <= 1 for line in in_flight), in_flight  # the scrape itself
+        assert "Traceback" not in proc.stderr.read().decode()  # type: ignore[union-attr]
