@@ -1,5 +1,5 @@
-"""service/processes.py waits on events: a process's end wakes the supervisor (its sentinel), the first
-API process's connection wakes the "serving" line (ModelHost.connected); nothing polls with sleep."""
+"""service/processes.py's supervisor waits on events: a process's end wakes it (its sentinel), with no
+poll of ``is_alive`` (the "serving" line's wait on ModelHost.connected: tests/service/test_serving_line.py)."""
 
 from __future__ import annotations
 
@@ -37,21 +37,3 @@ def test_the_wait_ends_at_its_timeout_while_every_process_lives() -> None:
         proc.kill()
         proc.join(5)
 
-
-def test_the_serving_line_waits_for_the_first_connection() -> None:
-    class Host:
-        connected: asyncio.Event
-
-    async def main() -> tuple[bool, bool]:
-        host = Host()
-        host.connected = asyncio.Event()
-        starting = asyncio.get_running_loop().create_future()
-        starting.set_result(True)
-        announcing = asyncio.ensure_future(processes._announce(starting, host, "serving"))  # type: ignore[arg-type]
-        await asyncio.sleep(0.05)
-        before = announcing.done()
-        host.connected.set()
-        await asyncio.wait_for(announcing, 5)
-        return before, announcing.done()
-
-    assert asyncio.run(main()) == (False, True)
