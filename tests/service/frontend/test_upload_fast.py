@@ -121,8 +121,10 @@ def test_the_cut_is_what_classify_uses(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kw: Any) -> None:
         raise AssertionError("the parser ran")
 
+    image = one_image_part(GOOD["file"], B, LIMITS)
+    assert image is not None
     monkeypatch.setattr(upload.MultipartParser, "write", refuse)
-    assert outcome(GOOD["file"], LIMITS, [GOOD["file"]]) == Payload([one_image_part(GOOD["file"], B, LIMITS)], {})
+    assert outcome(GOOD["file"], LIMITS, [GOOD["file"]]) == Payload([image], {})
 
 
 def mutations(seed: int, count: int) -> list[bytes]:
