@@ -1,9 +1,10 @@
 """One call in a worker thread for the API process's per-image work (decode, resize): ``await in_thread(fn, *args)``.
 
-``anyio.to_thread.run_sync`` costs about 15-20 us more of the event loop's CPU per call than a plain
-``concurrent.futures`` pool with a done-callback (``python -m bench.loop_costs``): a capacity limiter
-entered and left, a cancel scope, run-variable look-ups and an extra checkpoint; the 224-px JPEG and v2
-pixel requests pay it once per image. What it does is kept:
+An empty round trip through ``anyio.to_thread.run_sync`` costs the process about 65 us of CPU, through
+this (a plain ``concurrent.futures`` pool with a done-callback) about 41 us (``python -m bench.loop_costs``):
+anyio enters and leaves a capacity limiter and a cancel scope, looks up run variables and adds a
+checkpoint, and its worker threads run a loop of their own. The 224-px JPEG and v2 pixel requests pay
+it once per image. What it does is kept:
 
 * the call runs in a copy of the caller's context (the request id of its log lines);
 * as many calls at once as anyio's default limiter allowed (40); the decode budget
