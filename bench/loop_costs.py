@@ -9,7 +9,8 @@ prints the figures that rule stands on, for the inputs of ``patchlife bench-fron
 the header read (``header_info``) and the decode + preprocessing (``decode_one``) of a 64-px PNG, a
 224-px, a 451x300 and a 1000x872 JPEG; a v2 binary request of one 224-px UINT8 image, parsed
 (``oip.parse_request``) and preprocessed (``prepare_pixels``); the same image over gRPC, converted
-(``convert.infer_request``); and an empty ``anyio.to_thread`` round trip, its wall time and the CPU it
+(``convert.infer_request``); and an empty thread round trip, by ``anyio.to_thread`` and by the
+``offload.in_thread`` that decodes take (``service/frontend/offload.py``), its wall time and the CPU it
 costs. ``runs on`` says where the front end runs the step (the event ``loop`` or a ``thread`` of the pool).
 
 Figures are per call, single-threaded, on whatever else the machine is doing: take them from a quiet
@@ -23,14 +24,14 @@ import asyncio
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 import numpy as np
 
 from service.decode import header_info
-from service.frontend import infer, oip, pipeline
+from service.frontend import infer, offload, oip, pipeline
 from service.frontend.upload import RawImage, UploadLimits
 from service.preprocess import Preprocessor
 
@@ -60,14 +61,15 @@ def _v2_body(side: int) -> tuple[bytes, str]:
     return head + raw, str(len(head))
 
 
-async def _thread_trip_us(repeat: int) -> tuple[float, float]:
-    """An empty ``anyio.to_thread`` round trip: its median wall time and its mean CPU (all threads)."""
-    await anyio.to_thread.run_sync(int)  # the pool's first thread is made here
+async def _thread_trip_us(repeat: int, hop: Callable[[Callable[[], int]], Awaitable[int]]) -> tuple[float, float]:
+    """An empty round trip through ``hop`` (``anyio.to_thread.run_sync``, or the front end's own
+    ``offload.in_thread`` that decodes use): its median wall time and its mean CPU (all threads)."""
+    await hop(int)  # the pool's first thread is made here
     times = []
     cpu0 = time.process_time()
     for _ in range(repeat):
         t0 = time.perf_counter()
-        await anyio.to_thread.run_sync(int)
+        await hop(int)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6, (time.process_time() - cpu0) / repeat * 1e6
 
@@ -112,9 +114,10 @@ def measure(repeat: int) -> list[dict[str, Any]]:
                  "us": _median_us(lambda: [pre.upright(infer.pixels_image(a)) for a in arrays], repeat),
                  "inline": "thread"})
     rows.append(_grpc_row(arrays[0], repeat))
-    trip_us, trip_cpu_us = asyncio.run(_thread_trip_us(repeat))
-    rows.append({"input": "-", "step": "to_thread round trip", "bytes": 0, "us": trip_us, "inline": "-"})
-    rows.append({"input": "-", "step": "  its CPU (process)", "bytes": 0, "us": trip_cpu_us, "inline": "-"})
+    for step, hop in (("to_thread round trip", anyio.to_thread.run_sync), ("in_thread round trip", offload.in_thread)):
+        trip_us, trip_cpu_us = asyncio.run(_thread_trip_us(repeat, hop))
+        rows.append({"input": "-", "step": step, "bytes": 0, "us": trip_us, "inline": "-"})
+        rows.append({"input": "-", "step": "  its CPU (process)", "bytes": 0, "us": trip_cpu_us, "inline": "-"})
     return rows
 
 

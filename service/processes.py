@@ -190,7 +190,9 @@ class _Supervisor:
                     except Exception:  # counted as a quick death when the loop comes round to it again
                         log.exception("could not start API process %d", index)
                         self.procs[index] = (proc, time.monotonic())
-            await asyncio.sleep(0.1)
+            alive = [proc for proc, _ in self.procs.values() if proc.is_alive()]
+            if alive and len(alive) == len(self.procs):  # else a death is still to be handled
+                await _until_one_exits(alive, None)
         return None
 
     def signal_all(self, sig: int) -> None:
@@ -201,8 +203,8 @@ class _Supervisor:
 
     async def wait_all(self, limit_s: float) -> None:
         end = time.monotonic() + limit_s
-        while any(p.is_alive() for p, _ in self.procs.values()) and time.monotonic() < end:
-            await asyncio.sleep(0.05)
+        while (alive := [p for p, _ in self.procs.values() if p.is_alive()]) and time.monotonic() < end:
+            await _until_one_exits(alive, end - time.monotonic())
         for proc, _ in self.procs.values():
             if proc.is_alive():
                 log.error("API process pid %s did not exit after its drain: killed", proc.pid)
@@ -292,9 +294,28 @@ async def _announce(starting: asyncio.Task[bool], host: object, serving: str) ->
     """Log "serving" once a request would be answered: the model warmed up and an API process connected."""
     if not await asyncio.shield(starting):
         return
-    while not host.connections:  # type: ignore[attr-defined]
-        await asyncio.sleep(0.05)
+    await host.connected.wait()  # type: ignore[attr-defined]
     log.info("%s", serving)
+
+
+async def _until_one_exits(procs: list[BaseProcess], timeout: float | None) -> None:
+    """Return when one of ``procs`` has ended (its ``sentinel`` turns readable), or after ``timeout``
+    seconds: the supervisor waits on events, not on a poll of ``is_alive``."""
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    fds = [proc.sentinel for proc in procs]
+    for fd in fds:
+        loop.add_reader(fd, wake)
+    try:
+        await asyncio.wait({ended}, timeout=timeout)
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
 
 
 def _mark_dead(pid: int | None) -> None:

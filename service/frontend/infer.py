@@ -22,6 +22,7 @@ from ..decode import limit_aspect
 from ..protocol import EncodedImage, ImageResult, ModelCard
 from . import oip
 from .errors import RequestTooManyPixels
+from .offload import in_thread
 from .pipeline import Prepared, Receive, prepare_images, resolve_options, run_model
 from .state import FrontendState
 from .upload import RawImage, UploadLimits
@@ -99,7 +100,7 @@ async def _prepare(items: list[RawImage | np.ndarray], fe: FrontendState,
             prepared = await prepare_images([r for r in run if isinstance(r, RawImage)], fe, deadline=deadline)
         else:
             arrays = [a for a in run if isinstance(a, np.ndarray)]
-            prepared = await anyio.to_thread.run_sync(prepare_pixels, arrays, fe)
+            prepared = await in_thread(prepare_pixels, arrays, fe)
         pixels.extend(prepared.pixels)
         start = end
     return pixels

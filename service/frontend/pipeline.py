@@ -42,6 +42,7 @@ from .errors import (
 )
 from .explain import model_view
 from .numbers import parse_float, parse_int
+from .offload import in_thread
 from .schemas import Budget, Classification, Label, Lifespans, Timings
 from .state import FrontendState
 from .upload import RawImage
@@ -185,8 +186,7 @@ async def _decode_held(fe: FrontendState, raw: RawImage, header: HeaderInfo, kee
     try:
         async with fe.decode_gate.hold(cost, wait_s):
             t0 = time.perf_counter()
-            pixels, view = await anyio.to_thread.run_sync(decode_one, raw, fe.preprocessor(), s.max_image_pixels,
-                                                          keep_view)
+            pixels, view = await in_thread(decode_one, raw, fe.preprocessor(), s.max_image_pixels, keep_view)
             return pixels, view, time.perf_counter() - t0
     except DecodeBusy:
         if deadline is not None:

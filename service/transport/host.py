@@ -95,6 +95,7 @@ class ModelHost:
         self.poster = model if isinstance(model, PostingModel) else None  # a request then costs no task
         self.max_frame = max_frame  # the largest frame an API process may send (a Submit with inline JPEGs)
         self.connections: set[_Connection] = set()
+        self.connected = asyncio.Event()  # set at the first API process's connection (serve's "serving" line)
         self._server: asyncio.AbstractServer | None = None
         self._beat: asyncio.Task[None] | None = None
 
@@ -150,6 +151,7 @@ class ModelHost:
         if conn is None:
             return
         self.connections.add(conn)
+        self.connected.set()
         wire.send(writer, wire.StatusUpdate(self.model.status()))  # it may have changed while the sender set up
         log.info("API process %d connected (%d pixel slots)", conn.pid, conn.pool.slots)
         try:

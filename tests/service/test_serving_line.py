@@ -23,7 +23,7 @@ def test_api_process_count_in_words() -> None:
 
 
 async def _announce(started: bool, connect_after_s: float | None, caplog: pytest.LogCaptureFixture) -> list[float]:
-    host = SimpleNamespace(connections=set())
+    host = SimpleNamespace(connected=asyncio.Event())  # ModelHost's: set at the first connection
     loop = asyncio.get_running_loop()
 
     async def start() -> bool:
@@ -31,7 +31,7 @@ async def _announce(started: bool, connect_after_s: float | None, caplog: pytest
         return started
 
     if connect_after_s is not None:
-        loop.call_later(connect_after_s, host.connections.add, "api-1")
+        loop.call_later(connect_after_s, host.connected.set)
     t0 = time.time()  # the log records' clock
     task = asyncio.create_task(processes._announce(asyncio.create_task(start()), host, "serving X"))
     try:

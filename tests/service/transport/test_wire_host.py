@@ -72,6 +72,7 @@ def test_a_bad_frame_ends_only_the_connection_that_sent_it(tmp_path: Path, bad: 
             wire.send(writer, wire.Hello(os.getpid(), pool.name, 1, SHAPE))
             assert isinstance(await wire.receive(reader, wire.TO_API), wire.StatusUpdate)
             await until(lambda: len(host.connections) == 2)
+            assert host.connected.is_set()  # what serve's "serving" line waits on
             writer.write(BAD_FRAMES[bad])
             if bad == "unknown-slot":  # a well-formed request the host cannot serve: refused, connection kept
                 answers = await asyncio.wait_for(wire.receive(reader, wire.TO_API), 5)
