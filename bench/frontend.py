@@ -87,6 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     stand_in.add_argument("--inputs", default=",".join(STANDIN_INPUTS),
                           help="stand-in inputs (comma-separated, from " + ",".join(STANDIN_INPUTS) + ")")
     stand_in.add_argument("--rate", type=float, default=STANDIN_RATE, help="images/s to size the cores for")
+    stand_in.add_argument("--device-decode-ms", type=float, default=None, metavar="MS",
+                          help="the model process decodes JPEGs on the stand-in device, MS per image of device time "
+                               "(as beside a GPU, where PATCHLIFE_DECODE=auto decodes with nvJPEG): the API "
+                               "processes read headers and pass the bytes on (default: they decode)")
     stand_in.add_argument("--max-batch-size", type=int, default=64,
                           help="PATCHLIFE_MAX_BATCH_SIZE of the stand-in's server (unless set in the environment)")
 

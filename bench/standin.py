@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -42,9 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.api_errors import ApiError
+from service.decode import open_header
+from service.protocol import ModelCard
 from service.runtime.engine import Engine
+from service.runtime.gpu_decode import DecodeQueue
 from service.runtime.graphs import batch_classes
 from service.runtime.handoff import HeadBatch, HostCopy, Rows, stack_into
+from service.runtime.local import LocalModel
 from service.settings import Settings
 
 TABLES = Path(__file__).parent / "tables"
@@ -233,7 +239,48 @@ class StandInEngine(Engine):
         return torch.from_numpy(np.repeat(self._probs.numpy()[None], n, axis=0))
 
 
-def install(table: Table) -> None:
-    """Every engine this process builds from settings is a stand-in (``patchlife serve`` builds one)."""
+class StandInDecoder:
+    """What :class:`~service.runtime.gpu_decode.BatchDecoder` is to its :class:`DecodeQueue` (``device``,
+    ``each``) for a model process that decodes JPEGs on its device: each image's header is read and
+    checked on the host as there (``open_header``: the limits, a bad file fails only its request), then the
+    batch takes ``seconds_per_image`` per image of device time, slept (no CPU), and comes back as the
+    model's input, ``uint8 [3, side, side]`` of zeros (the answers are shaped, not meaningful). On a GPU
+    host the pixels stay on the device; here the head's staging copy reads them on the host (about 14 µs
+    per image of model-process CPU a GPU host does not spend)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, side: int, seconds_per_image: float, max_pixels: int) -> None:
+        self.seconds_per_image, self.max_pixels = seconds_per_image, max_pixels
+        self._pixels = torch.zeros((3, side, side), dtype=torch.uint8)
+
+    def each(self, images: Sequence[bytes], sources: Sequence[str] | None = None) -> list[Any]:
+        names = list(sources) if sources is not None else [f"images[{i}]" for i in range(len(images))]
+        out: list[Any] = []
+        for data, name in zip(images, names, strict=True):
+            try:
+                open_header(data, self.max_pixels, name)
+                out.append(self._pixels)
+            except ApiError as exc:
+                out.append(exc)
+        time.sleep(self.seconds_per_image * len(images))
+        return out
+
+
+def install(table: Table, decode_ms: float | None = None) -> None:
+    """Every engine this process builds from settings is a stand-in (``patchlife serve`` builds one);
+    with ``decode_ms``, its model process also decodes JPEGs "on the device" (:class:`StandInDecoder`, that
+    many ms per image), so the API processes pass them on undecoded, as beside a GPU with
+    ``PATCHLIFE_DECODE=auto``."""
     Engine.from_settings = classmethod(  # type: ignore[method-assign, assignment]
         lambda cls, settings: StandInEngine.from_table(table, settings))
+    if decode_ms is None:
+        return
+
+    def device_decoder(self: LocalModel, card: ModelCard) -> DecodeQueue:
+        side = int(card.preprocess["input_size"][-1])
+        logging.getLogger("patchlife.standin").warning("JPEGs are decoded on the stand-in device, %g ms per image",
+                                                       decode_ms)
+        return DecodeQueue(StandInDecoder(side, decode_ms / 1000.0, self.settings.max_image_pixels))  # type: ignore[arg-type]
+
+    LocalModel._device_decoder = device_decoder  # type: ignore[method-assign]

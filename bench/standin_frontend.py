@@ -114,7 +114,8 @@ def _server(args: argparse.Namespace, checkpoint: Path) -> Iterator[ServeChild]:
     env = {"PATCHLIFE_API_PROCESSES": args.api_processes, "PATCHLIFE_CHECKPOINT": str(checkpoint),
            "PATCHLIFE_DEVICE": "cpu", "PATCHLIFE_BATCHING": "budget",
            "PATCHLIFE_MAX_BATCH_SIZE": os.environ.get("PATCHLIFE_MAX_BATCH_SIZE", str(args.max_batch_size))}
-    command = ["-m", "bench.standin_serve", *(["--table", str(args.table)] if args.table else [])]
+    command = ["-m", "bench.standin_serve", *(["--table", str(args.table)] if args.table else []),
+               *(["--device-decode-ms", str(args.device_decode_ms)] if args.device_decode_ms is not None else [])]
     with serve_child(env, ["--log-level", "warning"], args.startup_timeout, command=command) as child:
         yield child
 
@@ -128,7 +129,8 @@ def measure(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
     return {"engine": "stand-in", "table": str(args.table or "bench/tables/h200_deit_small.json"),
             "model": str(args.checkpoint or args.model), "api_processes": args.api_processes,
             "max_batch_size": int(os.environ.get("PATCHLIFE_MAX_BATCH_SIZE", args.max_batch_size)),
-            "rate": args.rate, "clients": args.clients, "processes": args.processes, "rows": rows}
+            "rate": args.rate, "clients": args.clients, "processes": args.processes,
+            "device_decode_ms": args.device_decode_ms, "rows": rows}
 
 
 def _list(text: str) -> list[str]:
@@ -152,7 +154,9 @@ def table(body: dict[str, Any]) -> str:
     lines += ["", f"cores at {body['rate']:.0f} images/s: CPU per image x the rate (the model process alone, and "
               "with the API processes); stand-in device: " + body["table"] + f"; {body['model']}, "
               f"PATCHLIFE_API_PROCESSES={body['api_processes']}, PATCHLIFE_MAX_BATCH_SIZE={body['max_batch_size']}; "
-              f"{body['clients']} requests in flight from {body['processes']} client processes"]
+              f"{body['clients']} requests in flight from {body['processes']} client processes; JPEGs decoded "
+              + ("by the API processes" if body.get("device_decode_ms") is None else
+                 f"on the stand-in device ({body['device_decode_ms']:g} ms per image)")]
     return "\n".join(lines)
 
 
@@ -163,6 +167,8 @@ def check(args: argparse.Namespace) -> str | None:
         return "--engine stand-in measures the API processes apart from the model process: --api-processes >= 1"
     if args.table is not None and not Path(args.table).is_file():
         return f"--table: no file {args.table}"
+    if args.device_decode_ms is not None and not args.device_decode_ms >= 0:
+        return "--device-decode-ms: >= 0"
     if args.rate <= 0 or args.max_batch_size < 1:
         return "--rate > 0, --max-batch-size >= 1"
     return None

@@ -1,5 +1,5 @@
-"""``python -m bench.standin_serve [--table FILE] serve [--checkpoint DIR] [--log-level L] [--host H]
-[--port N]``: ``patchlife serve`` with the stand-in device of :mod:`bench.standin` as its engine
+"""``python -m bench.standin_serve [--table FILE] [--device-decode-ms MS] serve [--checkpoint DIR] [--log-level L]
+[--host H] [--port N]``: ``patchlife serve`` with the stand-in device of :mod:`bench.standin` as its engine
 (benches only; see there for why this way). Settings come from ``PATCHLIFE_*`` as for ``patchlife serve``.
 
 Kept free of heavy imports: the API processes are spawned, and spawning imports this module in each
@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.standin_serve", description=__doc__.split("\n")[0])
     p.add_argument("--table", type=Path, help="measured device times, JSON (bench/standin.py: Table; default: "
                                               "bench/tables/h200_deit_small.json)")
+    p.add_argument("--device-decode-ms", type=float, help="the model process decodes JPEGs on the stand-in device, "
+                                                           "this many ms per image (bench/standin.py: StandInDecoder), "
+                                                           "as beside a GPU; default: the API processes decode them")
     p.add_argument("command", choices=["serve"], help="what to run: patchlife serve")
     p.add_argument("--host", help="bind address (default: PATCHLIFE_HOST)")
     p.add_argument("--port", type=int, help="bind port (default: PATCHLIFE_PORT)")
@@ -30,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     from .standin import DEFAULT_TABLE, Table, install
 
     try:
-        install(Table.load(args.table or DEFAULT_TABLE))
+        if args.device_decode_ms is not None and not args.device_decode_ms >= 0:
+            raise ValueError("--device-decode-ms: >= 0")
+        install(Table.load(args.table or DEFAULT_TABLE), args.device_decode_ms)
     except ValueError as exc:
         p.error(str(exc))
     return run(args)

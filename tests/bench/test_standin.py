@@ -18,8 +18,9 @@ from tiny_models import tiny_checkpoint
 
 from bench import frontend, standin_frontend
 from bench.child import serve_child
-from bench.photos import photo_png
-from bench.standin import DEFAULT_TABLE, DeviceQueue, StandInEngine, Table
+from bench.photos import photo_jpeg, photo_png
+from bench.standin import DEFAULT_TABLE, DeviceQueue, StandInDecoder, StandInEngine, Table
+from service.api_errors import ApiError
 from service.protocol import ImageResult
 from service.runtime.handoff import Rows
 from service.runtime.worker import Worker
@@ -127,6 +128,32 @@ def test_serve_with_the_stand_in_answers_and_says_so(checkpoint: Path) -> None:
     assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
 
 
+def test_the_stand_in_device_can_decode_the_jpegs(checkpoint: Path) -> None:
+    """``--device-decode-ms``: the model process takes JPEGs undecoded (as beside a GPU) and its stand-in
+    decoder answers each with the model's input, a header it cannot read with that image's 400."""
+    env = {"PATCHLIFE_API_PROCESSES": "1", "PATCHLIFE_CHECKPOINT": str(checkpoint), "PATCHLIFE_DEVICE": "cpu",
+           "PATCHLIFE_WARMUP_BATCHES": "1"}
+    command = ["-m", "bench.standin_serve", "--device-decode-ms", "0.5"]
+    with serve_child(env, ["--log-level", "warning"], 240, command=command) as child:
+        jpegs = httpx.post(child.url + "/classify", files=[("files", ("a.jpg", photo_jpeg(96, 64), "image/jpeg"))] * 3,
+                           timeout=30)
+        png = httpx.post(child.url + "/classify", files={"file": ("a.png", photo_png(64, 64), "image/png")}, timeout=30)
+        log = child.log()
+    assert jpegs.status_code == 200 and len(jpegs.json()["results"]) == 3, jpegs.text
+    assert png.status_code == 200, png.text
+    assert "JPEGs are decoded on the stand-in device, 0.5 ms per image" in log
+
+
+def test_the_stand_in_decoder_checks_each_header_and_sleeps_its_time() -> None:
+    decoder = StandInDecoder(side=32, seconds_per_image=0.02, max_pixels=10_000)
+    t0 = time.monotonic()
+    out = decoder.each([photo_jpeg(64, 48), b"not a jpeg", photo_jpeg(200, 100)], ["a", "b", "c"])
+    assert time.monotonic() - t0 >= 0.06                       # 3 images x 20 ms, asleep
+    assert isinstance(out[0], torch.Tensor) and out[0].shape == (3, 32, 32) and out[0].dtype == torch.uint8
+    assert isinstance(out[1], ApiError) and out[1].status == 400
+    assert isinstance(out[2], ApiError) and out[2].status == 413  # 20,000 pixels over the limit
+
+
 def args(**kw: object) -> argparse.Namespace:
     return parsed(frontend.add_arguments, engine="stand-in", **kw)
 
@@ -135,7 +162,8 @@ def test_bad_stand_in_options_are_refused(capsys: pytest.CaptureFixture[str], tm
     for kw, says in (({"inputs": "jpeg224,gif"}, "--inputs: from jpeg224,png64,v2pixels"),
                      ({"api_processes": "0"}, "--api-processes >= 1"),
                      ({"table": tmp_path / "none.json"}, "--table: no file"),
-                     ({"rate": 0.0}, "--rate > 0")):
+                     ({"rate": 0.0}, "--rate > 0"),
+                     ({"device_decode_ms": -1.0}, "--device-decode-ms: >= 0")):
         assert frontend.run(args(**kw)) == 2
         assert says in capsys.readouterr().err
 
